@@ -1,0 +1,3 @@
+from fwbw.model import ModelConfig, build_model
+
+__all__ = ["ModelConfig", "build_model"]

@@ -1,0 +1,38 @@
+"""Token windows for training (seeded random draws, resumable) and validation (fixed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class WindowSampler:
+    """Draws random windows from a token stream, as hlb-gpt does, from its own seeded generator
+    so that a resumed run draws exactly the windows an uninterrupted one would."""
+
+    def __init__(self, tokens: np.ndarray, seed: int):
+        self.tokens = tokens
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, batch_size: int, length: int) -> torch.Tensor:
+        if length > len(self.tokens):
+            raise ValueError(f"window length {length} exceeds the {len(self.tokens)} training tokens")
+        starts = torch.randint(0, len(self.tokens) - length + 1, (batch_size,), generator=self.generator)
+        rows = [np.asarray(self.tokens[s : s + length], dtype=np.int64) for s in starts.tolist()]
+        return torch.from_numpy(np.stack(rows))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def validation_windows(tokens: np.ndarray, length: int, max_tokens: int) -> torch.Tensor:
+    """Consecutive non-overlapping windows from the start of the split, up to max_tokens: the
+    same set at every evaluation of every run."""
+    count = min(len(tokens), max_tokens) // length
+    if count == 0:
+        raise ValueError(f"validation split has {len(tokens)} tokens, fewer than one window of {length}")
+    window_tokens = np.asarray(tokens[: count * length], dtype=np.int64)
+    return torch.from_numpy(window_tokens.reshape(count, length))

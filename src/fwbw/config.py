@@ -1,0 +1,197 @@
+"""Typed, validated configs. Every value is checked on construction; a bad value raises
+`ConfigError` with one line naming the field. A run saves its `TrainConfig` as JSON and can be
+rebuilt from that file alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fwbw.masks import BW_MASKS
+
+BW_MODES = ("add", "either")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field."""
+
+
+def require(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """hlb-gpt v0.4.1 (SPEC §3). With task_tokens the vocabulary grows by two: the fw token
+    (id vocab_size) and the bw token (id vocab_size + 1)."""
+
+    vocab_size: int
+    depth: int
+    width: int
+    max_seq_len: int
+    bw_mask: str = "causal"
+    task_tokens: bool = False
+    qk_dim_div: int = 8
+    expand_factor: int = 2
+
+    def __post_init__(self) -> None:
+        require(self.vocab_size >= 2, "vocab_size", f"must be >= 2, got {self.vocab_size}")
+        require(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
+        require(self.qk_dim_div >= 1, "qk_dim_div", f"must be >= 1, got {self.qk_dim_div}")
+        require(
+            self.width >= self.qk_dim_div and self.width % self.qk_dim_div == 0,
+            "width",
+            f"must be a positive multiple of {self.qk_dim_div}, got {self.width}",
+        )
+        require(self.expand_factor >= 2, "expand_factor", f"must be >= 2, got {self.expand_factor}")
+        require(self.max_seq_len >= 2, "max_seq_len", f"must be >= 2, got {self.max_seq_len}")
+        require(self.bw_mask in BW_MASKS, "bw_mask", f"must be one of {BW_MASKS}, got {self.bw_mask!r}")
+
+    @property
+    def total_vocab(self) -> int:
+        return self.vocab_size + (2 if self.task_tokens else 0)
+
+    @property
+    def fw_token_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def bw_token_id(self) -> int:
+        return self.vocab_size + 1
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """hlb-gpt v0.4.1's training recipe (SPEC §4), every constant named, defaults as published."""
+
+    lr_numerator: float = 9e7  # base_lr = lr_numerator / ln(n_params) ** lr_log_power
+    lr_log_power: float = 8.8
+    lr_scale: float = 2.62
+    lr_mult_position_bias: float = 100.0
+    lr_mult_non_decay: float = 32.0
+    lr_mult_output: float = 2.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    output_betas: tuple[float, float] = (0.6, 0.95)
+    adam_eps: float = 1e-9
+    warmup_steps: int = 100
+    warmup_start: float = 0.02
+    decay_power: float = 0.08
+    position_bias_decay: float = 0.995
+    output_decay_power: float = 0.2
+    weight_decay: float = 16.0  # dynamic: weight_decay / B ** loss
+    weight_decay_base: float = 0.007  # B = weight_decay_base * (0.01 * ln(n_params)) ** -4
+    seq_len_initial: int = 32
+    seq_len_growth_steps: int = 80
+    tokens_per_microbatch: int = 8192
+    dynamic_microbatch: bool = True
+    grad_norm_every: int = 5
+    accum_gain: float = 0.5  # accum *= 1 + accum_gain * (norm / target - 1)
+    accum_floor: float = 0.1
+    accum_initial: float = 1.0
+    accum_max: float = 16.0  # not in hlb-gpt: a guard for models far below the ~46M it was tuned on
+    target_exponent: float = -0.677
+    target_log_power: float = -0.2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))
+        object.__setattr__(self, "output_betas", tuple(self.output_betas))
+        for name in ("lr_numerator", "lr_scale", "adam_eps", "weight_decay_base"):
+            require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("betas", "output_betas"):
+            value = getattr(self, name)
+            require(len(value) == 2 and all(0 <= b < 1 for b in value), name, f"must be two values in [0, 1), got {value}")
+        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(0 < self.warmup_start <= 1, "warmup_start", f"must be in (0, 1], got {self.warmup_start}")
+        require(0 < self.position_bias_decay <= 1, "position_bias_decay", f"must be in (0, 1], got {self.position_bias_decay}")
+        require(self.seq_len_initial >= 2, "seq_len_initial", f"must be >= 2, got {self.seq_len_initial}")
+        require(self.seq_len_growth_steps >= 1, "seq_len_growth_steps", f"must be >= 1, got {self.seq_len_growth_steps}")
+        require(self.tokens_per_microbatch >= 2, "tokens_per_microbatch", f"must be >= 2, got {self.tokens_per_microbatch}")
+        require(self.grad_norm_every >= 1, "grad_norm_every", f"must be >= 1, got {self.grad_norm_every}")
+        require(self.accum_floor > 0, "accum_floor", f"must be > 0, got {self.accum_floor}")
+        require(self.accum_initial >= 1, "accum_initial", f"must be >= 1, got {self.accum_initial}")
+        require(self.accum_max >= self.accum_initial, "accum_max", f"must be >= accum_initial, got {self.accum_max}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: data, model shape, task mix, budget and recipe."""
+
+    data: str = "wiki-sample"
+    tokenizer: str = "bpe:8192"
+    depth: int = 4
+    width: int = 128
+    seq_len: int = 256
+    bw_mask: str = "causal"
+    task_tokens: bool = False
+    p_bw: float = 0.0
+    bw_mode: str = "add"
+    epochs: float = 1.0
+    train_tokens: int | None = None
+    seed: int = 100
+    eval_every_epochs: float = 0.25
+    eval_tokens: int = 65536
+    checkpoint_every_steps: int = 200
+    device: str = "auto"
+    dtype: str = "auto"
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+
+    def __post_init__(self) -> None:
+        from fwbw.data import validate_corpus_spec
+        from fwbw.tokenizer import validate_tokenizer_spec
+
+        if isinstance(self.recipe, dict):
+            object.__setattr__(self, "recipe", RecipeConfig(**self.recipe))
+        _reraise_as_config_error("data", validate_corpus_spec, self.data)
+        _reraise_as_config_error("tokenizer", validate_tokenizer_spec, self.tokenizer)
+        require(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
+        require(self.width >= 8 and self.width % 8 == 0, "width", f"must be a positive multiple of 8, got {self.width}")
+        require(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
+        require(self.bw_mask in BW_MASKS, "bw_mask", f"must be one of {BW_MASKS}, got {self.bw_mask!r}")
+        require(0.0 <= self.p_bw <= 1.0, "p_bw", f"must be in [0, 1], got {self.p_bw}")
+        require(self.bw_mode in BW_MODES, "bw_mode", f"must be one of {BW_MODES}, got {self.bw_mode!r}")
+        require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        require(self.train_tokens is None or self.train_tokens > 0, "train_tokens", f"must be > 0, got {self.train_tokens}")
+        require(self.eval_every_epochs > 0, "eval_every_epochs", f"must be > 0, got {self.eval_every_epochs}")
+        require(self.eval_tokens >= self.seq_len + 1, "eval_tokens", f"must be >= seq_len + 1, got {self.eval_tokens}")
+        require(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", f"must be >= 1, got {self.checkpoint_every_steps}")
+        require(self.device in DEVICES, "device", f"must be one of {DEVICES}, got {self.device!r}")
+        require(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=vocab_size,
+            depth=self.depth,
+            width=self.width,
+            max_seq_len=self.seq_len,
+            bw_mask=self.bw_mask,
+            task_tokens=self.task_tokens,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        require(not unknown, unknown[0] if unknown else "", "unknown config field")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _reraise_as_config_error(field_name: str, check, value) -> None:
+    try:
+        check(value)
+    except ValueError as error:
+        message = str(error)
+        prefix = f"{field_name}: "
+        raise ConfigError(message if message.startswith(prefix) else prefix + message) from None

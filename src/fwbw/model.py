@@ -1,0 +1,100 @@
+"""The hlb-gpt v0.4.1 language model (SPEC §3), able to run either causal direction.
+
+No absolute positions: the only position signal is a learned linear distance bias per block, so
+bw-causal attention over x equals fw-causal attention over reversed x, reversed back.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fwbw.config import ModelConfig
+from fwbw.masks import mask_and_distance
+
+
+class LatentAttentionBlock(nn.Module):
+    """Pre-norm residual block: one fused projection feeds a GEGLU whose output is split into a
+    local (MLP-like) half and the value of a single-head attention; both are projected back."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        width = config.width
+        self.qk_dim = width // config.qk_dim_div
+        self.expand_dim = width * config.expand_factor
+        self.value_dim = width
+        self.norm = nn.LayerNorm(width, bias=False)
+        fused_out = 2 * self.qk_dim + 2 * self.expand_dim
+        self.expand = nn.Parameter(
+            torch.randn(fused_out, width) * (0.5 / math.sqrt(width) / config.expand_factor)
+        )
+        self.project = nn.Parameter(
+            torch.randn(width, self.expand_dim)
+            * (1.0 / math.sqrt(width) / config.expand_factor / config.depth)
+        )
+        self.position_bias_mult = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        bias = torch.where(allowed, F.softplus(self.position_bias_mult) * dist, float("-inf"))
+        query, key, linear, pre_gelu = F.linear(self.norm(x), self.expand).split(
+            (self.qk_dim, self.qk_dim, self.expand_dim, self.expand_dim), dim=-1
+        )
+        geglu = linear * F.gelu(pre_gelu)
+        local, value = geglu.split((self.expand_dim - self.value_dim, self.value_dim), dim=-1)
+        attention = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.to(query.dtype))
+        return x + F.linear(torch.cat([local, attention], dim=-1), self.project)
+
+
+class HlbGpt(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        width = config.width
+        self.embedding = nn.Embedding(config.total_vocab, width, scale_grad_by_freq=True)
+        self.blocks = nn.ModuleList(LatentAttentionBlock(config) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(width, bias=False)
+        self.output = nn.Linear(width, config.total_vocab, bias=False)
+        with torch.no_grad():
+            self.embedding.weight.normal_(std=0.25 / math.sqrt(width))
+            self.output.weight.normal_(std=0.5 / math.sqrt(width))
+
+    def forward(self, tokens: torch.Tensor, direction: str = "fw", embedding_groups: int = 1) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V].
+
+        fw: logits[:, t] predict tokens[:, t+1] from tokens[:, :t+1].
+        bw: logits[:, t] predict tokens[:, t-1] from tokens[:, t:] (legacy-flip: the study's
+        leaking mask instead).
+        embedding_groups: the batch is that many tasks stacked; the embedding's
+        scale_grad_by_freq then counts token frequencies within each task's rows, so a stacked
+        pass gets the same gradients as one pass per task.
+        """
+        seq_len = tokens.shape[1]
+        if seq_len > self.config.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.config.max_seq_len}")
+        allowed, dist = mask_and_distance(seq_len, direction, self.config.bw_mask, tokens.device)
+        x = torch.cat([self.embedding(group) for group in tokens.chunk(embedding_groups)])
+        for block in self.blocks:
+            x = block(x, allowed, dist)
+        return self.output(self.norm(x))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def truncated(self, num_blocks: int) -> HlbGpt:
+        """A model that shares this one's weights but keeps only the first `num_blocks` blocks."""
+        if not 1 <= num_blocks <= self.config.depth:
+            raise ValueError(f"num_blocks must be in [1, {self.config.depth}], got {num_blocks}")
+        clone = copy.copy(self)
+        clone._modules = dict(self._modules)
+        clone.blocks = nn.ModuleList(self.blocks[:num_blocks])
+        clone.config = dataclasses.replace(self.config, depth=num_blocks)
+        return clone
+
+
+def build_model(config: ModelConfig) -> HlbGpt:
+    return HlbGpt(config)

@@ -1,0 +1,137 @@
+"""hlb-gpt v0.4.1's optimisation recipe (SPEC §4): learning rates from the parameter count,
+four AdamW parameter groups with their own schedules, dynamic weight decay, sequence-length
+growth and gradient-norm-driven dynamic microbatching."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fwbw.config import RecipeConfig
+
+GROUPS = ("decay", "position_bias", "non_decay", "output")
+
+
+def base_lr(num_params: int, recipe: RecipeConfig) -> float:
+    """base_lr = 9e7 / ln(n_params) ** 8.8."""
+    return recipe.lr_numerator / math.log(num_params) ** recipe.lr_log_power
+
+
+def group_of(param_name: str) -> str:
+    """Which recipe group a parameter belongs to, matched by name as in hlb-gpt."""
+    if "position_bias" in param_name:
+        return "position_bias"
+    if param_name.startswith("output"):
+        return "output"
+    if "norm" in param_name or "bias" in param_name or "embedding" in param_name:
+        return "non_decay"
+    return "decay"
+
+
+def param_groups(model: nn.Module, recipe: RecipeConfig) -> list[dict]:
+    num_params = sum(p.numel() for p in model.parameters())
+    lr = recipe.lr_scale * base_lr(num_params, recipe)
+    settings = {
+        "decay": dict(lr=lr, betas=recipe.betas, weight_decay=0.0),
+        "position_bias": dict(lr=lr * recipe.lr_mult_position_bias, betas=recipe.betas, weight_decay=0.0),
+        "non_decay": dict(lr=lr * recipe.lr_mult_non_decay, betas=recipe.betas, weight_decay=0.0),
+        "output": dict(lr=lr * recipe.lr_mult_output, betas=recipe.output_betas, weight_decay=0.0),
+    }
+    members: dict[str, list[nn.Parameter]] = {name: [] for name in GROUPS}
+    for name, param in model.named_parameters():
+        members[group_of(name)].append(param)
+    return [dict(name=name, params=members[name], **settings[name]) for name in GROUPS if members[name]]
+
+
+def warmup_then_power(recipe: RecipeConfig) -> Callable[[int], float]:
+    """Linear warmup from warmup_start to 1 over warmup_steps, then (step + 1 - warmup)^-power."""
+
+    def factor(step: int) -> float:
+        if step < recipe.warmup_steps:
+            return recipe.warmup_start + (1 - recipe.warmup_start) * step / recipe.warmup_steps
+        return (step + 1 - recipe.warmup_steps) ** -recipe.decay_power
+
+    return factor
+
+
+def schedules(recipe: RecipeConfig) -> dict[str, Callable[[int], float]]:
+    default = warmup_then_power(recipe)
+    return {
+        "decay": default,
+        "non_decay": default,
+        "position_bias": lambda step: recipe.position_bias_decay**step,
+        "output": lambda step: (step + 1) ** -recipe.output_decay_power,
+    }
+
+
+def build_optimizer(
+    model: nn.Module, recipe: RecipeConfig, fused: bool = False
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    groups = param_groups(model, recipe)
+    optimizer = torch.optim.AdamW(groups, eps=recipe.adam_eps, fused=fused or None)
+    by_group = schedules(recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [by_group[g["name"]] for g in groups])
+    return optimizer, scheduler
+
+
+def dynamic_weight_decay(loss: float, num_params: int, recipe: RecipeConfig) -> float:
+    """weight_decay / B ** loss with B = 0.007 * (0.01 * ln(n_params)) ** -4."""
+    base = recipe.weight_decay_base * (0.01 * math.log(num_params)) ** -4
+    return recipe.weight_decay / base**loss
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        if group["name"] == "decay":
+            group["weight_decay"] = weight_decay
+
+
+def seq_len_at(step: int, max_seq_len: int, recipe: RecipeConfig) -> int:
+    """Start at seq_len_initial, double every seq_len_growth_steps steps, capped at the max."""
+    doublings = step // recipe.seq_len_growth_steps
+    return min(max_seq_len, recipe.seq_len_initial * 2 ** min(doublings, 32))
+
+
+def batch_size_for(seq_len: int, recipe: RecipeConfig) -> int:
+    """Constant tokens per microbatch: batch = capacity // length (at least 1)."""
+    return max(1, recipe.tokens_per_microbatch // seq_len)
+
+
+def grad_norm_target(step: int, num_params: int, recipe: RecipeConfig) -> float:
+    """(ln(n) * n * (step + 0.01)) ** (-0.677 * ln(n) ** -0.2)."""
+    log_n = math.log(num_params)
+    exponent = recipe.target_exponent * log_n**recipe.target_log_power
+    return (log_n * num_params * (step + 0.01)) ** exponent
+
+
+class Microbatching:
+    """How many microbatches to accumulate per optimizer step, steered by the gradient norm."""
+
+    def __init__(self, num_params: int, recipe: RecipeConfig):
+        self.num_params = num_params
+        self.recipe = recipe
+        self.estimate = recipe.accum_initial
+
+    def update(self, step: int, grad_norm: float) -> None:
+        if not self.recipe.dynamic_microbatch:
+            return
+        per_param_norm = grad_norm / math.sqrt(self.num_params)
+        ratio = per_param_norm / grad_norm_target(step, self.num_params, self.recipe)
+        if math.isfinite(ratio):
+            estimate = self.estimate * (1 + self.recipe.accum_gain * (ratio - 1))
+            self.estimate = min(self.recipe.accum_max, max(self.recipe.accum_floor, estimate))
+
+    def draw(self, generator: torch.Generator) -> int:
+        """Integer part plus a Bernoulli draw on the fractional part, at least 1."""
+        whole = math.floor(self.estimate)
+        extra = int(torch.rand((), generator=generator).item() < self.estimate - whole)
+        return max(1, whole + extra)
+
+    def state_dict(self) -> dict:
+        return {"estimate": self.estimate}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.estimate = float(state["estimate"])

@@ -1,0 +1,366 @@
+"""The report of a sweep: setup, plain findings with their numbers, tables, figures, mask audit and
+the runs that did not finish. Writes report.html (self-contained: figures as base64 data URIs,
+inline CSS), report.md (figures linked from figures/), the figures, and the tables as CSV."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fwbw.analysis import (
+    ARM,
+    DEFAULT_WINDOWS,
+    SIZE,
+    VARIANT,
+    Window,
+    eval_points,
+    final_losses,
+    mask_audit,
+    mask_summary,
+    paired_comparison,
+    ratio1_samples,
+    ratios_table,
+    resolve_windows,
+    runs_table,
+    select,
+    unfinished_runs,
+)
+from fwbw.figures import arm_label, make_figures, size_label, variant_label, window_label
+from fwbw.files import atomic_write, atomic_write_text
+
+LEAK_RATIO = 0.8  # bw/fw final loss below this: bw far easier than fw (leak-free bw is within a few % of fw)
+
+CAPTIONS = {
+    "loss_curves": "Validation loss over epochs, p_bw = 0 against p_bw = x; line: mean over seeds, "
+                   "band: min–max.",
+    "ratio1_violins": "Ratio 1 (fw loss at p_bw = 0 / at p_bw = x) at every validation point, by parameter count, "
+                      "per epoch window. Above 1: the bw task helped the fw task.",
+    "layer_cut": "Ratio 1 (ppl) and ratio 2 (loss) as transformer blocks are removed from the back.",
+    "ratio1_scatter": "Ratio 1 of final fw loss against parameter count, coloured by width and by depth.",
+}
+RUN_COLUMNS = ["run_id", *SIZE, "num_params", *ARM, "seed", "status", "tokens", "epoch", "seconds", "error"]
+
+CSS = """
+body { font: 15px/1.45 system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1, h2, h3 { line-height: 1.2; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; font-size: 13px; margin: .5em 0 1em; }
+th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; } th { background: #f2f2f2; }
+.scroll { overflow-x: auto; } figure { margin: 1em 0; } img { max-width: 100%; }
+figcaption { color: #555; font-size: 13px; } li { margin: .25em 0; }
+"""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def read_results(sweep_dir: Path) -> pd.DataFrame:
+    """The sweep's tidy results table: results.parquet, else results.csv."""
+    parquet = Path(sweep_dir) / "results.parquet"
+    return pd.read_parquet(parquet) if parquet.exists() else pd.read_csv(Path(sweep_dir) / "results.csv")
+
+
+def read_sweep(sweep_dir: Path) -> dict:
+    """sweep.json (a dict describing the sweep), or {} when there is none."""
+    path = Path(sweep_dir) / "sweep.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+# ----------------------------------------------------------------------------- text
+
+def _num(value: float, digits: int = 3) -> str:
+    return "NaN" if value is None or pd.isna(value) else f"{value:.{digits}f}"
+
+
+def _signed(value: float) -> str:
+    return "NaN" if pd.isna(value) else f"{round(value, 3) + 0.0:+.3f}"  # + 0.0: no "-0.000"
+
+
+def _setting_label(row: dict, with_variant: bool) -> str:
+    label = f"p_bw = {row['p_bw']:g}"
+    return label + (f" ({variant_label(row)})" if with_variant else "")
+
+
+def _paired_statement(row: dict, with_variant: bool) -> str:
+    where = f"At {size_label(row['depth'], row['width'])}, {_setting_label(row, with_variant)}"
+    if row["n"] == 0:
+        return f"{where}: no seed has both a p_bw = 0 and a p_bw = {row['p_bw']:g} run: no paired comparison."
+    change = f"{where} changed final fw loss by {_signed(row['mean_diff'])}"
+    if pd.isna(row["exceeds_noise"]):
+        return f"{change} (n = 1 seed): with one seed the 95% interval is undefined, so seed noise is unknown."
+    verdict = "larger than seed noise" if row["exceeds_noise"] else "within seed noise"
+    return (f"{change} (95% CI {_signed(row['ci_low'])} … {_signed(row['ci_high'])}, "
+            f"n = {row['n']} seeds): {verdict}.")
+
+
+def _ratio1_statement(final: pd.DataFrame, arm: dict) -> str:
+    """Range over model sizes of ratio 1 of final fw loss, both averagings."""
+    parts = []
+    for averaging in ("ratio_then_mean", "mean_then_ratio"):
+        values = final[final.averaging == averaging].dropna(subset=["value"])
+        if values.empty:
+            return f"Ratio 1, {arm_label(arm)}: no p_bw = 0 run of the same size to compare with."
+        low, high = values.loc[values.value.idxmin()], values.loc[values.value.idxmax()]
+        parts.append(f"{averaging} {_num(low.value)}" if len(values) == 1 else
+                     f"{averaging} from {_num(low.value)} ({size_label(low.depth, low.width)}) to "
+                     f"{_num(high.value)} ({size_label(high.depth, high.width)})")
+    sizes = final[SIZE].drop_duplicates().shape[0]
+    return (f"Ratio 1 of final fw loss, {arm_label(arm)}, over {sizes} model size(s): {parts[0]}; "
+            f"{parts[1]}. Above 1 means the bw task helped the fw task.")
+
+
+def _window_statement(samples: pd.DataFrame, arm: dict, window: Window, span: tuple[float, float]) -> str:
+    start, stop = span
+    inside = samples[(samples.epoch >= start) & (samples.epoch <= stop)]
+    where = f"Ratio 1 (fw loss) at validation points in epochs {window_label(window, stop)}, {arm_label(arm)}"
+    if inside.empty:
+        return f"{where}: empty window, no validation points (n = 0)."
+    above = (inside.ratio1_loss > 1).mean()
+    return (f"{where}: mean {_num(inside.ratio1_loss.mean())} over {len(inside)} points from "
+            f"{inside[SIZE].drop_duplicates().shape[0]} model size(s); {above:.0%} of them above 1.")
+
+
+def _cut_statement(cut: pd.DataFrame, setting: dict, with_variant: bool) -> str | None:
+    """Ratio 1 (ppl) and ratio 2 (loss), mean_then_ratio, with all blocks and with one block left."""
+    rows = select(cut, {**setting, "averaging": "mean_then_ratio"})
+    ends = {}
+    for ratio, metric in (("ratio1", "ppl"), ("ratio2", "loss")):
+        line = select(rows, {"ratio": ratio, "metric": metric}).set_index("blocks_remaining").value
+        if {setting["depth"], 1} <= set(line.index) and setting["depth"] > 1:
+            ends[ratio] = (line[setting["depth"]], line[1])
+    if not ends:
+        return None
+    names = {"ratio1": "ratio 1 (ppl)", "ratio2": "ratio 2 (loss)"}
+    text = ", ".join(f"{names[r]} {_num(full)} → {_num(one)}" for r, (full, one) in ends.items())
+    where = f"{size_label(setting['depth'], setting['width'])}, {_setting_label(setting, with_variant)}"
+    return f"Layer cut at {where}, from all {setting['depth']} blocks to 1 block left (mean_then_ratio): {text}."
+
+
+def _mask_statements(summary: pd.DataFrame) -> list[str]:
+    out = []
+    for row in summary.to_dict("records"):
+        ratio = (f"bw/fw final loss ratio {_num(row['bw_fw_loss_ratio'], 2)} for {row['bw_mask']} runs "
+                 f"(n = {row['runs']}, p_bw > 0)")
+        if row["bw_fw_loss_ratio"] < LEAK_RATIO and row["leaks_labels"]:
+            out.append(f"{ratio}: bw is far easier than fw; the bw task leaks its labels "
+                       "(the config flags this mask).")
+        elif row["bw_fw_loss_ratio"] < LEAK_RATIO:
+            out.append(f"{ratio}: bw is far easier than fw although the mask should not leak; suspect a leak.")
+        else:
+            out.append(f"{ratio}: bw about as hard as fw or harder, no sign of a label leak in the losses.")
+        if row["probed"] == 0:
+            out.append(f"No perturbation-probe result for {row['bw_mask']} runs.")
+        elif row["probe_leaks"]:
+            out.append(f"The perturbation probe found bw logits depending on tokens they must not see in "
+                       f"{row['probe_leaks']} of {row['probed']} probed {row['bw_mask']} runs: "
+                       f"{row['probe_leak_runs']}.")
+        else:
+            out.append(f"The perturbation probe found no leak in {row['probed']} probed {row['bw_mask']} runs.")
+    return out
+
+
+def _status_statement(runs: pd.DataFrame) -> str:
+    counts = runs.status.value_counts()
+    others = ", ".join(f"{status}: {n}" for status, n in counts.items() if status != "done")
+    done = int(counts.get("done", 0))
+    if not others:
+        return f"All {len(runs)} runs finished."
+    return (f"{len(runs) - done} of {len(runs)} runs did not finish ({others}); they are listed below and "
+            "left out of every statistic.")
+
+
+def findings(
+    tables: dict[str, pd.DataFrame], windows: Sequence[Window], spans: list[tuple[float, float]]
+) -> list[str]:
+    """Plain statements of what the data shows, each with its numbers."""
+    runs, ratios, samples = tables["runs"], tables["ratios"], tables["ratio1_samples"]
+    if not (runs.status == "done").any():
+        return [f"No run has finished (status done): there are no statistics or figures yet. "
+                f"{_status_statement(runs)}"]
+    paired = tables["paired"]
+    with_variant = paired[VARIANT].drop_duplicates().shape[0] > 1
+    out = [_status_statement(runs)]
+    out += [_paired_statement(row, with_variant) for row in paired.to_dict("records")]
+    one_seed = tables["final_losses"].n_seeds.eq(1).sum()
+    if one_seed:
+        out.append(f"{one_seed} setting(s) have a single seed: their 95% interval is undefined (NaN), "
+                   "so seed-to-seed noise is unknown there.")
+    for key in paired[ARM].drop_duplicates().to_dict("records"):
+        final = select(ratios, {**key, "ratio": "ratio1", "metric": "loss", "phase": "final"})
+        out.append(_ratio1_statement(final, key))
+        own = select(samples, key)
+        out += [_window_statement(own, key, window, span) for window, span in zip(windows, spans)]
+    cut = ratios[ratios.phase == "cut"]
+    cut_statements = (_cut_statement(cut, row, with_variant) for row in paired[[*SIZE, *ARM]].to_dict("records"))
+    out += [s for s in cut_statements if s]
+    out += _mask_statements(tables["mask_summary"])
+    return out
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _cell(value) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None or pd.isna(value):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (float, np.floating)):
+        return f"{int(value)}" if float(value).is_integer() else f"{value:.4g}"
+    return str(value)
+
+
+def _display(frame: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({c: frame[c].map(_cell) for c in frame.columns}, columns=frame.columns)
+
+
+def _setup_value(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def setup_table(sweep: dict, runs: pd.DataFrame) -> pd.DataFrame:
+    """sweep.json as key/value rows, plus run counts and total compute from the table."""
+    rows = [(key, _setup_value(value)) for key, value in sweep.items()]
+    seconds = runs.seconds.sum()
+    rows += [
+        ("runs", f"{len(runs)} ({(runs.status == 'done').sum()} done)"),
+        ("total tokens trained (sum of each run's last tokens)", f"{runs.tokens.sum():,.0f}"),
+        ("total wall time (sum of each run's last seconds)", f"{seconds:,.0f} s = {seconds / 3600:.2f} h"),
+    ]
+    return pd.DataFrame(rows, columns=["setting", "value"])
+
+
+def _sections(tables: dict[str, pd.DataFrame], setup: pd.DataFrame, statements: list[str],
+              figures: dict[str, list[Path]]) -> list[tuple[str, list[tuple]]]:
+    """The report as (title, blocks); a block is ("p", text), ("ul", items), ("table", id, frame)
+    or ("figures", caption, png paths)."""
+    shown_ratios = tables["ratios"][tables["ratios"].phase != "cut"]
+    unfinished = tables["unfinished"][RUN_COLUMNS]
+    return [
+        ("Setup", [
+            ("p", "ratio 1 = fw metric at p_bw = 0 / at p_bw = x, same model size (above 1: the bw task helped "
+                  "fw); ratio 2 = fw metric / bw metric at the same setting. mean_then_ratio: mean over seeds, then "
+                  "the ratio; ratio_then_mean: ratio per run pair, then the mean. Only finished runs count."),
+            ("table", "setup", setup),
+        ]),
+        ("Findings", [("ul", statements)]),
+        ("Final losses per setting", [
+            ("p", "Mean over seeds of each run's last validation loss, with its 95% t interval "
+                  "(undefined, empty, with one seed)."),
+            ("table", "final_losses", tables["final_losses"]),
+        ]),
+        ("Paired comparison: p_bw = x against p_bw = 0", [
+            ("p", "Final fw loss at p_bw = x minus at p_bw = 0, paired by seed (only seeds present in both). "
+                  "exceeds_noise: the 95% t interval of the mean difference excludes 0."),
+            ("table", "paired", tables["paired"]),
+        ]),
+        ("Ratios", [
+            ("p", "Final and epoch-window ratios; the layer-cut rows are in ratios.csv and the layer-cut "
+                  "figure."),
+            ("table", "ratios", shown_ratios),
+        ]),
+        ("Figures", [("figures", CAPTIONS[kind], paths) for kind, paths in figures.items() if paths]
+         or [("p", "No figures: no run has finished.")]),
+        ("Mask audit", [
+            ("p", f"A leak-free bw task is about as hard as fw; a bw/fw loss ratio below {LEAK_RATIO} means bw "
+                  "is far easier, as a leaking mask makes it."),
+            ("table", "mask_summary", tables["mask_summary"]),
+            ("table", "mask_audit", tables["mask_audit"]),
+        ]),
+        ("Runs that failed or have not finished", [
+            ("table", "unfinished", unfinished) if len(unfinished) else ("p", "None: every run finished."),
+        ]),
+        ("All runs", [("table", "runs", tables["runs"][RUN_COLUMNS])]),
+    ]
+
+
+def _html_block(block: tuple) -> str:
+    kind = block[0]
+    if kind == "p":
+        return f"<p>{html.escape(block[1])}</p>"
+    if kind == "ul":
+        return "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in block[1]) + "</ul>"
+    if kind == "table":
+        body = _display(block[2]).to_html(index=False, table_id=block[1], na_rep="", border=0)
+        return f'<div class="scroll">{body}</div>'
+    caption, paths = block[1], block[2]
+    images = "".join(
+        f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        f"<figcaption>{html.escape(p.stem)}: {html.escape(caption)}</figcaption></figure>"
+        for p in paths
+    )
+    return images
+
+
+def render_html(title: str, sections: list[tuple[str, list[tuple]]]) -> str:
+    body = "".join(f"<h2>{html.escape(name)}</h2>" + "".join(map(_html_block, blocks)) for name, blocks in sections)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "_(no rows)_"
+    shown = _display(frame)
+    lines = ["| " + " | ".join(map(_md_cell, shown.columns)) + " |", "|" + "---|" * len(shown.columns)]
+    lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in shown.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _md_block(block: tuple, out_dir: Path) -> str:
+    kind = block[0]
+    if kind == "p":
+        return block[1]
+    if kind == "ul":
+        return "\n".join(f"- {s}" for s in block[1])
+    if kind == "table":
+        return _md_table(block[2])
+    caption, paths = block[1], block[2]
+    return "\n\n".join(f"![{p.stem}]({p.relative_to(out_dir).as_posix()})\n\n_{p.stem}: {caption}_" for p in paths)
+
+
+def render_markdown(title: str, sections: list[tuple[str, list[tuple]]], out_dir: Path) -> str:
+    parts = [f"# {title}"]
+    for name, blocks in sections:
+        parts += [f"## {name}", *(_md_block(b, out_dir) for b in blocks)]
+    return "\n\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def write_report(sweep_dir: Path, out_dir: Path, windows: Sequence[Window] = DEFAULT_WINDOWS) -> Path:
+    """Write report.html, report.md, figures/ and the CSV tables for the sweep in `sweep_dir`;
+    return the path of report.html. Every file is written atomically."""
+    sweep_dir, out_dir = Path(sweep_dir), Path(out_dir)
+    df, sweep = read_results(sweep_dir), read_sweep(sweep_dir)
+    audit = mask_audit(df)
+    tables = {
+        "runs": runs_table(df),
+        "unfinished": unfinished_runs(df),
+        "ratios": ratios_table(df, windows),
+        "ratio1_samples": ratio1_samples(df),
+        "final_losses": final_losses(df),
+        "paired": paired_comparison(df),
+        "mask_audit": audit,
+        "mask_summary": mask_summary(audit),
+    }
+    for name in ("ratios", "ratio1_samples", "final_losses", "paired", "mask_audit", "runs"):
+        atomic_write(out_dir / f"{name}.csv", lambda tmp: tables[name].to_csv(tmp, index=False))
+    figures = make_figures(df, out_dir / "figures", windows)
+    spans = resolve_windows(windows, eval_points(df).epoch.max())
+    sections = _sections(tables, setup_table(sweep, tables["runs"]), findings(tables, windows, spans), figures)
+    title = f"fwbw sweep report: {sweep_dir.name}"
+    atomic_write_text(out_dir / "report.md", render_markdown(title, sections, out_dir))
+    atomic_write_text(out_dir / "report.html", render_html(title, sections))
+    return out_dir / "report.html"

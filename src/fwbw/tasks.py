@@ -1,0 +1,67 @@
+"""The fw and bw prediction tasks: which inputs predict which targets, and their losses.
+
+A window w holds the tokens of one example.
+- Without task tokens, len(w) = T + 1:
+  fw: inputs w[:-1], targets w[1:]   (position t predicts w[t+1] from w[:t+1])
+  bw: inputs w[1:],  targets w[:-1]  (position t predicts w[t] from w[t+1:])
+- With task tokens (UL2-style), len(w) = T: the fw token goes before the text, the bw token after:
+  fw: inputs [FW] + w[:-1], targets w
+  bw: inputs w[1:] + [BW],  targets w
+Since the model has no absolute positions, bw-causal over x equals fw-causal over x reversed, so
+for the causal bw mask both tasks run as one fw pass over [fw inputs; reversed bw inputs] with
+the bw targets reversed to match.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fwbw.config import ModelConfig
+
+
+def window_length(seq_len: int, task_tokens: bool) -> int:
+    return seq_len if task_tokens else seq_len + 1
+
+
+def task_batch(windows: torch.Tensor, direction: str, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), both [B, T], for one direction."""
+    if not config.task_tokens:
+        if direction == "fw":
+            return windows[:, :-1], windows[:, 1:]
+        return windows[:, 1:], windows[:, :-1]
+    marker = torch.full_like(windows[:, :1], config.fw_token_id if direction == "fw" else config.bw_token_id)
+    if direction == "fw":
+        return torch.cat([marker, windows[:, :-1]], dim=1), windows
+    return torch.cat([windows[:, 1:], marker], dim=1), windows
+
+
+def _token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, number of correct argmax predictions)."""
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_targets = targets.reshape(-1)
+    loss = F.cross_entropy(flat_logits, flat_targets)
+    correct = (flat_logits.argmax(dim=-1) == flat_targets).sum()
+    return loss, correct
+
+
+def task_stats(
+    model, windows: torch.Tensor, directions: tuple[str, ...]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{direction: (mean loss, correct count)} for the given tasks on the same windows.
+
+    fw and causal bw share one batched forward pass; legacy-flip bw needs its own mask."""
+    config = model.config
+    batched = [d for d in directions if d == "fw" or config.bw_mask == "causal"]
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if batched:
+        pairs = [task_batch(windows, d, config) for d in batched]
+        inputs = torch.cat([x if d == "fw" else x.flip(1) for d, (x, _) in zip(batched, pairs)])
+        targets = [y if d == "fw" else y.flip(1) for d, (_, y) in zip(batched, pairs)]
+        logits = model(inputs, "fw", embedding_groups=len(batched)).chunk(len(batched))
+        for direction, direction_logits, direction_targets in zip(batched, logits, targets):
+            stats[direction] = _token_stats(direction_logits, direction_targets)
+    if "bw" in directions and "bw" not in stats:
+        inputs, targets = task_batch(windows, "bw", config)
+        stats["bw"] = _token_stats(model(inputs, "bw"), targets)
+    return stats

@@ -1,0 +1,298 @@
+"""Hand-built results table with known answers for every metric of fwbw.analysis."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from fwbw.analysis import (
+    RATIO_COLUMNS,
+    final_losses,
+    final_points,
+    mask_audit,
+    mask_summary,
+    mean_ci,
+    paired_comparison,
+    ratio1_samples,
+    ratios_table,
+    runs_table,
+    unfinished_runs,
+)
+
+A, B = (2, 8), (4, 16)  # model sizes (depth, width)
+PARAMS = {A: 1000, B: 5000}
+EPOCHS = (0.5, 1.0, 2.0)
+OFFSETS = (0.75, 0.5, 0.0)  # loss above the final loss at the 1st, 2nd and 3rd validation point
+CUT_SLOPE = {0.0: 0.3, 0.05: 0.4}  # loss added per removed block
+
+
+def run_rows(run_id, size, p_bw, seed, fw, bw, *, bw_mode="add", bw_mask="causal", status="done",
+             epochs=EPOCHS, steps=(10, 20, 40), probe=None):
+    depth, width = size
+    info = dict(run_id=run_id, data="wiki", tokenizer="gpt2", depth=depth, width=width,
+                num_params=PARAMS[size], seq_len=64, p_bw=p_bw, bw_mode=bw_mode, bw_mask=bw_mask,
+                task_tokens=False, seed=seed, status=status, leaks_labels=bw_mask == "legacy-flip",
+                probe_leak_bw=probe, error=None)
+    rows = []
+    for step, epoch, offset in zip(steps, epochs, OFFSETS):
+        for direction, final in (("fw", fw), ("bw", bw)):
+            rows.append(dict(info, step=step, tokens=step * 100, epoch=epoch, seconds=step / 10,
+                             direction=direction, loss=final + offset, acc=0.3, ppl=math.exp(final + offset),
+                             phase="train-eval", blocks_remaining=depth))
+    if status == "done":
+        for k in range(depth - 1, 0, -1):
+            for direction, final in (("fw", fw), ("bw", bw)):
+                loss = final + CUT_SLOPE[p_bw] * (depth - k)
+                rows.append(dict(info, step=steps[-1], tokens=steps[-1] * 100, epoch=epochs[-1],
+                                 seconds=steps[-1] / 10 + 1, direction=direction, loss=loss, acc=0.3,
+                                 ppl=math.exp(loss), phase="cut", blocks_remaining=k))
+    return rows
+
+
+def failed_row(run_id, size, p_bw, seed):
+    depth, width = size
+    return dict(run_id=run_id, data="wiki", tokenizer="gpt2", depth=depth, width=width,
+                num_params=PARAMS[size], seq_len=64, p_bw=p_bw, bw_mode="add", bw_mask="causal",
+                task_tokens=False, seed=seed, step=None, tokens=None, epoch=None, seconds=None,
+                direction=None, loss=None, acc=None, ppl=None, phase=None, blocks_remaining=None,
+                status="failed", leaks_labels=False, probe_leak_bw=None, error="CUDA out of memory")
+
+
+# final fw / bw losses per run: {(size, p_bw, seed): (fw, bw)}
+A0 = {0: (4.0, 6.0), 1: (4.2, 6.3), 2: (4.4, 6.6)}
+A5 = {0: (4.1, 4.5), 1: (4.1, 4.4)}  # seed 2 is still running
+B0 = {0: (3.0, 5.0), 1: (3.3, 5.0), 2: (3.6, 5.0)}
+B5 = {0: (3.25, 3.5), 1: (3.5, 3.6), 2: (3.75, 3.4)}
+EITHER = (4.3, 4.6)  # size A, p_bw 0.05, bw_mode "either", seed 0 only: baseline shared with "add"
+
+
+def build_results():
+    rows = []
+    for s, (fw, bw) in A0.items():
+        rows += run_rows(f"a0-s{s}", A, 0.0, s, fw, bw)
+    for s, (fw, bw) in A5.items():
+        rows += run_rows(f"a5-s{s}", A, 0.05, s, fw, bw, probe=False)
+    rows += run_rows("a5-s2", A, 0.05, 2, 100.0, 100.0, status="running", epochs=(0.5,), steps=(10,))
+    rows += run_rows("a5e-s0", A, 0.05, 0, *EITHER, bw_mode="either")
+    for s, (fw, bw) in B0.items():
+        rows += run_rows(f"b0-s{s}", B, 0.0, s, fw, bw)
+    for s, (fw, bw) in B5.items():  # seed 2 evaluates at other steps and epochs than its baseline
+        shifted = dict(epochs=(0.49, 0.98, 1.99), steps=(11, 21, 41)) if s == 2 else {}
+        rows += run_rows(f"b5-s{s}", B, 0.05, s, fw, bw, probe=s == 1, **shifted)
+    rows.append(failed_row("b5-s3", B, 0.05, 3))
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def df():
+    return build_results()
+
+
+@pytest.fixture(scope="module")
+def ratios(df):
+    return ratios_table(df)
+
+
+def pick(table, **where):
+    rows = table
+    for column, value in where.items():
+        rows = rows[rows[column] == value]
+    return rows
+
+
+def one(table, **where):
+    rows = pick(table, **where)
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def fw(runs):
+    return [v[0] for v in runs.values()]
+
+
+def test_ratios_table_columns(ratios):
+    assert list(ratios.columns) == RATIO_COLUMNS
+    final = pick(ratios, phase="final")
+    assert final.blocks_remaining.isna().all() and final.epoch_start.isna().all()
+    assert pick(ratios, phase="cut").epoch_start.isna().all()
+
+
+@pytest.mark.parametrize("metric, f", [("loss", lambda v: v), ("ppl", math.exp)])
+def test_ratio1_final(ratios, metric, f):
+    r = pick(ratios, ratio="ratio1", phase="final", metric=metric)
+    add_a = pick(r, depth=2, bw_mode="add")
+    assert one(add_a, averaging="mean_then_ratio").value == pytest.approx(
+        mean([f(v) for v in fw(A0)]) / mean([f(v) for v in fw(A5)]))
+    assert one(add_a, averaging="mean_then_ratio").n == 2
+    assert one(add_a, averaging="ratio_then_mean").value == pytest.approx(
+        mean([f(A0[s][0]) / f(A5[s][0]) for s in (0, 1)]))  # seed 2 has no p_bw = 0.05 run
+    assert one(add_a, averaging="ratio_then_mean").n == 2
+    add_b = pick(r, depth=4)
+    assert one(add_b, averaging="ratio_then_mean").value == pytest.approx(
+        mean([f(B0[s][0]) / f(B5[s][0]) for s in (0, 1, 2)]))
+    assert one(add_b, averaging="ratio_then_mean").n == 3
+    either = pick(r, depth=2, bw_mode="either")  # compared with the shared p_bw = 0 runs of size A
+    assert one(either, averaging="mean_then_ratio").value == pytest.approx(
+        mean([f(v) for v in fw(A0)]) / f(EITHER[0]))
+    assert one(either, averaging="ratio_then_mean").value == pytest.approx(f(A0[0][0]) / f(EITHER[0]))
+    assert one(either, averaging="ratio_then_mean").n == 1
+    assert (r.p_bw > 0).all()
+
+
+def test_ratio2_final(ratios):
+    r = pick(ratios, ratio="ratio2", phase="final", metric="loss")
+    a0 = pick(r, depth=2, p_bw=0.0)
+    assert one(a0, averaging="mean_then_ratio").value == pytest.approx(4.2 / 6.3)
+    assert one(a0, averaging="ratio_then_mean").value == pytest.approx(mean([4.0 / 6.0, 4.2 / 6.3, 4.4 / 6.6]))
+    a5 = pick(r, depth=2, p_bw=0.05, bw_mode="add")  # the running seed 2 (loss 100) must not count
+    assert one(a5, averaging="mean_then_ratio").value == pytest.approx(4.1 / 4.45)
+    assert one(a5, averaging="ratio_then_mean").value == pytest.approx(mean([4.1 / 4.5, 4.1 / 4.4]))
+    assert set(a5.n) == {2}
+    ppl = one(ratios, ratio="ratio2", phase="final", metric="ppl", depth=4, p_bw=0.05, averaging="mean_then_ratio")
+    assert ppl.value == pytest.approx(mean([math.exp(v[0]) for v in B5.values()])
+                                      / mean([math.exp(v[1]) for v in B5.values()]))
+
+
+def window_samples(base, x, positions):
+    """Ratio 1 (loss) samples at the given validation-point indices of paired seeds."""
+    return [(base[s][0] + OFFSETS[i]) / (x[s][0] + OFFSETS[i]) for s in x for i in positions]
+
+
+def test_ratio1_windows(ratios):
+    w = pick(ratios, phase="window", metric="loss", bw_mode="add")
+    assert set(w.averaging) == {"ratio_then_mean"}
+    first_a = one(w, depth=2, epoch_start=0.0, epoch_stop=1.0)
+    assert first_a.value == pytest.approx(mean(window_samples(A0, A5, (0, 1))))
+    assert first_a.n == 4
+    # seed 2 of size B is at epochs 0.49 / 0.98 / 1.99, paired with the baseline's nearest epochs
+    first_b = one(w, depth=4, epoch_start=0.0, epoch_stop=1.0)
+    assert first_b.value == pytest.approx(mean(window_samples(B0, B5, (0, 1))))
+    assert first_b.n == 6
+    all_b = one(w, depth=4, epoch_start=0.0, epoch_stop=2.0)  # "end" = last epoch of the sweep
+    assert all_b.value == pytest.approx(mean(window_samples(B0, B5, (0, 1, 2))))
+    assert all_b.n == 9
+    ppl = one(ratios, phase="window", metric="ppl", depth=2, bw_mode="add", epoch_start=0.0, epoch_stop=2.0)
+    assert ppl.value == pytest.approx(mean([math.exp(v) for v in
+                                            [A0[s][0] - A5[s][0] for s in A5 for _ in EPOCHS]]))
+
+
+def test_empty_window_is_reported(ratios):
+    empty = pick(ratios, phase="window", epoch_start=5.0)
+    assert len(empty) == 3 * 2  # three p_bw > 0 settings x (loss, ppl)
+    assert (empty.n == 0).all() and empty.value.isna().all()
+    assert (empty.epoch_stop == 2.0).all()
+
+
+def test_custom_windows(df):
+    table = ratios_table(df, windows=[(1.5, "end")])
+    w = one(table, phase="window", metric="loss", depth=4)
+    assert w.n == 3 and w.value == pytest.approx(mean(window_samples(B0, B5, (2,))))
+
+
+def test_samples_pair_nearest_epoch(df):
+    s = ratio1_samples(df)
+    shifted = s[s.run_id == "b5-s2"].sort_values("epoch")
+    assert list(shifted.epoch_base) == [0.5, 1.0, 2.0]
+    assert set(shifted.run_id_base) == {"b0-s2"}
+    assert len(s) == 2 * 3 + 3 * 3 + 3  # a5 (2 seeds), b5 (3 seeds), either (1 seed)
+
+
+def test_layer_cut(ratios):
+    r1 = pick(ratios, phase="cut", ratio="ratio1", metric="ppl", depth=4)
+    assert sorted(r1.blocks_remaining.unique()) == [1, 2, 3, 4]
+    for k in (4, 1):
+        c0, c5 = CUT_SLOPE[0.0] * (4 - k), CUT_SLOPE[0.05] * (4 - k)
+        assert one(r1, blocks_remaining=k, averaging="mean_then_ratio").value == pytest.approx(
+            mean([math.exp(v + c0) for v in fw(B0)]) / mean([math.exp(v + c5) for v in fw(B5)]))
+        assert one(r1, blocks_remaining=k, averaging="ratio_then_mean").value == pytest.approx(
+            mean([math.exp(B0[s][0] + c0) / math.exp(B5[s][0] + c5) for s in B5]))
+    r2 = pick(ratios, phase="cut", ratio="ratio2", metric="loss", depth=2, p_bw=0.0)
+    assert one(r2, blocks_remaining=2, averaging="mean_then_ratio").value == pytest.approx(4.2 / 6.3)
+    assert one(r2, blocks_remaining=1, averaging="mean_then_ratio").value == pytest.approx(4.5 / 6.6)
+    assert one(r2, blocks_remaining=1, averaging="ratio_then_mean").value == pytest.approx(
+        mean([(fw_ + 0.3) / (bw_ + 0.3) for fw_, bw_ in A0.values()]))
+    assert not len(pick(ratios, phase="cut", ratio="ratio1", metric="loss"))
+
+
+def test_mean_ci_matches_scipy():
+    values = [3.0, 3.3, 3.7, 3.1]
+    mean_, lo, hi = mean_ci(values)
+    expected = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert mean_ == pytest.approx(np.mean(values))
+    assert (lo, hi) == pytest.approx(expected)
+    one_seed = mean_ci([3.0])
+    assert one_seed[0] == 3.0 and math.isnan(one_seed[1]) and math.isnan(one_seed[2])
+
+
+def test_final_losses(df):
+    table = final_losses(df)
+    b0 = one(table, depth=4, p_bw=0.0)
+    half = stats.t.ppf(0.975, 2) * 0.3 / math.sqrt(3)  # fw losses 3.0, 3.3, 3.6: sd 0.3
+    assert b0.n_seeds == 3 and b0.fw_loss_mean == pytest.approx(3.3)
+    assert (b0.fw_loss_ci_low, b0.fw_loss_ci_high) == pytest.approx((3.3 - half, 3.3 + half))
+    assert b0.bw_loss_ci_low == pytest.approx(5.0) and b0.bw_loss_ci_high == pytest.approx(5.0)
+    either = one(table, bw_mode="either")
+    assert either.n_seeds == 1 and either.fw_loss_mean == pytest.approx(4.3)
+    assert math.isnan(either.fw_loss_ci_low) and math.isnan(either.fw_loss_ci_high)
+    assert one(table, depth=2, p_bw=0.05, bw_mode="add").n_seeds == 2  # running seed left out
+
+
+def test_paired_comparison(df):
+    table = paired_comparison(df)
+    b = one(table, depth=4)
+    half = stats.t.ppf(0.975, 2) * 0.05 / math.sqrt(3)  # differences 0.25, 0.2, 0.15
+    assert b.n == 3 and b.mean_diff == pytest.approx(0.2)
+    assert (b.ci_low, b.ci_high) == pytest.approx((0.2 - half, 0.2 + half))
+    assert bool(b.exceeds_noise)
+    a = one(table, depth=2, bw_mode="add")  # differences 0.1, -0.1: seed 2 only at p_bw = 0
+    half = stats.t.ppf(0.975, 1) * math.sqrt(0.02) / math.sqrt(2)
+    assert a.n == 2 and a.mean_diff == pytest.approx(0.0, abs=1e-12)
+    assert (a.ci_low, a.ci_high) == pytest.approx((-half, half))
+    assert not bool(a.exceeds_noise)
+    assert a.unpaired_seeds_base == "2" and a.unpaired_seeds_x == ""
+    either = one(table, bw_mode="either")
+    assert either.n == 1 and math.isnan(either.ci_low) and pd.isna(either.exceeds_noise)
+
+
+def test_failed_and_running_runs_listed_not_counted(df):
+    runs = runs_table(df)
+    assert len(runs) == 3 + 3 + 1 + 3 + 3 + 1
+    listed = unfinished_runs(df)
+    assert set(listed.run_id) == {"b5-s3", "a5-s2"}
+    assert one(listed, run_id="b5-s3").error == "CUDA out of memory"
+    assert one(listed, run_id="b5-s3").status == "failed"
+    final = final_points(df)
+    assert not {"b5-s3", "a5-s2"} & set(final.run_id)
+    assert len(final) == 12
+
+
+def test_final_point_is_last_validation_point(df):
+    final = final_points(df)
+    assert one(final, run_id="b5-s2").epoch == 1.99
+    assert one(final, run_id="b5-s2").loss_fw == 3.75
+
+
+def test_mask_audit(df):
+    audit = mask_audit(df)
+    row = one(audit, run_id="b5-s1")
+    assert row.bw_fw_loss_ratio == pytest.approx(3.6 / 3.5)
+    assert bool(row.probe_leak_bw) and not bool(row.leaks_labels)
+    summary = mask_summary(audit)
+    causal = one(summary, bw_mask="causal")
+    assert causal.runs == 6 and causal.probed == 5 and causal.probe_leaks == 1
+    assert causal.probe_leak_runs == "b5-s1"
+    expected = mean([bw / fw_ for fw_, bw in [*A5.values(), EITHER, *B5.values()]])
+    assert causal.bw_fw_loss_ratio == pytest.approx(expected)
+
+
+def test_no_done_runs():
+    df = pd.DataFrame([failed_row("x", A, 0.05, 0)])
+    assert ratios_table(df).empty and list(ratios_table(df).columns) == RATIO_COLUMNS
+    assert final_losses(df).empty and paired_comparison(df).empty and mask_audit(df).empty
+    assert len(unfinished_runs(df)) == 1

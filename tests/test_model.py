@@ -1,0 +1,322 @@
+"""The hlb-gpt v0.4.1 model (SPEC §3): flip identity, truncation, shapes, init, config checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fwbw.config
+from fwbw import ModelConfig, build_model
+from fwbw.masks import mask_and_distance
+
+VOCAB = 50
+MAX_LEN = 33
+LENGTHS = (1, 2, 7, 16, 33)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    values = dict(vocab_size=VOCAB, depth=3, width=32, max_seq_len=MAX_LEN)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def tiny_model(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return build_model(tiny_config(**overrides)).eval()
+
+
+def randomize_position_bias(model, seed: int, low: float = -3.0, high: float = 3.0) -> list[float]:
+    """Distinct position_bias_mult per block, as training would leave them."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.empty(len(model.blocks)).uniform_(low, high, generator=generator).tolist()
+    with torch.no_grad():
+        for block, value in zip(model.blocks, values):
+            block.position_bias_mult.fill_(value)
+    assert len(set(values)) == len(values)
+    return values
+
+
+def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1000 + length)
+    return torch.randint(0, vocab, (batch, length), generator=generator)
+
+
+def manual_forward(model, tokens: torch.Tensor, direction: str, num_blocks: int) -> torch.Tensor:
+    """embedding -> first num_blocks blocks -> final norm -> output, spelled out."""
+    allowed, dist = mask_and_distance(tokens.shape[1], direction, model.config.bw_mask)
+    x = model.embedding(tokens)
+    for block in list(model.blocks)[:num_blocks]:
+        x = block(x, allowed, dist)
+    return model.output(model.norm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. flip identity: bw over x == fw over reversed x, reversed back
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task_tokens", (False, True), ids=("plain", "task_tokens"))
+def test_bw_equals_fw_on_reversed_input_at_init(task_tokens):
+    model = tiny_model(seed=1, task_tokens=task_tokens)
+    for length in LENGTHS:
+        tokens = random_tokens(3, length, model.config.total_vocab, seed=1)
+        with torch.no_grad():
+            bw = model(tokens, "bw")
+            fw_flipped = model(tokens.flip(1), "fw").flip(1)
+        assert bw.shape == (3, length, model.config.total_vocab)
+        torch.testing.assert_close(bw, fw_flipped, rtol=0, atol=1e-5)
+
+
+def test_bw_equals_fw_on_reversed_input_with_distinct_position_bias_per_block():
+    model = tiny_model(seed=2)
+    randomize_position_bias(model, seed=2)
+    for length in LENGTHS:
+        tokens = random_tokens(3, length, VOCAB, seed=2)
+        with torch.no_grad():
+            bw = model(tokens, "bw")
+            fw_flipped = model(tokens.flip(1), "fw").flip(1)
+        torch.testing.assert_close(bw, fw_flipped, rtol=0, atol=1e-5)
+        if length > 1:
+            # the identity is not vacuous: bw over x is not simply fw over x
+            with torch.no_grad():
+                assert (model(tokens, "fw") - bw).abs().max() > 1e-3
+
+
+def test_flip_identity_depends_on_the_distance_bias_being_used():
+    """Changing position_bias_mult changes bw logits (so the identity above exercises the bias)."""
+    model = tiny_model(seed=3)
+    tokens = random_tokens(2, 16, VOCAB, seed=3)
+    with torch.no_grad():
+        before = model(tokens, "bw")
+    randomize_position_bias(model, seed=3)
+    with torch.no_grad():
+        after = model(tokens, "bw")
+    assert (after - before).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. truncation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_truncated_has_n_blocks_and_leaves_original_unchanged():
+    model = tiny_model(seed=4)
+    randomize_position_bias(model, seed=4)
+    tokens = random_tokens(2, 16, VOCAB, seed=4)
+    with torch.no_grad():
+        before = {d: model(tokens, d) for d in ("fw", "bw")}
+    blocks_before = list(model.blocks)
+    for n in range(1, model.config.depth + 1):
+        short = model.truncated(n)
+        assert len(short.blocks) == n
+        assert short.config.depth == n
+        assert short is not model
+    assert len(model.blocks) == model.config.depth == 3
+    assert list(model.blocks) == blocks_before
+    with torch.no_grad():
+        for direction in ("fw", "bw"):
+            assert torch.equal(model(tokens, direction), before[direction])
+
+
+def test_truncated_to_full_depth_gives_identical_logits():
+    model = tiny_model(seed=5)
+    randomize_position_bias(model, seed=5)
+    tokens = random_tokens(2, 33, VOCAB, seed=5)
+    full = model.truncated(model.config.depth)
+    with torch.no_grad():
+        for direction in ("fw", "bw"):
+            assert torch.equal(full(tokens, direction), model(tokens, direction))
+
+
+@pytest.mark.parametrize("bw_mask", ("causal", "legacy-flip"))
+def test_truncated_equals_manual_forward_through_first_n_blocks(bw_mask):
+    model = tiny_model(seed=6, bw_mask=bw_mask)
+    randomize_position_bias(model, seed=6)
+    tokens = random_tokens(2, 7, VOCAB, seed=6)
+    with torch.no_grad():
+        for n in range(1, model.config.depth + 1):
+            short = model.truncated(n)
+            for direction in ("fw", "bw"):
+                expected = manual_forward(model, tokens, direction, n)
+                torch.testing.assert_close(short(tokens, direction), expected, rtol=0, atol=1e-6)
+        # different depths really give different outputs
+        assert (model.truncated(1)(tokens) - model(tokens)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("n", (0, 4, -1))
+def test_truncated_rejects_invalid_block_counts(n):
+    model = tiny_model(seed=7)  # depth 3
+    with pytest.raises(ValueError):
+        model.truncated(n)
+
+
+def test_truncated_shares_parameters_with_original_no_copy():
+    model = tiny_model(seed=8)
+    short = model.truncated(2)
+    original_params = {id(p) for p in model.parameters()}
+    assert all(id(p) in original_params for p in short.parameters())
+    assert short.embedding.weight is model.embedding.weight
+    assert short.output.weight is model.output.weight
+    assert short.blocks[1].expand is model.blocks[1].expand
+    assert short.blocks[0].expand.data_ptr() == model.blocks[0].expand.data_ptr()
+    # in-place updates to the original (what an optimiser does) show up in the truncated view
+    tokens = random_tokens(1, 7, VOCAB, seed=8)
+    with torch.no_grad():
+        before = short(tokens)
+        model.blocks[0].position_bias_mult.fill_(-2.0)
+        model.output.weight.mul_(2.0)
+        after = short(tokens)
+    assert (after - before).abs().max() > 1e-4
+    expected_params = sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() for p in model.blocks[2].parameters()
+    )
+    assert sum(p.numel() for p in short.parameters()) == expected_params
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. shapes and init (SPEC §3)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_model_has_about_46m_parameters_and_the_specified_shapes():
+    torch.manual_seed(0)
+    d, depth, vocab = 384, 8, 50304
+    model = build_model(ModelConfig(vocab_size=vocab, depth=depth, width=d, max_seq_len=1024))
+    n = sum(p.numel() for p in model.parameters())
+    assert 45e6 < n < 47e6
+    assert model.num_params() == n
+    per_block = (2 * d // 8 + 4 * d) * d + d * 2 * d + d + 1  # expand, project, norm weight, bias mult
+    assert n == 2 * vocab * d + depth * per_block + d
+    assert len(model.blocks) == depth
+    for block in model.blocks:
+        assert tuple(block.expand.shape) == (2 * d // 8 + 4 * d, d)
+        assert tuple(block.project.shape) == (d, 2 * d)
+    assert tuple(model.embedding.weight.shape) == (vocab, d)
+    assert tuple(model.output.weight.shape) == (vocab, d)
+    assert model.output.bias is None
+
+
+def _relative_error(actual: float, expected: float) -> float:
+    return abs(actual - expected) / expected
+
+
+def test_init_standard_deviations_match_spec():
+    d, depth = 256, 2
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=VOCAB, depth=depth, width=d, max_seq_len=32))
+    checks = {
+        "embedding": (model.embedding.weight, 0.25 / math.sqrt(d)),
+        "output": (model.output.weight, 0.5 / math.sqrt(d)),
+    }
+    for i, block in enumerate(model.blocks):
+        checks[f"blocks.{i}.expand"] = (block.expand, 0.5 / math.sqrt(d) / 2)
+        checks[f"blocks.{i}.project"] = (block.project, 1 / math.sqrt(d) / 2 / depth)
+    for name, (weight, expected_std) in checks.items():
+        std = weight.detach().std().item()
+        assert _relative_error(std, expected_std) < 0.1, f"{name}: std {std:.5g}, expected {expected_std:.5g}"
+        assert abs(weight.detach().mean().item()) < 0.1 * expected_std, name
+    # the two headline ratios, explicitly
+    assert _relative_error(model.output.weight.std().item() / model.embedding.weight.std().item(), 2.0) < 0.1
+
+
+def test_position_bias_mult_is_a_scalar_initialised_at_one_in_every_block():
+    model = tiny_model(seed=9)
+    for block in model.blocks:
+        assert block.position_bias_mult.shape == ()
+        assert block.position_bias_mult.requires_grad
+        assert block.position_bias_mult.item() == 1.0
+    # one per block, not shared
+    assert len({id(block.position_bias_mult) for block in model.blocks}) == model.config.depth
+
+
+def test_embedding_scales_grad_by_freq():
+    model = tiny_model(seed=10)
+    assert isinstance(model.embedding, nn.Embedding)
+    assert model.embedding.scale_grad_by_freq is True
+
+
+def test_layer_norms_have_weight_but_no_bias_one_per_block_plus_final():
+    model = tiny_model(seed=11)
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == model.config.depth + 1
+    for norm in norms:
+        assert norm.bias is None
+        assert norm.weight is not None and norm.weight.shape == (model.config.width,)
+    for block in model.blocks:
+        assert sum(isinstance(m, nn.LayerNorm) for m in block.modules()) == 1
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+
+
+def test_task_tokens_add_exactly_two_vocab_rows():
+    plain = tiny_model(seed=12)
+    tasked = tiny_model(seed=12, task_tokens=True)
+    config = tasked.config
+    assert plain.config.total_vocab == VOCAB
+    assert config.total_vocab == VOCAB + 2
+    assert (config.fw_token_id, config.bw_token_id) == (VOCAB, VOCAB + 1)
+    assert tasked.embedding.weight.shape[0] == plain.embedding.weight.shape[0] + 2
+    assert tasked.output.weight.shape[0] == plain.output.weight.shape[0] + 2
+    assert tasked.num_params() - plain.num_params() == 2 * 2 * config.width
+    tokens = torch.tensor([[config.fw_token_id, 3, 4, 5], [6, 7, 8, config.bw_token_id]])
+    with torch.no_grad():
+        assert tasked(tokens, "fw").shape == (2, 4, VOCAB + 2)
+        assert tasked(tokens, "bw").shape == (2, 4, VOCAB + 2)
+
+
+def test_sequence_longer_than_max_seq_len_raises():
+    model = tiny_model(seed=13, max_seq_len=8)
+    with torch.no_grad():
+        assert model(random_tokens(1, 8, VOCAB), "fw").shape == (1, 8, VOCAB)
+        for direction in ("fw", "bw"):
+            with pytest.raises(ValueError):
+                model(random_tokens(1, 9, VOCAB), direction)
+
+
+def test_unknown_direction_raises():
+    model = tiny_model(seed=14)
+    with pytest.raises(ValueError):
+        model(random_tokens(1, 4, VOCAB), "sideways")
+
+
+def test_forward_default_direction_is_fw_and_output_is_finite():
+    model = tiny_model(seed=15)
+    tokens = random_tokens(2, 33, VOCAB)
+    with torch.no_grad():
+        logits = model(tokens)
+        assert torch.equal(logits, model(tokens, "fw"))
+        assert torch.isfinite(logits).all()
+        assert torch.isfinite(model(tokens, "bw")).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. ModelConfig validation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "overrides"),
+    [
+        ("width", dict(width=20)),
+        ("width", dict(width=33)),
+        ("depth", dict(depth=0)),
+        ("depth", dict(depth=-1)),
+        ("bw_mask", dict(bw_mask="flip")),
+        ("bw_mask", dict(bw_mask="Causal")),
+    ],
+)
+def test_model_config_rejects_bad_values_naming_the_field(field, overrides):
+    with pytest.raises(fwbw.config.ConfigError) as error:
+        tiny_config(**overrides)
+    assert str(error.value).startswith(field)
+    assert str(error.value).startswith(f"{field}:")
+    assert isinstance(error.value, ValueError)
+
+
+def test_model_config_accepts_the_valid_edge_values():
+    assert tiny_config(width=8, depth=1).width == 8
+    assert tiny_config(bw_mask="legacy-flip").bw_mask == "legacy-flip"
+    assert tiny_config().bw_mask == "causal"
+    assert tiny_config().task_tokens is False
