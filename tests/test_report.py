@@ -62,7 +62,7 @@ SWEEP = {"data": "wikitext-103", "tokenizer": "gpt2", "seq_len": 32, "epochs": 1
 def report(tmp_path_factory):
     sweep_dir = tmp_path_factory.mktemp("sweep")
     results().to_parquet(sweep_dir / "results.parquet")
-    (sweep_dir / "sweep.json").write_text(json.dumps(SWEEP))
+    (sweep_dir / "sweep.json").write_text(json.dumps({"setup": SWEEP, "runs": {}}))
     out = tmp_path_factory.mktemp("report")
     path = write_report(sweep_dir, out)
     return out, path.read_text(encoding="utf-8")

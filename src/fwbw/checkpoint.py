@@ -8,6 +8,7 @@ so a half-written or corrupted checkpoint is detected and skipped in favour of a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -16,7 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fwbw.files import atomic_write_text
+from fwbw.config import ModelConfig
+from fwbw.files import atomic_write, atomic_write_json, atomic_write_text
+from fwbw.model import HlbGpt, build_model
 
 CHECKPOINTS = "checkpoints"
 TENSORS = "tensors.safetensors"
@@ -105,3 +108,18 @@ def load_latest(run_dir: Path, warn=print) -> dict | None:
         except CorruptCheckpoint as error:
             warn(f"skipping corrupt checkpoint: {error}")
     return None
+
+
+def save_model(run_dir: Path, model: HlbGpt) -> None:
+    """The trained weights and their shape, for `load_model` (cut, analysis, sampling)."""
+    run_dir = Path(run_dir)
+    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    atomic_write_json(run_dir / "model_config.json", dataclasses.asdict(model.config))
+    atomic_write(run_dir / "model.safetensors", lambda tmp: save_file(weights, str(tmp)))
+
+
+def load_model(run_dir: Path, device: str = "cpu") -> HlbGpt:
+    run_dir = Path(run_dir)
+    model = build_model(ModelConfig(**json.loads((run_dir / "model_config.json").read_text())))
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    return model.to(device)

@@ -164,8 +164,10 @@ class TrainConfig:
         require(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
+        """The model for a tokenizer of `vocab_size` ids, padded to a multiple of 64 as hlb-gpt
+        pads GPT-2's 50257 to 50304 (faster matmuls; the extra rows are never targets)."""
         return ModelConfig(
-            vocab_size=vocab_size,
+            vocab_size=-(-vocab_size // 64) * 64,
             depth=self.depth,
             width=self.width,
             max_seq_len=self.seq_len,

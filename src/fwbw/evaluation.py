@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 import torch
 
+from fwbw.files import atomic_write_json
 from fwbw.tasks import task_stats
 
 DIRECTIONS = ("fw", "bw")
+EVAL_BATCH_TOKENS = 16384
+
+
+def eval_batch_size(windows: torch.Tensor) -> int:
+    return max(1, EVAL_BATCH_TOKENS // windows.shape[1])
 
 
 @torch.no_grad()
@@ -52,6 +59,30 @@ def layer_cut(
         {"blocks_remaining": n, "metrics": evaluate(model.truncated(n), windows, batch_size, precision)}
         for n in range(model.config.depth - 1, 0, -1)
     ]
+
+
+def write_cut(run_dir: Path, model, windows: torch.Tensor, precision=None) -> list[dict]:
+    """Run the layer cut on a trained model and save it as the run's cut.json."""
+    rows = layer_cut(model, windows, eval_batch_size(windows), precision)
+    atomic_write_json(Path(run_dir) / "cut.json", rows)
+    return rows
+
+
+def cut_run(run_dir: Path, progress: bool = True) -> list[dict]:
+    """`fwbw cut`: the layer cut of a finished run, on the validation windows it was trained with."""
+    from fwbw.batches import validation_windows
+    from fwbw.checkpoint import load_model
+    from fwbw.config import TrainConfig
+    from fwbw.data import load_token_data
+    from fwbw.device import autocast, resolve_device, resolve_dtype
+    from fwbw.tasks import window_length
+
+    config = TrainConfig.load(Path(run_dir) / "config.json")
+    device = resolve_device(config.device)
+    model = load_model(run_dir, device)
+    data = load_token_data(config.data, config.tokenizer, progress=progress)
+    windows = validation_windows(data.valid, window_length(config.seq_len, config.task_tokens), config.eval_tokens)
+    return write_cut(run_dir, model, windows, autocast(device, resolve_dtype(config.dtype, device)))
 
 
 @torch.no_grad()

@@ -98,3 +98,22 @@ class HlbGpt(nn.Module):
 
 def build_model(config: ModelConfig) -> HlbGpt:
     return HlbGpt(config)
+
+
+def count_params(config: ModelConfig) -> int:
+    """HlbGpt(config).num_params() without building it."""
+    d, vocab = config.width, config.total_vocab
+    qk, expand = d // config.qk_dim_div, d * config.expand_factor
+    block = (2 * qk + 2 * expand) * d + d * expand + d + 1  # expand, project, norm, bias scale
+    return 2 * vocab * d + config.depth * block + d
+
+
+def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward = 3 x forward), counting the
+    matmuls: 2 FLOPs per weight, plus causal attention's QK^T and AV over seq_len / 2 keys."""
+    d = config.width
+    qk, expand = d // config.qk_dim_div, d * config.expand_factor
+    weights_per_block = (2 * qk + 2 * expand) * d + d * expand
+    attention_per_block = 2 * (seq_len / 2) * (qk + d)
+    forward = config.depth * (2 * weights_per_block + attention_per_block) + 2 * d * config.total_vocab
+    return 3 * forward

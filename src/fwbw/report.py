@@ -65,9 +65,9 @@ def read_results(sweep_dir: Path) -> pd.DataFrame:
 
 
 def read_sweep(sweep_dir: Path) -> dict:
-    """sweep.json (a dict describing the sweep), or {} when there is none."""
+    """The setup described by sweep.json (its "setup" entry), or {} when there is none."""
     path = Path(sweep_dir) / "sweep.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return json.loads(path.read_text()).get("setup", {}) if path.exists() else {}
 
 
 # ----------------------------------------------------------------------------- text

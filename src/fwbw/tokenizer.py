@@ -24,6 +24,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 BPE_MIN_VOCAB = 257  # 256 byte tokens plus at least one merge
 BPE_MAX_VOCAB = 65535
+GPT2_VOCAB = 50257
 
 
 class Tokenizer(Protocol):
@@ -83,6 +84,12 @@ def validate_tokenizer_spec(spec: str) -> None:
             f"tokenizer: {spec!r} needs an integer vocabulary size N with "
             f"{BPE_MIN_VOCAB} <= N <= {BPE_MAX_VOCAB} in 'bpe:N'"
         )
+
+
+def vocab_size_of(spec: str) -> int:
+    """The vocabulary size a spec will have, without loading or training anything."""
+    validate_tokenizer_spec(spec)
+    return GPT2_VOCAB if spec == "gpt2" else int(spec.removeprefix("bpe:"))
 
 
 def load_tokenizer(spec: str, train_text: Callable[[], Iterable[str]], cache_dir: Path) -> Tokenizer:

@@ -12,18 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fwbw import checkpoint
 from fwbw.batches import WindowSampler, validation_windows
-from fwbw.config import ConfigError, ModelConfig, TrainConfig
+from fwbw.config import ConfigError, TrainConfig
 from fwbw.data import TokenData, load_token_data
 from fwbw.device import autocast, resolve_device, resolve_dtype
-from fwbw.evaluation import evaluate, leak_probe
-from fwbw.files import atomic_write, atomic_write_json, atomic_write_text
+from fwbw.evaluation import eval_batch_size, evaluate, leak_probe
+from fwbw.files import atomic_write_json, atomic_write_text
 from fwbw.masks import leaks_labels
-from fwbw.model import HlbGpt, build_model
+from fwbw.model import build_model
 from fwbw.recipe import (
     Microbatching,
     batch_size_for,
@@ -33,9 +32,6 @@ from fwbw.recipe import (
     set_weight_decay,
 )
 from fwbw.tasks import task_stats, window_length
-
-EVAL_BATCH_TOKENS = 16384
-
 
 class TrainingDiverged(RuntimeError):
     pass
@@ -63,16 +59,6 @@ def check_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"out: {run_dir} is not writable ({existing} is not a writable directory)")
 
 
-def load_run_model(run_dir: Path, device: str = "cpu") -> HlbGpt:
-    """The trained model of a finished run (model.safetensors + model_config.json)."""
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    model = build_model(ModelConfig(**json.loads((run_dir / "model_config.json").read_text())))
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-    return model.to(device)
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, run_dir: Path, data: TokenData | None = None, progress: bool = True):
         check_run_dir(run_dir)
@@ -96,11 +82,13 @@ class Trainer:
         self.budget = config.train_tokens or int(config.epochs * len(self.data.train))
         self.state = Progress()
 
+    def precision(self):
+        return autocast(self.device, self.dtype)
+
     # --- run directory -------------------------------------------------------------------
 
     def _write_static_files(self) -> None:
         atomic_write_json(self.run_dir / "config.json", self.config.to_dict())
-        atomic_write_json(self.run_dir / "model_config.json", self.model_config.__dict__)
 
     def _write_metrics(self) -> None:
         lines = "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.state.metrics)
@@ -181,8 +169,7 @@ class Trainer:
         return self.state.tokens >= (self.state.evals_done + 1) * self._eval_interval_tokens()
 
     def _evaluate(self) -> dict:
-        batch_size = max(1, EVAL_BATCH_TOKENS // self.valid.shape[1])
-        metrics = evaluate(self.model, self.valid, batch_size, autocast(self.device, self.dtype))
+        metrics = evaluate(self.model, self.valid, eval_batch_size(self.valid), self.precision())
         record = {
             "step": self.state.step,
             "tokens": self.state.tokens,
@@ -237,8 +224,7 @@ class Trainer:
         return self._finish()
 
     def _finish(self) -> dict:
-        state_dict = {k: v.contiguous() for k, v in self.model.state_dict().items()}
-        atomic_write(self.run_dir / "model.safetensors", lambda tmp: save_file(state_dict, str(tmp)))
+        checkpoint.save_model(self.run_dir, self.model)
         final = self.state.metrics[-1]
         summary = {
             "status": "done",

@@ -1,0 +1,123 @@
+"""The sweep's tidy results table: one row per run x eval point x direction, rebuilt from the
+run directories (the single source of truth) and written atomically as Parquet and CSV."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from fwbw.files import atomic_write
+from fwbw.masks import leaks_labels
+from fwbw.sweep import RUNS, SWEEP_FILE, read_status
+
+DIRECTIONS = ("fw", "bw")
+METRICS = ("loss", "acc", "ppl")
+COLUMNS = [
+    "run_id", "data", "tokenizer", "depth", "width", "num_params", "seq_len", "p_bw", "bw_mode",
+    "bw_mask", "task_tokens", "seed", "step", "tokens", "epoch", "seconds", "direction", "loss",
+    "acc", "ppl", "phase", "blocks_remaining", "status", "leaks_labels", "probe_leak_bw", "error",
+]
+
+
+def _read_json(path: Path, default=None):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def run_rows(identifier: str, config: dict, run_dir: Path) -> list[dict]:
+    status = read_status(run_dir)
+    summary = _read_json(run_dir / "summary.json", {})
+    model_config = _read_json(run_dir / "model_config.json", {})
+    settings = {
+        "run_id": identifier,
+        "data": config["data"],
+        "tokenizer": config["tokenizer"],
+        "depth": config["depth"],
+        "width": config["width"],
+        "num_params": summary.get("num_params", _count_params(model_config)),
+        "seq_len": config["seq_len"],
+        "p_bw": float(config["p_bw"]),
+        "bw_mode": config["bw_mode"],
+        "bw_mask": config["bw_mask"],
+        "task_tokens": bool(config["task_tokens"]),
+        "seed": config["seed"],
+        "status": status["status"],
+        "leaks_labels": leaks_labels(config["bw_mask"]),
+        "probe_leak_bw": summary.get("probe_leak_bw"),
+        "error": status.get("error"),
+    }
+    metrics = _read_metrics(run_dir / "metrics.jsonl")
+    rows = [
+        {**settings, **_point(point), "direction": d, **{m: point[f"{d}_{m}"] for m in METRICS},
+         "phase": "train-eval", "blocks_remaining": config["depth"]}
+        for point in metrics
+        for d in DIRECTIONS
+    ]
+    cut = _read_json(run_dir / "cut.json", []) if metrics else []
+    rows += [
+        {**settings, **_point(metrics[-1]), "direction": d, **{m: entry["metrics"][d][m] for m in METRICS},
+         "phase": "cut", "blocks_remaining": entry["blocks_remaining"]}
+        for entry in cut
+        for d in DIRECTIONS
+    ]
+    return rows or [settings]
+
+
+def _point(record: dict) -> dict:
+    return {key: record[key] for key in ("step", "tokens", "epoch", "seconds")}
+
+
+def _count_params(model_config: dict) -> int | None:
+    """Parameter count from a saved model config, for runs that have not finished."""
+    if not model_config:
+        return None
+    from fwbw.config import ModelConfig
+    from fwbw.model import build_model
+
+    return build_model(ModelConfig(**model_config)).num_params()
+
+
+def build_results(sweep_dir: Path) -> pd.DataFrame:
+    sweep = _read_json(Path(sweep_dir) / SWEEP_FILE)
+    if sweep is None:
+        raise ValueError(f"{sweep_dir} is not a sweep directory (no readable {SWEEP_FILE})")
+    rows = [
+        row
+        for identifier, config in sweep["runs"].items()
+        for row in run_rows(identifier, config, Path(sweep_dir) / RUNS / identifier)
+    ]
+    table = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    for column in ("step", "tokens", "blocks_remaining", "num_params"):
+        table[column] = table[column].astype("Int64")
+    for column in ("probe_leak_bw",):
+        table[column] = table[column].astype("boolean")
+    return table
+
+
+def write_results(sweep_dir: Path) -> pd.DataFrame:
+    table = build_results(sweep_dir)
+    sweep_dir = Path(sweep_dir)
+    atomic_write(sweep_dir / "results.parquet", lambda tmp: table.to_parquet(tmp, index=False))
+    atomic_write(sweep_dir / "results.csv", lambda tmp: table.to_csv(tmp, index=False))
+    return table
+
+
+def summary_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Setting x seed with final fw/bw validation loss and status, for `fwbw results`."""
+    keys = ["depth", "width", "p_bw", "bw_mode", "bw_mask", "task_tokens", "seed"]
+    evals = table[table["phase"] == "train-eval"]
+    last = evals[evals["step"] == evals.groupby("run_id")["step"].transform("max")]
+    final = last.pivot_table(index="run_id", columns="direction", values="loss").add_prefix("final_loss_")
+    runs = table.drop_duplicates("run_id").set_index("run_id")[keys + ["num_params", "status"]]
+    return runs.join(final).sort_values(keys).reset_index(drop=True)
