@@ -99,6 +99,30 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fwbw.report import write_report
+    from fwbw.results import write_results
+
+    write_results(args.sweep)
+    print(write_report(args.sweep, args.out or args.sweep / "report"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fwbw.report import write_report
+    from fwbw.results import build_results, summary_table
+    from fwbw.sweep import demo_spec, run_sweep
+    from fwbw.training import check_run_dir
+
+    check_run_dir(args.out)
+    run_sweep(demo_spec(), args.out, progress=not args.no_progress)
+    report = write_report(args.out, args.out / "report")
+    table = summary_table(build_results(args.out))
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fwbw", description="fw/bw causal-mask training of hlb-gpt, and what it does")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     results = commands.add_parser("results", help="rebuild and summarise a sweep's results table")
     results.add_argument("sweep", type=Path)
     results.set_defaults(handler=cmd_results)
+
+    report = commands.add_parser("report", help="write a sweep's report: HTML, Markdown, figures and CSVs")
+    report.add_argument("sweep", type=Path)
+    report.add_argument("--out", type=Path, help="folder for the report (default: SWEEP/report)")
+    report.set_defaults(handler=cmd_report)
+
+    demo = commands.add_parser("demo", help="the cpu-small grid plus one legacy-flip run on the embedded data, then the report")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(handler=cmd_demo)
     return parser
 
 

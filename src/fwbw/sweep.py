@@ -128,6 +128,19 @@ def preset(name: str) -> SweepSpec:
     return SweepSpec(**values, base=TrainConfig(**base))
 
 
+DEMO_LEGACY_P_BW = 1.0  # the leak shows only once the bw task is trained often enough
+
+
+def demo_spec() -> SweepSpec:
+    """`fwbw demo`: the cpu-small grid plus one run of the study's leaking mask at its largest size."""
+    spec = preset("cpu-small")
+    legacy = dataclasses.replace(
+        spec.base, depth=max(spec.depths), width=max(spec.widths), p_bw=DEMO_LEGACY_P_BW,
+        bw_mask="legacy-flip", seed=spec.first_seed,
+    )
+    return dataclasses.replace(spec, extra_runs=(legacy,))
+
+
 # Approximate training-split sizes, for --dry-run before any data is downloaded or tokenized.
 KNOWN_TRAIN_TOKENS = {"wikitext-103": 118_000_000, "wikitext-2": 2_400_000, "wiki-sample": 1_190_000}
 

@@ -36,19 +36,21 @@ def task_batch(windows: torch.Tensor, direction: str, config: ModelConfig) -> tu
     return torch.cat([windows[:, 1:], marker], dim=1), windows
 
 
-def _token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy, number of correct argmax predictions)."""
+def _token_stats(
+    logits: torch.Tensor, targets: torch.Tensor, accuracy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mean cross-entropy, number of correct argmax predictions or None)."""
     flat_logits = logits.reshape(-1, logits.shape[-1]).float()
     flat_targets = targets.reshape(-1)
     loss = F.cross_entropy(flat_logits, flat_targets)
-    correct = (flat_logits.argmax(dim=-1) == flat_targets).sum()
+    correct = (flat_logits.argmax(dim=-1) == flat_targets).sum() if accuracy else None
     return loss, correct
 
 
 def task_stats(
-    model, windows: torch.Tensor, directions: tuple[str, ...]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{direction: (mean loss, correct count)} for the given tasks on the same windows.
+    model, windows: torch.Tensor, directions: tuple[str, ...], accuracy: bool = True
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """{direction: (mean loss, correct count or None)} for the given tasks on the same windows.
 
     fw and causal bw share one batched forward pass; legacy-flip bw needs its own mask."""
     config = model.config
@@ -60,8 +62,8 @@ def task_stats(
         targets = [y if d == "fw" else y.flip(1) for d, (_, y) in zip(batched, pairs)]
         logits = model(inputs, "fw", embedding_groups=len(batched)).chunk(len(batched))
         for direction, direction_logits, direction_targets in zip(batched, logits, targets):
-            stats[direction] = _token_stats(direction_logits, direction_targets)
+            stats[direction] = _token_stats(direction_logits, direction_targets, accuracy)
     if "bw" in directions and "bw" not in stats:
         inputs, targets = task_batch(windows, "bw", config)
-        stats["bw"] = _token_stats(model(inputs, "bw"), targets)
+        stats["bw"] = _token_stats(model(inputs, "bw"), targets, accuracy)
     return stats

@@ -145,7 +145,7 @@ class Trainer:
         for _ in range(microbatches):
             windows = self.sampler.sample(batch_size, window_length(seq_len, self.config.task_tokens))
             with autocast(self.device, self.dtype):
-                stats = task_stats(self.model, windows.to(self.device), directions)
+                stats = task_stats(self.model, windows.to(self.device), directions, accuracy=False)
                 loss = sum(stats[d][0] for d in directions)
             (loss / microbatches).backward()
             loss_total += loss.item() / len(directions)
