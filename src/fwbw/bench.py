@@ -16,6 +16,7 @@ from functools import partial
 from typing import Callable
 
 import torch
+from torch import nn
 
 from fwbw.config import ModelConfig, RecipeConfig
 from fwbw.device import DTYPES, autocast, resolve_device, resolve_dtype
@@ -94,7 +95,14 @@ def peak_matmul_gflops(device: torch.device, dtype: str) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def _train_step(model, optimizer, windows: torch.Tensor, directions: tuple[str, ...], device, dtype: str) -> None:
+def _train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    windows: torch.Tensor,
+    directions: tuple[str, ...],
+    device: torch.device,
+    dtype: str,
+) -> None:
     with autocast(device, dtype):
         stats = task_stats(model, windows, directions)
         loss = sum(stats[direction][0] for direction in directions)

@@ -32,6 +32,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     add("--eval-tokens", type=int, help=f"size of the fixed validation set ({DEFAULTS.eval_tokens})")
     add("--checkpoint-every", dest="checkpoint_every_steps", type=int, help=f"steps ({DEFAULTS.checkpoint_every_steps})")
     add("--tokens-per-microbatch", type=int, help=f"({DEFAULTS.recipe.tokens_per_microbatch})")
+    add("--fixed-microbatch", action="store_true", help="one microbatch per step (no gradient-norm-driven accumulation)")
     add("--device", choices=DEVICES, help="(auto)")
     add("--dtype", choices=DTYPES, help="(auto: bf16 autocast)")
 
@@ -40,8 +41,13 @@ def apply_train_flags(args: argparse.Namespace, base: TrainConfig) -> TrainConfi
     """`base` with every training flag the user gave."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {name: value for name, value in vars(args).items() if name in fields}
+    recipe = {}
     if "tokens_per_microbatch" in vars(args):
-        given["recipe"] = dataclasses.replace(base.recipe, tokens_per_microbatch=args.tokens_per_microbatch)
+        recipe["tokens_per_microbatch"] = args.tokens_per_microbatch
+    if "fixed_microbatch" in vars(args):
+        recipe["dynamic_microbatch"] = False
+    if recipe:
+        given["recipe"] = dataclasses.replace(base.recipe, **recipe)
     return dataclasses.replace(base, **given)
 
 

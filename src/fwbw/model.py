@@ -63,12 +63,18 @@ class HlbGpt(nn.Module):
             self.embedding.weight.normal_(std=0.25 / math.sqrt(width))
             self.output.weight.normal_(std=0.5 / math.sqrt(width))
 
-    def forward(self, tokens: torch.Tensor, direction: str = "fw", embedding_groups: int = 1) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, direction: str = "fw") -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V].
 
         fw: logits[:, t] predict tokens[:, t+1] from tokens[:, :t+1].
         bw: logits[:, t] predict tokens[:, t-1] from tokens[:, t:] (legacy-flip: the study's
         leaking mask instead).
+        """
+        return self.output(self.hidden(tokens, direction))
+
+    def hidden(self, tokens: torch.Tensor, direction: str = "fw", embedding_groups: int = 1) -> torch.Tensor:
+        """The final normalised hidden states [B, T, width], before the output layer.
+
         embedding_groups: the batch is that many tasks stacked; the embedding's
         scale_grad_by_freq then counts token frequencies within each task's rows, so a stacked
         pass gets the same gradients as one pass per task.
@@ -80,7 +86,7 @@ class HlbGpt(nn.Module):
         x = torch.cat([self.embedding(group) for group in tokens.chunk(embedding_groups)])
         for block in self.blocks:
             x = block(x, allowed, dist)
-        return self.output(self.norm(x))
+        return self.norm(x)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -73,13 +73,15 @@ PRESETS = {
                   eval_every_epochs=0.25, eval_tokens=262_144, recipe=dict(tokens_per_microbatch=65_536)),
     ),
     # Two model sizes x p_bw {0, 0.05} x 2 seeds on the embedded data: ~10 minutes on 2 CPU cores.
+    # Scaled down: one fixed microbatch of 2048 tokens per step, so half an epoch is ~290 steps.
     "cpu-small": dict(
         depths=(2, 4),
         widths=(128,),
         p_bws=(0.0, 0.05),
         seeds=2,
         base=dict(data="wiki-sample", tokenizer="bpe:8192", seq_len=128, epochs=0.5,
-                  eval_every_epochs=0.125, eval_tokens=32_768, recipe=dict(tokens_per_microbatch=4096)),
+                  eval_every_epochs=0.125, eval_tokens=32_768,
+                  recipe=dict(tokens_per_microbatch=2048, dynamic_microbatch=False)),
     ),
 }
 

@@ -15,9 +15,9 @@ the bw targets reversed to match.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fwbw.config import ModelConfig
+from fwbw.losses import linear_cross_entropy
 
 
 def window_length(seq_len: int, task_tokens: bool) -> int:
@@ -36,17 +36,6 @@ def task_batch(windows: torch.Tensor, direction: str, config: ModelConfig) -> tu
     return torch.cat([windows[:, 1:], marker], dim=1), windows
 
 
-def _token_stats(
-    logits: torch.Tensor, targets: torch.Tensor, accuracy: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(mean cross-entropy, number of correct argmax predictions or None)."""
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
-    flat_targets = targets.reshape(-1)
-    loss = F.cross_entropy(flat_logits, flat_targets)
-    correct = (flat_logits.argmax(dim=-1) == flat_targets).sum() if accuracy else None
-    return loss, correct
-
-
 def task_stats(
     model, windows: torch.Tensor, directions: tuple[str, ...], accuracy: bool = True
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -54,16 +43,17 @@ def task_stats(
 
     fw and causal bw share one batched forward pass; legacy-flip bw needs its own mask."""
     config = model.config
+    weight = model.output.weight
     batched = [d for d in directions if d == "fw" or config.bw_mask == "causal"]
-    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     if batched:
         pairs = [task_batch(windows, d, config) for d in batched]
         inputs = torch.cat([x if d == "fw" else x.flip(1) for d, (x, _) in zip(batched, pairs)])
         targets = [y if d == "fw" else y.flip(1) for d, (_, y) in zip(batched, pairs)]
-        logits = model(inputs, "fw", embedding_groups=len(batched)).chunk(len(batched))
-        for direction, direction_logits, direction_targets in zip(batched, logits, targets):
-            stats[direction] = _token_stats(direction_logits, direction_targets, accuracy)
+        hidden = model.hidden(inputs, "fw", embedding_groups=len(batched)).chunk(len(batched))
+        for direction, direction_hidden, direction_targets in zip(batched, hidden, targets):
+            stats[direction] = linear_cross_entropy(direction_hidden, weight, direction_targets, accuracy)
     if "bw" in directions and "bw" not in stats:
         inputs, targets = task_batch(windows, "bw", config)
-        stats["bw"] = _token_stats(model(inputs, "bw"), targets, accuracy)
+        stats["bw"] = linear_cross_entropy(model.hidden(inputs, "bw"), weight, targets, accuracy)
     return stats

@@ -1,0 +1,58 @@
+"""The command line: bad input fails at once with one line naming the problem, and leaves nothing."""
+
+import json
+
+import pytest
+
+from fwbw.cli import main
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("FWBW_CACHE", str(tmp_path / "cache"))
+    words = "the cat sat on a mat while every dog ran to its warm red house near old stone bridges".split()
+    lines = [" ".join(words[(i * 7 + k) % len(words)] for k in range(12)) for i in range(600)]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "train.txt").write_text("\n".join(lines))
+    (folder / "valid.txt").write_text("\n".join(lines[:80]))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (["--width", "100"], "width"),
+        (["--p-bw", "1.5"], "p_bw"),
+        (["--depth", "0"], "depth"),
+        (["--data", "no-such-data"], "data"),
+        (["--tokenizer", "bpe:7"], "tokenizer"),
+    ],
+)
+def test_bad_train_input_fails_before_any_work(flags, field, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--no-progress", *flags]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0
+    assert error.startswith(f"fwbw train: error: {field}: ")
+    assert not out.exists()
+
+
+def test_unwritable_out_fails_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["train", "--out", str(blocker / "run"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("fwbw train: error: out: ")
+
+
+def test_train_then_rerun_from_config(corpus, tmp_path, capsys):
+    flags = ["--data", f"text:{corpus}", "--tokenizer", "bpe:300", "--depth", "1", "--width", "16",
+             "--seq-len", "16", "--p-bw", "0.5", "--train-tokens", "3000", "--eval-tokens", "512",
+             "--tokens-per-microbatch", "256", "--dtype", "fp32", "--no-progress"]
+    assert main(["train", *flags, "--out", str(tmp_path / "a")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["leaks_labels"] is False and printed["final_val_loss_bw"] > 0
+    assert main(["train", "--config", str(tmp_path / "a" / "config.json"), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    first, second = ((tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("a", "b"))
+    strip = lambda lines: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+    assert strip(first) == strip(second)
