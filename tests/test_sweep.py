@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import pickle
 import random
@@ -270,8 +269,8 @@ def kill_mid_sweep(command: list[str], out: Path, log: Path, timeout: float = 12
             process.wait()
     if process.returncode != -signal.SIGKILL:
         return False  # it finished on its own first
-    states = run_states(out).values()
-    return any(status != "done" for status, _ in states) and any(has for _, has in states)
+    statuses = [status for status, _ in run_states(out).values()]
+    return "running" in statuses and "done" in statuses
 
 
 # --- 1. kill and resume ------------------------------------------------------------------------
@@ -425,36 +424,42 @@ def assert_complete(table: pd.DataFrame, out: Path) -> None:
         assert len(evals) == 2 * len(read_metrics(run))
 
 
-@pytest.mark.slow
+def run_workers_together(corpus: Corpus, out: Path, folder: Path, worker_flags: list[tuple[str, ...]]) -> list[str]:
+    """Start one sweep worker per entry of worker_flags on the same --out, wait for all of them."""
+    logs = [folder / f"worker{i}.log" for i in range(len(worker_flags))]
+    workers = [
+        start(sweep_command(corpus, out, "--train-tokens", "6144", *flags), log) for flags, log in zip(worker_flags, logs)
+    ]
+    return [finish(process, log) for process, log in zip(workers, logs)]
+
+
+def outcome_counts(output: str, out: Path) -> dict[str, int]:
+    """{'done': 2, 'skipped': 2} from a worker's last line 'sweep OUT: 2 done, 2 skipped'."""
+    last = output.strip().splitlines()[-1]
+    prefix = f"sweep {out}: "
+    assert last.startswith(prefix), output
+    return {status: int(count) for count, status in (part.split() for part in last.removeprefix(prefix).split(", "))}
+
+
 def test_two_shard_workers_finish_the_grid_once(tmp_path, corpus, capsys):
     out = tmp_path / "grid"
-    flags = ("--train-tokens", "6144")
-    workers = [
-        (start(sweep_command(corpus, out, *flags, "--shard", f"{i}/2"), tmp_path / f"shard{i}.log"), tmp_path / f"shard{i}.log")
-        for i in range(2)
-    ]
-    outputs = [finish(process, log) for process, log in workers]
-    for output in outputs:  # each worker trained exactly its two runs
-        assert output.strip().splitlines()[-1] == f"sweep {out}: 2 done", output
+    outputs = run_workers_together(corpus, out, tmp_path, [("--shard", "0/2"), ("--shard", "1/2")])
+    for output in outputs:  # each worker trained exactly its own two runs
+        assert outcome_counts(output, out) == {"done": 2}, output
     for run in run_dirs(out).values():
         assert sweep.read_status(run)["status"] == "done"
         assert_steps_strictly_increase(run)
     assert_complete(results_after_rebuild(out, capsys), out)
 
 
-@pytest.mark.slow
 def test_two_workers_on_the_same_runs_share_them_through_locks(tmp_path, corpus, capsys):
     out = tmp_path / "grid"
-    flags = ("--train-tokens", "6144")
-    workers = [(start(sweep_command(corpus, out, *flags), tmp_path / f"w{i}.log"), tmp_path / f"w{i}.log") for i in range(2)]
-    outputs = [finish(process, log) for process, log in workers]
-    done = skipped = 0
-    for output in outputs:
-        counts = dict((status, int(n)) for n, status in (part.split() for part in output.strip().splitlines()[-1].split(": ")[1].split(", ")))
-        done += counts.get("done", 0)
-        skipped += counts.get("skipped", 0)
-    assert (done, skipped) == (4, 4), outputs
+    outputs = run_workers_together(corpus, out, tmp_path, [(), ()])
+    counts = [outcome_counts(output, out) for output in outputs]
+    assert sum(c.get("done", 0) for c in counts) == 4, outputs  # every run trained by exactly one worker
+    assert sum(c.get("skipped", 0) for c in counts) == 4, outputs
     for run in run_dirs(out).values():
+        assert sweep.read_status(run)["status"] == "done"
         assert_steps_strictly_increase(run)
     assert_complete(results_after_rebuild(out, capsys), out)
 
@@ -494,6 +499,31 @@ def test_lock_held_on_another_host_is_respected(tmp_path):
     (run / ".lock").write_text(json.dumps(lock))
     assert not sweep.claim(run)
     assert read_json(run / ".lock") == lock
+
+
+@pytest.mark.parametrize("hook", ["link", "rename"])
+def test_two_workers_claiming_at_once_never_both_win(tmp_path, monkeypatch, hook):
+    """A second worker claims the same run at the worst moment: just before the first worker's
+    lock appears (link), or while it takes over a dead worker's lock (rename). Exactly one wins."""
+    run = tmp_path / "run"
+    run.mkdir()
+    if hook == "rename":
+        (run / ".lock").write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
+    real = getattr(os, hook)
+    second: list[bool] = []
+
+    def interleave(*args, **kwargs):
+        if not second:
+            second.append(False)  # guard: the second worker's own calls pass straight through
+            second[0] = sweep.claim(run)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, hook, interleave)
+    first = sweep.claim(run)
+    monkeypatch.undo()
+    assert second, f"claim() no longer calls os.{hook}: move this test's interleaving hook"
+    assert [first, second[0]].count(True) == 1, f"first worker {first}, second worker {second[0]}: both hold the run"
+    assert sorted(p.name for p in run.iterdir()) == [".lock"], "no private or parked lock files left behind"
 
 
 def test_run_one_skips_a_run_another_worker_holds(tmp_path, corpus, monkeypatch):
@@ -568,8 +598,9 @@ def test_a_failed_run_is_recorded_and_retried_only_when_asked(tmp_path, corpus, 
     with monkeypatch.context() as patch:
         patch.setattr(sweep, "train_and_cut", failing_for_one_run)
         assert run_sweep(spec, out, progress=False) == {bad: "failed", ids[1]: "done"}
-    assert f"run {bad} failed: RuntimeError: boom: simulated out-of-memory" in capsys.readouterr().err
-    assert sweep.read_status(out / sweep.RUNS / bad) == {"status": "failed", "error": "RuntimeError: boom: simulated out-of-memory"}
+    error = "RuntimeError: boom: simulated out-of-memory"
+    assert f"run {bad} failed: {error}" in capsys.readouterr().err
+    assert sweep.read_status(out / sweep.RUNS / bad) == {"status": "failed", "error": error}
     assert not (out / sweep.RUNS / bad / ".lock").exists()
 
     table = pd.read_parquet(out / "results.parquet")
@@ -598,7 +629,10 @@ def test_a_failed_run_is_recorded_and_retried_only_when_asked(tmp_path, corpus, 
 
 
 def test_cli_sweep_exits_1_when_a_run_failed(tmp_path, corpus, monkeypatch, capsys):
-    monkeypatch.setattr(sweep, "train_and_cut", lambda config, run_dir, progress: (_ for _ in ()).throw(ValueError("bad luck")))
+    def failing(config, run_dir, progress):
+        raise ValueError("bad luck")
+
+    monkeypatch.setattr(sweep, "train_and_cut", failing)
     out = tmp_path / "grid"
     code = cli.main(["sweep", "--data", corpus.spec, "--tokenizer", TOKENIZER, "--depths", "1", "--widths", "16",
                      "--p-bw", "0", "--seeds", "1", "--seq-len", "32", "--eval-tokens", "1024", "--out", str(out),

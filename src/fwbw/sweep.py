@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,7 +81,7 @@ PRESETS = {
         p_bws=(0.0, 0.05),
         seeds=2,
         base=dict(data="wiki-sample", tokenizer="bpe:8192", seq_len=128, epochs=0.5,
-                  eval_every_epochs=0.125, eval_tokens=32_768,
+                  eval_every_epochs=0.125, eval_tokens=16_384,
                   recipe=dict(tokens_per_microbatch=2048, dynamic_microbatch=False)),
     ),
 }
@@ -226,21 +227,40 @@ def _lock_holder_alive(lock: Path) -> bool:
 
 
 def claim(run_dir: Path) -> bool:
-    """Atomically take the run's lock; a lock left by a dead process on this host is taken over."""
+    """Atomically take the run's lock; a lock left by a dead process on this host is taken over.
+
+    The lock is written in full under a private name and hard-linked into place, so it is never
+    seen empty; a stale lock is first renamed away, which only one worker can do."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / ".lock"
-    for _ in range(2):
-        try:
-            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if _lock_holder_alive(lock):
-                return False
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(handle, "w") as out:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, out)
-        return True
-    return False
+    owner = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    mine = run_dir / f".lock.{owner}"
+    mine.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    try:
+        for _ in range(3):
+            try:
+                os.link(mine, lock)
+                return True
+            except FileExistsError:
+                if _lock_holder_alive(lock) or not _move_stale_lock(lock, run_dir / f".lock.stale.{owner}"):
+                    return False
+        return False
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def _move_stale_lock(lock: Path, parking: Path) -> bool:
+    """Rename a dead worker's lock away; if it turns out to be live (another worker replaced
+    it meanwhile), put it back and report failure."""
+    try:
+        os.rename(lock, parking)
+    except FileNotFoundError:
+        return True  # someone else removed it: try to take the lock again
+    if _lock_holder_alive(parking):
+        os.rename(parking, lock)
+        return False
+    parking.unlink(missing_ok=True)
+    return True
 
 
 def release(run_dir: Path) -> None:
@@ -286,15 +306,19 @@ def train_and_cut(config: TrainConfig, run_dir: Path, progress: bool) -> None:
     write_cut(run_dir, trainer.model, trainer.valid, trainer.precision())
 
 
+def _wants_training(run_dir: Path, retry_failed: bool) -> bool:
+    status = read_status(run_dir)["status"]
+    return not (status == "done" or (status == "failed" and not retry_failed))
+
+
 def run_one(config: TrainConfig, run_dir: Path, retry_failed: bool, progress: bool) -> str:
     """Train and cut one run unless it is done, failed (without retry) or held by another
     worker; returns the status it ends with, or 'skipped'."""
-    status = read_status(run_dir)["status"]
-    if status == "done" or (status == "failed" and not retry_failed):
-        return "skipped"
-    if not claim(run_dir):
+    if not _wants_training(run_dir, retry_failed) or not claim(run_dir):
         return "skipped"
     try:
+        if not _wants_training(run_dir, retry_failed):  # finished by another worker meanwhile
+            return "skipped"
         write_status(run_dir, "running")
         train_and_cut(config, run_dir, progress)
         write_status(run_dir, "done")

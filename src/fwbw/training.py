@@ -144,7 +144,7 @@ class Trainer:
         loss_total = 0.0
         for _ in range(microbatches):
             windows = self.sampler.sample(batch_size, window_length(seq_len, self.config.task_tokens))
-            with autocast(self.device, self.dtype):
+            with self.precision():
                 stats = task_stats(self.model, windows.to(self.device), directions, accuracy=False)
                 loss = sum(stats[d][0] for d in directions)
             (loss / microbatches).backward()
