@@ -49,7 +49,8 @@ def test_throughputs_consistent(result: dict) -> None:
     assert row["fw_tokens_per_s"] > 0 and row["fwbw_tokens_per_s"] > 0
     assert row["fw_tokens_per_s"] == pytest.approx(tokens / (row["fw_step_ms"] / 1e3))
     assert row["fwbw_tokens_per_s"] == pytest.approx(tokens / (row["fwbw_step_ms"] / 1e3))
-    assert row["fwbw_over_fw_step_time"] == pytest.approx(row["fwbw_step_ms"] / row["fw_step_ms"])
+    # the median of per-pair ratios (interleaved steps) is close to the ratio of the medians
+    assert row["fwbw_over_fw_step_time"] == pytest.approx(row["fwbw_step_ms"] / row["fw_step_ms"], rel=0.5)
     assert 0 < row["mfu_fw"]
 
 

@@ -12,7 +12,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 
 import torch
@@ -95,7 +94,7 @@ def peak_matmul_gflops(device: torch.device, dtype: str) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def _train_step(
+def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     windows: torch.Tensor,
@@ -103,8 +102,9 @@ def _train_step(
     device: torch.device,
     dtype: str,
 ) -> None:
+    """One training step as the trainer takes it (one microbatch, no accuracy)."""
     with autocast(device, dtype):
-        stats = task_stats(model, windows, directions)
+        stats = task_stats(model, windows, directions, accuracy=False)
         loss = sum(stats[direction][0] for direction in directions)
     loss.backward()
     optimizer.step()
@@ -125,12 +125,18 @@ def bench_config(
     set_weight_decay(optimizer, dynamic_weight_decay(math.log(config.vocab), num_params, recipe))
     batch = config.batch(device)
     windows = torch.randint(0, config.vocab, (batch, window_length(config.seq_len, False)), device=device)
-    step_s = {}
-    for mode, directions in (("fw", ("fw",)), ("fwbw", ("fw", "bw"))):
-        if progress:
-            print(f"bench: {config.name} {mode} ({dtype}, batch {batch}, {warmup}+{steps} steps)", file=sys.stderr)
-        step = partial(_train_step, model, optimizer, windows, directions, device, dtype)
-        step_s[mode] = statistics.median(_timed(step, device, steps, warmup))
+    if progress:
+        print(f"bench: {config.name} fw and fw+bw ({dtype}, batch {batch}, {warmup}+{steps} steps)", file=sys.stderr)
+    modes = {"fw": ("fw",), "fwbw": ("fw", "bw")}
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(warmup + steps):  # interleaved, so drifts in machine speed hit both alike
+        for mode, directions in modes.items():
+            start = _clock(device)
+            train_step(model, optimizer, windows, directions, device, dtype)
+            times[mode].append(_clock(device) - start)
+    timed = {mode: values[warmup:] for mode, values in times.items()}
+    step_s = {mode: statistics.median(values) for mode, values in timed.items()}
+    pair_ratio = statistics.median(b / f for f, b in zip(timed["fw"], timed["fwbw"]))
     tokens = batch * config.seq_len
     flops_per_token = training_flops_per_token(model_config, config.seq_len)
     return {
@@ -144,7 +150,7 @@ def bench_config(
         "dtype": dtype,
         "fw_tokens_per_s": tokens / step_s["fw"],
         "fwbw_tokens_per_s": tokens / step_s["fwbw"],
-        "fwbw_over_fw_step_time": step_s["fwbw"] / step_s["fw"],
+        "fwbw_over_fw_step_time": pair_ratio,
         "mfu_fw": flops_per_token * tokens / step_s["fw"] / (peak_gflops * 1e9),
         "mfu_fwbw": 2 * flops_per_token * tokens / step_s["fwbw"] / (peak_gflops * 1e9),
         "fw_step_ms": 1e3 * step_s["fw"],

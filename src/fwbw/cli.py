@@ -129,6 +129,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fwbw.bench import format_table, run_bench, select_configs
+
+    result = run_bench(select_configs(args.config), device=args.device, dtype=args.dtype, steps=args.steps,
+                       warmup=args.warmup, progress=not args.json)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fwbw", description="fw/bw causal-mask training of hlb-gpt, and what it does")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=cmd_demo)
+
+    bench = commands.add_parser("bench", help="peak matmul throughput, training tokens/s and MFU on this device")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--config", nargs="+", help="standard configs to time (default: all)")
+    bench.add_argument("--steps", type=int, default=6, help="timed steps per measurement (median)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    bench.add_argument("--device", choices=DEVICES, default="auto")
+    bench.add_argument("--dtype", choices=DTYPES, default="auto")
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 

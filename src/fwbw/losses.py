@@ -37,17 +37,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, count, CHUNK_TOKENS):
                 rows = slice(start, start + CHUNK_TOKENS)
                 chunk, chunk_targets = hidden[rows].to(dtype), targets[rows]
-                logits = (chunk @ low_weight.t()).float()
-                log_norm = logits.logsumexp(dim=-1)
-                loss += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+                log_probs = torch.log_softmax(chunk @ low_weight.t(), dim=-1, dtype=torch.float32)
+                loss -= log_probs.gather(1, chunk_targets[:, None]).sum()
                 if accuracy:
-                    correct += (logits.argmax(dim=-1) == chunk_targets).sum()
+                    correct += (log_probs.argmax(dim=-1) == chunk_targets).sum()
                 if with_grad:
-                    grad_logits = logits.sub_(log_norm[:, None]).exp_()
-                    grad_logits[torch.arange(len(chunk_targets), device=logits.device), chunk_targets] -= 1.0
-                    low_grad = grad_logits.div_(count).to(dtype)
+                    grad_logits = log_probs.exp_()  # softmax - onehot; the 1/N comes at the end
+                    grad_logits[torch.arange(len(chunk_targets), device=hidden.device), chunk_targets] -= 1.0
+                    low_grad = grad_logits.to(dtype)
                     grad_hidden[rows] = low_grad @ low_weight
                     grad_weight += low_grad.t() @ chunk
+        if with_grad:
+            grad_hidden /= count
+            grad_weight /= count
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(correct)
