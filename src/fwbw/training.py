@@ -44,6 +44,7 @@ class Progress:
     step: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    eval_seconds: float = 0.0
     evals_done: int = 0
     loss_sum: float = 0.0
     loss_steps: int = 0
@@ -169,7 +170,9 @@ class Trainer:
         return self.state.tokens >= (self.state.evals_done + 1) * self._eval_interval_tokens()
 
     def _evaluate(self) -> dict:
+        started = time.perf_counter()
         metrics = evaluate(self.model, self.valid, eval_batch_size(self.valid), self.precision())
+        self.state.eval_seconds += time.perf_counter() - started
         record = {
             "step": self.state.step,
             "tokens": self.state.tokens,
@@ -236,6 +239,7 @@ class Trainer:
             "steps": self.state.step,
             "tokens": self.state.tokens,
             "seconds": self.state.seconds,
+            "eval_seconds": self.state.eval_seconds,
             "device": str(self.device),
             "dtype": self.dtype,
             **{
