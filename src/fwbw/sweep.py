@@ -81,7 +81,7 @@ PRESETS = {
         p_bws=(0.0, 0.05),
         seeds=2,
         base=dict(data="wiki-sample", tokenizer="bpe:8192", seq_len=128, epochs=0.5,
-                  eval_every_epochs=0.125, eval_tokens=16_384,
+                  eval_every_epochs=0.125, eval_tokens=12_288,
                   recipe=dict(tokens_per_microbatch=2048, dynamic_microbatch=False)),
     ),
 }
