@@ -56,3 +56,20 @@ def test_train_then_rerun_from_config(corpus, tmp_path, capsys):
     first, second = ((tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("a", "b"))
     strip = lambda lines: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
     assert strip(first) == strip(second)
+
+
+def test_launcher_reexecutes_once_with_allocator_tunables(monkeypatch):
+    from fwbw import launch
+
+    calls = []
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(launch.sys, "platform", "linux")
+    monkeypatch.setattr(launch.sys, "argv", ["fwbw", "results", "x"])
+    monkeypatch.setattr(launch.os, "execv", lambda path, args: calls.append(args))
+    monkeypatch.setattr("fwbw.cli.main", lambda: 0)
+    launch.main()
+    assert calls == [[launch.sys.executable, "-m", "fwbw.launch", "results", "x"]]
+    assert "glibc.malloc.mmap_threshold=" in launch.os.environ["GLIBC_TUNABLES"]
+    calls.clear()
+    assert launch.main() == 0  # already set: runs the CLI, no second exec
+    assert calls == []

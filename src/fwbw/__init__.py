@@ -1,3 +1,17 @@
-from fwbw.model import ModelConfig, build_model
+"""fwbw: forward and leak-free backward causal-mask training of hlb-gpt.
+
+The public API is imported lazily, so `fwbw.launch` can start without importing torch."""
 
 __all__ = ["ModelConfig", "build_model"]
+
+
+def __getattr__(name: str):
+    if name == "ModelConfig":
+        from fwbw.config import ModelConfig
+
+        return ModelConfig
+    if name == "build_model":
+        from fwbw.model import build_model
+
+        return build_model
+    raise AttributeError(f"module 'fwbw' has no attribute {name!r}")
