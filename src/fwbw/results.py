@@ -83,9 +83,9 @@ def _count_params(model_config: dict) -> int | None:
     if not model_config:
         return None
     from fwbw.config import ModelConfig
-    from fwbw.model import build_model
+    from fwbw.model import count_params
 
-    return build_model(ModelConfig(**model_config)).num_params()
+    return count_params(ModelConfig(**model_config))
 
 
 def build_results(sweep_dir: Path) -> pd.DataFrame:
