@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fwbw.tasks import window_length
+
 
 class WindowSampler:
     """Draws random windows from a token stream, as hlb-gpt does, from its own seeded generator
@@ -36,3 +38,8 @@ def validation_windows(tokens: np.ndarray, length: int, max_tokens: int) -> torc
         raise ValueError(f"validation split has {len(tokens)} tokens, fewer than one window of {length}")
     window_tokens = np.asarray(tokens[: count * length], dtype=np.int64)
     return torch.from_numpy(window_tokens.reshape(count, length))
+
+
+def validation_set(config, tokens: np.ndarray) -> torch.Tensor:
+    """The fixed validation windows of a run (a TrainConfig): its length, its token budget."""
+    return validation_windows(tokens, window_length(config.seq_len, config.task_tokens), config.eval_tokens)

@@ -70,18 +70,16 @@ def write_cut(run_dir: Path, model, windows: torch.Tensor, precision=None) -> li
 
 def cut_run(run_dir: Path, progress: bool = True) -> list[dict]:
     """`fwbw cut`: the layer cut of a finished run, on the validation windows it was trained with."""
-    from fwbw.batches import validation_windows
+    from fwbw.batches import validation_set
     from fwbw.checkpoint import load_model
     from fwbw.config import TrainConfig
     from fwbw.data import load_token_data
     from fwbw.device import autocast, resolve_device, resolve_dtype
-    from fwbw.tasks import window_length
 
     config = TrainConfig.load(Path(run_dir) / "config.json")
     device = resolve_device(config.device)
     model = load_model(run_dir, device)
-    data = load_token_data(config.data, config.tokenizer, progress=progress)
-    windows = validation_windows(data.valid, window_length(config.seq_len, config.task_tokens), config.eval_tokens)
+    windows = validation_set(config, load_token_data(config.data, config.tokenizer, progress=progress).valid)
     return write_cut(run_dir, model, windows, autocast(device, resolve_dtype(config.dtype, device)))
 
 

@@ -100,8 +100,7 @@ def build_results(sweep_dir: Path) -> pd.DataFrame:
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
     for column in ("step", "tokens", "blocks_remaining", "num_params"):
         table[column] = table[column].astype("Int64")
-    for column in ("probe_leak_bw",):
-        table[column] = table[column].astype("boolean")
+    table["probe_leak_bw"] = table["probe_leak_bw"].astype("boolean")
     return table
 
 

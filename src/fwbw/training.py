@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fwbw import checkpoint
-from fwbw.batches import WindowSampler, validation_windows
+from fwbw.batches import WindowSampler, validation_set
 from fwbw.config import ConfigError, TrainConfig
 from fwbw.data import TokenData, load_token_data
 from fwbw.device import autocast, resolve_device, resolve_dtype
@@ -77,9 +77,7 @@ class Trainer:
         self.microbatching = Microbatching(self.num_params, config.recipe)
         self.sampler = WindowSampler(self.data.train, config.seed)
         self.task_rng = torch.Generator().manual_seed(config.seed + 1)
-        self.valid = validation_windows(
-            self.data.valid, window_length(config.seq_len, config.task_tokens), config.eval_tokens
-        )
+        self.valid = validation_set(config, self.data.valid)
         self.budget = config.train_tokens or int(config.epochs * len(self.data.train))
         self.state = Progress()
 
