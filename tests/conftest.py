@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from fwbw.config import RecipeConfig, TrainConfig
-from fwbw.data import TokenData
+from fwbw.data.corpora import TokenData
+from fwbw.training.config import RecipeConfig, TrainConfig
 
 
 def synthetic_stream(rng: np.random.Generator, length: int, vocab: int) -> np.ndarray:

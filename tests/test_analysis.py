@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from fwbw.analysis import (
+from fwbw.analysis.stats import (
     RATIO_COLUMNS,
     final_losses,
     final_points,

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from fwbw import bench
-from fwbw.bench import BenchConfig, format_table, run_bench, select_configs
+from fwbw.training import bench
+from fwbw.training.bench import BenchConfig, format_table, run_bench, select_configs
 
 TINY = BenchConfig("tiny", width=32, depth=1, vocab=64, seq_len=16, tokens_per_step=64)
 ROW_TYPES = {

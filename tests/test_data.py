@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
-from fwbw import data
-from fwbw.data import (
+from fwbw.data import corpora as data
+from fwbw.data.corpora import (
     load_corpus_tokenizer,
     load_token_data,
     split_wiki_sample,
@@ -115,7 +115,7 @@ def test_wiki_sample_split_ignores_dict_order(wiki_splits):
 
 def test_wiki_sample_split_ignores_hash_seed(wiki_splits):
     code = (
-        "import hashlib, json; from fwbw.data import split_wiki_sample, wiki_sample_file; "
+        "import hashlib, json; from fwbw.data.corpora import split_wiki_sample, wiki_sample_file; "
         "s = split_wiki_sample(json.loads(wiki_sample_file().read_text())); "
         "print(hashlib.sha256(''.join(s['valid']).encode()).hexdigest())"
     )

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fwbw import losses
-from fwbw.losses import linear_cross_entropy
+from fwbw.model import losses
+from fwbw.model.losses import linear_cross_entropy
 
 
 @pytest.mark.parametrize("tokens", [5, 1024, 2500])

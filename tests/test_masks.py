@@ -1,7 +1,7 @@
 """Masks and label leaks (SPEC §2).
 
 Two layers of checks:
-- mask level: the exact `allowed` / `dist` matrices `fwbw.masks.mask_and_distance` returns;
+- mask level: the exact `allowed` / `dist` matrices `fwbw.model.masks.mask_and_distance` returns;
 - model level: a perturbation probe on a real (tiny, float64, randomised) model. For every
   position j we change tokens[j] to a different id and record which logit positions t moved.
   That gives a dependency matrix D[t, j] which must equal the mask's promise *exactly*: a
@@ -16,10 +16,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fwbw.masks
-import fwbw.model
+import fwbw.model.hlb_gpt
+import fwbw.model.masks
 from fwbw import ModelConfig, build_model
-from fwbw.masks import leaks_labels, mask_and_distance
+from fwbw.model.masks import leaks_labels, mask_and_distance
 
 LENGTHS = (1, 2, 7, 16, 33)
 MAX_LEN = 33
@@ -373,7 +373,7 @@ def test_legacy_flip_leaves_fw_untouched():
 
 def _patched(broken):
     """A mask_and_distance that returns `broken(T)` for one case and the real masks otherwise."""
-    real = fwbw.masks.mask_and_distance
+    real = fwbw.model.masks.mask_and_distance
 
     def make(case):
         def patched(seq_len, direction, bw_mask="causal", device=None):
@@ -408,7 +408,7 @@ RESTRICTIVE_MASKS = {
 def test_negative_control_probe_detects_a_deliberately_leaky_mask(name, monkeypatch):
     case, broken = LEAKY_MASKS[name]
     # the model binds the name at import, so patch it where the model looks it up
-    monkeypatch.setattr(fwbw.model, "mask_and_distance", _patched(broken)(case))
+    monkeypatch.setattr(fwbw.model.hlb_gpt, "mask_and_distance", _patched(broken)(case))
     direction = case[0]
     model = randomized_model(depth=2, seed=11)
     length = 7
@@ -430,7 +430,7 @@ def test_negative_control_probe_detects_a_deliberately_leaky_mask(name, monkeypa
 @pytest.mark.parametrize("name", sorted(RESTRICTIVE_MASKS))
 def test_negative_control_probe_detects_an_over_restrictive_mask(name, monkeypatch):
     case, broken = RESTRICTIVE_MASKS[name]
-    monkeypatch.setattr(fwbw.model, "mask_and_distance", _patched(broken)(case))
+    monkeypatch.setattr(fwbw.model.hlb_gpt, "mask_and_distance", _patched(broken)(case))
     direction = case[0]
     model = randomized_model(depth=1, seed=12)
     length = 7

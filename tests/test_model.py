@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-import fwbw.config
+import fwbw.schema
 from fwbw import ModelConfig, build_model
-from fwbw.masks import mask_and_distance
+from fwbw.model.masks import mask_and_distance
 
 VOCAB = 50
 MAX_LEN = 33
@@ -308,7 +308,7 @@ def test_forward_default_direction_is_fw_and_output_is_finite():
     ],
 )
 def test_model_config_rejects_bad_values_naming_the_field(field, overrides):
-    with pytest.raises(fwbw.config.ConfigError) as error:
+    with pytest.raises(fwbw.schema.ConfigError) as error:
         tiny_config(**overrides)
     assert str(error.value).startswith(field)
     assert str(error.value).startswith(f"{field}:")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fwbw import ModelConfig, build_model
-from fwbw.config import RecipeConfig
-from fwbw.recipe import (
+from fwbw.training.config import RecipeConfig
+from fwbw.training.recipe import (
     Microbatching,
     base_lr,
     batch_size_for,

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fwbw.report import write_report
+from fwbw.analysis.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RATIO_COLUMNS = ["metric", "ratio", "averaging", "depth", "width", "p_bw", "bw_mode", "bw_mask", "task_tokens",

@@ -26,21 +26,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
-from fwbw import checkpoint, cli, sweep
-from fwbw.batches import validation_windows
-from fwbw.config import ConfigError, RecipeConfig, TrainConfig
-from fwbw.data import load_token_data
-from fwbw.device import autocast, resolve_dtype
-from fwbw.evaluation import eval_batch_size, evaluate
-from fwbw.model import count_params
-from fwbw.results import COLUMNS
-from fwbw.sweep import SweepSpec, run_id, run_sweep
-from fwbw.tasks import window_length
-from fwbw.tokenizer import vocab_size_of
-from fwbw.training import Trainer, train
+from fwbw import cli
+from fwbw.data.corpora import load_token_data
+from fwbw.data.tokenizer import vocab_size_of
+from fwbw.data.windows import validation_windows
+from fwbw.model.hlb_gpt import count_params
+from fwbw.model.tasks import window_length
+from fwbw.schema import ConfigError
+from fwbw.study import sweep, sweep_dir
+from fwbw.study.results import COLUMNS
+from fwbw.study.sweep import SweepSpec, run_id, run_sweep
+from fwbw.training import checkpoint
+from fwbw.training import run_dir as run_dir_module
+from fwbw.training.config import RecipeConfig, TrainConfig
+from fwbw.training.evaluation import eval_batch_size, evaluate
+from fwbw.training.precision import autocast, resolve_dtype
+from fwbw.training.trainer import Trainer, train
 
 TOKENIZER = "bpe:300"
 # hlb-gpt's learning rate formula is tuned for ~46M parameters and far too hot for ~12k; a cap
@@ -157,7 +161,7 @@ def without_seconds(records: list[dict]) -> list[dict]:
 
 
 def run_dirs(out: Path) -> dict[str, Path]:
-    return {path.name: path for path in sorted((Path(out) / sweep.RUNS).iterdir()) if path.is_dir()}
+    return {path.name: path for path in sorted((Path(out) / sweep_dir.RUNS).iterdir()) if path.is_dir()}
 
 
 def assert_steps_strictly_increase(run_dir: Path) -> None:
@@ -226,11 +230,11 @@ def finish(process: subprocess.Popen, log: Path) -> str:
 
 def run_states(out: Path) -> dict[str, tuple[str, bool]]:
     """run id -> (status, has a checkpoint)."""
-    root = Path(out) / sweep.RUNS
+    root = Path(out) / sweep_dir.RUNS
     if not root.is_dir():
         return {}
     return {
-        run.name: (sweep.read_status(run)["status"], any((run / checkpoint.CHECKPOINTS).glob("step_*")))
+        run.name: (run_dir_module.read_status(run)["status"], any((run / checkpoint.CHECKPOINTS).glob("step_*")))
         for run in root.iterdir()
     }
 
@@ -282,7 +286,7 @@ def test_killed_sweep_resumes_to_the_same_results_as_an_uninterrupted_one(tmp_pa
     interrupted = [name for name, (status, _) in killed.items() if status == "running"]
     assert interrupted, killed
     for name in interrupted:  # the killed worker's lock is left behind, naming a dead process
-        lock = read_json(resumed / sweep.RUNS / name / ".lock")
+        lock = read_json(resumed / sweep_dir.RUNS / name / ".lock")
         assert lock["host"] == socket.gethostname() and lock["pid"] > 0
     assert not (resumed / "results.parquet").exists()
 
@@ -295,7 +299,7 @@ def test_killed_sweep_resumes_to_the_same_results_as_an_uninterrupted_one(tmp_pa
     runs = run_dirs(resumed)
     assert len(runs) == 4
     for run in runs.values():
-        assert sweep.read_status(run) == {"status": "done", "error": None}
+        assert run_dir_module.read_status(run) == {"status": "done", "error": None}
         assert not (run / ".lock").exists()
         assert_steps_strictly_increase(run)
     table = pd.read_parquet(resumed / "results.parquet")
@@ -330,7 +334,7 @@ def test_finished_sweep_trains_every_run(finished):
     assert finished.outcome == {run_id(config): "done" for config in finished.spec.configs()}
     assert len(finished.outcome) == 9
     for run in run_dirs(finished.out).values():
-        assert sweep.read_status(run) == {"status": "done", "error": None}
+        assert run_dir_module.read_status(run) == {"status": "done", "error": None}
         assert not (run / ".lock").exists()
         assert_steps_strictly_increase(run)
 
@@ -405,7 +409,7 @@ def results_after_rebuild(out: Path, capsys) -> pd.DataFrame:
 
 def assert_complete(table: pd.DataFrame, out: Path) -> None:
     runs = run_dirs(out)
-    assert set(table["run_id"]) == set(read_json(out / sweep.SWEEP_FILE)["runs"]) == set(runs)
+    assert set(table["run_id"]) == set(read_json(out / sweep_dir.SWEEP_FILE)["runs"]) == set(runs)
     assert set(table["status"]) == {"done"}
     assert_no_duplicate_rows(table)
     for name, run in runs.items():
@@ -436,7 +440,7 @@ def test_two_shard_workers_finish_the_grid_once(tmp_path, corpus, capsys):
     for output in outputs:  # each worker trained exactly its own two runs
         assert outcome_counts(output, out) == {"done": 2}, output
     for run in run_dirs(out).values():
-        assert sweep.read_status(run)["status"] == "done"
+        assert run_dir_module.read_status(run)["status"] == "done"
         assert_steps_strictly_increase(run)
     assert_complete(results_after_rebuild(out, capsys), out)
 
@@ -448,23 +452,23 @@ def test_two_workers_on_the_same_runs_share_them_through_locks(tmp_path, corpus,
     assert sum(c.get("done", 0) for c in counts) == 4, outputs  # every run trained by exactly one worker
     assert sum(c.get("skipped", 0) for c in counts) == 4, outputs
     for run in run_dirs(out).values():
-        assert sweep.read_status(run)["status"] == "done"
+        assert run_dir_module.read_status(run)["status"] == "done"
         assert_steps_strictly_increase(run)
     assert_complete(results_after_rebuild(out, capsys), out)
 
 
 def test_claim_is_exclusive_while_the_holder_lives(tmp_path):
     run = tmp_path / "run"
-    assert sweep.claim(run)
+    assert run_dir_module.claim(run)
     holder = read_json(run / ".lock")
     assert holder == {"pid": os.getpid(), "host": socket.gethostname()}
-    assert not sweep.claim(run)  # this process holds it and is alive
+    assert not run_dir_module.claim(run)  # this process holds it and is alive
     assert read_json(run / ".lock") == holder
-    sweep.release(run)
+    run_dir_module.release(run)
     assert not (run / ".lock").exists()
-    assert sweep.claim(run)
-    sweep.release(run)
-    sweep.release(run)  # releasing twice is harmless
+    assert run_dir_module.claim(run)
+    run_dir_module.release(run)
+    run_dir_module.release(run)  # releasing twice is harmless
 
 
 def dead_pid() -> int:
@@ -477,7 +481,7 @@ def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / ".lock").write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
-    assert sweep.claim(run)
+    assert run_dir_module.claim(run)
     assert read_json(run / ".lock") == {"pid": os.getpid(), "host": socket.gethostname()}
 
 
@@ -486,7 +490,7 @@ def test_lock_held_on_another_host_is_respected(tmp_path):
     run.mkdir()
     lock = {"pid": dead_pid(), "host": socket.gethostname() + "-elsewhere"}
     (run / ".lock").write_text(json.dumps(lock))
-    assert not sweep.claim(run)
+    assert not run_dir_module.claim(run)
     assert read_json(run / ".lock") == lock
 
 
@@ -504,11 +508,11 @@ def test_two_workers_claiming_at_once_never_both_win(tmp_path, monkeypatch, hook
     def interleave(*args, **kwargs):
         if not second:
             second.append(False)  # guard: the second worker's own calls pass straight through
-            second[0] = sweep.claim(run)
+            second[0] = run_dir_module.claim(run)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(os, hook, interleave)
-    first = sweep.claim(run)
+    first = run_dir_module.claim(run)
     monkeypatch.undo()
     assert second, f"claim() no longer calls os.{hook}: move this test's interleaving hook"
     assert [first, second[0]].count(True) == 1, f"first worker {first}, second worker {second[0]}: both hold the run"
@@ -523,17 +527,17 @@ def test_run_one_skips_a_run_another_worker_holds(tmp_path, corpus, monkeypatch)
     monkeypatch.setattr(sweep, "train_and_cut", lambda config, run_dir, progress: trained.append(run_dir))
     assert sweep.run_one(base_config(corpus), run, retry_failed=False, progress=False) == "skipped"
     assert trained == []
-    assert sweep.read_status(run)["status"] == "pending"
+    assert run_dir_module.read_status(run)["status"] == "pending"
 
 
 def test_a_run_finished_by_another_worker_after_the_status_check_is_not_run_again(tmp_path, corpus, monkeypatch):
     """The status read before claiming the lock is stale once the lock is ours: the worker that
     held it may have finished the run and released it in between. It must be read again."""
     run = tmp_path / "run"
-    real_claim = sweep.claim
+    real_claim = run_dir_module.claim
 
     def claim_just_after_another_worker_finished(run_dir):
-        sweep.write_status(run_dir, "done")  # the other worker finished and released its lock
+        run_dir_module.write_status(run_dir, "done")  # the other worker finished and released its lock
         return real_claim(run_dir)
 
     trained = []
@@ -542,7 +546,7 @@ def test_a_run_finished_by_another_worker_after_the_status_check_is_not_run_agai
     outcome = sweep.run_one(base_config(corpus), run, retry_failed=False, progress=False)
     assert trained == [], "a finished run was trained again"
     assert outcome == "skipped"
-    assert sweep.read_status(run)["status"] == "done"
+    assert run_dir_module.read_status(run)["status"] == "done"
 
 
 def test_select_shard_partitions_the_runs(corpus):
@@ -589,8 +593,8 @@ def test_a_failed_run_is_recorded_and_retried_only_when_asked(tmp_path, corpus, 
         assert run_sweep(spec, out, progress=False) == {bad: "failed", ids[1]: "done"}
     error = "RuntimeError: boom: simulated out-of-memory"
     assert f"run {bad} failed: {error}" in capsys.readouterr().err
-    assert sweep.read_status(out / sweep.RUNS / bad) == {"status": "failed", "error": error}
-    assert not (out / sweep.RUNS / bad / ".lock").exists()
+    assert run_dir_module.read_status(out / sweep_dir.RUNS / bad) == {"status": "failed", "error": error}
+    assert not (out / sweep_dir.RUNS / bad / ".lock").exists()
 
     table = pd.read_parquet(out / "results.parquet")
     failed = table[table["run_id"] == bad]
@@ -606,14 +610,14 @@ def test_a_failed_run_is_recorded_and_retried_only_when_asked(tmp_path, corpus, 
     assert csv.loc[csv["run_id"] == bad, "status"].tolist() == ["failed"]
 
     assert run_sweep(spec, out, progress=False) == {bad: "skipped", ids[1]: "skipped"}
-    assert sweep.read_status(out / sweep.RUNS / bad)["status"] == "failed"
+    assert run_dir_module.read_status(out / sweep_dir.RUNS / bad)["status"] == "failed"
 
     assert run_sweep(spec, out, retry_failed=True, progress=False) == {bad: "done", ids[1]: "skipped"}
-    assert sweep.read_status(out / sweep.RUNS / bad) == {"status": "done", "error": None}
+    assert run_dir_module.read_status(out / sweep_dir.RUNS / bad) == {"status": "done", "error": None}
     table = pd.read_parquet(out / "results.parquet")
     retried = table[table["run_id"] == bad]
     assert set(retried["status"]) == {"done"} and retried["error"].isna().all()
-    assert len(retried) == 2 * len(read_metrics(out / sweep.RUNS / bad))
+    assert len(retried) == 2 * len(read_metrics(out / sweep_dir.RUNS / bad))
     assert_no_duplicate_rows(table)
 
 
@@ -775,7 +779,7 @@ def test_results_table_is_tidy_and_complete(finished):
     configs = {run_id(config): config for config in finished.spec.configs()}
     assert set(table["run_id"]) == set(configs)
     for name, config in configs.items():
-        run = finished.out / sweep.RUNS / name
+        run = finished.out / sweep_dir.RUNS / name
         rows = table[table["run_id"] == name]
         for column in ("depth", "width", "p_bw", "bw_mode", "bw_mask", "task_tokens", "seed"):
             assert set(rows[column]) == {getattr(config, column)}, column
@@ -981,7 +985,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
 
 
 def test_rerunning_a_finished_sweep_does_no_training(finished, monkeypatch):
-    before = snapshot(finished.out / sweep.RUNS)
+    before = snapshot(finished.out / sweep_dir.RUNS)
     table_before = pd.read_parquet(finished.out / "results.parquet")
 
     def no_training(*args, **kwargs):
@@ -991,7 +995,7 @@ def test_rerunning_a_finished_sweep_does_no_training(finished, monkeypatch):
     monkeypatch.setattr(sweep, "claim", no_training)  # not even a lock is taken
     outcome = run_sweep(finished.spec, finished.out, progress=False)
     assert outcome == {run_id(config): "skipped" for config in finished.spec.configs()}
-    assert snapshot(finished.out / sweep.RUNS) == before
+    assert snapshot(finished.out / sweep_dir.RUNS) == before
     models = [path for path in before if path.endswith("model.safetensors")]
     assert len(models) == 9
     pd.testing.assert_frame_equal(pd.read_parquet(finished.out / "results.parquet"), table_before)

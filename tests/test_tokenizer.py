@@ -5,8 +5,8 @@ import pytest
 import requests
 import tiktoken
 
-from fwbw.data import split_wiki_sample, wiki_sample_file
-from fwbw.tokenizer import load_tokenizer, validate_tokenizer_spec
+from fwbw.data.corpora import split_wiki_sample, wiki_sample_file
+from fwbw.data.tokenizer import load_tokenizer, validate_tokenizer_spec
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 UNICODE_TEXT = "Zoë's café costs 3.50€ — naïve 東京 🙂\n\n\t  tabs,  spaces  <|endoftext|> end"

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from fwbw import ModelConfig, build_model
-from fwbw.config import ConfigError, TrainConfig
-from fwbw.tasks import task_batch, task_stats
-from fwbw.training import Trainer, train
-
-from conftest import tiny_config
+from fwbw.model.tasks import task_batch, task_stats
+from fwbw.schema import ConfigError
+from fwbw.training.config import TrainConfig
+from fwbw.training.trainer import Trainer, train
 
 
 def test_task_batches_shift_the_right_way():

@@ -7,11 +7,11 @@ __all__ = ["ModelConfig", "build_model"]
 
 def __getattr__(name: str):
     if name == "ModelConfig":
-        from fwbw.config import ModelConfig
+        from fwbw.model.config import ModelConfig
 
         return ModelConfig
     if name == "build_model":
-        from fwbw.model import build_model
+        from fwbw.model.hlb_gpt import build_model
 
         return build_model
     raise AttributeError(f"module 'fwbw' has no attribute {name!r}")

@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from fwbw.config import BW_MODES, DEVICES, DTYPES, TrainConfig
-from fwbw.masks import BW_MASKS
+from fwbw.model.masks import BW_MASKS
+from fwbw.training.config import BW_MODES, DEVICES, DTYPES, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -52,7 +52,8 @@ def apply_train_flags(args: argparse.Namespace, base: TrainConfig) -> TrainConfi
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fwbw.training import check_run_dir, train
+    from fwbw.training.run_dir import check_run_dir
+    from fwbw.training.trainer import train
 
     config = apply_train_flags(args, TrainConfig.load(args.config) if args.config else DEFAULTS)
     check_run_dir(args.out)
@@ -62,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def sweep_spec_from_args(args: argparse.Namespace):
-    from fwbw.sweep import SweepSpec, load_spec_file, preset
+    from fwbw.study.sweep import SweepSpec, load_spec_file, preset
 
     if args.preset and args.config:
         raise ValueError("sweep: give --preset or --config, not both")
@@ -73,8 +74,8 @@ def sweep_spec_from_args(args: argparse.Namespace):
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fwbw.sweep import describe, parse_shard, run_sweep
-    from fwbw.training import check_run_dir
+    from fwbw.study.sweep import describe, parse_shard, run_sweep
+    from fwbw.training.run_dir import check_run_dir
 
     spec = sweep_spec_from_args(args)
     shard = parse_shard(args.shard)
@@ -89,7 +90,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_cut(args: argparse.Namespace) -> int:
-    from fwbw.evaluation import cut_run
+    from fwbw.training.evaluation import cut_run
 
     for row in cut_run(args.run, progress=not args.no_progress):
         fw, bw = row["metrics"]["fw"], row["metrics"]["bw"]
@@ -98,7 +99,7 @@ def cmd_cut(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from fwbw.results import summary_table, write_results
+    from fwbw.study.results import summary_table, write_results
 
     table = summary_table(write_results(args.sweep))
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
@@ -106,8 +107,8 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fwbw.report import write_report
-    from fwbw.results import write_results
+    from fwbw.analysis.report import write_report
+    from fwbw.study.results import write_results
 
     write_results(args.sweep)
     print(write_report(args.sweep, args.out or args.sweep / "report"))
@@ -115,10 +116,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fwbw.report import write_report
-    from fwbw.results import build_results, summary_table
-    from fwbw.sweep import demo_spec, run_sweep
-    from fwbw.training import check_run_dir
+    from fwbw.analysis.report import write_report
+    from fwbw.study.results import build_results, summary_table
+    from fwbw.study.sweep import demo_spec, run_sweep
+    from fwbw.training.run_dir import check_run_dir
 
     check_run_dir(args.out)
     run_sweep(demo_spec(), args.out, progress=not args.no_progress)
@@ -130,7 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fwbw.bench import format_table, run_bench, select_configs
+    from fwbw.training.bench import format_table, run_bench, select_configs
 
     result = run_bench(select_configs(args.config), device=args.device, dtype=args.dtype, steps=args.steps,
                        warmup=args.warmup, progress=not args.json)

@@ -16,18 +16,16 @@ import dataclasses
 import hashlib
 import json
 import os
-import socket
 import sys
 import traceback
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fwbw.config import ConfigError, RecipeConfig, TrainConfig, require
 from fwbw.files import atomic_write_json
-
-RUNS = "runs"
-SWEEP_FILE = "sweep.json"
+from fwbw.schema import ConfigError, require
+from fwbw.study.sweep_dir import RUNS, SWEEP_FILE
+from fwbw.training.config import RecipeConfig, TrainConfig
+from fwbw.training.run_dir import claim, read_status, release, write_status
 
 
 @dataclass(frozen=True)
@@ -160,8 +158,8 @@ def estimated_train_tokens(config: TrainConfig) -> int:
 
 def describe(spec: SweepSpec) -> str:
     """The run list with parameter counts and a compute estimate (--dry-run)."""
-    from fwbw.model import count_params, training_flops_per_token
-    from fwbw.tokenizer import vocab_size_of
+    from fwbw.data.tokenizer import vocab_size_of
+    from fwbw.model.hlb_gpt import count_params, training_flops_per_token
 
     lines, total = [], 0.0
     for config in spec.configs():
@@ -197,77 +195,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-# --- run status and locks -----------------------------------------------------------------
-
-
-def read_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        return {"status": "pending"}
-
-
-def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
-    atomic_write_json(run_dir / "status.json", {"status": status, "error": error})
-
-
-def _lock_holder_alive(lock: Path) -> bool:
-    try:
-        holder = json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return False  # unreadable or half-written by a worker that died while writing it
-    if holder.get("host") != socket.gethostname():
-        return True  # another machine's worker: we cannot tell, so respect the lock
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except (ProcessLookupError, ValueError, KeyError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def claim(run_dir: Path) -> bool:
-    """Atomically take the run's lock; a lock left by a dead process on this host is taken over.
-
-    The lock is written in full under a private name and hard-linked into place, so it is never
-    seen empty; a stale lock is first renamed away, which only one worker can do."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / ".lock"
-    owner = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    mine = run_dir / f".lock.{owner}"
-    mine.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    try:
-        for _ in range(3):
-            try:
-                os.link(mine, lock)
-                return True
-            except FileExistsError:
-                if _lock_holder_alive(lock) or not _move_stale_lock(lock, run_dir / f".lock.stale.{owner}"):
-                    return False
-        return False
-    finally:
-        mine.unlink(missing_ok=True)
-
-
-def _move_stale_lock(lock: Path, parking: Path) -> bool:
-    """Rename a dead worker's lock away; if it turns out to be live (another worker replaced
-    it meanwhile), put it back and report failure."""
-    try:
-        os.rename(lock, parking)
-    except FileNotFoundError:
-        return True  # someone else removed it: try to take the lock again
-    if _lock_holder_alive(parking):
-        os.rename(parking, lock)
-        return False
-    parking.unlink(missing_ok=True)
-    return True
-
-
-def release(run_dir: Path) -> None:
-    (run_dir / ".lock").unlink(missing_ok=True)
-
-
 # --- running ------------------------------------------------------------------------------
 
 
@@ -299,8 +226,8 @@ def write_sweep_file(out: Path, spec: SweepSpec, configs: list[TrainConfig]) -> 
 
 
 def train_and_cut(config: TrainConfig, run_dir: Path, progress: bool) -> None:
-    from fwbw.evaluation import write_cut
-    from fwbw.training import Trainer
+    from fwbw.training.evaluation import write_cut
+    from fwbw.training.trainer import Trainer
 
     trainer = Trainer(config, run_dir, progress=progress)
     trainer.run()
@@ -343,7 +270,7 @@ def run_sweep(
     progress: bool = True,
 ) -> dict[str, str]:
     """Run this worker's share of the grid, then rebuild the results table."""
-    from fwbw.results import write_results
+    from fwbw.study.results import write_results
 
     configs = spec.configs()
     out = Path(out)

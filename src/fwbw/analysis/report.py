@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fwbw.analysis import (
+from fwbw.analysis.figures import (
+    arm_label,
+    make_figures,
+    size_label,
+    variant_label,
+    window_label,
+)
+from fwbw.analysis.stats import (
     ARM,
     DEFAULT_WINDOWS,
     SIZE,
@@ -31,7 +38,6 @@ from fwbw.analysis import (
     select,
     unfinished_runs,
 )
-from fwbw.figures import arm_label, make_figures, size_label, variant_label, window_label
 from fwbw.files import atomic_write, atomic_write_text
 
 LEAK_RATIO = 0.8  # bw/fw final loss below this: bw far easier than fw (leak-free bw is within a few % of fw)

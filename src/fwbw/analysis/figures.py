@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fwbw.analysis import (
+from fwbw.analysis.stats import (
     ARM,
     DEFAULT_WINDOWS,
     DIRECTIONS,

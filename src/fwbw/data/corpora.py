@@ -41,7 +41,12 @@ import pyarrow
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from fwbw.tokenizer import Tokenizer, load_tokenizer, tmp_path_for, validate_tokenizer_spec
+from fwbw.data.tokenizer import (
+    Tokenizer,
+    load_tokenizer,
+    tmp_path_for,
+    validate_tokenizer_spec,
+)
 
 CORPORA = ("wiki-sample", "wikitext-2", "wikitext-103")  # plus "text:DIR"
 SPLITS = ("train", "valid")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fwbw.tasks import window_length
+from fwbw.model.tasks import window_length
 
 
 class WindowSampler:

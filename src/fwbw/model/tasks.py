@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from fwbw.config import ModelConfig
-from fwbw.losses import linear_cross_entropy
+from fwbw.model.config import ModelConfig
+from fwbw.model.losses import linear_cross_entropy
 
 
 def window_length(seq_len: int, task_tokens: bool) -> int:

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fwbw.config import RecipeConfig
+from fwbw.training.config import RecipeConfig
 
 GROUPS = ("decay", "position_bias", "non_decay", "output")
 

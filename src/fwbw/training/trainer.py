@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,16 +13,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fwbw import checkpoint
-from fwbw.batches import WindowSampler, validation_set
-from fwbw.config import ConfigError, TrainConfig
-from fwbw.data import TokenData, load_token_data
-from fwbw.device import autocast, resolve_device, resolve_dtype
-from fwbw.evaluation import eval_batch_size, evaluate, leak_probe
+from fwbw.data.corpora import TokenData, load_token_data
+from fwbw.data.windows import WindowSampler, validation_set
 from fwbw.files import atomic_write_json, atomic_write_text
-from fwbw.masks import leaks_labels
-from fwbw.model import build_model
-from fwbw.recipe import (
+from fwbw.model.hlb_gpt import build_model
+from fwbw.model.masks import leaks_labels
+from fwbw.model.tasks import task_stats, window_length
+from fwbw.training import checkpoint
+from fwbw.training.config import TrainConfig
+from fwbw.training.evaluation import eval_batch_size, evaluate, leak_probe
+from fwbw.training.precision import autocast, resolve_device, resolve_dtype
+from fwbw.training.recipe import (
     Microbatching,
     batch_size_for,
     build_optimizer,
@@ -31,7 +31,8 @@ from fwbw.recipe import (
     seq_len_at,
     set_weight_decay,
 )
-from fwbw.tasks import task_stats, window_length
+from fwbw.training.run_dir import check_run_dir
+
 
 class TrainingDiverged(RuntimeError):
     pass
@@ -49,15 +50,6 @@ class Progress:
     loss_sum: float = 0.0
     loss_steps: int = 0
     metrics: list[dict] = field(default_factory=list)
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """Fail before any work if the run directory cannot be created or written."""
-    existing = Path(run_dir).resolve()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ConfigError(f"out: {run_dir} is not writable ({existing} is not a writable directory)")
 
 
 class Trainer:

@@ -17,11 +17,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fwbw.config import ModelConfig, RecipeConfig
-from fwbw.device import DTYPES, autocast, resolve_device, resolve_dtype
-from fwbw.model import build_model, count_params, training_flops_per_token
-from fwbw.recipe import build_optimizer, dynamic_weight_decay, set_weight_decay
-from fwbw.tasks import task_stats, window_length
+from fwbw.model.config import ModelConfig
+from fwbw.model.hlb_gpt import build_model, count_params, training_flops_per_token
+from fwbw.model.tasks import task_stats, window_length
+from fwbw.training.config import RecipeConfig
+from fwbw.training.precision import DTYPES, autocast, resolve_device, resolve_dtype
+from fwbw.training.recipe import build_optimizer, dynamic_weight_decay, set_weight_decay
 
 MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
 MATMUL_WARMUP = 2

@@ -1,6 +1,6 @@
-"""Typed, validated configs. Every value is checked on construction; a bad value raises
-`ConfigError` with one line naming the field. A run saves its `TrainConfig` as JSON and can be
-rebuilt from that file alone."""
+"""Typed, validated configs of a training run. Every value is checked on construction; a bad
+value raises `ConfigError` with one line naming the field. A run saves its `TrainConfig` as JSON
+and can be rebuilt from that file alone."""
 
 from __future__ import annotations
 
@@ -10,60 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fwbw.masks import BW_MASKS
+from fwbw.model.config import ModelConfig
+from fwbw.model.masks import BW_MASKS
+from fwbw.schema import ConfigError, require
 
 BW_MODES = ("add", "either")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field."""
-
-
-def require(condition: bool, field_name: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{field_name}: {message}")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """hlb-gpt v0.4.1 (SPEC §3). With task_tokens the vocabulary grows by two: the fw token
-    (id vocab_size) and the bw token (id vocab_size + 1)."""
-
-    vocab_size: int
-    depth: int
-    width: int
-    max_seq_len: int
-    bw_mask: str = "causal"
-    task_tokens: bool = False
-    qk_dim_div: int = 8
-    expand_factor: int = 2
-
-    def __post_init__(self) -> None:
-        require(self.vocab_size >= 2, "vocab_size", f"must be >= 2, got {self.vocab_size}")
-        require(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
-        require(self.qk_dim_div >= 1, "qk_dim_div", f"must be >= 1, got {self.qk_dim_div}")
-        require(
-            self.width >= self.qk_dim_div and self.width % self.qk_dim_div == 0,
-            "width",
-            f"must be a positive multiple of {self.qk_dim_div}, got {self.width}",
-        )
-        require(self.expand_factor >= 2, "expand_factor", f"must be >= 2, got {self.expand_factor}")
-        require(self.max_seq_len >= 2, "max_seq_len", f"must be >= 2, got {self.max_seq_len}")
-        require(self.bw_mask in BW_MASKS, "bw_mask", f"must be one of {BW_MASKS}, got {self.bw_mask!r}")
-
-    @property
-    def total_vocab(self) -> int:
-        return self.vocab_size + (2 if self.task_tokens else 0)
-
-    @property
-    def fw_token_id(self) -> int:
-        return self.vocab_size
-
-    @property
-    def bw_token_id(self) -> int:
-        return self.vocab_size + 1
 
 
 @dataclass(frozen=True)
@@ -142,8 +95,8 @@ class TrainConfig:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
 
     def __post_init__(self) -> None:
-        from fwbw.data import validate_corpus_spec
-        from fwbw.tokenizer import validate_tokenizer_spec
+        from fwbw.data.corpora import validate_corpus_spec
+        from fwbw.data.tokenizer import validate_tokenizer_spec
 
         if isinstance(self.recipe, dict):
             object.__setattr__(self, "recipe", RecipeConfig(**self.recipe))

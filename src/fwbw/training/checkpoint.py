@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fwbw.config import ModelConfig
 from fwbw.files import atomic_write, atomic_write_json, atomic_write_text
-from fwbw.model import HlbGpt, build_model
+from fwbw.model.config import ModelConfig
+from fwbw.model.hlb_gpt import HlbGpt, build_model
 
 CHECKPOINTS = "checkpoints"
 TENSORS = "tensors.safetensors"

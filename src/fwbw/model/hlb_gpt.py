@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fwbw.config import ModelConfig
-from fwbw.masks import mask_and_distance
+from fwbw.model.config import ModelConfig
+from fwbw.model.masks import mask_and_distance
 
 
 class LatentAttentionBlock(nn.Module):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from fwbw.files import atomic_write_json
-from fwbw.tasks import task_stats
+from fwbw.model.tasks import task_stats
 
 DIRECTIONS = ("fw", "bw")
 EVAL_BATCH_TOKENS = 16384
@@ -70,11 +70,11 @@ def write_cut(run_dir: Path, model, windows: torch.Tensor, precision=None) -> li
 
 def cut_run(run_dir: Path, progress: bool = True) -> list[dict]:
     """`fwbw cut`: the layer cut of a finished run, on the validation windows it was trained with."""
-    from fwbw.batches import validation_set
-    from fwbw.checkpoint import load_model
-    from fwbw.config import TrainConfig
-    from fwbw.data import load_token_data
-    from fwbw.device import autocast, resolve_device, resolve_dtype
+    from fwbw.data.corpora import load_token_data
+    from fwbw.data.windows import validation_set
+    from fwbw.training.checkpoint import load_model
+    from fwbw.training.config import TrainConfig
+    from fwbw.training.precision import autocast, resolve_device, resolve_dtype
 
     config = TrainConfig.load(Path(run_dir) / "config.json")
     device = resolve_device(config.device)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 
 from fwbw.files import atomic_write
-from fwbw.masks import leaks_labels
-from fwbw.sweep import RUNS, SWEEP_FILE, read_status
+from fwbw.model.masks import leaks_labels
+from fwbw.study.sweep_dir import RUNS, SWEEP_FILE
+from fwbw.training.run_dir import read_status
 
 DIRECTIONS = ("fw", "bw")
 METRICS = ("loss", "acc", "ppl")
@@ -82,8 +83,8 @@ def _count_params(model_config: dict) -> int | None:
     """Parameter count from a saved model config, for runs that have not finished."""
     if not model_config:
         return None
-    from fwbw.config import ModelConfig
-    from fwbw.model import count_params
+    from fwbw.model.config import ModelConfig
+    from fwbw.model.hlb_gpt import count_params
 
     return count_params(ModelConfig(**model_config))
 

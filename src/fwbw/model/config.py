@@ -1,0 +1,48 @@
+"""The model's shape: hlb-gpt v0.4.1 (docs/method.md#the-model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fwbw.model.masks import BW_MASKS
+from fwbw.schema import require
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """hlb-gpt v0.4.1 (SPEC §3). With task_tokens the vocabulary grows by two: the fw token
+    (id vocab_size) and the bw token (id vocab_size + 1)."""
+
+    vocab_size: int
+    depth: int
+    width: int
+    max_seq_len: int
+    bw_mask: str = "causal"
+    task_tokens: bool = False
+    qk_dim_div: int = 8
+    expand_factor: int = 2
+
+    def __post_init__(self) -> None:
+        require(self.vocab_size >= 2, "vocab_size", f"must be >= 2, got {self.vocab_size}")
+        require(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
+        require(self.qk_dim_div >= 1, "qk_dim_div", f"must be >= 1, got {self.qk_dim_div}")
+        require(
+            self.width >= self.qk_dim_div and self.width % self.qk_dim_div == 0,
+            "width",
+            f"must be a positive multiple of {self.qk_dim_div}, got {self.width}",
+        )
+        require(self.expand_factor >= 2, "expand_factor", f"must be >= 2, got {self.expand_factor}")
+        require(self.max_seq_len >= 2, "max_seq_len", f"must be >= 2, got {self.max_seq_len}")
+        require(self.bw_mask in BW_MASKS, "bw_mask", f"must be one of {BW_MASKS}, got {self.bw_mask!r}")
+
+    @property
+    def total_vocab(self) -> int:
+        return self.vocab_size + (2 if self.task_tokens else 0)
+
+    @property
+    def fw_token_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def bw_token_id(self) -> int:
+        return self.vocab_size + 1
