@@ -7,18 +7,6 @@ import pytest
 from fwbw.cli import main
 
 
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("FWBW_CACHE", str(tmp_path / "cache"))
-    words = "the cat sat on a mat while every dog ran to its warm red house near old stone bridges".split()
-    lines = [" ".join(words[(i * 7 + k) % len(words)] for k in range(12)) for i in range(600)]
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    (folder / "train.txt").write_text("\n".join(lines))
-    (folder / "valid.txt").write_text("\n".join(lines[:80]))
-    return folder
-
-
 @pytest.mark.parametrize(
     "flags, field",
     [
@@ -45,8 +33,9 @@ def test_unwritable_out_fails_before_any_work(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("fwbw train: error: out: ")
 
 
+@pytest.mark.usefixtures("cache_env")
 def test_train_then_rerun_from_config(corpus, tmp_path, capsys):
-    flags = ["--data", f"text:{corpus}", "--tokenizer", "bpe:300", "--depth", "1", "--width", "16",
+    flags = ["--data", corpus.spec, "--tokenizer", "bpe:300", "--depth", "1", "--width", "16",
              "--seq-len", "16", "--p-bw", "0.5", "--train-tokens", "3000", "--eval-tokens", "512",
              "--tokens-per-microbatch", "256", "--dtype", "fp32", "--no-progress"]
     assert main(["train", *flags, "--out", str(tmp_path / "a")]) == 0
