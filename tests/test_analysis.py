@@ -7,19 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from fwbw.analysis.stats import (
-    RATIO_COLUMNS,
-    final_losses,
-    final_points,
-    mask_audit,
-    mask_summary,
-    mean_ci,
-    paired_comparison,
-    ratio1_samples,
-    ratios_table,
-    runs_table,
-    unfinished_runs,
-)
+from fwbw.analysis.stats import RATIO_COLUMNS, analyse, mean_ci
 
 A, B = (2, 8), (4, 16)  # model sizes (depth, width)
 PARAMS = {A: 1000, B: 5000}
@@ -86,13 +74,13 @@ def build_results():
 
 
 @pytest.fixture(scope="module")
-def df():
-    return build_results()
+def analysis():
+    return analyse(build_results())
 
 
 @pytest.fixture(scope="module")
-def ratios(df):
-    return ratios_table(df)
+def ratios(analysis):
+    return analysis.ratios
 
 
 def pick(table, **where):
@@ -189,14 +177,14 @@ def test_empty_window_is_reported(ratios):
     assert (empty.epoch_stop == 2.0).all()
 
 
-def test_custom_windows(df):
-    table = ratios_table(df, windows=[(1.5, "end")])
+def test_custom_windows():
+    table = analyse(build_results(), windows=[(1.5, "end")]).ratios
     w = one(table, phase="window", metric="loss", depth=4)
     assert w.n == 3 and w.value == pytest.approx(mean(window_samples(B0, B5, (2,))))
 
 
-def test_samples_pair_nearest_epoch(df):
-    s = ratio1_samples(df)
+def test_samples_pair_nearest_epoch(analysis):
+    s = analysis.ratio1_samples
     shifted = s[s.run_id == "b5-s2"].sort_values("epoch")
     assert list(shifted.epoch_base) == [0.5, 1.0, 2.0]
     assert set(shifted.run_id_base) == {"b0-s2"}
@@ -230,8 +218,8 @@ def test_mean_ci_matches_scipy():
     assert one_seed[0] == 3.0 and math.isnan(one_seed[1]) and math.isnan(one_seed[2])
 
 
-def test_final_losses(df):
-    table = final_losses(df)
+def test_final_losses(analysis):
+    table = analysis.final_losses
     b0 = one(table, depth=4, p_bw=0.0)
     half = stats.t.ppf(0.975, 2) * 0.3 / math.sqrt(3)  # fw losses 3.0, 3.3, 3.6: sd 0.3
     assert b0.n_seeds == 3 and b0.fw_loss_mean == pytest.approx(3.3)
@@ -243,8 +231,8 @@ def test_final_losses(df):
     assert one(table, depth=2, p_bw=0.05, bw_mode="add").n_seeds == 2  # running seed left out
 
 
-def test_paired_comparison(df):
-    table = paired_comparison(df)
+def test_paired_comparison(analysis):
+    table = analysis.paired
     b = one(table, depth=4)
     half = stats.t.ppf(0.975, 2) * 0.05 / math.sqrt(3)  # differences 0.25, 0.2, 0.15
     assert b.n == 3 and b.mean_diff == pytest.approx(0.2)
@@ -260,30 +248,30 @@ def test_paired_comparison(df):
     assert either.n == 1 and math.isnan(either.ci_low) and pd.isna(either.exceeds_noise)
 
 
-def test_failed_and_running_runs_listed_not_counted(df):
-    runs = runs_table(df)
+def test_failed_and_running_runs_listed_not_counted(analysis):
+    runs = analysis.runs
     assert len(runs) == 3 + 3 + 1 + 3 + 3 + 1
-    listed = unfinished_runs(df)
+    listed = analysis.unfinished
     assert set(listed.run_id) == {"b5-s3", "a5-s2"}
     assert one(listed, run_id="b5-s3").error == "CUDA out of memory"
     assert one(listed, run_id="b5-s3").status == "failed"
-    final = final_points(df)
+    final = analysis.final
     assert not {"b5-s3", "a5-s2"} & set(final.run_id)
     assert len(final) == 12
 
 
-def test_final_point_is_last_validation_point(df):
-    final = final_points(df)
+def test_final_point_is_last_validation_point(analysis):
+    final = analysis.final
     assert one(final, run_id="b5-s2").epoch == 1.99
     assert one(final, run_id="b5-s2").loss_fw == 3.75
 
 
-def test_mask_audit(df):
-    audit = mask_audit(df)
+def test_mask_audit(analysis):
+    audit = analysis.mask_audit
     row = one(audit, run_id="b5-s1")
     assert row.bw_fw_loss_ratio == pytest.approx(3.6 / 3.5)
     assert bool(row.probe_leak_bw) and not bool(row.leaks_labels)
-    summary = mask_summary(audit)
+    summary = analysis.mask_summary
     causal = one(summary, bw_mask="causal")
     assert causal.runs == 6 and causal.probed == 5 and causal.probe_leaks == 1
     assert causal.probe_leak_runs == "b5-s1"
@@ -292,7 +280,7 @@ def test_mask_audit(df):
 
 
 def test_no_done_runs():
-    df = pd.DataFrame([failed_row("x", A, 0.05, 0)])
-    assert ratios_table(df).empty and list(ratios_table(df).columns) == RATIO_COLUMNS
-    assert final_losses(df).empty and paired_comparison(df).empty and mask_audit(df).empty
-    assert len(unfinished_runs(df)) == 1
+    analysis = analyse(pd.DataFrame([failed_row("x", A, 0.05, 0)]))
+    assert analysis.ratios.empty and list(analysis.ratios.columns) == RATIO_COLUMNS
+    assert analysis.final_losses.empty and analysis.paired.empty and analysis.mask_audit.empty
+    assert len(analysis.unfinished) == 1

@@ -1,6 +1,8 @@
 """The command line: bad input fails at once with one line naming the problem, and leaves nothing."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -47,18 +49,68 @@ def test_train_then_rerun_from_config(corpus, tmp_path, capsys):
     assert strip(first) == strip(second)
 
 
-def test_launcher_reexecutes_once_with_allocator_tunables(monkeypatch):
-    from fwbw import launch
+class FakeLibc:
+    def __init__(self, result: int):
+        self.result = result
+        self.calls: list[tuple[int, int]] = []
 
-    calls = []
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    monkeypatch.setattr(launch.sys, "platform", "linux")
-    monkeypatch.setattr(launch.sys, "argv", ["fwbw", "results", "x"])
-    monkeypatch.setattr(launch.os, "execv", lambda path, args: calls.append(args))
-    monkeypatch.setattr("fwbw.cli.main", lambda: 0)
-    launch.main()
-    assert calls == [[launch.sys.executable, "-m", "fwbw.launch", "results", "x"]]
-    assert "glibc.malloc.mmap_threshold=" in launch.os.environ["GLIBC_TUNABLES"]
-    calls.clear()
-    assert launch.main() == 0  # already set: runs the CLI, no second exec
-    assert calls == []
+    def mallopt(self, parameter: int, value: int) -> int:
+        self.calls.append((parameter, value))
+        return self.result
+
+
+@pytest.fixture
+def fresh_allocator():
+    from fwbw.training import allocator
+
+    allocator.tune_allocator.cache_clear()
+    yield allocator
+    allocator.tune_allocator.cache_clear()
+
+
+def fake_glibc(monkeypatch, allocator, result: int) -> FakeLibc:
+    libc = FakeLibc(result)
+    monkeypatch.setattr(allocator.os, "confstr", lambda name: "glibc 2.36")
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: libc)
+    return libc
+
+
+def test_allocator_turns_off_mmap_and_trimming_once(fresh_allocator, monkeypatch):
+    libc = fake_glibc(monkeypatch, fresh_allocator, result=1)
+    assert fresh_allocator.tune_allocator() is True
+    assert fresh_allocator.tune_allocator() is True
+    assert libc.calls == [(-4, 0), (-1, -1)]  # M_MMAP_MAX = 0, then M_TRIM_THRESHOLD = -1; once
+
+
+def test_allocator_reports_a_refused_setting(fresh_allocator, monkeypatch):
+    libc = fake_glibc(monkeypatch, fresh_allocator, result=0)
+    assert fresh_allocator.tune_allocator() is False
+    assert libc.calls == [(-4, 0), (-1, -1)]  # both are still tried
+
+
+def test_allocator_leaves_other_c_libraries_alone(fresh_allocator, monkeypatch):
+    def not_glibc(name):
+        raise ValueError("unrecognized configuration name")
+
+    monkeypatch.setattr(fresh_allocator.os, "confstr", not_glibc)
+    monkeypatch.setattr(fresh_allocator.ctypes, "CDLL", lambda name: pytest.fail("mallopt called off glibc"))
+    assert fresh_allocator.tune_allocator() is False
+
+
+def test_allocator_applies_on_this_machine_when_it_runs_glibc(fresh_allocator):
+    assert fresh_allocator.tune_allocator() is fresh_allocator.is_glibc()
+
+
+def test_python_dash_m_fwbw_runs_the_cli():
+    done = subprocess.run([sys.executable, "-m", "fwbw", "bench", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: fwbw bench")
+    assert "--shape" in done.stdout and "--config" not in done.stdout
+
+
+def test_bench_rejects_an_unknown_shape_and_the_old_flag(capsys):
+    assert main(["bench", "--shape", "small", "huge"]) == 2
+    assert capsys.readouterr().err == "fwbw bench: error: unknown bench shape(s) huge; known: small, hlb-default\n"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--config", "small"])
+    assert exit_info.value.code == 2

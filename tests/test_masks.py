@@ -1,4 +1,4 @@
-"""Masks and label leaks (SPEC §2).
+"""Masks and label leaks (docs/method.md#the-bw-mask-defect).
 
 Two layers of checks:
 - mask level: the exact `allowed` / `dist` matrices `fwbw.model.masks.mask_and_distance` returns;
@@ -13,6 +13,7 @@ notices, so the probe cannot silently pass everything.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,7 +38,8 @@ CHANGED_MIN = 1e-6
 
 
 def randomized_model(
-    depth: int = 3, width: int = 16, bw_mask: str = "causal", task_tokens: bool = False, seed: int = 0
+    depth: int = 3, width: int = 16, bw_mask: str = "causal", task_tokens: bool = False, seed: int = 0,
+    num_heads: int = 1,
 ):
     """A tiny float64 model whose dependencies are all clearly visible.
 
@@ -47,7 +49,8 @@ def randomized_model(
     """
     torch.manual_seed(seed)
     config = ModelConfig(
-        vocab_size=VOCAB, depth=depth, width=width, max_seq_len=MAX_LEN, bw_mask=bw_mask, task_tokens=task_tokens
+        vocab_size=VOCAB, depth=depth, width=width, max_seq_len=MAX_LEN, bw_mask=bw_mask, task_tokens=task_tokens,
+        num_heads=num_heads,
     )
     model = build_model(config).to(torch.float64).eval()
     generator = torch.Generator().manual_seed(seed + 1)
@@ -173,7 +176,7 @@ def test_causal_bw_distance_is_minus_absolute_offset(length):
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize(("direction", "bw_mask"), [("fw", "causal"), ("bw", "causal"), ("bw", "legacy-flip")])
 def test_distance_is_non_positive_wherever_attention_is_allowed(length, direction, bw_mask):
-    allowed, dist = mask_and_distance(length, direction, bw_mask)
+    allowed, dist = mask_and_distance(length, direction, bw_mask, max_seq_len=MAX_LEN)
     assert (dist[allowed] <= 0).all()
     # every query sees at least one key (no all -inf row)
     assert allowed.any(dim=1).all()
@@ -188,15 +191,52 @@ def test_causal_bw_is_the_mirror_image_of_fw(length):
     assert torch.equal(bw_allowed, fw_allowed.T)
 
 
+def study_legacy_tables(length: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The study's bw tables, rebuilt independently: at the maximum length M the mask tril(ones)
+    and the fw distance j - i, both flipped along their rows, then sliced [:T, :T]."""
+    tril = np.array([[1 if j <= i else 0 for j in range(max_len)] for i in range(max_len)])
+    fw_distance = np.array([[j - i for j in range(max_len)] for i in range(max_len)])
+    return tril[::-1][:length, :length] == 1, fw_distance[::-1][:length, :length]
+
+
+@pytest.mark.parametrize("length", (8, 16, 29, 32))  # M/4, M/2, M - 3, M
+def test_legacy_flip_is_the_studys_max_length_tables_sliced_to_the_current_length(length):
+    max_len = 32
+    allowed, dist = mask_and_distance(length, "bw", "legacy-flip", max_seq_len=max_len)
+    study_allowed, study_dist = study_legacy_tables(length, max_len)
+    assert allowed.dtype == torch.bool and dist.dtype == torch.float32
+    assert allowed.tolist() == study_allowed.tolist()
+    assert dist.tolist() == study_dist.astype(float).tolist()
+    # in closed form: allowed iff i + j <= M - 1, dist = i + j - (M - 1), so <= 0 where allowed
+    i, j = np.indices((length, length))
+    assert (study_allowed == (i + j <= max_len - 1)).all()
+    assert (study_dist == i + j - (max_len - 1)).all()
+    assert (study_dist[study_allowed] <= 0).all()
+
+
+@pytest.mark.parametrize("length", (2, 8, 16))
+def test_legacy_flip_admits_every_key_up_to_half_the_max_length(length):
+    allowed, _ = mask_and_distance(length, "bw", "legacy-flip", max_seq_len=32)
+    assert allowed.all()
+    assert not mask_and_distance(17, "bw", "legacy-flip", max_seq_len=32)[0].all()
+
+
 @pytest.mark.parametrize("length", LENGTHS)
-def test_legacy_flip_is_the_studys_flipped_tril_with_flipped_fw_distance(length):
-    allowed, dist = mask_and_distance(length, "bw", "legacy-flip")
+def test_legacy_flip_at_the_max_length_is_the_flipped_tril_with_flipped_fw_distance(length):
+    allowed, dist = mask_and_distance(length, "bw", "legacy-flip")  # max_seq_len defaults to T
     _, fw_dist = mask_and_distance(length, "fw")
     assert torch.equal(allowed, torch.tril(torch.ones(length, length)).flip(0).bool())
     assert torch.equal(dist, fw_dist.flip(0))
+    explicit = mask_and_distance(length, "bw", "legacy-flip", max_seq_len=length)
+    assert torch.equal(allowed, explicit[0]) and torch.equal(dist, explicit[1])
     # row i admits exactly keys 0..T-1-i
     for i in range(length):
         assert allowed[i].nonzero().flatten().tolist() == list(range(length - i))
+
+
+def test_legacy_flip_rejects_a_length_beyond_the_max():
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        mask_and_distance(9, "bw", "legacy-flip", max_seq_len=8)
 
 
 def test_unknown_direction_raises_value_error():
@@ -229,11 +269,13 @@ def test_leaks_labels_flags_only_legacy_flip():
 
 
 @pytest.mark.parametrize("length", (2, 3, 7, 16, 33))
-def test_legacy_flip_mask_lets_exactly_rows_1_to_half_T_see_their_target(length):
+@pytest.mark.parametrize("max_len", (None, 33, 64))
+def test_legacy_flip_mask_lets_exactly_rows_1_to_half_M_see_their_target(length, max_len):
     # study convention: input = w[1:] (length T), position i predicts w[i] = input[i - 1]
-    allowed, _ = mask_and_distance(length, "bw", "legacy-flip")
+    allowed, _ = mask_and_distance(length, "bw", "legacy-flip", max_seq_len=max_len)
+    half = (max_len or length) / 2
     seeing_own_target = {i for i in range(1, length) if bool(allowed[i, i - 1])}
-    assert seeing_own_target == {i for i in range(1, length) if 2 * i <= length}
+    assert seeing_own_target == {i for i in range(1, length) if i <= half}
     assert seeing_own_target  # non-empty for T >= 2: the leak is real
 
 
@@ -251,12 +293,13 @@ def test_causal_bw_mask_lets_no_row_see_its_target(length):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("num_heads", (1, 2), ids=("1head", "2heads"))
 @pytest.mark.parametrize("task_tokens", (False, True), ids=("plain", "task_tokens"))
 @pytest.mark.parametrize("direction", ("fw", "bw"))
-def test_perturbation_dependencies_match_the_causal_mask_exactly(direction, task_tokens):
+def test_perturbation_dependencies_match_the_causal_mask_exactly(direction, task_tokens, num_heads):
     """fw: logits[t] move iff the changed position j <= t (t < j identical, t = j changes, and every
     earlier position is really used). bw: mirror image, t > j identical, t = j changes."""
-    model = randomized_model(depth=3, task_tokens=task_tokens)
+    model = randomized_model(depth=3, task_tokens=task_tokens, num_heads=num_heads)
     for length in LENGTHS:
         tokens = sample_tokens(length, model.config, direction)
         dependency = dependency_matrix(model, tokens, direction)
@@ -328,17 +371,17 @@ def test_causal_bw_logits_do_not_see_their_target(task_tokens):
 
 
 @pytest.mark.parametrize("length", (2, 3, 7, 16, 33))
-def test_legacy_flip_single_block_leaks_exactly_rows_1_to_half_T(length):
+def test_legacy_flip_single_block_leaks_exactly_rows_1_to_half_M(length):
     """Study convention: input = w[1:], position i predicts w[i] = input[i - 1]. With one block the
-    rows whose logits move when their own target moves are exactly {i : 1 <= i <= T/2}, the rows
-    the mask lets see it directly."""
+    rows whose logits move when their own target moves are exactly {i : 1 <= i <= M/2}, the rows
+    the mask (sliced from the max length M = 33) lets see it directly."""
     model = randomized_model(depth=1, bw_mask="legacy-flip", seed=7)
     w = sample_tokens(length + 1, model.config, "bw", seed=7)
     inputs = w[1:]
-    allowed, _ = mask_and_distance(length, "bw", "legacy-flip")
+    allowed, _ = mask_and_distance(length, "bw", "legacy-flip", max_seq_len=MAX_LEN)
     from_mask = {i for i in range(1, length) if bool(allowed[i, i - 1])}
     leaking = bw_target_leak_rows(model, inputs)
-    assert leaking == from_mask == {i for i in range(1, length) if 2 * i <= length}
+    assert leaking == from_mask == {i for i in range(1, length) if 2 * i <= MAX_LEN}
     assert leaking, "legacy-flip should leak at least row 1"
     # and the single-block dependency structure is exactly the mask, plus each position's own
     # token, which reaches it through the residual stream whatever the mask says
@@ -355,6 +398,21 @@ def test_legacy_flip_with_two_or_more_blocks_leaks_every_row(length):
     inputs = sample_tokens(length, model.config, "bw", seed=8)
     assert bw_target_leak_rows(model, inputs) == set(range(1, length))
     assert dependency_matrix(model, inputs, "bw").all()
+
+
+@pytest.mark.parametrize(("length", "reads_last"), [(8, True), (16, True), (33, False)])
+def test_legacy_flip_single_block_reads_the_last_token_below_half_the_max_length(length, reads_last):
+    """With the tables sliced from M = 33, a one-block legacy model's bw logits at position 1 move
+    when the last token moves for T <= M/2 (the slice is all ones), but not at T = M, where row 1
+    admits keys 0..M-2 only. (Flipping at T, as fwbw once did, never admitted it.)"""
+    model = randomized_model(depth=1, bw_mask="legacy-flip", seed=13)
+    tokens = sample_tokens(length, model.config, "bw", seed=13)
+    changed = tokens.clone()
+    changed[-1] = different_id(int(tokens[-1]), 0, VOCAB)
+    with torch.no_grad():
+        moved = (model(changed[None], "bw")[0, 1] - model(tokens[None], "bw")[0, 1]).abs().max()
+    assert bool(moved > CHANGED_MIN) is reads_last
+    assert reads_last or moved < SAME_ATOL
 
 
 def test_legacy_flip_leaves_fw_untouched():
@@ -376,12 +434,12 @@ def _patched(broken):
     real = fwbw.model.masks.mask_and_distance
 
     def make(case):
-        def patched(seq_len, direction, bw_mask="causal", device=None):
+        def patched(seq_len, direction, bw_mask="causal", max_seq_len=None, device=None):
             if (direction, bw_mask if direction == "bw" else None) == case:
                 allowed = broken(seq_len)
                 offsets = torch.arange(seq_len)[None, :] - torch.arange(seq_len)[:, None]
                 return allowed, -offsets.abs().float()
-            return real(seq_len, direction, bw_mask, device)
+            return real(seq_len, direction, bw_mask, max_seq_len, device)
 
         return patched
 

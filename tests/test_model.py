@@ -1,4 +1,5 @@
-"""The hlb-gpt v0.4.1 model (SPEC §3): flip identity, truncation, shapes, init, config checks."""
+"""The hlb-gpt v0.4.1 model (docs/method.md#the-model): flip identity, truncation, heads, shapes, init,
+config checks."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fwbw.schema
 from fwbw import ModelConfig, build_model
+from fwbw.model.hlb_gpt import count_params
 from fwbw.model.masks import mask_and_distance
+from fwbw.training.config import TrainConfig
 
 VOCAB = 50
 MAX_LEN = 33
@@ -44,13 +48,31 @@ def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> torch.T
     return torch.randint(0, vocab, (batch, length), generator=generator)
 
 
-def manual_forward(model, tokens: torch.Tensor, direction: str, num_blocks: int) -> torch.Tensor:
-    """embedding -> first num_blocks blocks -> final norm -> output, spelled out."""
-    allowed, dist = mask_and_distance(tokens.shape[1], direction, model.config.bw_mask)
+def manual_forward(model, tokens: torch.Tensor, direction: str, num_blocks: int, block_forward=None) -> torch.Tensor:
+    """embedding -> first num_blocks blocks (each through `block_forward(block, x, allowed, dist)`
+    if given) -> final norm -> output, spelled out."""
+    config = model.config
+    allowed, dist = mask_and_distance(tokens.shape[1], direction, config.bw_mask, max_seq_len=config.max_seq_len)
     x = model.embedding(tokens)
     for block in list(model.blocks)[:num_blocks]:
-        x = block(x, allowed, dist)
+        x = block_forward(block, x, allowed, dist) if block_forward else block(x, allowed, dist)
     return model.output(model.norm(x))
+
+
+def per_head_block(block, x: torch.Tensor, allowed: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """LatentAttentionBlock.forward spelled out, attention run head by head as hlb-gpt's single
+    head: SDPA on [B, T, channels] slices of q, k (qk / h each) and the value (width / h each)."""
+    bias = torch.where(allowed, F.softplus(block.position_bias_mult) * dist, float("-inf"))
+    qk, expand = block.qk_dim, block.expand_dim
+    query, key, linear, pre_gelu = F.linear(block.norm(x), block.expand).split((qk, qk, expand, expand), dim=-1)
+    geglu = linear * F.gelu(pre_gelu)
+    local, value = geglu[..., : expand - block.value_dim], geglu[..., expand - block.value_dim :]
+    heads = block.num_heads
+    outputs = [
+        F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        for q, k, v in zip(query.chunk(heads, dim=-1), key.chunk(heads, dim=-1), value.chunk(heads, dim=-1))
+    ]
+    return x + F.linear(torch.cat([local, *outputs], dim=-1), block.project)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +199,60 @@ def test_truncated_shares_parameters_with_original_no_copy():
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. shapes and init (SPEC §3)
+# attention heads
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bw_mask", ("causal", "legacy-flip"))
+def test_one_head_is_hlb_gpts_single_head_attention_bit_for_bit(bw_mask):
+    model = tiny_model(seed=20, bw_mask=bw_mask)
+    randomize_position_bias(model, seed=20)
+    tokens = random_tokens(2, 16, VOCAB, seed=20)
+    with torch.no_grad():
+        for direction in ("fw", "bw"):
+            expected = manual_forward(model, tokens, direction, model.config.depth, per_head_block)
+            assert torch.equal(model(tokens, direction), expected)
+
+
+@pytest.mark.parametrize("num_heads", (2, 4))
+@pytest.mark.parametrize("bw_mask", ("causal", "legacy-flip"))
+def test_heads_equal_attention_run_head_by_head(num_heads, bw_mask):
+    model = tiny_model(seed=21, num_heads=num_heads, bw_mask=bw_mask).double()
+    randomize_position_bias(model, seed=21)
+    tokens = random_tokens(2, 16, VOCAB, seed=21)
+    with torch.no_grad():
+        for direction in ("fw", "bw"):
+            expected = manual_forward(model, tokens, direction, model.config.depth, per_head_block)
+            torch.testing.assert_close(model(tokens, direction), expected, rtol=0, atol=1e-12)
+
+
+def test_heads_share_the_weights_of_one_head_but_not_its_output():
+    one = tiny_model(seed=22)
+    four = build_model(tiny_config(num_heads=4)).eval()
+    four.load_state_dict(one.state_dict())  # the same parameters, shape for shape
+    assert count_params(four.config) == count_params(one.config) == one.num_params() == four.num_params()
+    tokens = random_tokens(2, 16, VOCAB, seed=22)
+    with torch.no_grad():
+        assert (four(tokens) - one(tokens)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("num_heads", (2, 4))
+def test_bw_equals_fw_on_reversed_input_with_heads(num_heads):
+    model = tiny_model(seed=23, num_heads=num_heads)
+    randomize_position_bias(model, seed=23)
+    tokens = random_tokens(3, 16, VOCAB, seed=23)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, "bw"), model(tokens.flip(1), "fw").flip(1), rtol=0, atol=1e-5)
+
+
+def test_train_config_passes_num_heads_to_the_model():
+    assert TrainConfig().num_heads == 1
+    assert TrainConfig().model_config(100).num_heads == 1
+    assert TrainConfig(width=128, num_heads=4).model_config(100).num_heads == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. shapes and init (docs/method.md#the-model)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -305,6 +380,9 @@ def test_forward_default_direction_is_fw_and_output_is_finite():
         ("depth", dict(depth=-1)),
         ("bw_mask", dict(bw_mask="flip")),
         ("bw_mask", dict(bw_mask="Causal")),
+        ("num_heads", dict(num_heads=0)),
+        ("num_heads", dict(num_heads=3)),  # width 32: q/k width 4
+        ("num_heads", dict(num_heads=8)),
     ],
 )
 def test_model_config_rejects_bad_values_naming_the_field(field, overrides):
@@ -318,5 +396,7 @@ def test_model_config_rejects_bad_values_naming_the_field(field, overrides):
 def test_model_config_accepts_the_valid_edge_values():
     assert tiny_config(width=8, depth=1).width == 8
     assert tiny_config(bw_mask="legacy-flip").bw_mask == "legacy-flip"
+    assert tiny_config().num_heads == 1
+    assert tiny_config(num_heads=4).num_heads == 4  # q/k width 4, width 32
     assert tiny_config().bw_mask == "causal"
     assert tiny_config().task_tokens is False

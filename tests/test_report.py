@@ -2,6 +2,7 @@
 failed runs listed, the legacy-flip leak called out."""
 
 import base64
+import inspect
 import json
 import math
 import re
@@ -10,7 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from fwbw.analysis import figures, stats
+from fwbw.analysis.figures import make_figures
 from fwbw.analysis.report import write_report
+from fwbw.analysis.stats import analyse
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RATIO_COLUMNS = ["metric", "ratio", "averaging", "depth", "width", "p_bw", "bw_mode", "bw_mask", "task_tokens",
@@ -143,3 +147,20 @@ def test_report_without_finished_runs(tmp_path):
     assert "r-failed" in table_html(page, "unfinished") and "r-pending" in table_html(page, "unfinished")
     assert list(pd.read_csv(out / "ratios.csv").columns) == RATIO_COLUMNS
     assert (out / "report.md").exists()
+
+
+def test_figures_draw_the_analysis_without_recomputing_it(monkeypatch, tmp_path):
+    """make_figures draws the tables of the Analysis the report prints: with every function of
+    fwbw.analysis.stats failing (but `select`, which only picks rows), it draws every figure."""
+    analysis = analyse(results())
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("a figure recomputed the analysis")
+
+    for module in (stats, figures):
+        for name, value in list(vars(module).items()):
+            if inspect.isfunction(value) and value.__module__ == stats.__name__ and name != "select":
+                monkeypatch.setattr(module, name, recomputed)
+    drawn = make_figures(analysis, tmp_path)
+    assert sorted(p.name for paths in drawn.values() for p in paths) == FIGURES
+    assert all(p.read_bytes().startswith(PNG_SIGNATURE) for p in tmp_path.glob("*.png"))

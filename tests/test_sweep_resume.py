@@ -193,15 +193,15 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, corp
     corrupt(saved[-1], how)
 
     warnings: list[str] = []
-    loaded = checkpoint.load_latest(run, warn=warnings.append)
+    loaded = checkpoint.load_latest(run, run_dir_module.config_id(config), warn=warnings.append)
     assert len(warnings) == 1 and "step_00000009" in warnings[0], warnings
     assert loaded is not None and loaded["progress"]["step"] == 6
 
     resumed_from = []
     real_load_latest = checkpoint.load_latest
 
-    def spy(run_dir, warn=print):
-        payload = real_load_latest(run_dir, warn=lambda message: None)
+    def spy(run_dir, config_id, warn=print):
+        payload = real_load_latest(run_dir, config_id, warn=lambda message: None)
         resumed_from.append(None if payload is None else payload["progress"]["step"])
         return payload
 
@@ -220,7 +220,7 @@ def test_every_checkpoint_corrupt_starts_over_and_still_matches(tmp_path, corpus
     for path in (run / checkpoint.CHECKPOINTS).glob("step_*"):
         corrupt(path, "truncated")
     warnings: list[str] = []
-    assert checkpoint.load_latest(run, warn=warnings.append) is None
+    assert checkpoint.load_latest(run, run_dir_module.config_id(config), warn=warnings.append) is None
     assert len(warnings) == 2
     train(config, run, progress=False)
     assert without_seconds(read_metrics(run)) == without_seconds(read_metrics(uninterrupted_run))

@@ -1,6 +1,7 @@
 """fwbw: forward and leak-free backward causal-mask training of hlb-gpt.
 
-The public API is imported lazily, so `fwbw.launch` can start without importing torch."""
+The public API is imported lazily, so importing a light module (fwbw.files, fwbw.schema) does not
+import torch."""
 
 __all__ = ["ModelConfig", "build_model"]
 

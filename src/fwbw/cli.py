@@ -3,74 +3,98 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
 from fwbw.model.masks import BW_MASKS
-from fwbw.training.config import BW_MODES, DEVICES, DTYPES, TrainConfig
+from fwbw.study.presets import PRESETS
+from fwbw.study.sweep import TOKENS_PER_MICROBATCH_RULES, SweepSpec
+from fwbw.training.config import BW_MODES, DEVICES, TrainConfig
+from fwbw.training.precision import DTYPE_CHOICES
 
 DEFAULTS = TrainConfig()
 
 
-def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that trains, named after TrainConfig fields. Only flags the
-    user gives reach the config (argparse.SUPPRESS), so presets and files keep their values."""
-    group = parser.add_argument_group("training (defaults: TrainConfig, or the preset/config)")
-    add = lambda *names, **kw: group.add_argument(*names, default=argparse.SUPPRESS, **kw)
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as every other error (`--help` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class ConfigFlags:
+    """Flags that override config values, each stored under its key in a config file (dotted
+    inside a table: recipe.tokens_per_microbatch). Only the flags the user gives reach the config
+    (argparse.SUPPRESS), so presets and files keep their other values."""
+
+    def __init__(self, parser: argparse.ArgumentParser, title: str):
+        self.group = parser.add_argument_group(title)
+        self.keys: list[str] = []
+        parser.set_defaults(config_keys=self.keys)
+
+    def add(self, *names: str, **kwargs) -> None:
+        self.keys.append(self.group.add_argument(*names, default=argparse.SUPPRESS, **kwargs).dest)
+
+
+def add_train_flags(flags: ConfigFlags) -> None:
+    """Flags of every command that trains, named after TrainConfig fields."""
+    add = flags.add
     add("--data", help=f"wiki-sample | wikitext-2 | wikitext-103 | text:DIR ({DEFAULTS.data})")
     add("--tokenizer", help=f"gpt2 | bpe:N ({DEFAULTS.tokenizer})")
     add("--seq-len", type=int, help=f"maximum sequence length ({DEFAULTS.seq_len})")
+    add("--num-heads", type=int, help="attention heads splitting query, key and value (hlb-gpt: 1)")
     add("--bw-mask", choices=BW_MASKS, help="legacy-flip reproduces the study's leaking mask (causal)")
-    add("--bw-mode", choices=BW_MODES, help="add: fw + bw loss; either: one task per step (add)")
+    add("--bw-mode", choices=BW_MODES,
+        help="add: fw + bw loss; either: one task per step (add). bw-only training: --bw-mode either --p-bw 1")
+    add("--adaptive-p-bw", action="store_true", help="the study's: after every bw pass, p_bw = clamp(ppl_bw / ppl_fw, 0.01, 1)")
     add("--task-tokens", action="store_true", help="UL2-style fw/bw task tokens")
     add("--epochs", type=float, help=f"({DEFAULTS.epochs:g})")
     add("--train-tokens", type=int, help="cap on training tokens (overrides --epochs)")
     add("--eval-every", dest="eval_every_epochs", type=float, help=f"validation interval in epochs ({DEFAULTS.eval_every_epochs:g})")
     add("--eval-tokens", type=int, help=f"size of the fixed validation set ({DEFAULTS.eval_tokens})")
     add("--checkpoint-every", dest="checkpoint_every_steps", type=int, help=f"steps ({DEFAULTS.checkpoint_every_steps})")
-    add("--tokens-per-microbatch", type=int, help=f"({DEFAULTS.recipe.tokens_per_microbatch})")
-    add("--fixed-microbatch", action="store_true", help="one microbatch per step (no gradient-norm-driven accumulation)")
+    add("--tokens-per-microbatch", dest="recipe.tokens_per_microbatch", type=int,
+        help=f"tokens per microbatch, at least --seq-len ({DEFAULTS.recipe.tokens_per_microbatch})")
+    add("--fixed-microbatch", dest="recipe.dynamic_microbatch", action="store_false",
+        help="one microbatch per step (no gradient-norm-driven accumulation)")
     add("--device", choices=DEVICES, help="(auto)")
-    add("--dtype", choices=DTYPES, help="(auto: bf16 autocast)")
+    add("--dtype", choices=DTYPE_CHOICES, help="(auto: bf16 autocast)")
 
 
-def apply_train_flags(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
-    """`base` with every training flag the user gave."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {name: value for name, value in vars(args).items() if name in fields}
-    recipe = {}
-    if "tokens_per_microbatch" in vars(args):
-        recipe["tokens_per_microbatch"] = args.tokens_per_microbatch
-    if "fixed_microbatch" in vars(args):
-        recipe["dynamic_microbatch"] = False
-    if recipe:
-        given["recipe"] = dataclasses.replace(base.recipe, **recipe)
-    return dataclasses.replace(base, **given)
+def overrides(args: argparse.Namespace) -> dict:
+    """The config values of the flags the user gave, as nested tables."""
+    values: dict = {}
+    for key in args.config_keys:
+        if hasattr(args, key):
+            *tables, name = key.split(".")
+            table = values
+            for table_name in tables:
+                table = table.setdefault(table_name, {})
+            table[name] = getattr(args, key)
+    return values
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from fwbw.study.configure import build_train_config
+
+    return build_train_config(args.config, overrides(args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fwbw.training.run_dir import check_run_dir
-    from fwbw.training.trainer import train
+    from fwbw.training.trainer import Trainer
 
-    config = apply_train_flags(args, TrainConfig.load(args.config) if args.config else DEFAULTS)
-    check_run_dir(args.out)
-    summary = train(config, args.out, progress=not args.no_progress)
+    config = train_config_from_args(args)
+    summary = Trainer(config, args.out, progress=not args.no_progress, restart=args.restart).run()
     print(json.dumps({k: summary[k] for k in ("final_val_loss_fw", "final_val_loss_bw", "num_params", "leaks_labels")}))
     return 0
 
 
 def sweep_spec_from_args(args: argparse.Namespace):
-    from fwbw.study.sweep import SweepSpec, load_spec_file, preset
+    from fwbw.study.configure import build_sweep_spec
 
-    if args.preset and args.config:
-        raise ValueError("sweep: give --preset or --config, not both")
-    spec = preset(args.preset) if args.preset else load_spec_file(args.config) if args.config else SweepSpec()
-    grid = {name: getattr(args, name) for name in ("depths", "widths", "p_bws", "seeds", "first_seed")}
-    grid = {name: value for name, value in grid.items() if value is not None}
-    return dataclasses.replace(spec, base=apply_train_flags(args, spec.base), **grid)
+    return build_sweep_spec(args.preset, args.config, overrides(args))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -117,12 +141,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from fwbw.analysis.report import write_report
+    from fwbw.study.configure import build_sweep_spec
     from fwbw.study.results import build_results, summary_table
-    from fwbw.study.sweep import demo_spec, run_sweep
+    from fwbw.study.sweep import run_sweep
     from fwbw.training.run_dir import check_run_dir
 
     check_run_dir(args.out)
-    run_sweep(demo_spec(), args.out, progress=not args.no_progress)
+    run_sweep(build_sweep_spec("demo"), args.out, progress=not args.no_progress)
     report = write_report(args.out, args.out / "report")
     table = summary_table(build_results(args.out))
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
@@ -131,36 +156,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fwbw.training.bench import format_table, run_bench, select_configs
+    from fwbw.training.bench import format_table, run_bench, select_shapes
 
-    result = run_bench(select_configs(args.config), device=args.device, dtype=args.dtype, steps=args.steps,
+    result = run_bench(select_shapes(args.shape), device=args.device, dtype=args.dtype, steps=args.steps,
                        warmup=args.warmup, progress=not args.json)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fwbw", description="fw/bw causal-mask training of hlb-gpt, and what it does")
+    parser = Parser(prog="fwbw", description="fw/bw causal-mask training of hlb-gpt, and what it does")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train one model")
-    add_train_flags(train)
-    for flag, kind in (("--depth", int), ("--width", int), ("--p-bw", float), ("--seed", int)):
-        train.add_argument(flag, type=kind, default=argparse.SUPPRESS)
-    train.add_argument("--config", type=Path, help="a run's config.json: rerun it (flags given override it)")
-    train.add_argument("--out", type=Path, required=True, help="run directory")
+    flags = ConfigFlags(train, "training (defaults: TrainConfig, or the --config file)")
+    add_train_flags(flags)
+    flags.add("--depth", type=int, help=f"blocks ({DEFAULTS.depth})")
+    flags.add("--width", type=int, help=f"model width ({DEFAULTS.width})")
+    flags.add("--model-scale", type=float, help="hlb-gpt's sizing instead of --depth/--width: 1 gives depth 8, width 384")
+    flags.add("--p-bw", type=float, help=f"probability of the bw task per step ({DEFAULTS.p_bw:g})")
+    flags.add("--seed", type=int, help=f"({DEFAULTS.seed})")
+    train.add_argument("--config", type=Path, help="a TrainConfig file: a run's config.json, or TOML / YAML (flags given override it)")
+    train.add_argument("--out", type=Path, required=True, help="run directory (resumed if it holds this config's run)")
+    train.add_argument("--restart", action="store_true", help="start over: remove the run --out holds first")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(handler=cmd_train)
 
     sweep = commands.add_parser("sweep", help="train a grid of settings x seeds, then cut each run layer by layer")
-    add_train_flags(sweep)
-    sweep.add_argument("--preset", help="paper | cpu-small")
-    sweep.add_argument("--config", type=Path, help="a TOML or YAML sweep file")
-    sweep.add_argument("--depths", type=int, nargs="+")
-    sweep.add_argument("--widths", type=int, nargs="+")
-    sweep.add_argument("--p-bw", dest="p_bws", type=float, nargs="+")
-    sweep.add_argument("--seeds", type=int, help="runs per setting")
-    sweep.add_argument("--seed", dest="first_seed", type=int, help="first seed (100)")
+    flags = ConfigFlags(sweep, "grid and training (defaults: SweepSpec and TrainConfig; presets < --config < flags)")
+    add_train_flags(flags)
+    flags.add("--depths", type=int, nargs="+")
+    flags.add("--widths", type=int, nargs="+")
+    flags.add("--model-scales", type=float, nargs="+", help="hlb-gpt's sizing instead of --depths x --widths")
+    flags.add("--p-bw", type=float, nargs="+")
+    flags.add("--seeds", type=int, help="runs per setting")
+    flags.add("--seed", type=int, help=f"first seed ({SweepSpec.first_seed})")
+    flags.add("--tokens-per-microbatch-rule", choices=TOKENS_PER_MICROBATCH_RULES,
+              help="study: each model size's tokens per microbatch as the study sized them (the paper preset's)")
+    sweep.add_argument("--preset", help=" | ".join(PRESETS))
+    sweep.add_argument("--config", type=Path,
+                       help="a sweep file (TOML, YAML or JSON): the grid keys above and TrainConfig fields (flags given override it)")
     sweep.add_argument("--out", type=Path, default=Path("runs/grid"))
     sweep.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
     sweep.add_argument("--retry-failed", action="store_true")
@@ -189,11 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="peak matmul throughput, training tokens/s and MFU on this device")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    bench.add_argument("--config", nargs="+", help="standard configs to time (default: all)")
+    bench.add_argument("--shape", nargs="+", help="standard model shapes to time, by name (default: all)")
     bench.add_argument("--steps", type=int, default=6, help="timed steps per measurement (median)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     bench.add_argument("--device", choices=DEVICES, default="auto")
-    bench.add_argument("--dtype", choices=DTYPES, default="auto")
+    bench.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     bench.set_defaults(handler=cmd_bench)
     return parser
 

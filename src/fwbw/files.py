@@ -1,32 +1,97 @@
-"""Atomic file writes: a crash leaves either the old file or the new one, never half of one."""
+"""File helpers every layer shares: atomic writes (a crash leaves either the old file or the new
+one, never half of one), reads of JSON that fail with one line naming the file, and sha256."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) on a temporary path in the same folder, then rename it over `path`."""
+def atomic_write(path: Path, write: Callable[[Path], T]) -> T:
+    """Call write(tmp) on a temporary path in the same folder, then rename it over `path`; return
+    what write returned. A failure removes the temporary file and raises an OSError naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        write(Path(tmp))
+        result = write(Path(tmp))
         os.chmod(tmp, 0o644)  # mkstemp creates files readable by their owner only
         os.replace(tmp, path)
-    except BaseException:
+        return result
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise cannot_write(path, error) from error
         raise
 
 
+class WriteFailed(OSError):
+    """A write that failed (disk full, no permission), in one line that names the file."""
+
+    def __init__(self, path: Path, reason: str, errno: int | None = None):
+        super().__init__(f"cannot write {path}: {reason}")
+        self.reason = reason
+        self.errno = errno  # errno alone keeps str() as the message above
+
+
+def cannot_write(path: Path, error: Exception) -> WriteFailed:
+    if isinstance(error, WriteFailed):
+        reason = error.reason
+    else:
+        reason = getattr(error, "strerror", None) or (str(error) or type(error).__name__).splitlines()[0]
+    return WriteFailed(path, reason, getattr(error, "errno", None))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in `path`; a file that is not JSON raises ValueError naming it and the position."""
+    path = Path(path)
+    return _parse_json(path, _read_text(path))
+
+
+def read_jsonl(path: Path) -> list:
+    """One JSON value per non-empty line; a bad line raises ValueError naming the file and the line."""
+    path = Path(path)
+    return [
+        _parse_json(path, line, line_number)
+        for line_number, line in enumerate(_read_text(path).splitlines(), start=1)
+        if line.strip()
+    ]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start})") from None
+
+
+def _parse_json(path: Path, text: str, line_number: int | None = None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        line = error.lineno if line_number is None else line_number
+        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {line} column {error.colno})") from None
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,6 +1,26 @@
-"""Config errors: a bad value raises `ConfigError` with one line that names the field."""
+"""Config errors and strict types. A bad value raises `ConfigError` with one line that names the
+field. Dataclass configs call `check_fields` in `__post_init__`: every value is checked against
+its field's annotation (bool, int, float, str, `X | None`, tuple[...], a nested dataclass), so a
+config is typed the same way whether Python code or a file built it."""
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+EMPTY: Mapping = types.MappingProxyType({})
+SCALARS = {  # annotation -> (accepts, what it must be, plural)
+    bool: (lambda v: isinstance(v, bool), "true or false", "true/false values"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", "integers"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number", "numbers"),
+    str: (lambda v: isinstance(v, str), "a string", "strings"),
+}
 
 
 class ConfigError(ValueError):
@@ -10,3 +30,96 @@ class ConfigError(ValueError):
 def require(condition: bool, field_name: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{field_name}: {message}")
+
+
+def check_fields(instance: Any, names: Mapping[str, str] = EMPTY) -> None:
+    """Type-check every field of a dataclass instance and store its normalised value (an int in a
+    float field becomes a float, a list a tuple, a mapping the nested dataclass). Errors name
+    the field as `names` spells it (its key in files), else by its own name."""
+    hints = _hints(type(instance))
+    for item in dataclasses.fields(instance):
+        value = typed(getattr(instance, item.name), hints[item.name], names.get(item.name, item.name))
+        object.__setattr__(instance, item.name, value)
+
+
+def from_mapping(cls: type, values: Mapping, names: Mapping[str, str] = EMPTY) -> Any:
+    """A `cls` built from plain data keyed by field name (or by `names[field]`); an unknown key is
+    refused, every value checked by the class's own `__post_init__`."""
+    fields = {names.get(item.name, item.name): item.name for item in dataclasses.fields(cls)}
+    unknown = [str(key) for key in values if key not in fields]
+    require(not unknown, unknown[0] if unknown else "", "unknown field")
+    return cls(**{fields[key]: value for key, value in values.items()})
+
+
+def typed(value: Any, kind: Any, name: str) -> Any:
+    """`value` checked against the annotation `kind` and normalised; a mismatch raises one
+    ConfigError naming `name`."""
+    inner = _optional_of(kind)
+    if inner is not None:
+        return None if value is None else typed(value, inner, name)
+    if dataclasses.is_dataclass(kind):
+        return _dataclass(value, kind, name)
+    if typing.get_origin(kind) is tuple:
+        return _tuple(value, kind, name)
+    accepts, _, _ = SCALARS[kind]
+    require(accepts(value), name, f"must be {describe(kind)}, got {show(value)}")
+    if kind is float:
+        value = float(value)
+        require(math.isfinite(value), name, f"must be a finite number, got {show(value)}")
+    return value
+
+
+def describe(kind: Any) -> str:
+    """What a value of the annotation `kind` must be, in words."""
+    inner = _optional_of(kind)
+    if inner is not None:
+        return f"{describe(inner)} or null"
+    if dataclasses.is_dataclass(kind):
+        return "a table of fields"
+    if typing.get_origin(kind) is tuple:
+        items = typing.get_args(kind)
+        plural = "tables of fields" if dataclasses.is_dataclass(items[0]) else SCALARS[items[0]][2]
+        return f"a list of {plural}" if items[-1] is Ellipsis else f"a list of {len(items)} {plural}"
+    return SCALARS[kind][1]
+
+
+def show(value: Any) -> str:
+    """A value as a file would spell it, on one short line."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _dataclass(value: Any, kind: type, name: str) -> Any:
+    if isinstance(value, kind):
+        return value
+    require(isinstance(value, Mapping), name, f"must be {describe(kind)}, got {show(value)}")
+    try:
+        return from_mapping(kind, value)
+    except ConfigError as error:
+        raise ConfigError(f"{name}.{error}") from None
+
+
+def _tuple(value: Any, kind: Any, name: str) -> tuple:
+    items = typing.get_args(kind)
+    fixed = items[-1] is not Ellipsis
+    fits = isinstance(value, (list, tuple)) and (not fixed or len(value) == len(items))
+    require(fits, name, f"must be {describe(kind)}, got {show(value)}")
+    return tuple(typed(item, items[0 if not fixed else i], f"{name}[{i}]") for i, item in enumerate(value))
+
+
+def _optional_of(kind: Any) -> Any:
+    """X for the annotation `X | None`, else None."""
+    if typing.get_origin(kind) not in (typing.Union, types.UnionType):
+        return None
+    others = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+    return others[0]
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)

@@ -1,11 +1,11 @@
-"""Figures of the fw/bw report. Each figure is saved as PNG and SVG (atomically); every function
-returns the PNG paths, each SVG lying beside its PNG. Figures are plain matplotlib `Figure`s drawn
-by the Agg canvas: pyplot and its global state are never touched."""
+"""Figures of the fw/bw report, drawn from the tables of an `Analysis` (they compute nothing the
+report does not print). Each figure is saved as PNG and SVG (atomically); every function returns
+the PNG paths, each SVG lying beside its PNG. Figures are plain matplotlib `Figure`s drawn by the
+Agg canvas: pyplot and its global state are never touched."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -18,21 +18,16 @@ from matplotlib.ticker import MaxNLocator
 
 from fwbw.analysis.stats import (
     ARM,
-    DEFAULT_WINDOWS,
-    DIRECTIONS,
+    CUT_RATIOS,
     VARIANT,
+    Analysis,
     Arm,
-    Window,
-    arms,
-    eval_points,
-    final_pairs,
-    final_points,
-    ratio1_samples,
-    ratios_table,
-    resolve_windows,
+    EpochWindow,
     select,
 )
 from fwbw.files import atomic_write
+from fwbw.model.masks import DIRECTIONS
+from fwbw.study.results import CUT_PHASE
 
 DPI = 110
 PANEL = (4.4, 3.3)  # inches per panel
@@ -57,9 +52,13 @@ def arm_label(arm: dict) -> str:
     return f"p_bw = {arm['p_bw']:g}, {variant_label(arm)}"
 
 
-def window_label(window: Window, stop: float) -> str:
-    start, end = window
-    return f"[{start:g}, end = {stop:g}]" if end == "end" else f"[{start:g}, {stop:g}]"
+def ratio_label(ratio: str, metric: str) -> str:
+    return f"{ratio.replace('ratio', 'ratio ')} ({metric})"
+
+
+def window_label(window: EpochWindow) -> str:
+    to_end = window.asked[1] == "end"
+    return f"[{window.start:g}, end = {window.stop:g}]" if to_end else f"[{window.start:g}, {window.stop:g}]"
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -91,12 +90,13 @@ def _empty(ax: Axes, text: str) -> None:
     ax.set_yticks([])
 
 
-def _by_arm(arm_list: list[Arm]) -> dict[tuple, list[Arm]]:
-    """Settings grouped by (p_bw, bw_mode, bw_mask, task_tokens): one figure each, sizes inside."""
+def _arm_rows(arm_list: list[Arm]) -> list[tuple[dict, list[Arm]]]:
+    """One figure row per (p_bw, bw_mode, bw_mask, task_tokens): those values, and the settings that
+    share them, one per model size."""
     groups: dict[tuple, list[Arm]] = defaultdict(list)
     for arm in arm_list:
         groups[tuple(arm.setting[k] for k in ARM)].append(arm)
-    return dict(groups)
+    return [(dict(zip(ARM, key)), group) for key, group in groups.items()]
 
 
 def _sizes(group: list[Arm], final: pd.DataFrame) -> list[tuple[int, int, int]]:
@@ -123,13 +123,13 @@ def _seed_band(runs: pd.DataFrame, column: str) -> pd.DataFrame:
     return pd.DataFrame({"mean": table.mean(axis=1), "min": table.min(axis=1), "max": table.max(axis=1)})
 
 
-def _curve_groups(final: pd.DataFrame) -> dict[tuple, set[str]]:
+def _curve_groups(analysis: Analysis) -> dict[tuple, set[str]]:
     """Runs per variant: its p_bw > 0 runs and their baselines (a sweep without p_bw > 0: all runs)."""
     groups: dict[tuple, set[str]] = defaultdict(set)
-    for arm in arms(final):
+    for arm in analysis.arms:
         groups[tuple(arm.setting[k] for k in VARIANT)] |= {*arm.runs, *arm.baseline}
     if not groups:
-        for variant, runs in final.groupby(VARIANT):
+        for variant, runs in analysis.final.groupby(VARIANT):
             groups[variant] = set(runs.run_id)
     return dict(groups)
 
@@ -166,12 +166,11 @@ def _loss_grid(points: pd.DataFrame, groups: dict[tuple, set[str]], direction: s
     return _save(fig, out_dir, f"loss_{direction}")
 
 
-def loss_curves(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+def loss_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
     """fw and bw validation loss over epochs, p_bw = 0 against p_bw = x, one panel per model size
     and variant (bw_mode, bw_mask, task_tokens); one figure per direction."""
-    groups = _curve_groups(final_points(df))
-    points = eval_points(df)
-    return [_loss_grid(points, groups, d, Path(out_dir)) for d in DIRECTIONS] if groups else []
+    groups = _curve_groups(analysis)
+    return [_loss_grid(analysis.points, groups, d, Path(out_dir)) for d in DIRECTIONS] if groups else []
 
 
 # ----------------------------------------------------------------------------- ratio 1 violins
@@ -193,23 +192,19 @@ def _violins(ax: Axes, samples: pd.DataFrame, sizes: list[tuple[int, int, int]])
     ax.set_ylabel("ratio 1 (fw loss)")
 
 
-def ratio1_violins(df: pd.DataFrame, out_dir: Path, windows: Sequence[Window] = DEFAULT_WINDOWS) -> list[Path]:
+def ratio1_violins(analysis: Analysis, out_dir: Path) -> list[Path]:
     """Ratio 1 (loss) at every validation point, by parameter count: one row per (p_bw, variant),
     one column per epoch window; an empty window is an annotated empty panel."""
-    points, final = eval_points(df), final_points(df)
-    groups = _by_arm(arms(final))
-    if not groups:
+    rows, final = _arm_rows(analysis.arms), analysis.final
+    if not rows:
         return []
-    samples = ratio1_samples(df)
-    spans = resolve_windows(windows, points.epoch.max())
-    most_sizes = max(len(_sizes(group, final)) for group in groups.values())
-    fig, axes = _figure(len(spans), len(groups), panel=(max(PANEL[0], 1.1 * most_sizes + 1.2), PANEL[1] + 0.5))
-    for row, (key, group) in zip(axes, groups.items()):
-        arm = dict(zip(ARM, key))
-        own = select(samples, arm)
-        for ax, window, (start, stop) in zip(row, windows, spans):
-            inside = own[(own.epoch >= start) & (own.epoch <= stop)]
-            title = f"{arm_label(arm)}\nepochs {window_label(window, stop)}, n = {len(inside)}"
+    most_sizes = max(len(_sizes(group, final)) for _, group in rows)
+    panel = (max(PANEL[0], 1.1 * most_sizes + 1.2), PANEL[1] + 0.5)
+    fig, axes = _figure(len(analysis.windows), len(rows), panel=panel)
+    for axes_row, (arm, group) in zip(axes, rows):
+        for ax, window in zip(axes_row, analysis.windows):
+            inside = select(window.samples, arm)
+            title = f"{arm_label(arm)}\nepochs {window_label(window)}, n = {len(inside)}"
             ax.set_title(title, fontsize="medium")
             if inside.empty:
                 _empty(ax, "empty window:\nno validation points in these epochs")
@@ -222,10 +217,7 @@ def ratio1_violins(df: pd.DataFrame, out_dir: Path, windows: Sequence[Window] = 
 
 # ----------------------------------------------------------------------------- layer cut
 
-CUT_PANELS = (
-    ("ratio1", "ppl", "ratio 1 (ppl): p_bw = 0 / p_bw = x"),
-    ("ratio2", "loss", "ratio 2 (loss): fw / bw"),
-)
+RATIO_MEANING = {"ratio1": "p_bw = 0 / p_bw = x", "ratio2": "fw / bw"}
 
 
 def _cut_panel(ax: Axes, rows: pd.DataFrame, sizes: list[tuple[int, int, int]], colors: dict, ylabel: str) -> None:
@@ -243,27 +235,23 @@ def _cut_panel(ax: Axes, rows: pd.DataFrame, sizes: list[tuple[int, int, int]], 
     ax.legend(fontsize="small", title="solid: mean_then_ratio\ndotted: ratio_then_mean", title_fontsize="small")
 
 
-def layer_cut_curves(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+def layer_cut_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
     """Ratio 1 (ppl) and ratio 2 (loss) over blocks remaining, one line per model size, one row per
     (p_bw, variant)."""
-    final = final_points(df)
-    groups = _by_arm(arms(final))
-    if not groups:
+    rows, final = _arm_rows(analysis.arms), analysis.final
+    if not rows:
         return []
-    table = ratios_table(df)
-    cut = table[table.phase == "cut"]
-    every_size = _sizes([a for group in groups.values() for a in group], final)
-    colors = _colors([(depth, width) for depth, width, _ in every_size])
-    fig, axes = _figure(len(CUT_PANELS), len(groups))
-    for row, (key, group) in zip(axes, groups.items()):
-        arm = dict(zip(ARM, key))
-        for ax, (ratio, metric, title) in zip(row, CUT_PANELS):
-            ax.set_title(f"{arm_label(arm)}\n{title}", fontsize="medium")
-            rows = select(cut, {**arm, "ratio": ratio, "metric": metric}).dropna(subset=["value"])
-            if rows.empty:
+    cut = analysis.ratios[analysis.ratios.phase == CUT_PHASE]
+    colors = _colors([(depth, width) for depth, width, _ in _sizes(analysis.arms, final)])
+    fig, axes = _figure(len(CUT_RATIOS), len(rows))
+    for axes_row, (arm, group) in zip(axes, rows):
+        for ax, (ratio, metric) in zip(axes_row, CUT_RATIOS):
+            ax.set_title(f"{arm_label(arm)}\n{ratio_label(ratio, metric)}: {RATIO_MEANING[ratio]}", fontsize="medium")
+            lines = select(cut, {**arm, "ratio": ratio, "metric": metric}).dropna(subset=["value"])
+            if lines.empty:
                 _empty(ax, "no values: no p_bw = 0 run to compare with")
                 continue
-            _cut_panel(ax, rows, _sizes(group, final), colors, ratio.replace("ratio", "ratio "))
+            _cut_panel(ax, lines, _sizes(group, final), colors, ratio.replace("ratio", "ratio "))
     fig.suptitle("layer cut: transformer blocks removed from the back")
     return [_save(fig, Path(out_dir), "layer_cut")]
 
@@ -282,20 +270,17 @@ def _scatter_panel(ax: Axes, pairs: pd.DataFrame, by: str, colors: dict) -> None
     ax.legend(fontsize="small")
 
 
-def ratio1_scatter(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+def ratio1_scatter(analysis: Analysis, out_dir: Path) -> list[Path]:
     """Ratio 1 of final fw loss against parameter count, coloured by width and by depth (two
     columns), one row per (p_bw, variant)."""
-    final = final_points(df)
-    groups = _by_arm(arms(final))
-    if not groups:
+    rows = _arm_rows(analysis.arms)
+    if not rows:
         return []
-    pairs = final_pairs(df)
-    colors = {by: _colors(sorted(final[by].unique())) for by in ("width", "depth")}
-    fig, axes = _figure(2, len(groups))
-    for row, key in zip(axes, groups):
-        arm = dict(zip(ARM, key))
-        own = select(pairs, arm)
-        for ax, by in zip(row, ("width", "depth")):
+    colors = {by: _colors(sorted(analysis.final[by].unique())) for by in ("width", "depth")}
+    fig, axes = _figure(2, len(rows))
+    for axes_row, (arm, _) in zip(axes, rows):
+        own = select(analysis.final_pairs, arm)
+        for ax, by in zip(axes_row, ("width", "depth")):
             ax.set_title(f"{arm_label(arm)}\ncoloured by {by}", fontsize="medium")
             if own.empty:
                 _empty(ax, "no p_bw = 0 run of the same size and seed")
@@ -305,13 +290,11 @@ def ratio1_scatter(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     return [_save(fig, Path(out_dir), "ratio1_scatter")]
 
 
-def make_figures(
-    df: pd.DataFrame, out_dir: Path, windows: Sequence[Window] = DEFAULT_WINDOWS
-) -> dict[str, list[Path]]:
+def make_figures(analysis: Analysis, out_dir: Path) -> dict[str, list[Path]]:
     """Every figure of the report, by kind; an empty list where there is nothing to draw."""
     return {
-        "loss_curves": loss_curves(df, out_dir),
-        "ratio1_violins": ratio1_violins(df, out_dir, windows),
-        "layer_cut": layer_cut_curves(df, out_dir),
-        "ratio1_scatter": ratio1_scatter(df, out_dir),
+        "loss_curves": loss_curves(analysis, out_dir),
+        "ratio1_violins": ratio1_violins(analysis, out_dir),
+        "layer_cut": layer_cut_curves(analysis, out_dir),
+        "ratio1_scatter": ratio1_scatter(analysis, out_dir),
     }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,29 +17,25 @@ import pandas as pd
 from fwbw.analysis.figures import (
     arm_label,
     make_figures,
+    ratio_label,
     size_label,
     variant_label,
     window_label,
 )
 from fwbw.analysis.stats import (
     ARM,
+    CUT_RATIOS,
     DEFAULT_WINDOWS,
     SIZE,
     VARIANT,
+    Analysis,
+    EpochWindow,
     Window,
-    eval_points,
-    final_losses,
-    mask_audit,
-    mask_summary,
-    paired_comparison,
-    ratio1_samples,
-    ratios_table,
-    resolve_windows,
-    runs_table,
+    analyse,
     select,
-    unfinished_runs,
 )
 from fwbw.files import atomic_write, atomic_write_text
+from fwbw.study.results import CUT_PHASE
 
 LEAK_RATIO = 0.8  # bw/fw final loss below this: bw far easier than fw (leak-free bw is within a few % of fw)
 
@@ -51,6 +48,7 @@ CAPTIONS = {
     "ratio1_scatter": "Ratio 1 of final fw loss against parameter count, coloured by width and by depth.",
 }
 RUN_COLUMNS = ["run_id", *SIZE, "num_params", *ARM, "seed", "status", "tokens", "epoch", "seconds", "error"]
+CSV_TABLES = ("ratios", "ratio1_samples", "final_losses", "paired", "mask_audit", "runs")  # Analysis fields
 
 CSS = """
 body { font: 15px/1.45 system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -119,10 +117,9 @@ def _ratio1_statement(final: pd.DataFrame, arm: dict) -> str:
             f"{parts[1]}. Above 1 means the bw task helped the fw task.")
 
 
-def _window_statement(samples: pd.DataFrame, arm: dict, window: Window, span: tuple[float, float]) -> str:
-    start, stop = span
-    inside = samples[(samples.epoch >= start) & (samples.epoch <= stop)]
-    where = f"Ratio 1 (fw loss) at validation points in epochs {window_label(window, stop)}, {arm_label(arm)}"
+def _window_statement(window: EpochWindow, arm: dict) -> str:
+    inside = select(window.samples, arm)
+    where = f"Ratio 1 (fw loss) at validation points in epochs {window_label(window)}, {arm_label(arm)}"
     if inside.empty:
         return f"{where}: empty window, no validation points (n = 0)."
     above = (inside.ratio1_loss > 1).mean()
@@ -131,17 +128,16 @@ def _window_statement(samples: pd.DataFrame, arm: dict, window: Window, span: tu
 
 
 def _cut_statement(cut: pd.DataFrame, setting: dict, with_variant: bool) -> str | None:
-    """Ratio 1 (ppl) and ratio 2 (loss), mean_then_ratio, with all blocks and with one block left."""
+    """The CUT_RATIOS, mean_then_ratio, with all blocks and with one block left."""
     rows = select(cut, {**setting, "averaging": "mean_then_ratio"})
     ends = {}
-    for ratio, metric in (("ratio1", "ppl"), ("ratio2", "loss")):
+    for ratio, metric in CUT_RATIOS:
         line = select(rows, {"ratio": ratio, "metric": metric}).set_index("blocks_remaining").value
         if {setting["depth"], 1} <= set(line.index) and setting["depth"] > 1:
-            ends[ratio] = (line[setting["depth"]], line[1])
+            ends[ratio_label(ratio, metric)] = (line[setting["depth"]], line[1])
     if not ends:
         return None
-    names = {"ratio1": "ratio 1 (ppl)", "ratio2": "ratio 2 (loss)"}
-    text = ", ".join(f"{names[r]} {_num(full)} → {_num(one)}" for r, (full, one) in ends.items())
+    text = ", ".join(f"{label} {_num(full)} → {_num(one)}" for label, (full, one) in ends.items())
     where = f"{size_label(setting['depth'], setting['width'])}, {_setting_label(setting, with_variant)}"
     return f"Layer cut at {where}, from all {setting['depth']} blocks to 1 block left (mean_then_ratio): {text}."
 
@@ -179,31 +175,27 @@ def _status_statement(runs: pd.DataFrame) -> str:
             "left out of every statistic.")
 
 
-def findings(
-    tables: dict[str, pd.DataFrame], windows: Sequence[Window], spans: list[tuple[float, float]]
-) -> list[str]:
+def findings(analysis: Analysis) -> list[str]:
     """Plain statements of what the data shows, each with its numbers."""
-    runs, ratios, samples = tables["runs"], tables["ratios"], tables["ratio1_samples"]
+    runs, ratios, paired = analysis.runs, analysis.ratios, analysis.paired
     if not (runs.status == "done").any():
         return [f"No run has finished (status done): there are no statistics or figures yet. "
                 f"{_status_statement(runs)}"]
-    paired = tables["paired"]
     with_variant = paired[VARIANT].drop_duplicates().shape[0] > 1
     out = [_status_statement(runs)]
     out += [_paired_statement(row, with_variant) for row in paired.to_dict("records")]
-    one_seed = tables["final_losses"].n_seeds.eq(1).sum()
+    one_seed = analysis.final_losses.n_seeds.eq(1).sum()
     if one_seed:
         out.append(f"{one_seed} setting(s) have a single seed: their 95% interval is undefined (NaN), "
                    "so seed-to-seed noise is unknown there.")
     for key in paired[ARM].drop_duplicates().to_dict("records"):
         final = select(ratios, {**key, "ratio": "ratio1", "metric": "loss", "phase": "final"})
         out.append(_ratio1_statement(final, key))
-        own = select(samples, key)
-        out += [_window_statement(own, key, window, span) for window, span in zip(windows, spans)]
-    cut = ratios[ratios.phase == "cut"]
+        out += [_window_statement(window, key) for window in analysis.windows]
+    cut = ratios[ratios.phase == CUT_PHASE]
     cut_statements = (_cut_statement(cut, row, with_variant) for row in paired[[*SIZE, *ARM]].to_dict("records"))
     out += [s for s in cut_statements if s]
-    out += _mask_statements(tables["mask_summary"])
+    out += _mask_statements(analysis.mask_summary)
     return out
 
 
@@ -243,12 +235,12 @@ def setup_table(sweep: dict, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["setting", "value"])
 
 
-def _sections(tables: dict[str, pd.DataFrame], setup: pd.DataFrame, statements: list[str],
+def _sections(analysis: Analysis, setup: pd.DataFrame, statements: list[str],
               figures: dict[str, list[Path]]) -> list[tuple[str, list[tuple]]]:
     """The report as (title, blocks); a block is ("p", text), ("ul", items), ("table", id, frame)
     or ("figures", caption, png paths)."""
-    shown_ratios = tables["ratios"][tables["ratios"].phase != "cut"]
-    unfinished = tables["unfinished"][RUN_COLUMNS]
+    shown_ratios = analysis.ratios[analysis.ratios.phase != CUT_PHASE]
+    unfinished = analysis.unfinished[RUN_COLUMNS]
     return [
         ("Setup", [
             ("p", "ratio 1 = fw metric at p_bw = 0 / at p_bw = x, same model size (above 1: the bw task helped "
@@ -260,12 +252,12 @@ def _sections(tables: dict[str, pd.DataFrame], setup: pd.DataFrame, statements: 
         ("Final losses per setting", [
             ("p", "Mean over seeds of each run's last validation loss, with its 95% t interval "
                   "(undefined, empty, with one seed)."),
-            ("table", "final_losses", tables["final_losses"]),
+            ("table", "final_losses", analysis.final_losses),
         ]),
         ("Paired comparison: p_bw = x against p_bw = 0", [
             ("p", "Final fw loss at p_bw = x minus at p_bw = 0, paired by seed (only seeds present in both). "
                   "exceeds_noise: the 95% t interval of the mean difference excludes 0."),
-            ("table", "paired", tables["paired"]),
+            ("table", "paired", analysis.paired),
         ]),
         ("Ratios", [
             ("p", "Final and epoch-window ratios; the layer-cut rows are in ratios.csv and the layer-cut "
@@ -277,13 +269,13 @@ def _sections(tables: dict[str, pd.DataFrame], setup: pd.DataFrame, statements: 
         ("Mask audit", [
             ("p", f"A leak-free bw task is about as hard as fw; a bw/fw loss ratio below {LEAK_RATIO} means bw "
                   "is far easier, as a leaking mask makes it."),
-            ("table", "mask_summary", tables["mask_summary"]),
-            ("table", "mask_audit", tables["mask_audit"]),
+            ("table", "mask_summary", analysis.mask_summary),
+            ("table", "mask_audit", analysis.mask_audit),
         ]),
         ("Runs that failed or have not finished", [
             ("table", "unfinished", unfinished) if len(unfinished) else ("p", "None: every run finished."),
         ]),
-        ("All runs", [("table", "runs", tables["runs"][RUN_COLUMNS])]),
+        ("All runs", [("table", "runs", analysis.runs[RUN_COLUMNS])]),
     ]
 
 
@@ -311,35 +303,41 @@ def render_html(title: str, sections: list[tuple[str, list[tuple]]]) -> str:
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
 
 
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|])")
+
+
+def _md(text) -> str:
+    """Plain text in report.md: markdown's special characters backslash-escaped, on one line."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", str(text)).replace("\r", " ").replace("\n", " ")
 
 
 def _md_table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "_(no rows)_"
     shown = _display(frame)
-    lines = ["| " + " | ".join(map(_md_cell, shown.columns)) + " |", "|" + "---|" * len(shown.columns)]
-    lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in shown.itertuples(index=False)]
+    lines = ["| " + " | ".join(map(_md, shown.columns)) + " |", "|" + "---|" * len(shown.columns)]
+    lines += ["| " + " | ".join(map(_md, row)) + " |" for row in shown.itertuples(index=False)]
     return "\n".join(lines)
 
 
 def _md_block(block: tuple, out_dir: Path) -> str:
     kind = block[0]
     if kind == "p":
-        return block[1]
+        return _md(block[1])
     if kind == "ul":
-        return "\n".join(f"- {s}" for s in block[1])
+        return "\n".join(f"- {_md(s)}" for s in block[1])
     if kind == "table":
         return _md_table(block[2])
     caption, paths = block[1], block[2]
-    return "\n\n".join(f"![{p.stem}]({p.relative_to(out_dir).as_posix()})\n\n_{p.stem}: {caption}_" for p in paths)
+    return "\n\n".join(
+        f"![{_md(p.stem)}]({p.relative_to(out_dir).as_posix()})\n\n_{_md(p.stem)}: {_md(caption)}_" for p in paths
+    )
 
 
 def render_markdown(title: str, sections: list[tuple[str, list[tuple]]], out_dir: Path) -> str:
-    parts = [f"# {title}"]
+    parts = [f"# {_md(title)}"]
     for name, blocks in sections:
-        parts += [f"## {name}", *(_md_block(b, out_dir) for b in blocks)]
+        parts += [f"## {_md(name)}", *(_md_block(b, out_dir) for b in blocks)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -349,23 +347,12 @@ def write_report(sweep_dir: Path, out_dir: Path, windows: Sequence[Window] = DEF
     """Write report.html, report.md, figures/ and the CSV tables for the sweep in `sweep_dir`;
     return the path of report.html. Every file is written atomically."""
     sweep_dir, out_dir = Path(sweep_dir), Path(out_dir)
-    df, sweep = read_results(sweep_dir), read_sweep(sweep_dir)
-    audit = mask_audit(df)
-    tables = {
-        "runs": runs_table(df),
-        "unfinished": unfinished_runs(df),
-        "ratios": ratios_table(df, windows),
-        "ratio1_samples": ratio1_samples(df),
-        "final_losses": final_losses(df),
-        "paired": paired_comparison(df),
-        "mask_audit": audit,
-        "mask_summary": mask_summary(audit),
-    }
-    for name in ("ratios", "ratio1_samples", "final_losses", "paired", "mask_audit", "runs"):
-        atomic_write(out_dir / f"{name}.csv", lambda tmp: tables[name].to_csv(tmp, index=False))
-    figures = make_figures(df, out_dir / "figures", windows)
-    spans = resolve_windows(windows, eval_points(df).epoch.max())
-    sections = _sections(tables, setup_table(sweep, tables["runs"]), findings(tables, windows, spans), figures)
+    analysis = analyse(read_results(sweep_dir), windows)
+    for name in CSV_TABLES:
+        atomic_write(out_dir / f"{name}.csv", lambda tmp: getattr(analysis, name).to_csv(tmp, index=False))
+    figures = make_figures(analysis, out_dir / "figures")
+    setup = setup_table(read_sweep(sweep_dir), analysis.runs)
+    sections = _sections(analysis, setup, findings(analysis), figures)
     title = f"fwbw sweep report: {sweep_dir.name}"
     atomic_write_text(out_dir / "report.md", render_markdown(title, sections, out_dir))
     atomic_write_text(out_dir / "report.html", render_html(title, sections))

@@ -1,4 +1,6 @@
-"""The study's metrics (SPEC section 1) as pure functions over the tidy results table of a sweep.
+"""The study's metrics (docs/method.md#the-research-question) over the tidy results table of a
+sweep: `analyse` computes every table once, as an `Analysis` that the report prints and the figures
+draw.
 
 ratio 1 = metric_fw(p_bw = 0) / metric_fw(p_bw = x), same model size and bw_mode/bw_mask/task_tokens;
           above 1: training on the bw task helped the fw task.
@@ -22,25 +24,25 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from fwbw.model.masks import DIRECTIONS
+from fwbw.study.results import COLUMNS, CUT_PHASE, EVAL_PHASE
+from fwbw.training.evaluation import EVAL_METRICS
+
 SIZE = ["depth", "width"]
 VARIANT = ["bw_mode", "bw_mask", "task_tokens"]
 ARM = ["p_bw", *VARIANT]
 SETTING = [*SIZE, *ARM]
-METRICS = ("loss", "ppl")
-DIRECTIONS = ("fw", "bw")
+RATIO_METRICS = ("loss", "ppl")
+CUT_RATIOS = (("ratio1", "ppl"), ("ratio2", "loss"))  # (ratio, metric) taken over the layer cut
 
 Window = tuple[float, float | str]  # (first epoch, last epoch or "end"), both inclusive
 DEFAULT_WINDOWS: tuple[Window, ...] = ((0.0, 1.0), (0.0, "end"), (5.0, "end"))
 
-RESULT_COLUMNS = [
-    "run_id", "data", "tokenizer", *SETTING, "num_params", "seq_len", "seed", "step", "tokens",
-    "epoch", "seconds", "direction", "loss", "acc", "ppl", "phase", "blocks_remaining", "status",
-    "leaks_labels", "probe_leak_bw", "error",
-]
-RUN_INFO = [
-    "data", "tokenizer", *SETTING, "num_params", "seq_len", "seed", "status", "leaks_labels",
-    "probe_leak_bw", "error",
-]
+# the results' columns that change from one validation point of a run to the next; the others
+# hold one value per run, which the runs table shows with the trained setting first
+POINT_COLUMNS = ("step", "tokens", "epoch", "seconds", "direction", *EVAL_METRICS, "phase", "blocks_remaining")
+_RUN_FIRST = ["data", "tokenizer", *SETTING]
+RUN_INFO = [*_RUN_FIRST, *(c for c in COLUMNS if c not in {"run_id", *_RUN_FIRST, *POINT_COLUMNS})]
 RATIO_COLUMNS = [
     "metric", "ratio", "averaging", *SIZE, *ARM, "phase", "epoch_start", "epoch_stop",
     "blocks_remaining", "value", "n",
@@ -60,14 +62,16 @@ AUDIT_COLUMNS = [
 ]
 SAMPLE_COLUMNS = [
     *SETTING, "num_params", "seed", "run_id", "run_id_base", "epoch", "epoch_base",
-    "ratio1_loss", "ratio1_ppl",
+    *(f"ratio1_{m}" for m in RATIO_METRICS),
 ]
+MASK_SUMMARY_COLUMNS = ["bw_mask", "runs", "bw_fw_loss_ratio", "leaks_labels", "probed", "probe_leaks",
+                        "probe_leak_runs"]
 
 
 # ----------------------------------------------------------------------------- runs and points
 
 def check_columns(df: pd.DataFrame) -> None:
-    missing = [c for c in RESULT_COLUMNS if c not in df.columns]
+    missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"results table lacks columns: {', '.join(missing)}")
 
@@ -81,43 +85,28 @@ def runs_table(df: pd.DataFrame) -> pd.DataFrame:
     return runs.reset_index()
 
 
-def unfinished_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """Runs that failed or have not finished: excluded from the statistics, listed in the report."""
-    runs = runs_table(df)
-    return runs[runs.status != "done"].reset_index(drop=True)
-
-
-def eval_points(df: pd.DataFrame, phase: str = "train-eval") -> pd.DataFrame:
-    """Done runs' evaluations in `phase`, one row per point with loss_fw, loss_bw, ppl_fw, ppl_bw."""
+def eval_points(df: pd.DataFrame, runs: pd.DataFrame, phase: str = EVAL_PHASE) -> pd.DataFrame:
+    """Done runs' evaluations in `phase`, one row per point with loss_fw, loss_bw, ppl_fw, ppl_bw;
+    `runs` is runs_table(df)."""
     rows = df[(df.status == "done") & (df.phase == phase) & df.direction.notna()]
     key = ["run_id", "step", "epoch", "blocks_remaining"]
     fw, bw = (
-        rows.loc[rows.direction == d, [*key, *METRICS]].rename(columns={m: f"{m}_{d}" for m in METRICS})
+        rows.loc[rows.direction == d, [*key, *RATIO_METRICS]].rename(columns={m: f"{m}_{d}" for m in RATIO_METRICS})
         for d in DIRECTIONS
     )
     wide = fw.merge(bw, on=key, how="outer")
-    info = runs_table(df)[["run_id", *SETTING, "num_params", "seed"]]
-    wide = wide.merge(info, on="run_id")
+    wide = wide.merge(runs[["run_id", *SETTING, "num_params", "seed"]], on="run_id")
     return wide.sort_values(["run_id", "step", "blocks_remaining"], ascending=[True, True, False], ignore_index=True)
 
 
-def _last(points: pd.DataFrame) -> pd.DataFrame:
+def last_points(points: pd.DataFrame) -> pd.DataFrame:
+    """Each run's last point (max step), one row per run."""
     return points[points.step == points.groupby("run_id").step.transform("max")].reset_index(drop=True)
-
-
-def final_points(df: pd.DataFrame) -> pd.DataFrame:
-    """Each done run's last validation point (max step), one row per run."""
-    return _last(eval_points(df))
 
 
 def _concat(frames: Iterable[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns))
-
-
-def _cut(df: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame:
-    """Layer-cut points, the full model (blocks_remaining == depth) being the final validation point."""
-    return _concat([final, eval_points(df, "cut")], final.columns)
 
 
 def select(frame: pd.DataFrame, values: dict) -> pd.DataFrame:
@@ -150,7 +139,8 @@ def _baseline(final: pd.DataFrame, setting: dict) -> pd.DataFrame:
 
 
 def arms(final: pd.DataFrame) -> list[Arm]:
-    """Every setting with p_bw > 0 among `final` (= final_points(df)), with its baseline runs."""
+    """Every setting with p_bw > 0 among `final` (each done run's last validation point), with its
+    baseline runs."""
     settings = final.loc[final.p_bw > 0, SETTING].drop_duplicates().sort_values(SETTING)
     return [
         Arm(s, select(final, s).run_id.tolist(), _baseline(final, s).run_id.tolist())
@@ -160,9 +150,19 @@ def arms(final: pd.DataFrame) -> list[Arm]:
 
 # ----------------------------------------------------------------------------- ratios
 
-def _pairs(points: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
-    """Each p_bw = x point next to the baseline point of the same seed and blocks_remaining."""
-    base_cols = ["run_id", "seed", "blocks_remaining", "loss_fw", "ppl_fw"]
+def _ratio1_of_pairs(frames: list[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
+    """p_bw = x points matched with baseline points (suffix _base) as one table, with ratio1_<metric> =
+    fw metric of the baseline point / of the p_bw = x point; `columns` names the columns of the points."""
+    pairs = _concat(frames, [*columns, "run_id_base", *(f"{m}_fw_base" for m in RATIO_METRICS)])
+    for m in RATIO_METRICS:
+        pairs[f"ratio1_{m}"] = pairs[f"{m}_fw_base"].astype(float) / pairs[f"{m}_fw"].astype(float)
+    return pairs
+
+
+def pairs_table(points: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
+    """Each p_bw = x point next to the baseline point of the same seed and blocks_remaining, with
+    ratio 1 (loss and ppl); of the final points, the samples behind ratio_then_mean."""
+    base_cols = ["run_id", "seed", "blocks_remaining", *(f"{m}_fw" for m in RATIO_METRICS)]
     frames = [
         points[points.run_id.isin(arm.runs)].merge(
             points.loc[points.run_id.isin(arm.baseline), base_cols],
@@ -170,21 +170,12 @@ def _pairs(points: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
         )
         for arm in arm_list
     ]
-    pairs = _concat(frames, [*points.columns, "run_id_base", "loss_fw_base", "ppl_fw_base"])
-    for m in METRICS:
-        pairs[f"ratio1_{m}"] = pairs[f"{m}_fw_base"].astype(float) / pairs[f"{m}_fw"].astype(float)
-    return pairs
-
-
-def final_pairs(df: pd.DataFrame) -> pd.DataFrame:
-    """Ratio 1 (loss and ppl) of final points per seed pair: the samples behind ratio_then_mean."""
-    final = final_points(df)
-    return _pairs(final, arms(final))
+    return _ratio1_of_pairs(frames, points.columns)
 
 
 def _ratio1(points: pd.DataFrame, arm_list: list[Arm], metric: str) -> pd.DataFrame:
     """Ratio 1 of `metric` per arm and blocks_remaining, both averagings."""
-    col, pairs, rows = f"{metric}_fw", _pairs(points, arm_list), []
+    col, pairs, rows = f"{metric}_fw", pairs_table(points, arm_list), []
     for arm in arm_list:
         x = points[points.run_id.isin(arm.runs)].groupby("blocks_remaining")[col].agg(["mean", "count"])
         base = points[points.run_id.isin(arm.baseline)].groupby("blocks_remaining")[col].mean()
@@ -216,11 +207,11 @@ def _ratio2(points: pd.DataFrame, metric: str) -> pd.DataFrame:
     return both_ways.sort_values([*SETTING, "blocks_remaining", "averaging"], ignore_index=True)
 
 
-def _samples(points: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
-    """Ratio 1 at every validation point of every p_bw = x run, against the baseline run of the same
-    seed at the nearest epoch (steps of two runs need not align; epochs do when both evaluate on the
-    same epoch grid)."""
-    base_cols = ["run_id", "seed", "epoch", "loss_fw", "ppl_fw"]
+def samples_table(points: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
+    """Ratio 1 (loss and ppl) at every validation point of every p_bw = x run, against the baseline
+    run of the same seed at the nearest epoch (steps of two runs need not align; epochs do when both
+    evaluate on the same epoch grid): the samples of the epoch windows."""
+    base_cols = ["run_id", "seed", "epoch", *(f"{m}_fw" for m in RATIO_METRICS)]
     frames = []
     for arm in arm_list:
         x = points[points.run_id.isin(arm.runs)].sort_values("epoch")
@@ -228,53 +219,54 @@ def _samples(points: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
         matched = pd.merge_asof(x, base.assign(epoch_base=base.epoch), on="epoch", by="seed",
                                 direction="nearest", suffixes=("", "_base"))
         frames.append(matched.dropna(subset=["run_id_base"]))
-    samples = _concat(frames, [*points.columns, "run_id_base", "epoch_base", "loss_fw_base", "ppl_fw_base"])
-    for m in METRICS:
-        samples[f"ratio1_{m}"] = samples[f"{m}_fw_base"].astype(float) / samples[f"{m}_fw"].astype(float)
+    samples = _ratio1_of_pairs(frames, [*points.columns, "epoch_base"])
     return samples[SAMPLE_COLUMNS].reset_index(drop=True)
 
 
-def ratio1_samples(df: pd.DataFrame) -> pd.DataFrame:
-    """Ratio 1 (loss and ppl) at every validation point: the samples of the epoch-window violins."""
-    points = eval_points(df)
-    return _samples(points, arms(_last(points)))
+@dataclass(frozen=True)
+class EpochWindow:
+    """An epoch window of the study and the ratio 1 samples inside it."""
+
+    asked: Window
+    start: float
+    stop: float  # "end" resolved to the sweep's last epoch (NaN when there is none: the window is empty)
+    samples: pd.DataFrame  # the ratio 1 samples with start <= epoch <= stop
 
 
-def resolve_windows(windows: Sequence[Window], end: float) -> list[tuple[float, float]]:
-    """Replace "end" by the last epoch of the sweep (NaN when there is none: the window is empty)."""
-    return [(float(lo), float(end) if hi == "end" else float(hi)) for lo, hi in windows]
+def epoch_windows(windows: Sequence[Window], samples: pd.DataFrame, end: float) -> list[EpochWindow]:
+    """Each window with "end" resolved to `end`, the sweep's last epoch, and its samples."""
+    out = []
+    for asked in windows:
+        start, stop = float(asked[0]), float(end) if asked[1] == "end" else float(asked[1])
+        out.append(EpochWindow(asked, start, stop, samples[(samples.epoch >= start) & (samples.epoch <= stop)]))
+    return out
 
 
-def _window_rows(samples: pd.DataFrame, arm_list: list[Arm], spans: list[tuple[float, float]]) -> pd.DataFrame:
+def _window_rows(windows: list[EpochWindow], arm_list: list[Arm]) -> pd.DataFrame:
     """Mean ratio 1 over the samples of each epoch window; an empty window gives value NaN, n = 0."""
     rows = []
     for arm in arm_list:
-        own = select(samples, arm.setting)
-        for lo, hi in spans:
-            inside = own[(own.epoch >= lo) & (own.epoch <= hi)]
-            for m in METRICS:
-                rows.append({**arm.setting, "metric": m, "averaging": "ratio_then_mean", "epoch_start": lo,
-                             "epoch_stop": hi, "value": inside[f"ratio1_{m}"].mean(), "n": len(inside)})
+        for window in windows:
+            inside = select(window.samples, arm.setting)
+            for m in RATIO_METRICS:
+                rows.append({**arm.setting, "metric": m, "averaging": "ratio_then_mean", "epoch_start": window.start,
+                             "epoch_stop": window.stop, "value": inside[f"ratio1_{m}"].mean(), "n": len(inside)})
     return pd.DataFrame(rows)
 
 
-def ratios_table(df: pd.DataFrame, windows: Sequence[Window] = DEFAULT_WINDOWS) -> pd.DataFrame:
+def ratios_table(
+    final: pd.DataFrame, cut: pd.DataFrame, windows: list[EpochWindow], arm_list: list[Arm]
+) -> pd.DataFrame:
     """Every ratio of the study, in the columns of ratios.csv (RATIO_COLUMNS). Phases: "final" (each
     run's last validation point), "window" (ratio 1 over validation points in an epoch window),
-    "cut" (ratio 1 of ppl and ratio 2 of loss over blocks remaining). Cells that do not apply are NA."""
-    points = eval_points(df)
-    final = _last(points)
-    arm_list = arms(final)
-    cut = _cut(df, final)
-    spans = resolve_windows(windows, points.epoch.max())
-    samples = _samples(points, arm_list)
-    parts = [_ratio1(final, arm_list, m).assign(metric=m, ratio="ratio1", phase="final") for m in METRICS]
-    parts += [_ratio2(final, m).assign(metric=m, ratio="ratio2", phase="final") for m in METRICS]
-    parts += [_window_rows(samples, arm_list, spans).assign(ratio="ratio1", phase="window")]
-    parts += [_ratio1(cut, arm_list, "ppl").assign(metric="ppl", ratio="ratio1", phase="cut")]
-    parts += [_ratio2(cut, "loss").assign(metric="loss", ratio="ratio2", phase="cut")]
+    CUT_PHASE (CUT_RATIOS over blocks remaining, from the layer-cut points `cut`). Cells that do not
+    apply are NA."""
+    of = {"ratio1": lambda points, metric: _ratio1(points, arm_list, metric), "ratio2": _ratio2}
+    parts = [of[r](final, m).assign(metric=m, ratio=r, phase="final") for r in of for m in RATIO_METRICS]
+    parts += [_window_rows(windows, arm_list).assign(ratio="ratio1", phase="window")]
+    parts += [of[r](cut, m).assign(metric=m, ratio=r, phase=CUT_PHASE) for r, m in CUT_RATIOS]
     table = _concat(parts, RATIO_COLUMNS).reindex(columns=RATIO_COLUMNS)
-    table["blocks_remaining"] = table.blocks_remaining.where(table.phase == "cut")
+    table["blocks_remaining"] = table.blocks_remaining.where(table.phase == CUT_PHASE)
     return table.astype({"blocks_remaining": "Int64", "epoch_start": float, "epoch_stop": float,
                          "value": float, "n": int})
 
@@ -295,10 +287,10 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, f
     return mean, mean - half, mean + half
 
 
-def final_losses(df: pd.DataFrame) -> pd.DataFrame:
+def final_losses(final: pd.DataFrame) -> pd.DataFrame:
     """Per setting: mean and 95% t interval over seeds of the final fw and bw loss."""
     rows = []
-    for setting, runs in final_points(df).groupby(SETTING, sort=True):
+    for setting, runs in final.groupby(SETTING, sort=True):
         row = {**dict(zip(SETTING, setting)), "num_params": runs.num_params.iloc[0], "n_seeds": len(runs)}
         for d in DIRECTIONS:
             row |= dict(zip([f"{d}_loss_mean", f"{d}_loss_ci_low", f"{d}_loss_ci_high"], mean_ci(runs[f"loss_{d}"])))
@@ -310,13 +302,12 @@ def _seed_list(seeds: Iterable[int]) -> str:
     return " ".join(str(s) for s in sorted(seeds))
 
 
-def paired_comparison(df: pd.DataFrame) -> pd.DataFrame:
+def paired_comparison(final: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
     """Per p_bw > 0 setting: final fw loss at p_bw = x minus at p_bw = 0, paired by seed (only seeds
     with both runs). exceeds_noise: the 95% t interval of the mean difference excludes 0 (NA when
     the interval is undefined, n < 2)."""
-    final = final_points(df)
     rows = []
-    for arm in arms(final):
+    for arm in arm_list:
         x, base = final[final.run_id.isin(arm.runs)], final[final.run_id.isin(arm.baseline)]
         pairs = x.merge(base[["seed", "loss_fw"]], on="seed", suffixes=("", "_base"))
         mean, lo, hi = mean_ci(pairs.loss_fw - pairs.loss_fw_base)
@@ -332,11 +323,10 @@ def paired_comparison(df: pd.DataFrame) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- mask audit
 
-def mask_audit(df: pd.DataFrame) -> pd.DataFrame:
+def mask_audit(final: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Per done run: leaks_labels (config), probe_leak_bw (perturbation probe), final losses and
     bw/fw loss ratio. A leak-free bw task is about as hard as fw (ratio near 1)."""
-    flags = runs_table(df)[["run_id", "leaks_labels", "probe_leak_bw"]]
-    audit = final_points(df).merge(flags, on="run_id")
+    audit = final.merge(runs[["run_id", "leaks_labels", "probe_leak_bw"]], on="run_id")
     audit["bw_fw_loss_ratio"] = audit.loss_bw.astype(float) / audit.loss_fw.astype(float)
     return audit[AUDIT_COLUMNS]
 
@@ -351,5 +341,47 @@ def mask_summary(audit: pd.DataFrame) -> pd.DataFrame:
         rows.append({"bw_mask": mask, "runs": len(runs), "bw_fw_loss_ratio": runs.bw_fw_loss_ratio.mean(),
                      "leaks_labels": bool(runs.leaks_labels.astype(bool).any()), "probed": len(probed),
                      "probe_leaks": len(leaking), "probe_leak_runs": " ".join(leaking.run_id)})
-    return pd.DataFrame(rows, columns=["bw_mask", "runs", "bw_fw_loss_ratio", "leaks_labels", "probed",
-                                       "probe_leaks", "probe_leak_runs"])
+    return pd.DataFrame(rows, columns=MASK_SUMMARY_COLUMNS)
+
+
+# ----------------------------------------------------------------------------- the analysis
+
+@dataclass(frozen=True)
+class Analysis:
+    """Every table of a sweep's analysis, computed once by `analyse`: the report prints them and the
+    figures draw them. A table's name is its CSV's and its HTML table's."""
+
+    windows: list[EpochWindow]
+    runs: pd.DataFrame  # one row per run, every status (runs_table)
+    unfinished: pd.DataFrame  # the runs that failed or have not finished, left out of every statistic
+    points: pd.DataFrame  # done runs' validation points (eval_points)
+    final: pd.DataFrame  # each done run's last validation point
+    arms: list[Arm]
+    ratios: pd.DataFrame  # RATIO_COLUMNS
+    ratio1_samples: pd.DataFrame  # SAMPLE_COLUMNS
+    final_pairs: pd.DataFrame  # ratio 1 of the final points per seed pair (pairs_table)
+    final_losses: pd.DataFrame  # FINAL_LOSS_COLUMNS
+    paired: pd.DataFrame  # PAIRED_COLUMNS
+    mask_audit: pd.DataFrame  # AUDIT_COLUMNS
+    mask_summary: pd.DataFrame  # MASK_SUMMARY_COLUMNS
+
+
+def analyse(df: pd.DataFrame, windows: Sequence[Window] = DEFAULT_WINDOWS) -> Analysis:
+    """The analysis of a sweep's tidy results table (study.results.COLUMNS)."""
+    runs = runs_table(df)
+    points = eval_points(df, runs)
+    final = last_points(points)
+    arm_list = arms(final)
+    samples = samples_table(points, arm_list)
+    windows = epoch_windows(windows, samples, points.epoch.max())
+    # the layer cut's full model (blocks_remaining == depth) is the final validation point
+    cut = _concat([final, eval_points(df, runs, CUT_PHASE)], final.columns)
+    audit = mask_audit(final, runs)
+    return Analysis(
+        windows=windows, runs=runs,
+        unfinished=runs[runs.status != "done"].reset_index(drop=True),
+        points=points, final=final, arms=arm_list,
+        ratios=ratios_table(final, cut, windows, arm_list), ratio1_samples=samples,
+        final_pairs=pairs_table(final, arm_list), final_losses=final_losses(final),
+        paired=paired_comparison(final, arm_list), mask_audit=audit, mask_summary=mask_summary(audit),
+    )

@@ -41,12 +41,8 @@ import pyarrow
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from fwbw.data.tokenizer import (
-    Tokenizer,
-    load_tokenizer,
-    tmp_path_for,
-    validate_tokenizer_spec,
-)
+from fwbw.data.tokenizer import Tokenizer, load_tokenizer, validate_tokenizer_spec
+from fwbw.files import atomic_write, atomic_write_json, read_json, sha256_of
 
 CORPORA = ("wiki-sample", "wikitext-2", "wikitext-103")  # plus "text:DIR"
 SPLITS = ("train", "valid")
@@ -135,7 +131,7 @@ def load_token_data(
         pieces = _read_split(source, split)
         bar = f"tokenize {corpus} {split}"
         meta[f"{split}_tokens"] = _write_tokens(tok, pieces, out / f"{split}.bin", bar, progress)
-    _write_json(out / "meta.json", meta)  # written last: its presence marks a complete cache
+    atomic_write_json(out / "meta.json", meta)  # written last: its presence marks a complete cache
     data = _open_tokens(out, corpus, tokenizer)
     assert data is not None
     return data
@@ -203,9 +199,9 @@ def _wiki_sample() -> _Corpus:
     path = wiki_sample_file()
 
     def read(split: str) -> list[str]:
-        return split_wiki_sample(json.loads(path.read_text(encoding="utf-8")))[split]
+        return split_wiki_sample(read_json(path))[split]
 
-    return _Corpus("wiki-sample", f"wiki-sample-{_digest(_sha256(path))}", read)
+    return _Corpus("wiki-sample", f"wiki-sample-{_digest(sha256_of(path))}", read)
 
 
 # --- wikitext ----------------------------------------------------------------------------------
@@ -234,17 +230,17 @@ def _fetch_verified(url: str, root: Path, rel: str, progress: bool) -> str:
     a copy that later fails that check is downloaded again.
     """
     path, manifest_path = root / rel, root / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest = read_json(manifest_path) if manifest_path.exists() else {}
     expected = manifest.get(rel)
-    if path.exists() and expected is not None and _sha256(path) != expected:
+    if path.exists() and expected is not None and sha256_of(path) != expected:
         print(f"fwbw: {path} fails its sha256 check; downloading it again", file=sys.stderr)
         path.unlink()
     if not path.exists():
         _download(url, path, progress)
-    digest = _sha256(path)
+    digest = sha256_of(path)
     if expected is None:
         _check_parquet(path, url)
-        _write_json(manifest_path, {**manifest, rel: digest})
+        atomic_write_json(manifest_path, {**manifest, rel: digest})
     elif digest != expected:
         path.unlink()
         raise RuntimeError(
@@ -255,7 +251,10 @@ def _fetch_verified(url: str, root: Path, rel: str, progress: bool) -> str:
 
 
 def _download(url: str, path: Path, progress: bool) -> None:
-    tmp = tmp_path_for(path)
+    atomic_write(path, lambda tmp: _fetch(url, tmp, path, progress))
+
+
+def _fetch(url: str, tmp: Path, path: Path, progress: bool) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
             size = int(response.headers.get("Content-Length") or 0) or None
@@ -265,12 +264,10 @@ def _download(url: str, path: Path, progress: bool) -> None:
                     f.write(chunk)
                     bar.update(len(chunk))
     except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
-        tmp.unlink(missing_ok=True)
         raise RuntimeError(
             f"cannot download {url} ({e}); offline? use corpus 'wiki-sample' or 'text:DIR', "
             f"or put the file at {path}"
         ) from e
-    os.replace(tmp, path)
 
 
 def _check_parquet(path: Path, url: str) -> None:
@@ -311,7 +308,11 @@ def _read_lines(path: Path) -> list[str]:
 
 def _write_tokens(tok: Tokenizer, pieces: list[str], path: Path, desc: str, progress: bool) -> int:
     """Encode the concatenated pieces into path as raw TOKEN_DTYPE ids; return the token count."""
-    tmp, count = tmp_path_for(path), 0
+    return atomic_write(path, lambda tmp: _encode_into(tok, pieces, tmp, desc, progress))
+
+
+def _encode_into(tok: Tokenizer, pieces: list[str], tmp: Path, desc: str, progress: bool) -> int:
+    count = 0
     bar = tqdm(total=sum(map(len, pieces)), unit="char", unit_scale=True, desc=desc, disable=not progress)
     with open(tmp, "wb") as f, bar:
         chunks = iter(_text_chunks(pieces))
@@ -320,7 +321,6 @@ def _write_tokens(tok: Tokenizer, pieces: list[str], path: Path, desc: str, prog
                 np.asarray(ids, dtype=TOKEN_DTYPE).tofile(f)
                 count += len(ids)
             bar.update(sum(map(len, batch)))
-    os.replace(tmp, path)
     return count
 
 
@@ -359,7 +359,7 @@ def _open_tokens(folder: Path, corpus: str, tokenizer: str) -> TokenData | None:
     meta_path = folder / "meta.json"
     if not meta_path.exists():
         return None
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     arrays = {}
     for split in SPLITS:
         path = folder / f"{split}.bin"
@@ -373,20 +373,6 @@ def _open_tokens(folder: Path, corpus: str, tokenizer: str) -> TokenData | None:
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _digest(obj: object) -> str:
     """A short hash of a JSON-able value, for cache keys."""
     return hashlib.sha256(json.dumps([CACHE_FORMAT, obj], sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _write_json(path: Path, obj: object) -> None:
-    tmp = tmp_path_for(path)
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)

@@ -22,6 +22,8 @@ import tiktoken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from fwbw.files import atomic_write
+
 BPE_MIN_VOCAB = 257  # 256 byte tokens plus at least one merge
 BPE_MAX_VOCAB = 65535
 GPT2_VOCAB = 50257
@@ -105,9 +107,7 @@ def load_tokenizer(spec: str, train_text: Callable[[], Iterable[str]], cache_dir
     vocab_size = int(spec.removeprefix("bpe:"))
     path = Path(cache_dir) / f"bpe-{vocab_size}.json"
     if not path.exists():
-        tmp = tmp_path_for(path)
-        _train_bpe(vocab_size, train_text()).save(str(tmp))
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: _train_bpe(vocab_size, train_text()).save(str(tmp)))
     return BPETokenizer(spec, vocab_size, HFTokenizer.from_file(str(path)))
 
 
@@ -138,9 +138,3 @@ def _train_bpe(vocab_size: int, texts: Iterable[str]) -> HFTokenizer:
     )
     tok.train_from_iterator(texts, trainer)
     return tok
-
-
-def tmp_path_for(path: Path) -> Path:
-    """A temporary sibling of path (its folder created) to write to, then os.replace onto path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")

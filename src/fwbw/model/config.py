@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fwbw.model.masks import BW_MASKS
@@ -10,8 +11,9 @@ from fwbw.schema import require
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """hlb-gpt v0.4.1 (SPEC §3). With task_tokens the vocabulary grows by two: the fw token
-    (id vocab_size) and the bw token (id vocab_size + 1)."""
+    """hlb-gpt v0.4.1 (docs/method.md#the-model). With task_tokens the vocabulary grows by two:
+    the fw token (id vocab_size) and the bw token (id vocab_size + 1). num_heads splits the
+    attention as the study's code could (1: hlb-gpt's single head)."""
 
     vocab_size: int
     depth: int
@@ -21,6 +23,7 @@ class ModelConfig:
     task_tokens: bool = False
     qk_dim_div: int = 8
     expand_factor: int = 2
+    num_heads: int = 1
 
     def __post_init__(self) -> None:
         require(self.vocab_size >= 2, "vocab_size", f"must be >= 2, got {self.vocab_size}")
@@ -31,9 +34,18 @@ class ModelConfig:
             "width",
             f"must be a positive multiple of {self.qk_dim_div}, got {self.width}",
         )
+        require(
+            self.num_heads >= 1 and self.qk_dim % self.num_heads == 0 and self.width % self.num_heads == 0,
+            "num_heads",
+            f"must be >= 1 and divide the query/key width {self.qk_dim} and the width {self.width}, got {self.num_heads}",
+        )
         require(self.expand_factor >= 2, "expand_factor", f"must be >= 2, got {self.expand_factor}")
         require(self.max_seq_len >= 2, "max_seq_len", f"must be >= 2, got {self.max_seq_len}")
         require(self.bw_mask in BW_MASKS, "bw_mask", f"must be one of {BW_MASKS}, got {self.bw_mask!r}")
+
+    @property
+    def qk_dim(self) -> int:
+        return self.width // self.qk_dim_div
 
     @property
     def total_vocab(self) -> int:
@@ -46,3 +58,11 @@ class ModelConfig:
     @property
     def bw_token_id(self) -> int:
         return self.vocab_size + 1
+
+
+def shape_for_model_scale(scale: float) -> tuple[int, int]:
+    """hlb-gpt's sizing by `model_scale` s (docs/method.md#the-model): depth = round(8 log2(1 + s))
+    and width = the multiple of 64 nearest to 384 log2(1 + s); s = 1 gives (8, 384)."""
+    require(scale > 0, "model_scale", f"must be > 0, got {scale}")
+    size = math.log2(1 + scale)
+    return round(8 * size), 64 * round(384 * size / 64)

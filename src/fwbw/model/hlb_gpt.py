@@ -1,4 +1,5 @@
-"""The hlb-gpt v0.4.1 language model (SPEC §3), able to run either causal direction.
+"""The hlb-gpt v0.4.1 language model (docs/method.md#the-model), able to run either causal
+direction.
 
 No absolute positions: the only position signal is a learned linear distance bias per block, so
 bw-causal attention over x equals fw-causal attention over reversed x, reversed back.
@@ -20,12 +21,15 @@ from fwbw.model.masks import mask_and_distance
 
 class LatentAttentionBlock(nn.Module):
     """Pre-norm residual block: one fused projection feeds a GEGLU whose output is split into a
-    local (MLP-like) half and the value of a single-head attention; both are projected back."""
+    local (MLP-like) half and the value of the attention; both are projected back. With
+    num_heads h, the query, key and value are split into h heads that share one distance bias
+    (h = 1 is hlb-gpt's single head)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         width = config.width
-        self.qk_dim = width // config.qk_dim_div
+        self.num_heads = config.num_heads
+        self.qk_dim = config.qk_dim
         self.expand_dim = width * config.expand_factor
         self.value_dim = width
         self.norm = nn.LayerNorm(width, bias=False)
@@ -39,6 +43,10 @@ class LatentAttentionBlock(nn.Module):
         )
         self.position_bias_mult = nn.Parameter(torch.tensor(1.0))
 
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, h * c] -> [B, h, T, c]."""
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)
+
     def forward(self, x: torch.Tensor, allowed: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
         bias = torch.where(allowed, F.softplus(self.position_bias_mult) * dist, float("-inf"))
         query, key, linear, pre_gelu = F.linear(self.norm(x), self.expand).split(
@@ -46,7 +54,10 @@ class LatentAttentionBlock(nn.Module):
         )
         geglu = linear * F.gelu(pre_gelu)
         local, value = geglu.split((self.expand_dim - self.value_dim, self.value_dim), dim=-1)
-        attention = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.to(query.dtype))
+        attention = F.scaled_dot_product_attention(
+            self._heads(query), self._heads(key), self._heads(value), attn_mask=bias.to(query.dtype)
+        )
+        attention = attention.transpose(-3, -2).flatten(-2)  # [B, h, T, c] -> [B, T, h * c]
         return x + F.linear(torch.cat([local, attention], dim=-1), self.project)
 
 
@@ -68,7 +79,7 @@ class HlbGpt(nn.Module):
 
         fw: logits[:, t] predict tokens[:, t+1] from tokens[:, :t+1].
         bw: logits[:, t] predict tokens[:, t-1] from tokens[:, t:] (legacy-flip: the study's
-        leaking mask instead).
+        leaking mask, sliced from max_seq_len, instead).
         """
         return self.output(self.hidden(tokens, direction))
 
@@ -82,7 +93,9 @@ class HlbGpt(nn.Module):
         seq_len = tokens.shape[1]
         if seq_len > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.config.max_seq_len}")
-        allowed, dist = mask_and_distance(seq_len, direction, self.config.bw_mask, tokens.device)
+        allowed, dist = mask_and_distance(
+            seq_len, direction, self.config.bw_mask, max_seq_len=self.config.max_seq_len, device=tokens.device
+        )
         x = torch.cat([self.embedding(group) for group in tokens.chunk(embedding_groups)])
         for block in self.blocks:
             x = block(x, allowed, dist)
@@ -109,7 +122,7 @@ def build_model(config: ModelConfig) -> HlbGpt:
 def count_params(config: ModelConfig) -> int:
     """HlbGpt(config).num_params() without building it."""
     d, vocab = config.width, config.total_vocab
-    qk, expand = d // config.qk_dim_div, d * config.expand_factor
+    qk, expand = config.qk_dim, d * config.expand_factor
     block = (2 * qk + 2 * expand) * d + d * expand + d + 1  # expand, project, norm, bias scale
     return 2 * vocab * d + config.depth * block + d
 
@@ -118,7 +131,7 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Model FLOPs of one training token (forward + backward = 3 x forward), counting the
     matmuls: 2 FLOPs per weight, plus causal attention's QK^T and AV over seq_len / 2 keys."""
     d = config.width
-    qk, expand = d // config.qk_dim_div, d * config.expand_factor
+    qk, expand = config.qk_dim, d * config.expand_factor
     weights_per_block = (2 * qk + 2 * expand) * d + d * expand
     attention_per_block = 2 * (seq_len / 2) * (qk + d)
     forward = config.depth * (2 * weights_per_block + attention_per_block) + 2 * d * config.total_vocab

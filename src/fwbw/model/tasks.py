@@ -36,24 +36,34 @@ def task_batch(windows: torch.Tensor, direction: str, config: ModelConfig) -> tu
     return torch.cat([windows[:, 1:], marker], dim=1), windows
 
 
-def task_stats(
-    model, windows: torch.Tensor, directions: tuple[str, ...], accuracy: bool = True
-) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """{direction: (mean loss, correct count or None)} for the given tasks on the same windows.
+def task_hidden(
+    model, windows: torch.Tensor, directions: tuple[str, ...]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{direction: (final hidden states [B, T, width], targets [B, T])} for the given tasks on
+    the same windows, row b belonging to window b; causal bw comes in reversed position order.
 
     fw and causal bw share one batched forward pass; legacy-flip bw needs its own mask."""
     config = model.config
-    weight = model.output.weight
     batched = [d for d in directions if d == "fw" or config.bw_mask == "causal"]
-    stats: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if batched:
         pairs = [task_batch(windows, d, config) for d in batched]
         inputs = torch.cat([x if d == "fw" else x.flip(1) for d, (x, _) in zip(batched, pairs)])
         targets = [y if d == "fw" else y.flip(1) for d, (_, y) in zip(batched, pairs)]
         hidden = model.hidden(inputs, "fw", embedding_groups=len(batched)).chunk(len(batched))
-        for direction, direction_hidden, direction_targets in zip(batched, hidden, targets):
-            stats[direction] = linear_cross_entropy(direction_hidden, weight, direction_targets, accuracy)
-    if "bw" in directions and "bw" not in stats:
+        results.update(zip(batched, zip(hidden, targets)))
+    if "bw" in directions and "bw" not in results:
         inputs, targets = task_batch(windows, "bw", config)
-        stats["bw"] = linear_cross_entropy(model.hidden(inputs, "bw"), weight, targets, accuracy)
-    return stats
+        results["bw"] = model.hidden(inputs, "bw"), targets
+    return results
+
+
+def task_stats(
+    model, windows: torch.Tensor, directions: tuple[str, ...], accuracy: bool = True
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """{direction: (mean loss, correct count or None)} for the given tasks on the same windows."""
+    weight = model.output.weight
+    return {
+        direction: linear_cross_entropy(hidden, weight, targets, accuracy)
+        for direction, (hidden, targets) in task_hidden(model, windows, directions).items()
+    }

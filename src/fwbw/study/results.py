@@ -3,18 +3,18 @@ run directories (the single source of truth) and written atomically as Parquet a
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
-from fwbw.files import atomic_write
-from fwbw.model.masks import leaks_labels
-from fwbw.study.sweep_dir import RUNS, SWEEP_FILE
-from fwbw.training.run_dir import read_status
+from fwbw.files import atomic_write, read_json, read_jsonl
+from fwbw.model.masks import DIRECTIONS, leaks_labels
+from fwbw.study.sweep_dir import RUNS, read_sweep
+from fwbw.training.evaluation import EVAL_METRICS
+from fwbw.training.run_dir import CUT, METRICS, MODEL_CONFIG, SUMMARY, read_status
 
-DIRECTIONS = ("fw", "bw")
-METRICS = ("loss", "acc", "ppl")
+EVAL_PHASE, CUT_PHASE = "train-eval", "cut"  # the `phase` of validation and of layer-cut rows
 COLUMNS = [
     "run_id", "data", "tokenizer", "depth", "width", "num_params", "seq_len", "p_bw", "bw_mode",
     "bw_mask", "task_tokens", "seed", "step", "tokens", "epoch", "seconds", "direction", "loss",
@@ -22,24 +22,18 @@ COLUMNS = [
 ]
 
 
-def _read_json(path: Path, default=None):
+def _read_if_written(path: Path, read: Callable[[Path], object], default):
+    """A run file, or `default` while the run has not written it; a corrupt one raises, naming it."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read(path)
+    except FileNotFoundError:
         return default
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return []
 
 
 def run_rows(identifier: str, config: dict, run_dir: Path) -> list[dict]:
     status = read_status(run_dir)
-    summary = _read_json(run_dir / "summary.json", {})
-    model_config = _read_json(run_dir / "model_config.json", {})
+    summary = _read_if_written(run_dir / SUMMARY, read_json, {})
+    model_config = _read_if_written(run_dir / MODEL_CONFIG, read_json, {})
     settings = {
         "run_id": identifier,
         "data": config["data"],
@@ -58,17 +52,17 @@ def run_rows(identifier: str, config: dict, run_dir: Path) -> list[dict]:
         "probe_leak_bw": summary.get("probe_leak_bw"),
         "error": status.get("error"),
     }
-    metrics = _read_metrics(run_dir / "metrics.jsonl")
+    metrics = _read_if_written(run_dir / METRICS, read_jsonl, [])
     rows = [
-        {**settings, **_point(point), "direction": d, **{m: point[f"{d}_{m}"] for m in METRICS},
-         "phase": "train-eval", "blocks_remaining": config["depth"]}
+        {**settings, **_point(point), "direction": d, **{m: point[f"{d}_{m}"] for m in EVAL_METRICS},
+         "phase": EVAL_PHASE, "blocks_remaining": config["depth"]}
         for point in metrics
         for d in DIRECTIONS
     ]
-    cut = _read_json(run_dir / "cut.json", []) if metrics else []
+    cut = _read_if_written(run_dir / CUT, read_json, []) if metrics else []
     rows += [
-        {**settings, **_point(metrics[-1]), "direction": d, **{m: entry["metrics"][d][m] for m in METRICS},
-         "phase": "cut", "blocks_remaining": entry["blocks_remaining"]}
+        {**settings, **_point(metrics[-1]), "direction": d, **{m: entry["metrics"][d][m] for m in EVAL_METRICS},
+         "phase": CUT_PHASE, "blocks_remaining": entry["blocks_remaining"]}
         for entry in cut
         for d in DIRECTIONS
     ]
@@ -90,12 +84,9 @@ def _count_params(model_config: dict) -> int | None:
 
 
 def build_results(sweep_dir: Path) -> pd.DataFrame:
-    sweep = _read_json(Path(sweep_dir) / SWEEP_FILE)
-    if sweep is None:
-        raise ValueError(f"{sweep_dir} is not a sweep directory (no readable {SWEEP_FILE})")
     rows = [
         row
-        for identifier, config in sweep["runs"].items()
+        for identifier, config in read_sweep(sweep_dir)["runs"].items()
         for row in run_rows(identifier, config, Path(sweep_dir) / RUNS / identifier)
     ]
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
@@ -116,7 +107,7 @@ def write_results(sweep_dir: Path) -> pd.DataFrame:
 def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     """Setting x seed with final fw/bw validation loss and status, for `fwbw results`."""
     keys = ["depth", "width", "p_bw", "bw_mode", "bw_mask", "task_tokens", "seed"]
-    evals = table[table["phase"] == "train-eval"]
+    evals = table[table["phase"] == EVAL_PHASE]
     last = evals[evals["step"] == evals.groupby("run_id")["step"].transform("max")]
     final = last.pivot_table(index="run_id", columns="direction", values="loss").add_prefix("final_loss_")
     runs = table.drop_duplicates("run_id").set_index("run_id")[keys + ["num_params", "status"]]

@@ -1,146 +1,150 @@
-"""A grid of settings x seeds, each trained (resumably) and then cut layer by layer.
-
-Layout of a sweep directory:
-  sweep.json                 the spec and the list of runs (id -> config)
-  runs/<run_id>/             one training run (see fwbw.training) plus
-      cut.json               the layer-cut evaluation
-      status.json            pending | running | done | failed, with the error
-      .lock                  held by the worker running it (atomic O_EXCL create)
-  results.parquet/.csv       the tidy table (fwbw.results)
-A run id is derived from its config, so rerunning a sweep finds finished work and skips it.
+"""A grid of settings x seeds, each trained (resumably) and then cut layer by layer, in a sweep
+directory (fwbw.study.sweep_dir). A run id is derived from its config, so rerunning a sweep finds
+finished work and skips it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import math
 import os
 import sys
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fwbw.files import atomic_write_json
-from fwbw.schema import ConfigError, require
+from fwbw.model.config import shape_for_model_scale
+from fwbw.schema import ConfigError, check_fields, from_mapping, require, show
 from fwbw.study.sweep_dir import RUNS, SWEEP_FILE
 from fwbw.training.config import RecipeConfig, TrainConfig
-from fwbw.training.run_dir import claim, read_status, release, write_status
+from fwbw.training.run_dir import claim, config_id, read_status, release, write_status
+
+# hlb-gpt's model at model_scale 1 (width 384, 8 blocks, V 50,304): the size s = 1 of the study's rule
+REFERENCE_PARAMS = 46_009_736
+TOKENS_PER_MICROBATCH_RULES = ("study",)
+FILE_KEYS = {"p_bws": "p_bw", "first_seed": "seed"}  # SweepSpec fields that files and flags spell otherwise
+GRID_AXIS_OF = {"depth": "depths", "width": "widths", "model_scale": "model_scales"}  # run field -> its grid axis
+
+
+def study_tokens_per_microbatch(size: float) -> int:
+    """The study's token capacity per microbatch for a model of size s (its model_scale, or
+    num_params / REFERENCE_PARAMS): 57,236 tokens at s = 1, fewer for larger models."""
+    return math.floor(114688 / (1.52174 + 0.482 * size**0.87))
 
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """The grid: every depth x width x p_bw x seed, sharing the `base` training settings."""
+    """The grid: every model size x p_bw x seed, sharing the `base` training settings. The sizes
+    are depths x widths, or hlb-gpt's model_scales (depths and widths None). With
+    tokens_per_microbatch_rule "study", each run's recipe.tokens_per_microbatch is the study's
+    for its size. Extra runs are trained alongside the grid."""
 
-    depths: tuple[int, ...] = (4,)
-    widths: tuple[int, ...] = (128,)
+    depths: tuple[int, ...] | None = (4,)
+    widths: tuple[int, ...] | None = (128,)
+    model_scales: tuple[float, ...] | None = None
     p_bws: tuple[float, ...] = (0.0, 0.05)
     seeds: int = 3
     first_seed: int = 100
+    tokens_per_microbatch_rule: str | None = None
     base: TrainConfig = field(default_factory=TrainConfig)
     extra_runs: tuple[TrainConfig, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("depths", "widths", "p_bws"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-            require(len(getattr(self, name)) > 0, name, "needs at least one value")
+        check_fields(self, FILE_KEYS)
+        if self.model_scales is None:
+            for axis in ("depths", "widths"):
+                require(getattr(self, axis) is not None, axis, "needs values unless model_scales sizes the models")
+        else:
+            require(self.depths is None and self.widths is None, "model_scales", "give model_scales or depths and widths, not both")
+        for axis in ("depths", "widths", "model_scales", "p_bws"):
+            _check_axis(FILE_KEYS.get(axis, axis), getattr(self, axis))
         require(self.seeds >= 1, "seeds", f"must be >= 1, got {self.seeds}")
+        rule = self.tokens_per_microbatch_rule
+        require(rule in (None, *TOKENS_PER_MICROBATCH_RULES), "tokens_per_microbatch_rule",
+                f"must be one of {TOKENS_PER_MICROBATCH_RULES}, got {rule!r}")
+        ids = [run_id(config) for config in self.configs()]
+        require(len(set(ids)) == len(ids), "extra_runs", "repeats a run of the grid or another extra run")
 
     def configs(self) -> list[TrainConfig]:
-        """Every run of the grid (validated now, so a bad value fails before any training)."""
-        grid = [
-            dataclasses.replace(self.base, depth=depth, width=width, p_bw=p_bw, seed=self.first_seed + offset)
-            for depth in self.depths
-            for width in self.widths
-            for p_bw in self.p_bws
-            for offset in range(self.seeds)
-        ]
+        """Every run: the grid, then the extra runs."""
+        grid = []
+        for size in self._sizes():
+            recipe = self._recipe_for(size)
+            grid += [
+                dataclasses.replace(self.base, **size, recipe=recipe, p_bw=p_bw, seed=self.first_seed + offset)
+                for p_bw in self.p_bws
+                for offset in range(self.seeds)
+            ]
         return grid + list(self.extra_runs)
+
+    def _sizes(self) -> list[dict]:
+        if self.model_scales is None:
+            return [dict(depth=depth, width=width, model_scale=None) for depth in self.depths for width in self.widths]
+        return [dict(zip(("depth", "width"), shape_for_model_scale(s)), model_scale=s) for s in self.model_scales]
+
+    def _recipe_for(self, size: dict) -> RecipeConfig:
+        if self.tokens_per_microbatch_rule is None:
+            return self.base.recipe
+        from fwbw.data.tokenizer import vocab_size_of
+        from fwbw.model.hlb_gpt import count_params
+
+        scale = size["model_scale"]
+        if scale is None:
+            model = self.base.model_config(vocab_size_of(self.base.tokenizer))
+            scale = count_params(dataclasses.replace(model, depth=size["depth"], width=size["width"])) / REFERENCE_PARAMS
+        return dataclasses.replace(self.base.recipe, tokens_per_microbatch=study_tokens_per_microbatch(scale))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping) -> SweepSpec:
+        """A spec from a sweep file's values: the spec's own keys (depths, widths, model_scales,
+        p_bw, seeds, seed, tokens_per_microbatch_rule, extra_runs) and any other TrainConfig field
+        for every run (recipe as a table). An extra run is a table of fields that differ from the
+        base, which is the grid's first seed."""
+        own = {FILE_KEYS.get(item.name, item.name) for item in dataclasses.fields(cls)} - {"base"}
+        spec = {key: value for key, value in values.items() if key in own}
+        base = {key: value for key, value in values.items() if key not in own}
+        for key in base:
+            if key in GRID_AXIS_OF:
+                raise ConfigError(f"{key}: is set by the grid; give {GRID_AXIS_OF[key]}")
+        recipe = base.get("recipe")
+        both = "tokens_per_microbatch_rule" in spec and isinstance(recipe, Mapping) and "tokens_per_microbatch" in recipe
+        require(not both, "tokens_per_microbatch_rule", "give it or recipe.tokens_per_microbatch, not both")
+        if "seed" in spec:
+            base["seed"] = spec["seed"]
+        if "model_scales" in spec:
+            spec = {"depths": None, "widths": None, **spec}
+        extras = spec.pop("extra_runs", [])
+        require(isinstance(extras, list) and all(isinstance(extra, Mapping) for extra in extras), "extra_runs",
+                f"must be a list of tables of fields, got {show(extras)}")
+        spec["base"] = TrainConfig.from_dict(base)
+        spec["extra_runs"] = tuple(_extra_run(base, extra, index) for index, extra in enumerate(extras))
+        return from_mapping(cls, spec, FILE_KEYS)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-PRESETS = {
-    # The study's grid (SPEC §1): WikiText-103, GPT-2 tokens, task tokens, 10 epochs.
-    "paper": dict(
-        depths=(4, 8, 16, 32),
-        widths=(192, 384, 768, 1536),
-        p_bws=(0.0, 0.05),
-        seeds=3,
-        base=dict(data="wikitext-103", tokenizer="gpt2", seq_len=1024, task_tokens=True, epochs=10.0,
-                  eval_every_epochs=0.25, eval_tokens=262_144, recipe=dict(tokens_per_microbatch=65_536)),
-    ),
-    # Two model sizes x p_bw {0, 0.05} x 2 seeds on the embedded data: ~8 minutes on 2 CPU cores.
-    # Scaled down: one fixed microbatch of 2048 tokens per step, so an epoch is ~580 steps.
-    "cpu-small": dict(
-        depths=(2, 4),
-        widths=(128,),
-        p_bws=(0.0, 0.05),
-        seeds=2,
-        base=dict(data="wiki-sample", tokenizer="bpe:8192", seq_len=128, epochs=1.0,
-                  eval_every_epochs=0.125, eval_tokens=12_288,
-                  recipe=dict(tokens_per_microbatch=2048, dynamic_microbatch=False)),
-    ),
-}
+def _check_axis(key: str, values: tuple | None) -> None:
+    if values is None:
+        return
+    require(len(values) > 0, key, "needs at least one value")
+    for value in values:
+        require(values.count(value) == 1, key, f"repeats {show(value)}")
 
 
-GRID_KEYS = {"depths": "depths", "widths": "widths", "p_bw": "p_bws", "seeds": "seeds", "seed": "first_seed"}
-
-
-def spec_from_mapping(values: dict) -> SweepSpec:
-    """A spec from plain data: grid keys (depths, widths, p_bw, seeds, seed), an optional
-    `preset` to start from, and any TrainConfig field (recipe as a table) for the base config."""
-    values = dict(values)
-    start = preset(values.pop("preset")) if "preset" in values else SweepSpec()
-    grid = {GRID_KEYS[k]: values.pop(k) for k in list(values) if k in GRID_KEYS}
-    if "recipe" in values:
-        values["recipe"] = dataclasses.replace(start.base.recipe, **values["recipe"])
+def _extra_run(base: Mapping, extra: Mapping, index: int) -> TrainConfig:
     try:
-        base = dataclasses.replace(start.base, **values)
-    except TypeError as error:
-        raise ConfigError(f"sweep file: {error}") from None
-    return dataclasses.replace(start, base=base, **grid)
+        return TrainConfig.from_dict(_overlay(base, extra))
+    except ConfigError as error:
+        raise ConfigError(f"extra_runs[{index}].{error}") from None
 
 
-def load_spec_file(path: Path) -> SweepSpec:
-    path = Path(path)
-    if path.suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        values = tomllib.loads(path.read_text())
-    elif path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        values = yaml.safe_load(path.read_text()) or {}
-    else:
-        raise ConfigError(f"config: {path} must be a .toml, .yaml or .yml file")
-    return spec_from_mapping(values)
-
-
-def preset(name: str) -> SweepSpec:
-    if name not in PRESETS:
-        raise ConfigError(f"preset: unknown {name!r} (expected one of {', '.join(PRESETS)})")
-    values = dict(PRESETS[name])
-    base = dict(values.pop("base"))
-    base["recipe"] = RecipeConfig(**base.get("recipe", {}))
-    return SweepSpec(**values, base=TrainConfig(**base))
-
-
-# The leak shows in the losses only after a few hundred bw steps (here from ~0.75 epochs on).
-DEMO_LEGACY_P_BW = 1.0
-
-
-def demo_spec() -> SweepSpec:
-    """`fwbw demo`: the cpu-small grid plus one run of the study's leaking mask at its largest size."""
-    spec = preset("cpu-small")
-    legacy = dataclasses.replace(
-        spec.base, depth=max(spec.depths), width=max(spec.widths), p_bw=DEMO_LEGACY_P_BW,
-        bw_mask="legacy-flip", seed=spec.first_seed,
-    )
-    return dataclasses.replace(spec, extra_runs=(legacy,))
+def _overlay(below: Mapping, above: Mapping) -> dict:
+    """`below` with `above`'s values, tables merged key by key."""
+    nested = lambda key: isinstance(below.get(key), Mapping) and isinstance(above[key], Mapping)
+    return {**below, **{key: _overlay(below[key], value) if nested(key) else value for key, value in above.items()}}
 
 
 # Approximate training-split sizes, for --dry-run before any data is downloaded or tokenized.
@@ -168,7 +172,10 @@ def describe(spec: SweepSpec) -> str:
         tasks = 1 + config.p_bw if config.bw_mode == "add" else 1
         flops = training_flops_per_token(model, config.seq_len) * tokens * tasks
         total += flops
-        lines.append(f"{run_id(config):<48} params {count_params(model) / 1e6:8.2f}M  tokens {tokens / 1e6:9.2f}M  {flops:.2e} FLOP")
+        lines.append(
+            f"{run_id(config):<48} params {count_params(model) / 1e6:8.2f}M  tokens {tokens / 1e6:9.2f}M  "
+            f"tokens/microbatch {config.recipe.tokens_per_microbatch:6d}  {flops:.2e} FLOP"
+        )
     hours_h100 = total / (0.4 * 989e12) / 3600
     lines.append(f"{len(lines)} runs, {total:.2e} training FLOP: ~{hours_h100:.1f} h on one H100 at 40% MFU (bf16)")
     return "\n".join(lines)
@@ -176,9 +183,8 @@ def describe(spec: SweepSpec) -> str:
 
 def run_id(config: TrainConfig) -> str:
     """Readable and stable: the main settings, then a hash of the whole config."""
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
     mask = "" if config.bw_mask == "causal" else f"-{config.bw_mask}"
-    return f"d{config.depth}-w{config.width}-p{config.p_bw:g}{mask}-s{config.seed}-{digest}"
+    return f"d{config.depth}-w{config.width}-p{config.p_bw:g}{mask}-s{config.seed}-{config_id(config)[:8]}"
 
 
 def select_shard(configs: list[TrainConfig], shard: tuple[int, int]) -> list[TrainConfig]:
@@ -206,8 +212,8 @@ def setup_summary(spec: SweepSpec) -> dict:
         "tokenizer": base.tokenizer,
         "seq_len": base.seq_len,
         "budget": f"{base.train_tokens} tokens" if base.train_tokens else f"{base.epochs:g} epochs",
-        "depths": list(spec.depths),
-        "widths": list(spec.widths),
+        **({"depths": list(spec.depths), "widths": list(spec.widths)} if spec.model_scales is None
+           else {"model_scales": list(spec.model_scales)}),
         "p_bw": list(spec.p_bws),
         "seeds": [spec.first_seed + i for i in range(spec.seeds)],
         "bw_mode": base.bw_mode,
@@ -215,7 +221,7 @@ def setup_summary(spec: SweepSpec) -> dict:
         "task_tokens": base.task_tokens,
         "extra_runs": [run_id(config) for config in spec.extra_runs],
         "eval": f"every {base.eval_every_epochs:g} epochs on {base.eval_tokens} fixed validation tokens",
-        "tokens_per_microbatch": base.recipe.tokens_per_microbatch,
+        "tokens_per_microbatch": spec.tokens_per_microbatch_rule or base.recipe.tokens_per_microbatch,
         "device / dtype": f"{base.device} / {base.dtype}",
     }
 
@@ -252,14 +258,23 @@ def run_one(config: TrainConfig, run_dir: Path, retry_failed: bool, progress: bo
         write_status(run_dir, "done")
         return "done"
     except Exception as error:  # a failed run is recorded and the sweep goes on
-        message = f"{type(error).__name__}: {error}"
-        write_status(run_dir, "failed", message)
-        print(f"run {run_dir.name} failed: {message}", file=sys.stderr)
-        if os.environ.get("FWBW_DEBUG"):
-            traceback.print_exc()
+        _record_failure(run_dir, error)
         return "failed"
     finally:
         release(run_dir)
+
+
+def _record_failure(run_dir: Path, error: Exception) -> None:
+    """Report the failed run and mark it failed; when even that cannot be written (a full disk),
+    say so and let the sweep go on."""
+    message = f"{type(error).__name__}: {error}"
+    print(f"run {run_dir.name} failed: {message}", file=sys.stderr)
+    if os.environ.get("FWBW_DEBUG"):
+        traceback.print_exc()
+    try:
+        write_status(run_dir, "failed", message)
+    except OSError as status_error:
+        print(f"run {run_dir.name}: status not recorded: {status_error}", file=sys.stderr)
 
 
 def run_sweep(

@@ -4,24 +4,33 @@ A checkpoint is a folder `checkpoints/step_XXXXXXXX/` holding `tensors.safetenso
 optimizer moments, RNG states) and `state.json` (everything else). It is written under a
 temporary name and renamed into place, and `state.json` records the sha256 of the tensor file,
 so a half-written or corrupted checkpoint is detected and skipped in favour of an older one.
+`state.json` also records the id of the config it was trained with (run_dir.config_id): a
+checkpoint is only ever resumed into that config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fwbw.files import atomic_write, atomic_write_json, atomic_write_text
+from fwbw.files import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    cannot_write,
+    read_json,
+    sha256_of,
+)
 from fwbw.model.config import ModelConfig
 from fwbw.model.hlb_gpt import HlbGpt, build_model
+from fwbw.training.run_dir import CHECKPOINTS, MODEL_CONFIG, MODEL_WEIGHTS
 
-CHECKPOINTS = "checkpoints"
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 KEEP = 2
@@ -29,14 +38,6 @@ KEEP = 2
 
 class CorruptCheckpoint(RuntimeError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def flatten(prefix: str, tree, tensors: dict[str, torch.Tensor]):
@@ -68,42 +69,79 @@ def _optimizer_keys_to_int(state: dict) -> dict:
     return state
 
 
-def save(run_dir: Path, step: int, payload: dict) -> Path:
-    """Write `payload` (nested dicts of tensors and plain data) as the checkpoint of `step`."""
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, whose own error (disk full included) becomes one line naming the file."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as error:
+        raise cannot_write(path, error) from error
+
+
+def save(run_dir: Path, step: int, payload: dict, config_id: str) -> Path:
+    """Write `payload` (nested dicts of tensors and plain data) as the checkpoint of `step` of the
+    config `config_id`; keep the newest KEEP checkpoints of that config and remove the rest."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{step:08d}"
     partial = root / f".partial_step_{step:08d}"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    tensors: dict[str, torch.Tensor] = {}
-    plain = flatten("root", payload, tensors)
-    save_file(tensors, str(partial / TENSORS))
-    atomic_write_text(partial / STATE, json.dumps({"step": step, "sha256": _sha256(partial / TENSORS), "payload": plain}))
+    try:
+        partial.mkdir(parents=True)
+        tensors: dict[str, torch.Tensor] = {}
+        plain = flatten("root", payload, tensors)
+        _save_tensors(tensors, partial / TENSORS)
+        state = {"step": step, "config": config_id, "sha256": sha256_of(partial / TENSORS), "payload": plain}
+        atomic_write_text(partial / STATE, json.dumps(state))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
-    for old in sorted(root.glob("step_*"))[:-KEEP]:
+    own = [path for path in sorted(root.glob("step_*")) if _config_of(path) == config_id]
+    for old in set(root.glob("step_*")) - set(own[-KEEP:]):
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _read_state(path: Path) -> dict:
+    try:
+        state = read_json(path / STATE)
+    except (OSError, ValueError) as error:
+        raise CorruptCheckpoint(str(error)) from error
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"{path / STATE}: not a checkpoint state")
+    return state
+
+
+def _config_of(path: Path) -> str | None:
+    """The config id a checkpoint was written for (None when unreadable or not recorded)."""
+    try:
+        return _read_state(path).get("config")
+    except CorruptCheckpoint:
+        return None
+
+
 def load(path: Path) -> dict:
     path = Path(path)
+    meta = _read_state(path)
     try:
-        meta = json.loads((path / STATE).read_text())
-        if _sha256(path / TENSORS) != meta["sha256"]:
+        if sha256_of(path / TENSORS) != meta["sha256"]:
             raise CorruptCheckpoint(f"{path}: tensor file does not match its recorded sha256")
         payload = unflatten(meta["payload"], load_file(str(path / TENSORS)))
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
         raise CorruptCheckpoint(f"{path}: {error}") from error
     if "optimizer" in payload:
         payload["optimizer"] = _optimizer_keys_to_int(payload["optimizer"])
     return payload
 
 
-def load_latest(run_dir: Path, warn=print) -> dict | None:
-    """The newest checkpoint that loads intact, or None; corrupt ones are reported and skipped."""
+def load_latest(run_dir: Path, config_id: str, warn=print) -> dict | None:
+    """The newest checkpoint of the config `config_id` that loads intact, or None; corrupt ones
+    and those of another config are reported and skipped."""
     for path in sorted((Path(run_dir) / CHECKPOINTS).glob("step_*"), reverse=True):
         try:
+            if _read_state(path).get("config") != config_id:
+                warn(f"skipping checkpoint {path}: it was written for another config")
+                continue
             return load(path)
         except CorruptCheckpoint as error:
             warn(f"skipping corrupt checkpoint: {error}")
@@ -114,12 +152,16 @@ def save_model(run_dir: Path, model: HlbGpt) -> None:
     """The trained weights and their shape, for `load_model` (cut, analysis, sampling)."""
     run_dir = Path(run_dir)
     weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    atomic_write_json(run_dir / "model_config.json", dataclasses.asdict(model.config))
-    atomic_write(run_dir / "model.safetensors", lambda tmp: save_file(weights, str(tmp)))
+    atomic_write_json(run_dir / MODEL_CONFIG, dataclasses.asdict(model.config))
+    atomic_write(run_dir / MODEL_WEIGHTS, lambda tmp: _save_tensors(weights, tmp))
+
+
+def load_weights(run_dir: Path, model: HlbGpt) -> HlbGpt:
+    """Load the run's trained weights into `model`, a model of the run's shape."""
+    model.load_state_dict(load_file(str(Path(run_dir) / MODEL_WEIGHTS)))
+    return model
 
 
 def load_model(run_dir: Path, device: str = "cpu") -> HlbGpt:
-    run_dir = Path(run_dir)
-    model = build_model(ModelConfig(**json.loads((run_dir / "model_config.json").read_text())))
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-    return model.to(device)
+    model = build_model(ModelConfig(**read_json(Path(run_dir) / MODEL_CONFIG)))
+    return load_weights(run_dir, model).to(device)

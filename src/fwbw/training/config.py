@@ -5,18 +5,18 @@ and can be rebuilt from that file alone."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fwbw.model.config import ModelConfig
+from fwbw.files import read_json
+from fwbw.model.config import ModelConfig, shape_for_model_scale
 from fwbw.model.masks import BW_MASKS
-from fwbw.schema import ConfigError, require
+from fwbw.schema import ConfigError, check_fields, from_mapping, require, typed
+from fwbw.training.precision import DTYPE_CHOICES
 
 BW_MODES = ("add", "either")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,7 @@ class RecipeConfig:
     target_log_power: float = -0.2
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(self.betas))
-        object.__setattr__(self, "output_betas", tuple(self.output_betas))
+        check_fields(self)
         for name in ("lr_numerator", "lr_scale", "adam_eps", "weight_decay_base"):
             require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         for name in ("betas", "output_betas"):
@@ -73,17 +72,26 @@ class RecipeConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run: data, model shape, task mix, budget and recipe."""
+    """One training run: data, model shape, task mix, budget and recipe.
+
+    Task mix: every step trains fw, and with probability p_bw also bw (bw_mode "add": the two
+    losses summed) or bw instead of fw (bw_mode "either"). bw_mode "either" with p_bw = 1 trains
+    bw only: the study's "backward only" mode. adaptive_p_bw is the study's
+    `adjust_backward_prob`: after every bw pass, p_bw = clamp(ppl_bw / ppl_fw, 0.01, 1) from that
+    step's losses (the most recent fw loss under "either"), p_bw being the starting value."""
 
     data: str = "wiki-sample"
     tokenizer: str = "bpe:8192"
     depth: int = 4
     width: int = 128
+    model_scale: float | None = None  # hlb-gpt's sizing; when set, depth and width follow from it
     seq_len: int = 256
     bw_mask: str = "causal"
     task_tokens: bool = False
+    num_heads: int = 1
     p_bw: float = 0.0
     bw_mode: str = "add"
+    adaptive_p_bw: bool = False
     epochs: float = 1.0
     train_tokens: int | None = None
     seed: int = 100
@@ -98,13 +106,15 @@ class TrainConfig:
         from fwbw.data.corpora import validate_corpus_spec
         from fwbw.data.tokenizer import validate_tokenizer_spec
 
-        if isinstance(self.recipe, dict):
-            object.__setattr__(self, "recipe", RecipeConfig(**self.recipe))
+        check_fields(self)
         _reraise_as_config_error("data", validate_corpus_spec, self.data)
         _reraise_as_config_error("tokenizer", validate_tokenizer_spec, self.tokenizer)
+        self._check_model_scale()
         require(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
         require(self.width >= 8 and self.width % 8 == 0, "width", f"must be a positive multiple of 8, got {self.width}")
         require(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
+        tokens = self.recipe.tokens_per_microbatch
+        require(tokens >= self.seq_len, "recipe.tokens_per_microbatch", f"must hold one window of seq_len {self.seq_len}, got {tokens}")
         require(self.bw_mask in BW_MASKS, "bw_mask", f"must be one of {BW_MASKS}, got {self.bw_mask!r}")
         require(0.0 <= self.p_bw <= 1.0, "p_bw", f"must be in [0, 1], got {self.p_bw}")
         require(self.bw_mode in BW_MODES, "bw_mode", f"must be one of {BW_MODES}, got {self.bw_mode!r}")
@@ -114,7 +124,18 @@ class TrainConfig:
         require(self.eval_tokens >= self.seq_len + 1, "eval_tokens", f"must be >= seq_len + 1, got {self.eval_tokens}")
         require(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", f"must be >= 1, got {self.checkpoint_every_steps}")
         require(self.device in DEVICES, "device", f"must be one of {DEVICES}, got {self.device!r}")
-        require(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        require(self.dtype in DTYPE_CHOICES, "dtype", f"must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+
+    def _check_model_scale(self) -> None:
+        if self.model_scale is None:
+            return
+        depth, width = shape_for_model_scale(self.model_scale)
+        require(depth >= 1 and width >= 64, "model_scale", f"{self.model_scale:g} is too small (depth {depth}, width {width})")
+        require(
+            (self.depth, self.width) == (depth, width),
+            "model_scale",
+            f"{self.model_scale:g} means depth {depth} and width {width}, got depth {self.depth} and width {self.width}",
+        )
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The model for a tokenizer of `vocab_size` ids, padded to a multiple of 64 as hlb-gpt
@@ -126,6 +147,7 @@ class TrainConfig:
             max_seq_len=self.seq_len,
             bw_mask=self.bw_mask,
             task_tokens=self.task_tokens,
+            num_heads=self.num_heads,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,14 +155,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        require(not unknown, unknown[0] if unknown else "", "unknown config field")
-        return cls(**values)
+        """A config from plain data (a file's values): unknown fields are refused, and a
+        `model_scale` given without depth and width sets them."""
+        values = dict(values)
+        scale = typed(values.get("model_scale"), float | None, "model_scale")
+        if scale is not None and "depth" not in values and "width" not in values:
+            values["depth"], values["width"] = shape_for_model_scale(scale)
+        return from_mapping(cls, values)
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        values = read_json(path)
+        require(isinstance(values, dict), str(path), "holds no config (a JSON object)")
+        return cls.from_dict(values)
 
 
 def _reraise_as_config_error(field_name: str, check, value) -> None:

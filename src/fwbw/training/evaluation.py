@@ -1,4 +1,4 @@
-"""Validation of both tasks on a fixed window set, the layer-cut sweep, and the leak probe."""
+"""Validation of both tasks on a fixed window set and the layer-cut sweep."""
 
 from __future__ import annotations
 
@@ -9,9 +9,14 @@ from pathlib import Path
 import torch
 
 from fwbw.files import atomic_write_json
+from fwbw.model.masks import DIRECTIONS
 from fwbw.model.tasks import task_stats
+from fwbw.training import checkpoint
+from fwbw.training.config import TrainConfig
+from fwbw.training.run_dir import CONFIG, CUT
+from fwbw.training.run_setup import RunSetup
 
-DIRECTIONS = ("fw", "bw")
+EVAL_METRICS = ("loss", "acc", "ppl")  # what `evaluate` reports per direction
 EVAL_BATCH_TOKENS = 16384
 
 
@@ -64,48 +69,16 @@ def layer_cut(
 def write_cut(run_dir: Path, model, windows: torch.Tensor, precision=None) -> list[dict]:
     """Run the layer cut on a trained model and save it as the run's cut.json."""
     rows = layer_cut(model, windows, eval_batch_size(windows), precision)
-    atomic_write_json(Path(run_dir) / "cut.json", rows)
+    atomic_write_json(Path(run_dir) / CUT, rows)
     return rows
 
 
 def cut_run(run_dir: Path, progress: bool = True) -> list[dict]:
-    """`fwbw cut`: the layer cut of a finished run, on the validation windows it was trained with."""
-    from fwbw.data.corpora import load_token_data
-    from fwbw.data.windows import validation_set
-    from fwbw.training.checkpoint import load_model
-    from fwbw.training.config import TrainConfig
-    from fwbw.training.precision import autocast, resolve_device, resolve_dtype
-
-    config = TrainConfig.load(Path(run_dir) / "config.json")
-    device = resolve_device(config.device)
-    model = load_model(run_dir, device)
-    windows = validation_set(config, load_token_data(config.data, config.tokenizer, progress=progress).valid)
-    return write_cut(run_dir, model, windows, autocast(device, resolve_dtype(config.dtype, device)))
-
-
-@torch.no_grad()
-def leak_probe(model, direction: str, seq_len: int = 16, trials: int = 3, seed: int = 0) -> bool:
-    """Whether any logit of `direction` changes when a token it must not see is perturbed.
-
-    fw position t may see tokens[:t+1]; bw position t may see tokens[t:]. For each trial and
-    each position j, token j is replaced and every logit that must not depend on it is compared."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    seq_len = min(seq_len, model.config.max_seq_len)
-    generator = torch.Generator().manual_seed(seed)
-    leaked = False
-    for _ in range(trials):
-        tokens = torch.randint(0, vocab, (1, seq_len), generator=generator)
-        perturbed = tokens.repeat(seq_len, 1)
-        positions = torch.arange(seq_len)
-        perturbed[positions, positions] = (tokens[0] + 1 + torch.randint(0, vocab - 1, (seq_len,), generator=generator)) % vocab
-        base = model(tokens.to(device), direction).float()
-        changed = (model(perturbed.to(device), direction).float() - base).abs().amax(dim=-1)
-        rows, cols = torch.meshgrid(positions, positions, indexing="ij")
-        forbidden = (cols > rows) if direction == "fw" else (cols < rows)
-        # changed[j, t]: logits at t after perturbing token j; forbidden when t may not see j.
-        leaked |= bool((changed.cpu()[forbidden.T] > 1e-4).any())
-    model.train(was_training)
-    return leaked
+    """`fwbw cut`: the layer cut of a finished run: its trained weights in its run setup, on the
+    validation windows it was trained with."""
+    config = TrainConfig.load(Path(run_dir) / CONFIG)
+    if config.depth < 2:
+        raise ValueError(f"{run_dir}: nothing to cut, the model has {config.depth} block and the cut keeps at least one")
+    setup = RunSetup(config, progress=progress)
+    checkpoint.load_weights(run_dir, setup.model)
+    return write_cut(run_dir, setup.model, setup.valid, setup.precision())

@@ -6,7 +6,8 @@ import contextlib
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", *TORCH_DTYPES)  # "auto": see resolve_dtype
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,4 +27,4 @@ def resolve_dtype(name: str, device: torch.device) -> str:
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     if dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+    return torch.autocast(device_type=device.type, dtype=TORCH_DTYPES[dtype])

@@ -1,6 +1,7 @@
-"""The training loop: fw task every step, bw task with probability p_bw (added to the fw loss,
-or instead of it), hlb-gpt's recipe, fixed-set validation, resumable checkpoints and the run
-directory's files (config.json, metrics.jsonl, summary.json, model.safetensors)."""
+"""The training loop: fw task every step, bw task with probability p_bw (fixed, or adapted after
+every bw pass; added to the fw loss, or instead of it), hlb-gpt's recipe, fixed-set validation,
+resumable checkpoints and the run directory's files (config.json, metrics.jsonl, summary.json,
+model.safetensors)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fwbw.data.corpora import TokenData, load_token_data
-from fwbw.data.windows import WindowSampler, validation_set
+from fwbw.data.corpora import TokenData
+from fwbw.data.windows import WindowSampler
 from fwbw.files import atomic_write_json, atomic_write_text
-from fwbw.model.hlb_gpt import build_model
-from fwbw.model.masks import leaks_labels
+from fwbw.model.masks import DIRECTIONS, leaks_labels
 from fwbw.model.tasks import task_stats, window_length
+from fwbw.schema import ConfigError
 from fwbw.training import checkpoint
+from fwbw.training.allocator import tune_allocator
 from fwbw.training.config import TrainConfig
-from fwbw.training.evaluation import eval_batch_size, evaluate, leak_probe
-from fwbw.training.precision import autocast, resolve_device, resolve_dtype
+from fwbw.training.evaluation import EVAL_METRICS, eval_batch_size, evaluate
+from fwbw.training.probes import leak_summary
 from fwbw.training.recipe import (
     Microbatching,
     batch_size_for,
@@ -31,7 +33,17 @@ from fwbw.training.recipe import (
     seq_len_at,
     set_weight_decay,
 )
-from fwbw.training.run_dir import check_run_dir
+from fwbw.training.run_dir import (
+    METRICS,
+    SUMMARY,
+    check_owner,
+    check_run_dir,
+    config_id,
+    start_run,
+)
+from fwbw.training.run_setup import RunSetup
+
+P_BW_FLOOR = 0.01  # adaptive p_bw never drops below this (the study's clamp)
 
 
 class TrainingDiverged(RuntimeError):
@@ -39,9 +51,11 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass
-class Progress:
+class TrainState:
     """Plain-data training state that goes into every checkpoint."""
 
+    p_bw: float  # the bw task's probability now (moves only with adaptive_p_bw)
+    last_fw_loss: float | None = None  # the mean fw loss of the latest step that trained fw
     step: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -52,38 +66,54 @@ class Progress:
     metrics: list[dict] = field(default_factory=list)
 
 
-class Trainer:
-    def __init__(self, config: TrainConfig, run_dir: Path, data: TokenData | None = None, progress: bool = True):
+def adapted_p_bw(fw_loss: float, bw_loss: float) -> float:
+    """clamp(ppl_bw / ppl_fw, 0.01, 1), with ppl = exp(loss)."""
+    return max(P_BW_FLOOR, math.exp(min(0.0, bw_loss - fw_loss)))
+
+
+def check_budget(config: TrainConfig, train_tokens: int, budget: int) -> None:
+    """Fail before anything is written when the train split is shorter than one window or the
+    token budget is smaller than one optimizer step."""
+    window = window_length(config.seq_len, config.task_tokens)
+    if train_tokens < window:
+        raise ConfigError(f"seq_len: {config.seq_len} needs at least {window} training tokens, {config.data} has {train_tokens}")
+    first_seq_len = seq_len_at(0, config.seq_len, config.recipe)
+    step_tokens = batch_size_for(first_seq_len, config.recipe) * first_seq_len
+    if budget < step_tokens:
+        given = f"train_tokens: {budget} is" if config.train_tokens else f"epochs: {config.epochs:g} of {config.data} is {budget} tokens,"
+        raise ConfigError(f"{given} fewer than one optimizer step ({step_tokens} tokens)")
+
+
+class Trainer(RunSetup):
+    """Trains a run setup's model in its run directory."""
+
+    def __init__(
+        self, config: TrainConfig, run_dir: Path, data: TokenData | None = None, progress: bool = True,
+        restart: bool = False,
+    ):
+        """`restart`: start over, removing the files of the run `run_dir` holds (see run_dir.start_run)."""
         check_run_dir(run_dir)
-        self.config = config
+        if not restart:
+            check_owner(run_dir, config)
+        tune_allocator()
+        super().__init__(config, data, progress)
         self.run_dir = Path(run_dir)
+        self.restart = restart
         self.show_progress = progress
-        self.data = data or load_token_data(config.data, config.tokenizer, progress=progress)
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model_config = config.model_config(self.data.vocab_size)
-        torch.manual_seed(config.seed)
-        self.model = build_model(self.model_config).to(self.device)
         self.num_params = self.model.num_params()
         self.optimizer, self.scheduler = build_optimizer(self.model, config.recipe)
         self.microbatching = Microbatching(self.num_params, config.recipe)
         self.sampler = WindowSampler(self.data.train, config.seed)
         self.task_rng = torch.Generator().manual_seed(config.seed + 1)
-        self.valid = validation_set(config, self.data.valid)
         self.budget = config.train_tokens or int(config.epochs * len(self.data.train))
-        self.state = Progress()
-
-    def precision(self):
-        return autocast(self.device, self.dtype)
+        check_budget(config, len(self.data.train), self.budget)
+        self.state = TrainState(p_bw=config.p_bw)
 
     # --- run directory -------------------------------------------------------------------
 
-    def _write_static_files(self) -> None:
-        atomic_write_json(self.run_dir / "config.json", self.config.to_dict())
-
     def _write_metrics(self) -> None:
         lines = "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.state.metrics)
-        atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+        atomic_write_text(self.run_dir / METRICS, lines)
 
     def _save_checkpoint(self) -> None:
         checkpoint.save(
@@ -96,12 +126,13 @@ class Trainer:
                 "sampler": self.sampler.state_dict(),
                 "task_rng": self.task_rng.get_state(),
                 "microbatching": self.microbatching.state_dict(),
-                "progress": self.state.__dict__,
+                "train_state": self.state.__dict__,
             },
+            config_id(self.config),
         )
 
     def _resume(self) -> None:
-        saved = checkpoint.load_latest(self.run_dir, warn=tqdm.write)
+        saved = checkpoint.load_latest(self.run_dir, config_id(self.config), warn=tqdm.write)
         if saved is None:
             return
         self.model.load_state_dict(saved["model"])
@@ -110,37 +141,46 @@ class Trainer:
         self.sampler.load_state_dict(saved["sampler"])
         self.task_rng.set_state(saved["task_rng"])
         self.microbatching.load_state_dict(saved["microbatching"])
-        self.state = Progress(**saved["progress"])
+        self.state = TrainState(**saved["train_state"])
         self._write_metrics()
 
     # --- training ------------------------------------------------------------------------
 
     def _directions(self) -> tuple[str, ...]:
-        use_bw = torch.rand((), generator=self.task_rng).item() < self.config.p_bw
+        use_bw = torch.rand((), generator=self.task_rng).item() < self.state.p_bw
         if self.config.bw_mode == "either":
             return ("bw",) if use_bw else ("fw",)
-        return ("fw", "bw") if use_bw else ("fw",)
+        return DIRECTIONS if use_bw else ("fw",)
 
     def _grad_norm(self) -> float:
         norms = [p.grad.norm() for p in self.model.parameters() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(norms)).item()
 
-    def train_step(self) -> float:
-        """One optimizer step over a dynamic number of microbatches; returns the mean task loss."""
+    def _track_task_losses(self, losses: dict[str, float]) -> None:
+        """Remember the step's fw loss and, with adaptive_p_bw, move p_bw after a bw pass."""
+        if "fw" in losses:
+            self.state.last_fw_loss = losses["fw"]
+        if self.config.adaptive_p_bw and "bw" in losses and self.state.last_fw_loss is not None:
+            self.state.p_bw = adapted_p_bw(self.state.last_fw_loss, losses["bw"])
+
+    def train_step(self, directions: tuple[str, ...] | None = None) -> float:
+        """One optimizer step over a dynamic number of microbatches on `directions` (default:
+        drawn with p_bw, see TrainConfig); returns the mean task loss."""
         recipe = self.config.recipe
         seq_len = seq_len_at(self.state.step, self.config.seq_len, recipe)
         batch_size = batch_size_for(seq_len, recipe)
         microbatches = self.microbatching.draw(self.task_rng)
-        directions = self._directions()
-        loss_total = 0.0
+        directions = directions or self._directions()
+        loss_sums = torch.zeros(len(directions), dtype=torch.float64)
         for _ in range(microbatches):
             windows = self.sampler.sample(batch_size, window_length(seq_len, self.config.task_tokens))
             with self.precision():
                 stats = task_stats(self.model, windows.to(self.device), directions, accuracy=False)
-                loss = sum(stats[d][0] for d in directions)
-            (loss / microbatches).backward()
-            loss_total += loss.item() / len(directions)
-        mean_loss = loss_total / microbatches
+                losses = torch.stack([stats[d][0] for d in directions])
+            (losses.sum() / microbatches).backward()
+            loss_sums += losses.detach().cpu()
+        step_losses = dict(zip(directions, (loss_sums / microbatches).tolist()))
+        mean_loss = sum(step_losses.values()) / len(directions)
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"training loss became {mean_loss} at step {self.state.step}")
         if self.state.step % recipe.grad_norm_every == 0:
@@ -151,6 +191,7 @@ class Trainer:
         set_weight_decay(self.optimizer, dynamic_weight_decay(mean_loss, self.num_params, recipe))
         self.state.step += 1
         self.state.tokens += microbatches * batch_size * seq_len
+        self._track_task_losses(step_losses)
         return mean_loss
 
     def _eval_interval_tokens(self) -> float:
@@ -169,6 +210,7 @@ class Trainer:
             "epoch": self.state.tokens / len(self.data.train),
             "seconds": self.state.seconds,
             "train_loss": self.state.loss_sum / max(1, self.state.loss_steps),
+            "p_bw": self.state.p_bw,
         }
         for direction, values in metrics.items():
             record.update({f"{direction}_{name}": value for name, value in values.items()})
@@ -188,8 +230,7 @@ class Trainer:
     def run(self) -> dict:
         """Train to the token budget (resuming from the newest intact checkpoint) and return
         the run summary, also written to summary.json."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._write_static_files()
+        start_run(self.run_dir, self.config, self.restart)
         self._resume()
         bar = tqdm(
             total=self.budget, initial=min(self.state.tokens, self.budget), unit="tok", unit_scale=True,
@@ -224,8 +265,7 @@ class Trainer:
             "num_params": self.num_params,
             "bw_mask": self.config.bw_mask,
             "leaks_labels": leaks_labels(self.config.bw_mask),
-            "probe_leak_fw": leak_probe(self.model, "fw"),
-            "probe_leak_bw": leak_probe(self.model, "bw"),
+            **leak_summary(self.model),
             "steps": self.state.step,
             "tokens": self.state.tokens,
             "seconds": self.state.seconds,
@@ -234,11 +274,11 @@ class Trainer:
             "dtype": self.dtype,
             **{
                 f"final_val_{metric}_{direction}": final[f"{direction}_{metric}"]
-                for direction in ("fw", "bw")
-                for metric in ("loss", "acc", "ppl")
+                for direction in DIRECTIONS
+                for metric in EVAL_METRICS
             },
         }
-        atomic_write_json(self.run_dir / "summary.json", summary)
+        atomic_write_json(self.run_dir / SUMMARY, summary)
         return summary
 
 

@@ -1,0 +1,210 @@
+"""The one place that builds a run's config and a sweep's spec.
+
+Values come in layers, each a plain nested mapping: the dataclasses' own defaults, then a preset
+(sweeps only), then a file, then the flags the user gave. Later layers win, table by table and key
+by key; the merged mapping is then typed and validated once (TrainConfig.from_dict,
+SweepSpec.from_mapping). An error is one line that names the field, and the file when the value
+came from a file.
+
+Sizing by model_scale(s) and by depth(s)/width(s) are alternatives: a layer that gives one
+replaces what earlier layers gave of the other (so do the study's tokens-per-microbatch rule and
+recipe.tokens_per_microbatch in sweeps). One layer may not give both: train's flags are refused
+here, a sweep layer by SweepSpec; a run's config.json records model_scale with the depth and
+width it gives, and TrainConfig checks that they agree.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fwbw.files import read_json
+from fwbw.schema import EMPTY, ConfigError, require, show, typed
+from fwbw.study.presets import preset_values
+from fwbw.study.sweep import GRID_AXIS_OF, SweepSpec
+from fwbw.training.config import TrainConfig
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+KeyPath = tuple  # a key's path through nested tables: ("recipe", "tokens_per_microbatch")
+Alternative = tuple[tuple[str, ...], tuple[str, ...]]  # two groups of dotted keys that exclude each other
+
+TRAIN_ALTERNATIVES: tuple[Alternative, ...] = ((("model_scale",), ("depth", "width")),)
+SWEEP_ALTERNATIVES: tuple[Alternative, ...] = (
+    (("model_scales",), ("depths", "widths")),
+    (("tokens_per_microbatch_rule",), ("recipe.tokens_per_microbatch",)),
+)
+
+
+def build_train_config(file: Path | None = None, overrides: Mapping = EMPTY) -> TrainConfig:
+    """A run's config: defaults < `file` (a run's config.json, or TOML / YAML) < `overrides`."""
+    _refuse_both(overrides, TRAIN_ALTERNATIVES)
+    layers = [(str(file), read_config_file(file)) if file else (None, {}), (None, overrides)]
+    values, origins = merge(layers, TRAIN_ALTERNATIVES)
+    with _errors_named(origins):
+        return TrainConfig.from_dict(values)
+
+
+def build_sweep_spec(preset: str | None = None, file: Path | None = None, overrides: Mapping = EMPTY) -> SweepSpec:
+    """A sweep's spec: defaults < `preset` < `file` (TOML, YAML or JSON) < `overrides`. A file may
+    name its own preset (`preset = "paper"`), which --preset replaces."""
+    source = str(file) if file else None
+    from_file = read_config_file(file) if file else {}
+    layers = [(None, _preset_layer(preset, from_file, source)), (source, from_file), (None, overrides)]
+    values, origins = merge(layers, SWEEP_ALTERNATIVES)
+    with _errors_named(origins, GRID_AXIS_OF):
+        return SweepSpec.from_mapping(values)
+
+
+def _preset_layer(preset: str | None, from_file: dict, source: str | None) -> dict:
+    """The values of `preset`, else of the file's own `preset` key (taken out of from_file)."""
+    with _errors_named({("preset",): source}):
+        file_preset = typed(from_file.pop("preset", None), str | None, "preset")
+        if not preset:
+            return preset_values(file_preset) if file_preset else {}
+    return preset_values(preset)
+
+
+def merge(layers: Sequence[tuple[str | None, Mapping]], alternatives: Sequence[Alternative]) -> tuple[dict, dict]:
+    """The layers' values merged in order, and for every key's path the file it came from (None
+    for a preset or flags). A key replaces earlier values at its path, and the other group of any
+    alternative it belongs to."""
+    merged: dict[KeyPath, Any] = {}
+    origins: dict[KeyPath, str | None] = {}
+    for source, values in layers:
+        flat = _flatten(values)
+        replaced = [path for path in merged if any(_related(path, new) for new in flat)]
+        replaced += [_path(key) for key in _displaced(flat, alternatives)]
+        for path in replaced:
+            merged.pop(path, None)
+            origins.pop(path, None)
+        merged.update(flat)
+        origins.update(dict.fromkeys(flat, source))
+    return _unflatten(merged), origins
+
+
+def read_config_file(path: Path) -> dict:
+    """The table of fields in a .json, .toml, .yaml or .yml file; anything else is one line
+    naming the file."""
+    path = Path(path)
+    reader = READERS.get(path.suffix.lower())
+    require(reader is not None, str(path), "must be a .json, .toml, .yaml or .yml file")
+    values = reader(path)
+    require(isinstance(values, dict), str(path), f"must hold a table of fields, got {show(values)}")
+    return values
+
+
+def _read_toml(path: Path) -> Any:
+    try:
+        return tomllib.loads(_read_text(path))
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({' '.join(str(error).split())})") from None
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """yaml's SafeLoader that also reads exponents without a dot (1e-9) as numbers, as JSON,
+    TOML and YAML 1.2 do."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        values = yaml.load(_read_text(path), Loader=_YamlLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML ({error.problem or error.context}{where})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    return {} if values is None else values  # an empty file
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
+
+
+READERS = {".json": read_json, ".toml": _read_toml, ".yaml": _read_yaml, ".yml": _read_yaml}
+
+
+def _flatten(values: Mapping, prefix: KeyPath = ()) -> dict[KeyPath, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, (*prefix, key)))
+        else:
+            flat[(*prefix, key)] = value
+    return flat
+
+
+def _unflatten(flat: Mapping[KeyPath, Any]) -> dict:
+    nested: dict = {}
+    for path, value in flat.items():
+        table = nested
+        for key in path[:-1]:
+            table = table.setdefault(key, {})
+        table[path[-1]] = value
+    return nested
+
+
+def _related(a: KeyPath, b: KeyPath) -> bool:
+    """One path is the other or lies inside it (a table replaced by a value, or the reverse)."""
+    return a[: len(b)] == b or b[: len(a)] == a
+
+
+def _path(key: str) -> KeyPath:
+    return tuple(key.split("."))
+
+
+def _displaced(flat: Mapping[KeyPath, Any], alternatives: Sequence[Alternative]) -> list[str]:
+    """The keys of every alternative's other group, for each group this layer gives a key of."""
+    displaced = []
+    for first, second in alternatives:
+        for group, other in ((first, second), (second, first)):
+            if any(_path(key) in flat for key in group):
+                displaced += other
+    return displaced
+
+
+def _refuse_both(overrides: Mapping, alternatives: Sequence[Alternative]) -> None:
+    flat = _flatten(overrides)
+    for first, second in alternatives:
+        both = any(_path(key) in flat for key in first) and any(_path(key) in flat for key in second)
+        require(not both, first[0], f"give {' and '.join(first)} or {' and '.join(second)}, not both")
+
+
+@contextmanager
+def _errors_named(origins: Mapping[KeyPath, str | None], aliases: Mapping[str, str] = EMPTY) -> Iterator[None]:
+    """Prefix a ConfigError with the file its field's value came from. `aliases` maps a run's
+    field to the sweep key that sets it (depth -> depths)."""
+    try:
+        yield
+    except ConfigError as error:
+        source = _origin(str(error), origins, aliases)
+        if source is None:
+            raise
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def _origin(message: str, origins: Mapping[KeyPath, str | None], aliases: Mapping[str, str]) -> str | None:
+    field = message.split(": ", 1)[0]
+    path = tuple(re.sub(r"\[\d+\]", "", field).split("."))  # extra_runs[0].depth -> extra_runs, depth
+    for candidate in (path, (aliases.get(path[0], path[0]), *path[1:])):
+        for end in range(len(candidate), 0, -1):
+            if candidate[:end] in origins:
+                return origins[candidate[:end]]
+    return None

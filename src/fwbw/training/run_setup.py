@@ -1,0 +1,31 @@
+"""What a run is made of before its first step, shared by training and by `fwbw cut`: its data,
+device, precision, freshly initialised model and fixed validation windows."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fwbw.data.corpora import TokenData, load_token_data
+from fwbw.data.windows import validation_set
+from fwbw.model.hlb_gpt import build_model
+from fwbw.training.config import TrainConfig
+from fwbw.training.precision import autocast, resolve_device, resolve_dtype
+
+
+class RunSetup:
+    """A config's data (loaded unless given), device, dtype, model (seeded with config.seed) and
+    validation windows."""
+
+    def __init__(self, config: TrainConfig, data: TokenData | None = None, progress: bool = True):
+        self.config = config
+        self.data = data or load_token_data(config.data, config.tokenizer, progress=progress)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.model_config(self.data.vocab_size)).to(self.device)
+        self.valid = validation_set(config, self.data.valid)
+
+    def precision(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.dtype)

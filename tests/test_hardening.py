@@ -1,0 +1,331 @@
+"""Bad input and bad luck end in one line naming the cause, before anything is written: a train
+split shorter than one window, a budget below one step, a full disk (in `fwbw train` and in a
+sweep), markdown in config strings, run ids that leave the sweep, corrupt JSON files."""
+
+from __future__ import annotations
+
+import errno
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import (
+    TOKENIZER,
+    english_like_text,
+    read_json,
+    read_metrics,
+    without_seconds,
+)
+from safetensors import SafetensorError
+
+from fwbw import files
+from fwbw.analysis.report import render_markdown, write_report
+from fwbw.cli import main
+from fwbw.data.corpora import load_token_data
+from fwbw.study import sweep_dir
+from fwbw.study.results import build_results
+from fwbw.training import checkpoint, run_dir
+
+pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
+
+DISK_FULL = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+@pytest.fixture
+def train_flags(corpus) -> list[str]:
+    return ["--data", corpus.spec, "--tokenizer", TOKENIZER, "--depth", "1", "--width", "16", "--seq-len", "16",
+            "--p-bw", "0.5", "--train-tokens", "3000", "--eval-tokens", "512", "--eval-every", "0.02",
+            "--tokens-per-microbatch", "256", "--checkpoint-every", "3", "--dtype", "fp32", "--device", "cpu",
+            "--no-progress"]
+
+
+def one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"fwbw {command}: error: "), err
+    return err.removeprefix(f"fwbw {command}: error: ").rstrip("\n")
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Half-written things: temporary files and partial checkpoints."""
+    return [str(path) for path in folder.rglob("*") if path.name.endswith(".tmp") or path.name.startswith(".partial")]
+
+
+# --- checked before anything is written -----------------------------------------------------
+
+
+def test_a_train_split_shorter_than_one_window_names_seq_len(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FWBW_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "short"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("The miller carried a wooden boat before the storm.\n")
+    (corpus / "valid.txt").write_text(english_like_text(random.Random(0), 4000))
+    train_tokens = len(load_token_data(f"text:{corpus}", TOKENIZER, progress=False).train)
+    out = tmp_path / "run"
+    assert main(["train", "--data", f"text:{corpus}", "--tokenizer", TOKENIZER, "--seq-len", "256",
+                 "--eval-tokens", "512", "--tokens-per-microbatch", "4096", "--out", str(out), "--no-progress"]) == 2
+    assert one_error_line(capsys, "train") == (
+        f"seq_len: 256 needs at least 257 training tokens, text:{corpus} has {train_tokens}"
+    )
+    assert train_tokens < 257 and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "budget, message",
+    [
+        (["--epochs", "1e-9"], "epochs: 1e-09 of {spec} is 0 tokens, fewer than one optimizer step (256 tokens)"),
+        (["--train-tokens", "255"], "train_tokens: 255 is fewer than one optimizer step (256 tokens)"),
+    ],
+)
+def test_a_budget_below_one_optimizer_step_is_refused(budget, message, corpus, tmp_path, train_flags, capsys):
+    flags = [flag for flag in train_flags if flag not in ("--train-tokens", "3000")]
+    out = tmp_path / "run"
+    assert main(["train", *flags, *budget, "--out", str(out)]) == 2
+    assert one_error_line(capsys, "train") == message.format(spec=corpus.spec)
+    assert not out.exists()
+
+
+# --- a full disk ----------------------------------------------------------------------------
+
+
+def fail_on_call(number: int, real):
+    """save_file that raises safetensors' own error (not an OSError) on its `number`-th call."""
+    calls = []
+
+    def save_file(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == number:
+            raise SafetensorError(DISK_FULL)
+        return real(tensors, path, *args, **kwargs)
+
+    return save_file
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_resumes_exactly(tmp_path, train_flags, monkeypatch, capsys):
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save_file", fail_on_call(2, checkpoint.save_file))
+        assert main(["train", *train_flags, "--out", str(run)]) == 2
+    partial = run / run_dir.CHECKPOINTS / ".partial_step_00000006" / checkpoint.TENSORS
+    assert one_error_line(capsys, "train") == f"cannot write {partial}: {DISK_FULL}"
+    assert leftovers(run) == [] and not (run / run_dir.SUMMARY).exists()
+    assert [path.name for path in (run / run_dir.CHECKPOINTS).iterdir()] == ["step_00000003"]
+
+    assert main(["train", *train_flags, "--out", str(run)]) == 0
+    assert main(["train", *train_flags, "--out", str(tmp_path / "whole")]) == 0
+    assert without_seconds(read_metrics(run)) == without_seconds(read_metrics(tmp_path / "whole"))
+
+
+def test_a_full_disk_while_saving_the_model_names_the_model_file(tmp_path, train_flags, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real = checkpoint.save_file
+
+    def full_for_the_model(tensors, path, *args, **kwargs):
+        if Path(path).name.startswith(f".{run_dir.MODEL_WEIGHTS}."):
+            raise SafetensorError(DISK_FULL)
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_for_the_model)
+    assert main(["train", *train_flags, "--out", str(run)]) == 2
+    assert one_error_line(capsys, "train") == f"cannot write {run / run_dir.MODEL_WEIGHTS}: {DISK_FULL}"
+    assert leftovers(run) == [] and not (run / run_dir.MODEL_WEIGHTS).exists()
+
+
+def test_a_full_disk_while_writing_metrics_is_one_line(tmp_path, train_flags, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real = Path.write_text
+
+    def full_for_metrics(path, *args, **kwargs):
+        if path.name.startswith(f".{run_dir.METRICS}."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_for_metrics)
+    assert main(["train", *train_flags, "--out", str(run)]) == 2
+    assert one_error_line(capsys, "train") == f"cannot write {run / run_dir.METRICS}: No space left on device"
+    assert leftovers(run) == [] and not (run / run_dir.METRICS).exists()
+
+
+def test_a_full_disk_in_a_sweep_fails_that_run_and_the_sweep_goes_on(corpus, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "grid"
+    real = checkpoint.save_file
+
+    def full_for_p0(tensors, path, *args, **kwargs):
+        if "-p0-" in str(path):
+            raise SafetensorError(DISK_FULL)
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_for_p0)
+    argv = ["sweep", "--config", str(corpus.recipe_toml), "--data", corpus.spec, "--tokenizer", TOKENIZER,
+            "--depths", "1", "--widths", "16", "--p-bw", "0", "0.5", "--seeds", "1", "--seq-len", "16",
+            "--train-tokens", "2048", "--eval-tokens", "512", "--tokens-per-microbatch", "256",
+            "--checkpoint-every", "3", "--device", "cpu", "--dtype", "fp32", "--out", str(out), "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    runs = {path.name: path for path in (out / sweep_dir.RUNS).iterdir()}
+    failed = next(name for name in runs if "-p0-" in name)
+    partial = runs[failed] / run_dir.CHECKPOINTS / ".partial_step_00000003" / checkpoint.TENSORS
+    message = f"WriteFailed: cannot write {partial}: {DISK_FULL}"
+    assert f"run {failed} failed: {message}" in err
+    assert run_dir.read_status(runs[failed]) == {"status": "failed", "error": message}
+    assert [run_dir.read_status(path)["status"] for name, path in runs.items() if name != failed] == ["done"]
+    assert leftovers(out) == []
+    table = pd.read_parquet(out / "results.parquet")
+    assert set(table.loc[table.run_id == failed, "status"]) == {"failed"}
+
+
+# --- report.md ------------------------------------------------------------------------------
+
+UNESCAPED = re.compile(r"(?<!\\)[|*_`<>\[\]]")
+
+
+def test_markdown_cells_and_statements_are_escaped(tmp_path):
+    table = pd.DataFrame({"setting": ["data", "note"], "value": ["text:/data/my|corpus*v2", "a\nb [x] <y> `z`"]})
+    sections = [("Setup", [("p", "p_bw *is* <b>"), ("ul", ["one | two", "_under_"]), ("table", "setup", table)])]
+    markdown = render_markdown("sweep *x*", sections, tmp_path)
+    lines = markdown.splitlines()
+    assert lines[0] == "# sweep \\*x\\*"
+    assert "p\\_bw \\*is\\* \\<b\\>" in lines
+    assert "- one \\| two" in lines and "- \\_under\\_" in lines
+    assert "| data | text:/data/my\\|corpus\\*v2 |" in lines
+    assert "| note | a b \\[x\\] \\<y\\> \\`z\\` |" in lines
+    for line in lines:  # outside the table's own pipes, no special character is left bare
+        assert not UNESCAPED.search(line.strip("|").replace(" | ", " ").replace("|---", "")), line
+
+
+def test_a_data_spec_with_markdown_characters_keeps_the_report_table_intact(finished, tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    spec = "text:/data/my|corpus*v2"
+    shutil.copy(finished.out / "results.parquet", sweep / "results.parquet")
+    saved = read_json(finished.out / sweep_dir.SWEEP_FILE)
+    saved["setup"]["data"] = spec
+    (sweep / sweep_dir.SWEEP_FILE).write_text(json.dumps(saved))
+    write_report(sweep, tmp_path / "report")
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| data | text:/data/my\\|corpus\\*v2 |" in markdown.splitlines()
+    assert spec in (tmp_path / "report" / "report.html").read_text()
+
+
+# --- run ids that leave the sweep -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad_id", ["../escape", "..", "/etc", "a/b", "run id", "runs\\x"])
+def test_run_ids_outside_the_sweep_are_refused(bad_id, finished, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    saved = read_json(finished.out / sweep_dir.SWEEP_FILE)
+    saved["runs"] = {bad_id: next(iter(saved["runs"].values()))}
+    (sweep / sweep_dir.SWEEP_FILE).write_text(json.dumps(saved))
+    assert main(["results", str(sweep)]) == 2
+    assert one_error_line(capsys, "results") == (
+        f"{sweep / sweep_dir.SWEEP_FILE}: run id {bad_id!r} is not a plain folder name (letters, digits, . _ -)"
+    )
+    assert [path.name for path in sweep.iterdir()] == [sweep_dir.SWEEP_FILE]
+
+
+# --- JSON errors name the file --------------------------------------------------------------
+
+
+def test_read_json_names_the_file_and_the_position(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text('{\n  "a": 1,\n  "b": \n}')
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not valid JSON (Expecting value at line 4 column 1)")):
+        files.read_json(path)
+    path.write_text('{"a": 1}\n\n{"b": \n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not valid JSON (Expecting value at line 3 column 7)")):
+        files.read_jsonl(path)
+
+
+@pytest.fixture
+def copied_sweep(finished, tmp_path) -> Path:
+    out = tmp_path / "grid"
+    shutil.copytree(finished.out, out)
+    return out
+
+
+def first_run(sweep: Path) -> Path:
+    return sorted((sweep / sweep_dir.RUNS).iterdir())[0]
+
+
+def test_a_corrupt_config_json_names_the_file(copied_sweep, capsys):
+    run = first_run(copied_sweep)
+    (run / run_dir.CONFIG).write_text('{"depth": 1,')
+    expected = f"{run / run_dir.CONFIG}: not valid JSON (Expecting property name enclosed in double quotes at line 1 column 13)"
+    assert main(["train", "--config", str(run / run_dir.CONFIG), "--out", str(run), "--no-progress"]) == 2
+    assert one_error_line(capsys, "train") == expected
+    assert main(["train", "--out", str(run), "--no-progress"]) == 2  # the run directory's own config.json
+    assert one_error_line(capsys, "train") == expected
+
+
+def test_a_corrupt_model_config_names_the_file(copied_sweep, capsys):
+    run = first_run(copied_sweep)
+    (run / run_dir.MODEL_CONFIG).write_text("{")
+    assert main(["cut", str(run), "--no-progress"]) == 2
+    assert one_error_line(capsys, "cut").startswith(f"{run / run_dir.MODEL_CONFIG}: not valid JSON (")
+
+
+def test_a_corrupt_sweep_json_names_the_file(copied_sweep, capsys):
+    (copied_sweep / sweep_dir.SWEEP_FILE).write_text('{"runs": }')
+    assert main(["results", str(copied_sweep)]) == 2
+    assert one_error_line(capsys, "results") == (
+        f"{copied_sweep / sweep_dir.SWEEP_FILE}: not valid JSON (Expecting value at line 1 column 10)"
+    )
+
+
+@pytest.mark.parametrize("name, line", [(run_dir.METRICS, 2), (run_dir.SUMMARY, 1), (run_dir.CUT, 1)])
+def test_a_corrupt_run_file_fails_the_results_naming_it(name, line, copied_sweep, capsys):
+    run = first_run(copied_sweep)
+    if name == run_dir.METRICS:
+        lines = (run / name).read_text().splitlines()
+        (run / name).write_text("\n".join([lines[0], lines[1][:-5], *lines[2:]]) + "\n")
+    else:
+        (run / name).write_text("{not json")
+    assert main(["results", str(copied_sweep)]) == 2
+    error = one_error_line(capsys, "results")
+    assert error.startswith(f"{run / name}: not valid JSON (") and f"at line {line} " in error
+
+
+def test_a_corrupt_status_counts_as_pending_and_names_the_file(copied_sweep):
+    run = first_run(copied_sweep)
+    (run / run_dir.STATUS).write_text('{"status": "do')
+    status = run_dir.read_status(run)
+    assert status["status"] == "pending" and status["error"].startswith(f"{run / run_dir.STATUS}: not valid JSON (")
+    rows = build_results(copied_sweep)
+    assert set(rows.loc[rows.run_id == run.name, "status"]) == {"pending"}
+    assert set(rows.loc[rows.run_id == run.name, "error"]) == {status["error"]}
+    assert run_dir.read_status(copied_sweep / "no-such-run") == {"status": "pending", "error": None}
+
+
+# --- shared file helpers --------------------------------------------------------------------
+
+
+def test_atomic_write_returns_the_value_and_leaves_nothing_on_failure(tmp_path):
+    path = tmp_path / "a.bin"
+    assert files.atomic_write(path, lambda tmp: tmp.write_bytes(b"abc")) == 3
+    assert files.sha256_of(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+    def full(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=re.escape(f"cannot write {path}: No space left on device")) as raised:
+        files.atomic_write(path, full)
+    assert raised.value.errno == errno.ENOSPC
+    assert path.read_bytes() == b"abc" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_each_file_helper_is_declared_once():
+    """Temporary files, renames into place and file digests live in fwbw.files only."""
+    source = Path(files.__file__).parent
+    patterns = re.compile(r"os\.replace\(|tempfile\.|def \w*sha256\w*\(|def \w*tmp\w*\(|def _?write_json\(")
+    offenders = [
+        f"{path.relative_to(source)}: {match.group(0)}"
+        for path in sorted(source.rglob("*.py"))
+        if path.name != "files.py" or path.parent != source
+        for match in patterns.finditer(path.read_text())
+    ]
+    assert offenders == []

@@ -1,0 +1,187 @@
+"""A run directory's life: its layout, which outs are refused, and that it belongs to one config
+(the same config resumes, another is refused untouched, --restart starts over, and a checkpoint
+of another config is never loaded)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TOKENIZER, read_json, read_metrics, tiny_config, without_seconds
+
+from fwbw.cli import main
+from fwbw.files import read_jsonl
+from fwbw.schema import ConfigError
+from fwbw.training import checkpoint, run_dir
+from fwbw.training.trainer import Trainer, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
+    """Every file under folder: its mtime and sha256 (byte-identical means equal snapshots)."""
+    return {
+        str(path.relative_to(folder)): (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def checkpoint_owners(run: Path) -> set[str]:
+    return {read_json(path / checkpoint.STATE)["config"] for path in (run / run_dir.CHECKPOINTS).glob("step_*")}
+
+
+# --- layout and outs ------------------------------------------------------------------------
+
+
+def test_a_finished_run_holds_exactly_the_declared_files(tmp_path, tiny_data):
+    config = tiny_config(train_tokens=4096)
+    run = tmp_path / "run"
+    train(config, run, data=tiny_data, progress=False)
+    declared = {run_dir.CONFIG, run_dir.METRICS, run_dir.SUMMARY, run_dir.MODEL_CONFIG, run_dir.MODEL_WEIGHTS}
+    assert {path.name for path in run.iterdir()} == declared | {run_dir.CHECKPOINTS}
+    assert read_json(run / run_dir.CONFIG) == json.loads(json.dumps(config.to_dict()))
+    assert len(read_jsonl(run / run_dir.METRICS)) == len(read_metrics(run)) > 0
+    steps = sorted(path.name for path in (run / run_dir.CHECKPOINTS).iterdir())
+    assert len(steps) == checkpoint.KEEP and all(name.startswith("step_") for name in steps)
+    assert checkpoint_owners(run) == {run_dir.config_id(config)}
+
+
+def test_config_id_is_the_hash_of_the_config_dict():
+    config = tiny_config()
+    expected = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+    assert run_dir.config_id(config) == expected
+    assert run_dir.config_id(tiny_config(seed=7)) != expected
+
+
+@pytest.mark.parametrize("out, reason", [("", "empty"), (".", "empty"), ("/", "filesystem root")])
+def test_empty_dot_and_root_outs_are_refused_with_one_line(out, reason, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--out", out, "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("fwbw train: error: out: ") and reason in error and error.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_that_is_a_file_is_refused_and_left_alone(tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    assert main(["train", "--out", str(blocker), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"fwbw train: error: out: {blocker} is a file, not a directory\n"
+    assert blocker.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_check_run_dir_accepts_new_and_existing_directories(tmp_path):
+    run_dir.check_run_dir(tmp_path)
+    run_dir.check_run_dir(tmp_path / "a" / "b")
+    with pytest.raises(ConfigError, match="^out: "):
+        run_dir.check_run_dir(Path(""))
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- one config per run directory -----------------------------------------------------------
+
+
+@pytest.fixture
+def train_flags(corpus) -> list[str]:
+    return ["--data", corpus.spec, "--tokenizer", TOKENIZER, "--depth", "1", "--width", "16", "--seq-len", "16",
+            "--p-bw", "0.5", "--train-tokens", "3000", "--eval-tokens", "512", "--eval-every", "0.02",
+            "--tokens-per-microbatch", "256", "--checkpoint-every", "3", "--dtype", "fp32", "--device", "cpu",
+            "--no-progress"]
+
+
+@pytest.fixture
+def finished_run(tmp_path, train_flags, cache_env, capsys) -> Path:
+    run = tmp_path / "run"
+    assert main(["train", *train_flags, "--out", str(run)]) == 0
+    capsys.readouterr()
+    return run
+
+
+def test_the_same_config_resumes_without_training_again(finished_run, train_flags, monkeypatch, capsys):
+    metrics = read_metrics(finished_run)
+
+    def no_training(self):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(Trainer, "train_step", no_training)
+    assert main(["train", *train_flags, "--out", str(finished_run)]) == 0
+    assert json.loads(capsys.readouterr().out)["final_val_loss_fw"] == metrics[-1]["fw_loss"]
+    assert read_metrics(finished_run) == metrics
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [(["--p-bw", "0.25", "--seed", "7"], ["p_bw: 0.5 -> 0.25", "seed: 100 -> 7"]), (["--depth", "2"], ["depth: 1 -> 2"])],
+)
+def test_another_config_is_refused_with_one_line_and_nothing_changes(finished_run, train_flags, flags, named, capsys):
+    before = snapshot(finished_run)
+    assert main(["train", *train_flags, *flags, "--out", str(finished_run)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"fwbw train: error: out: {finished_run} holds the run of another config (")
+    assert error.count("\n") == 1 and "--restart" in error
+    for difference in named:
+        assert difference in error
+    assert snapshot(finished_run) == before
+
+
+def test_restart_starts_over_and_matches_a_fresh_run(finished_run, train_flags, tmp_path, capsys):
+    other = ["--p-bw", "0.25", "--seed", "7"]
+    (finished_run / run_dir.CUT).write_text("[]")  # a stale layer cut of the old run
+    (finished_run / "notes.txt").write_text("not a run file")
+    assert main(["train", *train_flags, *other, "--restart", "--out", str(finished_run)]) == 0
+    fresh = tmp_path / "fresh"
+    assert main(["train", *train_flags, *other, "--out", str(fresh)]) == 0
+    assert without_seconds(read_metrics(finished_run)) == without_seconds(read_metrics(fresh))
+    assert read_json(finished_run / run_dir.CONFIG) == read_json(fresh / run_dir.CONFIG)
+    assert read_json(finished_run / run_dir.CONFIG)["seed"] == 7
+    assert checkpoint_owners(finished_run) == checkpoint_owners(fresh) and len(checkpoint_owners(fresh)) == 1
+    assert not (finished_run / run_dir.CUT).exists()
+    assert (finished_run / "notes.txt").read_text() == "not a run file"
+
+
+def test_a_rerun_elsewhere_from_config_json_is_the_same_run(finished_run, tmp_path, capsys):
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(finished_run / run_dir.CONFIG), "--out", str(again), "--no-progress"]) == 0
+    assert without_seconds(read_metrics(again)) == without_seconds(read_metrics(finished_run))
+
+
+def test_a_checkpoint_of_another_config_is_never_loaded(tmp_path, tiny_data):
+    """The state the old bug left: config.json rewritten to config B over checkpoints of A."""
+    a, b = tiny_config(train_tokens=4096), tiny_config(train_tokens=4096, p_bw=0.25, seed=7)
+    run = tmp_path / "run"
+    train(a, run, data=tiny_data, progress=False)
+    (run / run_dir.CONFIG).write_text(json.dumps(b.to_dict()))
+
+    warnings: list[str] = []
+    assert checkpoint.load_latest(run, run_dir.config_id(b), warn=warnings.append) is None
+    assert len(warnings) == checkpoint.KEEP and all("written for another config" in w for w in warnings)
+    assert checkpoint.load_latest(run, run_dir.config_id(a), warn=warnings.append) is not None
+
+    train(b, run, data=tiny_data, progress=False)
+    train(b, tmp_path / "fresh", data=tiny_data, progress=False)
+    assert without_seconds(read_metrics(run)) == without_seconds(read_metrics(tmp_path / "fresh"))
+    assert checkpoint_owners(run) == {run_dir.config_id(b)}  # A's checkpoints are gone
+
+
+def test_a_checkpoint_without_a_config_id_is_skipped(tmp_path, tiny_data):
+    config = tiny_config(train_tokens=4096)
+    run = tmp_path / "run"
+    train(config, run, data=tiny_data, progress=False)
+    for path in (run / run_dir.CHECKPOINTS).glob("step_*"):  # as written before checkpoints had one
+        state = read_json(path / checkpoint.STATE)
+        del state["config"]
+        (path / checkpoint.STATE).write_text(json.dumps(state))
+    warnings: list[str] = []
+    assert checkpoint.load_latest(run, run_dir.config_id(config), warn=warnings.append) is None
+    assert len(warnings) == checkpoint.KEEP
+
+
+def test_restart_clears_only_the_run_files(tmp_path):
+    run = tmp_path / "run"
+    (run / run_dir.CHECKPOINTS / "step_00000003").mkdir(parents=True)
+    for name in (*run_dir.RUN_FILES, run_dir.LOCK, "keep.txt"):
+        (run / name).write_text("x")
+    run_dir.clear_run(run)
+    assert sorted(path.name for path in run.iterdir()) == sorted([run_dir.LOCK, "keep.txt"])
