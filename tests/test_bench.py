@@ -5,7 +5,13 @@ import json
 import pytest
 
 from fwbw.training import bench
-from fwbw.training.bench import BenchShape, bench_trainer, format_table, run_bench, select_shapes
+from fwbw.training.bench import (
+    BenchShape,
+    bench_trainer,
+    format_table,
+    run_bench,
+    select_shapes,
+)
 from fwbw.training.trainer import Trainer
 
 TINY = BenchShape("tiny", width=32, depth=1, vocab=64, seq_len=16, tokens_per_step=64)

@@ -262,9 +262,9 @@ def test_a_file_may_name_its_preset_and_the_flag_replaces_it(tmp_path):
 
 def test_train_layers_file_then_flags(tmp_path):
     path = write_config(tmp_path, "yaml", {"depth": 3, "width": 64, "seq_len": 64, "recipe": {"warmup_steps": 7}})
-    config = train_config("--config", str(path), "--width", "32", "--tokens-per-microbatch", "512")
+    config = train_config("--config", str(path), "--width", "32", "--tokens-per-microbatch", "512", "--fixed-microbatch")
     assert (config.depth, config.width, config.seq_len) == (3, 32, 64)
-    assert (config.recipe.warmup_steps, config.recipe.tokens_per_microbatch) == (7, 512)
+    assert (config.recipe.warmup_steps, config.recipe.tokens_per_microbatch, config.recipe.dynamic_microbatch) == (7, 512, False)
     assert config.data == TrainConfig().data
 
 
@@ -435,3 +435,10 @@ def test_study_switches_reach_runs_from_flags_and_files(tmp_path):
 def test_read_config_file_returns_the_table(tmp_path):
     values = {"depth": 2, "recipe": {"betas": [0.8, 0.9]}}
     assert all(read_config_file(write_config(tmp_path, fmt, values)) == values for fmt in FORMATS)
+
+
+def test_a_bad_flag_is_one_line_too(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "--train-tokens", "20000.7", "--out", "unused"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "fwbw train: error: argument --train-tokens: invalid int value: '20000.7'\n"

@@ -44,7 +44,7 @@ def add_train_flags(flags: ConfigFlags) -> None:
     add("--data", help=f"wiki-sample | wikitext-2 | wikitext-103 | text:DIR ({DEFAULTS.data})")
     add("--tokenizer", help=f"gpt2 | bpe:N ({DEFAULTS.tokenizer})")
     add("--seq-len", type=int, help=f"maximum sequence length ({DEFAULTS.seq_len})")
-    add("--num-heads", type=int, help="attention heads splitting query, key and value (hlb-gpt: 1)")
+    add("--num-heads", type=int, help=f"attention heads splitting query, key and value ({DEFAULTS.num_heads}: hlb-gpt)")
     add("--bw-mask", choices=BW_MASKS, help="legacy-flip reproduces the study's leaking mask (causal)")
     add("--bw-mode", choices=BW_MODES,
         help="add: fw + bw loss; either: one task per step (add). bw-only training: --bw-mode either --p-bw 1")
@@ -55,7 +55,7 @@ def add_train_flags(flags: ConfigFlags) -> None:
     add("--eval-every", dest="eval_every_epochs", type=float, help=f"validation interval in epochs ({DEFAULTS.eval_every_epochs:g})")
     add("--eval-tokens", type=int, help=f"size of the fixed validation set ({DEFAULTS.eval_tokens})")
     add("--checkpoint-every", dest="checkpoint_every_steps", type=int, help=f"steps ({DEFAULTS.checkpoint_every_steps})")
-    add("--tokens-per-microbatch", dest="recipe.tokens_per_microbatch", type=int,
+    add("--tokens-per-microbatch", dest="recipe.tokens_per_microbatch", type=int, metavar="N",
         help=f"tokens per microbatch, at least --seq-len ({DEFAULTS.recipe.tokens_per_microbatch})")
     add("--fixed-microbatch", dest="recipe.dynamic_microbatch", action="store_false",
         help="one microbatch per step (no gradient-norm-driven accumulation)")
@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
               help="study: each model size's tokens per microbatch as the study sized them (the paper preset's)")
     sweep.add_argument("--preset", help=" | ".join(PRESETS))
     sweep.add_argument("--config", type=Path,
-                       help="a sweep file (TOML, YAML or JSON): the grid keys above and TrainConfig fields (flags given override it)")
+                       help="a sweep file (TOML, YAML or JSON): depths, widths, model_scales, p_bw, seeds, seed, "
+                       "tokens_per_microbatch_rule, extra_runs and TrainConfig fields (flags given override it)")
     sweep.add_argument("--out", type=Path, default=Path("runs/grid"))
     sweep.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
     sweep.add_argument("--retry-failed", action="store_true")

@@ -13,7 +13,7 @@ from fwbw.model.masks import DIRECTIONS
 from fwbw.model.tasks import task_stats
 from fwbw.training import checkpoint
 from fwbw.training.config import TrainConfig
-from fwbw.training.run_dir import CONFIG, CUT
+from fwbw.training.run_dir import CONFIG, CUT, MODEL_WEIGHTS
 from fwbw.training.run_setup import RunSetup
 
 EVAL_METRICS = ("loss", "acc", "ppl")  # what `evaluate` reports per direction
@@ -79,6 +79,8 @@ def cut_run(run_dir: Path, progress: bool = True) -> list[dict]:
     config = TrainConfig.load(Path(run_dir) / CONFIG)
     if config.depth < 2:
         raise ValueError(f"{run_dir}: nothing to cut, the model has {config.depth} block and the cut keeps at least one")
+    if not (Path(run_dir) / MODEL_WEIGHTS).exists():
+        raise ValueError(f"{run_dir}: no trained model ({MODEL_WEIGHTS}): has the run finished?")
     setup = RunSetup(config, progress=progress)
     checkpoint.load_weights(run_dir, setup.model)
     return write_cut(run_dir, setup.model, setup.valid, setup.precision())

@@ -126,7 +126,7 @@ class Trainer(RunSetup):
                 "sampler": self.sampler.state_dict(),
                 "task_rng": self.task_rng.get_state(),
                 "microbatching": self.microbatching.state_dict(),
-                "train_state": self.state.__dict__,
+                "progress": self.state.__dict__,  # the TrainState
             },
             config_id(self.config),
         )
@@ -141,7 +141,7 @@ class Trainer(RunSetup):
         self.sampler.load_state_dict(saved["sampler"])
         self.task_rng.set_state(saved["task_rng"])
         self.microbatching.load_state_dict(saved["microbatching"])
-        self.state = TrainState(**saved["train_state"])
+        self.state = TrainState(**saved["progress"])
         self._write_metrics()
 
     # --- training ------------------------------------------------------------------------
