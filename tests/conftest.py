@@ -259,3 +259,12 @@ def finished(tmp_path_factory, corpus) -> FinishedSweep:
     out = tmp_path_factory.mktemp("finished") / "grid"
     outcome = run_sweep(spec, out, progress=False)
     return FinishedSweep(out, spec, outcome)
+
+
+@pytest.fixture
+def train_flags(corpus) -> list[str]:
+    """`fwbw train` flags for a one-block run on the corpus that takes about a second."""
+    return ["--data", corpus.spec, "--tokenizer", TOKENIZER, "--depth", "1", "--width", "16", "--seq-len", "16",
+            "--p-bw", "0.5", "--train-tokens", "3000", "--eval-tokens", "512", "--eval-every", "0.02",
+            "--tokens-per-microbatch", "256", "--checkpoint-every", "3", "--dtype", "fp32", "--device", "cpu",
+            "--no-progress"]

@@ -22,7 +22,7 @@ def run_rows(run_id, size, p_bw, seed, fw, bw, *, bw_mode="add", bw_mask="causal
     info = dict(run_id=run_id, data="wiki", tokenizer="gpt2", depth=depth, width=width,
                 num_params=PARAMS[size], seq_len=64, p_bw=p_bw, bw_mode=bw_mode, bw_mask=bw_mask,
                 task_tokens=False, seed=seed, status=status, leaks_labels=bw_mask == "legacy-flip",
-                probe_leak_bw=probe, error=None)
+                probe_leak_bw=probe, probe_train_leak_bw=probe, error=None)
     rows = []
     for step, epoch, offset in zip(steps, epochs, OFFSETS):
         for direction, final in (("fw", fw), ("bw", bw)):
@@ -45,7 +45,7 @@ def failed_row(run_id, size, p_bw, seed):
                 num_params=PARAMS[size], seq_len=64, p_bw=p_bw, bw_mode="add", bw_mask="causal",
                 task_tokens=False, seed=seed, step=None, tokens=None, epoch=None, seconds=None,
                 direction=None, loss=None, acc=None, ppl=None, phase=None, blocks_remaining=None,
-                status="failed", leaks_labels=False, probe_leak_bw=None, error="CUDA out of memory")
+                status="failed", leaks_labels=False, probe_leak_bw=None, probe_train_leak_bw=None, error="CUDA out of memory")
 
 
 # final fw / bw losses per run: {(size, p_bw, seed): (fw, bw)}
@@ -278,6 +278,16 @@ def test_mask_audit(analysis):
     expected = mean([bw / fw_ for fw_, bw in [*A5.values(), EITHER, *B5.values()]])
     assert causal.bw_fw_loss_ratio == pytest.approx(expected)
 
+
+
+@pytest.mark.parametrize("model_path, training_path", [(True, False), (False, True), (True, True)])
+def test_mask_summary_counts_a_run_that_either_probe_caught(model_path, training_path):
+    table = build_results()
+    caught = table.run_id == "a5-s0"
+    table.loc[caught, "probe_leak_bw"] = model_path
+    table.loc[caught, "probe_train_leak_bw"] = training_path
+    causal = one(analyse(table).mask_summary, bw_mask="causal")
+    assert causal.probe_leaks == 2 and causal.probe_leak_runs.split() == ["a5-s0", "b5-s1"]
 
 def test_no_done_runs():
     analysis = analyse(pd.DataFrame([failed_row("x", A, 0.05, 0)]))

@@ -35,14 +35,6 @@ pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
 DISK_FULL = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
 
 
-@pytest.fixture
-def train_flags(corpus) -> list[str]:
-    return ["--data", corpus.spec, "--tokenizer", TOKENIZER, "--depth", "1", "--width", "16", "--seq-len", "16",
-            "--p-bw", "0.5", "--train-tokens", "3000", "--eval-tokens", "512", "--eval-every", "0.02",
-            "--tokens-per-microbatch", "256", "--checkpoint-every", "3", "--dtype", "fp32", "--device", "cpu",
-            "--no-progress"]
-
-
 def one_error_line(capsys, command: str) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"fwbw {command}: error: "), err

@@ -28,7 +28,7 @@ def run_rows(run_id, depth, width, p_bw, seed, fw, bw, bw_mask="causal", probe=N
     info = dict(run_id=run_id, data="wiki", tokenizer="gpt2", depth=depth, width=width,
                 num_params=SIZES[depth, width], seq_len=32, p_bw=p_bw, bw_mode="add", bw_mask=bw_mask,
                 task_tokens=False, seed=seed, status="done", leaks_labels=bw_mask == "legacy-flip",
-                probe_leak_bw=probe, error=None)
+                probe_leak_bw=probe, probe_train_leak_bw=probe, error=None)
     points = [(step, step / 40, "train-eval", depth, 1.0 - step / 40) for step in (10, 20, 40)]
     points += [(40, 1.0, "cut", k, 0.2 * (depth - k)) for k in range(depth - 1, 0, -1)]
     return [
@@ -43,7 +43,7 @@ def not_done_row(run_id, status, error):
     return dict(run_id=run_id, data="wiki", tokenizer="gpt2", depth=3, width=32, num_params=60_000, seq_len=32,
                 p_bw=0.05, bw_mode="add", bw_mask="causal", task_tokens=False, seed=2, step=None, tokens=None,
                 epoch=None, seconds=None, direction=None, loss=None, acc=None, ppl=None, phase=None,
-                blocks_remaining=None, status=status, leaks_labels=False, probe_leak_bw=None, error=error)
+                blocks_remaining=None, status=status, leaks_labels=False, probe_leak_bw=None, probe_train_leak_bw=None, error=error)
 
 
 def results():

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TOKENIZER, read_json, read_metrics, tiny_config, without_seconds
+from conftest import read_json, read_metrics, tiny_config, without_seconds
 
 from fwbw.cli import main
 from fwbw.files import read_jsonl
@@ -81,14 +81,6 @@ def test_check_run_dir_accepts_new_and_existing_directories(tmp_path):
 
 
 # --- one config per run directory -----------------------------------------------------------
-
-
-@pytest.fixture
-def train_flags(corpus) -> list[str]:
-    return ["--data", corpus.spec, "--tokenizer", TOKENIZER, "--depth", "1", "--width", "16", "--seq-len", "16",
-            "--p-bw", "0.5", "--train-tokens", "3000", "--eval-tokens", "512", "--eval-every", "0.02",
-            "--tokens-per-microbatch", "256", "--checkpoint-every", "3", "--dtype", "fp32", "--device", "cpu",
-            "--no-progress"]
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ def atomic_write_json(path: Path, value: Any) -> None:
 def read_json(path: Path) -> Any:
     """The JSON value in `path`; a file that is not JSON raises ValueError naming it and the position."""
     path = Path(path)
-    return _parse_json(path, _read_text(path))
+    return _parse_json(path, read_text(path))
 
 
 def read_jsonl(path: Path) -> list:
@@ -68,12 +68,13 @@ def read_jsonl(path: Path) -> list:
     path = Path(path)
     return [
         _parse_json(path, line, line_number)
-        for line_number, line in enumerate(_read_text(path).splitlines(), start=1)
+        for line_number, line in enumerate(read_text(path).splitlines(), start=1)
         if line.strip()
     ]
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text; other bytes raise ValueError naming the file."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:

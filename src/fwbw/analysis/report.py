@@ -36,6 +36,8 @@ from fwbw.analysis.stats import (
 )
 from fwbw.files import atomic_write, atomic_write_text
 from fwbw.study.results import CUT_PHASE
+from fwbw.study.sweep_dir import SWEEP_FILE
+from fwbw.study.sweep_dir import read_sweep as read_sweep_file
 
 LEAK_RATIO = 0.8  # bw/fw final loss below this: bw far easier than fw (leak-free bw is within a few % of fw)
 
@@ -70,8 +72,8 @@ def read_results(sweep_dir: Path) -> pd.DataFrame:
 
 def read_sweep(sweep_dir: Path) -> dict:
     """The setup described by sweep.json (its "setup" entry), or {} when there is none."""
-    path = Path(sweep_dir) / "sweep.json"
-    return json.loads(path.read_text()).get("setup", {}) if path.exists() else {}
+    exists = (Path(sweep_dir) / SWEEP_FILE).exists()
+    return read_sweep_file(sweep_dir).get("setup", {}) if exists else {}
 
 
 # ----------------------------------------------------------------------------- text
@@ -155,13 +157,14 @@ def _mask_statements(summary: pd.DataFrame) -> list[str]:
         else:
             out.append(f"{ratio}: bw about as hard as fw or harder, no sign of a label leak in the losses.")
         if row["probed"] == 0:
-            out.append(f"No perturbation-probe result for {row['bw_mask']} runs.")
+            out.append(f"No leak-probe result for {row['bw_mask']} runs.")
         elif row["probe_leaks"]:
-            out.append(f"The perturbation probe found bw logits depending on tokens they must not see in "
+            out.append(f"The leak probes (model and training path) found bw outputs depending on tokens they must not see in "
                        f"{row['probe_leaks']} of {row['probed']} probed {row['bw_mask']} runs: "
                        f"{row['probe_leak_runs']}.")
         else:
-            out.append(f"The perturbation probe found no leak in {row['probed']} probed {row['bw_mask']} runs.")
+            out.append(f"The leak probes (model and training path) found no leak in {row['probed']} probed "
+                       f"{row['bw_mask']} runs.")
     return out
 
 

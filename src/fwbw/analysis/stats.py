@@ -25,7 +25,7 @@ import pandas as pd
 from scipy import stats
 
 from fwbw.model.masks import DIRECTIONS
-from fwbw.study.results import COLUMNS, CUT_PHASE, EVAL_PHASE
+from fwbw.study.results import COLUMNS, CUT_PHASE, EVAL_PHASE, PROBE_COLUMNS
 from fwbw.training.evaluation import EVAL_METRICS
 
 SIZE = ["depth", "width"]
@@ -57,7 +57,7 @@ PAIRED_COLUMNS = [
     "unpaired_seeds_x", "unpaired_seeds_base",
 ]
 AUDIT_COLUMNS = [
-    "run_id", *SETTING, "seed", "leaks_labels", "probe_leak_bw", "loss_fw", "loss_bw",
+    "run_id", *SETTING, "seed", "leaks_labels", *PROBE_COLUMNS, "loss_fw", "loss_bw",
     "bw_fw_loss_ratio",
 ]
 SAMPLE_COLUMNS = [
@@ -324,20 +324,22 @@ def paired_comparison(final: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- mask audit
 
 def mask_audit(final: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Per done run: leaks_labels (config), probe_leak_bw (perturbation probe), final losses and
-    bw/fw loss ratio. A leak-free bw task is about as hard as fw (ratio near 1)."""
-    audit = final.merge(runs[["run_id", "leaks_labels", "probe_leak_bw"]], on="run_id")
+    """Per done run: leaks_labels (config), the two bw leak probes (model path, training path),
+    final losses and bw/fw loss ratio. A leak-free bw task is about as hard as fw (ratio near 1)."""
+    audit = final.merge(runs[["run_id", "leaks_labels", *PROBE_COLUMNS]], on="run_id")
     audit["bw_fw_loss_ratio"] = audit.loss_bw.astype(float) / audit.loss_fw.astype(float)
     return audit[AUDIT_COLUMNS]
 
 
 def mask_summary(audit: pd.DataFrame) -> pd.DataFrame:
     """Per bw_mask, over runs trained on bw (p_bw > 0): mean bw/fw final loss ratio, whether the
-    config says the mask leaks labels, and how many probed runs the probe caught leaking."""
+    config says the mask leaks labels, and how many probed runs a probe (either path) caught
+    leaking."""
     rows = []
     for mask, runs in audit[audit.p_bw > 0].groupby("bw_mask", sort=True):
-        probed = runs[runs.probe_leak_bw.notna()]
-        leaking = probed[probed.probe_leak_bw.astype(bool)]
+        probes = runs[list(PROBE_COLUMNS)]
+        probed = runs[probes.notna().any(axis=1)]
+        leaking = runs[probes.fillna(False).astype(bool).any(axis=1)]
         rows.append({"bw_mask": mask, "runs": len(runs), "bw_fw_loss_ratio": runs.bw_fw_loss_ratio.mean(),
                      "leaks_labels": bool(runs.leaks_labels.astype(bool).any()), "probed": len(probed),
                      "probe_leaks": len(leaking), "probe_leak_runs": " ".join(leaking.run_id)})

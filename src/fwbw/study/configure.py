@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from fwbw.files import read_json
+from fwbw.files import read_json, read_text
 from fwbw.schema import EMPTY, ConfigError, require, show, typed
 from fwbw.study.presets import preset_values
 from fwbw.study.sweep import GRID_AXIS_OF, SweepSpec
@@ -104,7 +104,7 @@ def read_config_file(path: Path) -> dict:
 
 def _read_toml(path: Path) -> Any:
     try:
-        return tomllib.loads(_read_text(path))
+        return tomllib.loads(read_text(path))
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({' '.join(str(error).split())})") from None
 
@@ -121,7 +121,7 @@ _YamlLoader.add_implicit_resolver(
 
 def _read_yaml(path: Path) -> Any:
     try:
-        values = yaml.load(_read_text(path), Loader=_YamlLoader)
+        values = yaml.load(read_text(path), Loader=_YamlLoader)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -129,13 +129,6 @@ def _read_yaml(path: Path) -> Any:
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     return {} if values is None else values  # an empty file
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
 
 
 READERS = {".json": read_json, ".toml": _read_toml, ".yaml": _read_yaml, ".yml": _read_yaml}

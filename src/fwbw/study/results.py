@@ -15,10 +15,13 @@ from fwbw.training.evaluation import EVAL_METRICS
 from fwbw.training.run_dir import CUT, METRICS, MODEL_CONFIG, SUMMARY, read_status
 
 EVAL_PHASE, CUT_PHASE = "train-eval", "cut"  # the `phase` of validation and of layer-cut rows
+# the bw leak probes of a trained run: through the model, and through the batched training path
+PROBE_COLUMNS = ("probe_leak_bw", "probe_train_leak_bw")
 COLUMNS = [
     "run_id", "data", "tokenizer", "depth", "width", "num_params", "seq_len", "p_bw", "bw_mode",
     "bw_mask", "task_tokens", "seed", "step", "tokens", "epoch", "seconds", "direction", "loss",
-    "acc", "ppl", "phase", "blocks_remaining", "status", "leaks_labels", "probe_leak_bw", "error",
+    "acc", "ppl", "phase", "blocks_remaining", "status", "leaks_labels", "probe_leak_bw", "probe_train_leak_bw",
+    "error",
 ]
 
 
@@ -50,6 +53,7 @@ def run_rows(identifier: str, config: dict, run_dir: Path) -> list[dict]:
         "status": status["status"],
         "leaks_labels": leaks_labels(config["bw_mask"]),
         "probe_leak_bw": summary.get("probe_leak_bw"),
+        "probe_train_leak_bw": summary.get("probe_train_leak_bw"),
         "error": status.get("error"),
     }
     metrics = _read_if_written(run_dir / METRICS, read_jsonl, [])
@@ -92,7 +96,8 @@ def build_results(sweep_dir: Path) -> pd.DataFrame:
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
     for column in ("step", "tokens", "blocks_remaining", "num_params"):
         table[column] = table[column].astype("Int64")
-    table["probe_leak_bw"] = table["probe_leak_bw"].astype("boolean")
+    for probe in PROBE_COLUMNS:
+        table[probe] = table[probe].astype("boolean")
     return table
 
 

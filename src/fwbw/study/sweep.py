@@ -219,6 +219,8 @@ def setup_summary(spec: SweepSpec) -> dict:
         "bw_mode": base.bw_mode,
         "bw_mask": base.bw_mask,
         "task_tokens": base.task_tokens,
+        "num_heads": base.num_heads,
+        "adaptive_p_bw": base.adaptive_p_bw,
         "extra_runs": [run_id(config) for config in spec.extra_runs],
         "eval": f"every {base.eval_every_epochs:g} epochs on {base.eval_tokens} fixed validation tokens",
         "tokens_per_microbatch": spec.tokens_per_microbatch_rule or base.recipe.tokens_per_microbatch,
