@@ -1,4 +1,4 @@
-"""Each hlb-gpt recipe mechanism (SPEC §4) against its formula."""
+"""Each hlb-gpt recipe mechanism (docs/method.md#the-recipe) against its formula."""
 
 import math
 

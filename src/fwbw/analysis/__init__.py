@@ -1,0 +1,1 @@
+"""What a sweep shows: the study's metrics with intervals, figures and the report."""

@@ -1,0 +1,1 @@
+"""Corpora, tokenizers and token windows: everything a run reads, cached on disk."""

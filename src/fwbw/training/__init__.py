@@ -1,0 +1,1 @@
+"""One training run: its config, recipe, directory, trainer, evaluation, leak probes and benchmark."""

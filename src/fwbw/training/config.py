@@ -21,7 +21,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class RecipeConfig:
-    """hlb-gpt v0.4.1's training recipe (SPEC §4), every constant named, defaults as published."""
+    """hlb-gpt v0.4.1's training recipe (docs/method.md#the-recipe), every constant named, defaults as published."""
 
     lr_numerator: float = 9e7  # base_lr = lr_numerator / ln(n_params) ** lr_log_power
     lr_log_power: float = 8.8

@@ -1,4 +1,4 @@
-"""hlb-gpt v0.4.1's optimisation recipe (SPEC §4): learning rates from the parameter count,
+"""hlb-gpt v0.4.1's optimisation recipe (docs/method.md#the-recipe): learning rates from the parameter count,
 four AdamW parameter groups with their own schedules, dynamic weight decay, sequence-length
 growth and gradient-norm-driven dynamic microbatching."""
 
