@@ -8,6 +8,7 @@ Modules that train on the corpus use `pytestmark = pytest.mark.usefixtures("cach
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -159,12 +160,20 @@ def cache_env(corpus):
 
 @pytest.fixture(scope="module")
 def one_thread():
+    with single_thread():
+        yield
+
+
+@contextlib.contextmanager
+def single_thread():
     """Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP's
     waiting threads slow them down several times; the subprocesses also use one thread each."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def base_config(corpus: Corpus, **overrides) -> TrainConfig:
@@ -257,7 +266,8 @@ def finished(tmp_path_factory, corpus) -> FinishedSweep:
     spec = SweepSpec(depths=(1, 3), widths=(16,), p_bws=(0.0, 0.5), seeds=2, base=base_config(corpus),
                      extra_runs=(extra,))
     out = tmp_path_factory.mktemp("finished") / "grid"
-    outcome = run_sweep(spec, out, progress=False)
+    with single_thread():
+        outcome = run_sweep(spec, out, progress=False)
     return FinishedSweep(out, spec, outcome)
 
 

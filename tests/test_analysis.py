@@ -7,22 +7,24 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from fwbw.analysis.stats import RATIO_COLUMNS, analyse, mean_ci
+from fwbw.analysis.stats import RATIO_COLUMNS, analyse, mean_ci, select
 
 A, B = (2, 8), (4, 16)  # model sizes (depth, width)
 PARAMS = {A: 1000, B: 5000}
 EPOCHS = (0.5, 1.0, 2.0)
 OFFSETS = (0.75, 0.5, 0.0)  # loss above the final loss at the 1st, 2nd and 3rd validation point
 CUT_SLOPE = {0.0: 0.3, 0.05: 0.4}  # loss added per removed block
+SWITCHES = dict(model_scale=math.nan, num_heads=1, adaptive_p_bw=False)  # the study's switches, at their defaults
 
 
 def run_rows(run_id, size, p_bw, seed, fw, bw, *, bw_mode="add", bw_mask="causal", status="done",
-             epochs=EPOCHS, steps=(10, 20, 40), probe=None):
+             epochs=EPOCHS, steps=(10, 20, 40), probe=None, fw_probe=None, **switches):
     depth, width = size
     info = dict(run_id=run_id, data="wiki", tokenizer="gpt2", depth=depth, width=width,
                 num_params=PARAMS[size], seq_len=64, p_bw=p_bw, bw_mode=bw_mode, bw_mask=bw_mask,
                 task_tokens=False, seed=seed, status=status, leaks_labels=bw_mask == "legacy-flip",
-                probe_leak_bw=probe, probe_train_leak_bw=probe, error=None)
+                probe_leak_fw=fw_probe, probe_train_leak_fw=fw_probe, probe_leak_bw=probe, probe_train_leak_bw=probe,
+                error=None, **{**SWITCHES, **switches})
     rows = []
     for step, epoch, offset in zip(steps, epochs, OFFSETS):
         for direction, final in (("fw", fw), ("bw", bw)):
@@ -45,7 +47,8 @@ def failed_row(run_id, size, p_bw, seed):
                 num_params=PARAMS[size], seq_len=64, p_bw=p_bw, bw_mode="add", bw_mask="causal",
                 task_tokens=False, seed=seed, step=None, tokens=None, epoch=None, seconds=None,
                 direction=None, loss=None, acc=None, ppl=None, phase=None, blocks_remaining=None,
-                status="failed", leaks_labels=False, probe_leak_bw=None, probe_train_leak_bw=None, error="CUDA out of memory")
+                status="failed", leaks_labels=False, probe_leak_fw=None, probe_train_leak_fw=None, probe_leak_bw=None,
+                probe_train_leak_bw=None, error="CUDA out of memory", **SWITCHES)
 
 
 # final fw / bw losses per run: {(size, p_bw, seed): (fw, bw)}
@@ -84,10 +87,7 @@ def ratios(analysis):
 
 
 def pick(table, **where):
-    rows = table
-    for column, value in where.items():
-        rows = rows[rows[column] == value]
-    return rows
+    return select(table, where)  # NaN selects the rows missing the value
 
 
 def one(table, **where):
@@ -294,3 +294,51 @@ def test_no_done_runs():
     assert analysis.ratios.empty and list(analysis.ratios.columns) == RATIO_COLUMNS
     assert analysis.final_losses.empty and analysis.paired.empty and analysis.mask_audit.empty
     assert len(analysis.unfinished) == 1
+
+
+# --- runs that differ only in a study switch are settings of their own ---------------------------
+
+HEADS = dict(num_heads=2)
+ADAPTIVE = dict(adaptive_p_bw=True)
+SCALED = dict(model_scale=0.5)
+
+
+def with_switches():
+    """The table, plus size-A runs that differ from a p_bw = 0 / 0.05 run of seed 0 in one switch:
+    two heads (with their own baseline), adaptive p_bw (sharing A's), hlb-gpt's model_scale (own baseline)."""
+    rows = run_rows("a0h-s0", A, 0.0, 0, 3.0, 5.0, **HEADS) + run_rows("a5h-s0", A, 0.05, 0, 2.5, 4.0, **HEADS)
+    rows += run_rows("a5ad-s0", A, 0.05, 0, 3.9, 4.2, probe=False, fw_probe=True, **ADAPTIVE)
+    rows += run_rows("a0ms-s0", A, 0.0, 0, 4.8, 6.0, **SCALED) + run_rows("a5ms-s0", A, 0.05, 0, 4.0, 5.0, **SCALED)
+    return pd.concat([build_results(), pd.DataFrame(rows)], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def switched():
+    return analyse(with_switches())
+
+
+def final_ratio1(analysis, averaging="mean_then_ratio", **setting):
+    return one(analysis.ratios, ratio="ratio1", phase="final", metric="loss", averaging=averaging, depth=2, **setting)
+
+
+def test_a_study_switch_makes_a_setting_of_its_own(switched):
+    assert len(switched.arms) == 3 + 3
+    losses = switched.final_losses
+    default = one(losses, depth=2, p_bw=0.05, bw_mode="add", num_heads=1, adaptive_p_bw=False, model_scale=math.nan)
+    assert default.n_seeds == 2 and default.fw_loss_mean == pytest.approx(mean(fw(A5)))  # not pooled with the others
+    assert one(losses, num_heads=2, p_bw=0.05).fw_loss_mean == 2.5
+    assert one(losses, adaptive_p_bw=True).fw_loss_mean == 3.9
+    assert one(losses, model_scale=0.5, p_bw=0.05).fw_loss_mean == 4.0
+    # the baselines: two heads and model_scale their own p_bw = 0 runs, adaptive p_bw the size's shared ones
+    assert final_ratio1(switched, num_heads=2).value == pytest.approx(3.0 / 2.5)
+    assert final_ratio1(switched, model_scale=0.5).value == pytest.approx(4.8 / 4.0)
+    assert final_ratio1(switched, adaptive_p_bw=True).value == pytest.approx(mean(fw(A0)) / 3.9)
+    assert final_ratio1(switched, bw_mode="add", num_heads=1, adaptive_p_bw=False, model_scale=math.nan).value == (
+        pytest.approx(mean(fw(A0)) / mean(fw(A5))))
+    assert one(switched.paired, num_heads=2).n == 1
+
+
+def test_the_mask_summary_counts_bw_probes_only(switched):
+    causal = one(switched.mask_summary, bw_mask="causal")  # a5ad-s0's fw probes fired, its bw probes did not
+    assert causal.probe_leaks == 1 and causal.probe_leak_runs == "b5-s1"
+    assert bool(one(switched.mask_audit, run_id="a5ad-s0").probe_leak_fw)

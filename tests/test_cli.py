@@ -1,12 +1,22 @@
-"""The command line: bad input fails at once with one line naming the problem, and leaves nothing."""
+"""The command line: bad input fails at once with one line naming the problem, and leaves nothing;
+Ctrl-C ends a run in one line, and rerunning the command resumes it exactly."""
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+from conftest import finish, read_metrics, start, without_seconds
 
 from fwbw.cli import main
+from fwbw.training.run_dir import CHECKPOINTS
+from fwbw.training.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(
@@ -47,6 +57,83 @@ def test_train_then_rerun_from_config(corpus, tmp_path, capsys):
     first, second = ((tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("a", "b"))
     strip = lambda lines: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
     assert strip(first) == strip(second)
+
+
+def test_missing_files_are_one_line_naming_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "missing.json", "--out", "run", "--no-progress"]) == 2
+    assert capsys.readouterr().err == "fwbw train: error: missing.json: no such file\n"
+    assert main(["cut", "nowhere", "--no-progress"]) == 2
+    assert capsys.readouterr().err == "fwbw cut: error: nowhere is not a run directory (no config.json)\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+INTERRUPTED = "interrupted at step {step}; rerun the same command to resume"
+
+
+@pytest.mark.usefixtures("cache_env")
+def test_ctrl_c_mid_run_is_one_line_exit_130_and_the_rerun_resumes_exactly(train_flags, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real_train_step = Trainer.train_step
+
+    def ctrl_c_at_step_5(self, directions=None):
+        if self.state.step == 5:  # between the checkpoints of steps 3 and 6 (of 7)
+            raise KeyboardInterrupt
+        return real_train_step(self, directions)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", ctrl_c_at_step_5)
+        assert main(["train", *train_flags, "--out", str(run)]) == 130
+    assert capsys.readouterr().err == f"fwbw train: {INTERRUPTED.format(step=5)}\n"
+    assert sorted(path.name for path in (run / CHECKPOINTS).iterdir()) == ["step_00000003"]
+    assert main(["train", *train_flags, "--out", str(run)]) == 0
+    assert main(["train", *train_flags, "--out", str(tmp_path / "whole")]) == 0
+    assert read_metrics(run)[-1]["step"] == 7
+    assert without_seconds(read_metrics(run)) == without_seconds(read_metrics(tmp_path / "whole"))
+
+
+def interrupt_once_checkpointed(command: list[str], run: Path, log: Path, timeout: float = 120.0) -> bool:
+    """Start `fwbw train` and send it SIGINT once it has written a checkpoint; False when it
+    finished before that."""
+    process = start(command, log)
+    deadline = time.monotonic() + timeout
+    try:
+        while process.poll() is None and not any((run / CHECKPOINTS).glob("step_*")):
+            if time.monotonic() > deadline:
+                pytest.fail(f"no checkpoint in {timeout} s:\n{log.read_text()}")
+            time.sleep(0.005)
+        if process.poll() is not None:
+            return False
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, log.read_text()
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("cache_env")
+def test_sigint_to_fwbw_train_is_one_line_exit_130_and_the_rerun_resumes_exactly(train_flags, tmp_path):
+    flags = [flag for flag in train_flags if flag not in ("--train-tokens", "3000")]
+    for train_tokens in (30_000, 120_000, 480_000):
+        folder = tmp_path / str(train_tokens)
+        folder.mkdir()
+        run, whole = folder / "run", folder / "whole"
+        command = [sys.executable, "-m", "fwbw", "train", *flags, "--train-tokens", str(train_tokens)]
+        if interrupt_once_checkpointed([*command, "--out", str(run)], run, folder / "interrupted.log"):
+            break
+    else:
+        pytest.fail("every run finished before it could be interrupted, even the longest")
+    message = f"fwbw train: {INTERRUPTED.format(step='[1-9][0-9]*')}\n"
+    assert re.fullmatch(message, (folder / "interrupted.log").read_text())
+    rerun = start([*command, "--out", str(run)], folder / "rerun.log")
+    uninterrupted = start([*command, "--out", str(whole)], folder / "whole.log")
+    finish(rerun, folder / "rerun.log")
+    finish(uninterrupted, folder / "whole.log")
+    assert without_seconds(read_metrics(run)) == without_seconds(read_metrics(whole))
 
 
 class FakeLibc:

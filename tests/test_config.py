@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 
 import pytest
@@ -18,12 +19,15 @@ from fwbw.schema import ConfigError
 from fwbw.study import presets
 from fwbw.study.configure import build_sweep_spec, build_train_config, read_config_file
 from fwbw.study.sweep import (
+    FILE_KEYS,
     REFERENCE_PARAMS,
     SweepSpec,
     run_id,
     study_tokens_per_microbatch,
+    with_study_tokens,
 )
 from fwbw.training.config import RecipeConfig, TrainConfig
+from fwbw.training.run_dir import config_id
 
 FORMATS = ("json", "toml", "yaml")
 
@@ -57,7 +61,8 @@ def no_training(monkeypatch):
         def __init__(self, *args, **kwargs):
             pytest.fail("a bad config reached the trainer")
 
-    monkeypatch.setattr("fwbw.training.trainer.Trainer", Refused)
+    monkeypatch.setattr("fwbw.training.trainer.Trainer", Refused)  # `fwbw train`
+    monkeypatch.setattr("fwbw.study.sweep.Trainer", Refused)  # `fwbw sweep`
 
 
 def fails_with_one_line(argv: list[str], capsys, *parts: str) -> str:
@@ -127,32 +132,25 @@ def test_train_file_with_a_wrong_type_fails_naming_file_and_field(tmp_path, caps
     assert not out.exists()
 
 
-SWEEP_CASES = [
-    ("depths", {"depths": "4"}),
+# a sweep file's keys: the spec's own (as files spell them), then every run field the spec does not
+# spell itself (depth, width and model_scale are refused there: the grid sets them)
+SPEC_CASES = {FILE_KEYS.get(name, name): value for name, value in typed_fields(SweepSpec) if name != "base"}
+SWEEP_CASES = [(key, {key: value}) for key, value in SPEC_CASES.items()] + [
+    (name, {name: value}) for name, value in typed_fields(TrainConfig) if name not in SPEC_CASES
+] + [
+    (f"recipe.{name}", {"recipe": {name: value}}) for name, value in typed_fields(RecipeConfig)
+] + [
     ("depths[0]", {"depths": [1.5]}),
-    ("widths", {"widths": 128}),
     ("model_scales[0]", {"model_scales": ["1"]}),
-    ("p_bw", {"p_bw": 0.5}),
     ("p_bw[0]", {"p_bw": [True]}),
-    ("seeds", {"seeds": 2.0}),
-    ("seed", {"seed": "7"}),
-    ("tokens_per_microbatch_rule", {"tokens_per_microbatch_rule": 1}),
-    ("extra_runs", {"extra_runs": "x"}),
     ("extra_runs[0].depth", {"extra_runs": [{"depth": "2"}]}),
-    ("data", {"data": 5}),
-    ("seq_len", {"seq_len": 2.5}),
-    ("task_tokens", {"task_tokens": "true"}),
-    ("epochs", {"epochs": "1"}),
     ("train_tokens", {"train_tokens": 20000.7}),
-    ("recipe", {"recipe": 5}),
-    ("recipe.betas", {"recipe": {"betas": 0.9}}),
-    ("recipe.dynamic_microbatch", {"recipe": {"dynamic_microbatch": 0}}),
     ("recipe.foo", {"recipe": {"foo": 1}}),
     ("foo", {"foo": 1}),
-    ("depth", {"depth": 2}),  # the grid sets it
 ]
 
 
+@pytest.mark.usefixtures("no_training")
 @pytest.mark.parametrize("dry_run", [True, False])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("field, values", SWEEP_CASES, ids=[f"{field}-{values}" for field, values in SWEEP_CASES])
@@ -397,7 +395,7 @@ STUDY_TOKENS = {(4, 192): 65_250, (8, 384): 57_236, (16, 768): 41_533, (32, 1536
 
 def test_study_rule_sizes_each_paper_run(capsys):
     assert REFERENCE_PARAMS == count_params(ModelConfig(vocab_size=50304, depth=8, width=384, max_seq_len=1024))
-    assert study_tokens_per_microbatch(1.0) == 57_236
+    assert study_tokens_per_microbatch(REFERENCE_PARAMS) == 57_236
     paper = build_sweep_spec("paper")
     tokens = {(c.depth, c.width): c.recipe.tokens_per_microbatch for c in paper.configs()}
     assert {size: tokens[size] for size in STUDY_TOKENS} == STUDY_TOKENS
@@ -418,15 +416,15 @@ def test_a_fixed_tokens_per_microbatch_replaces_the_presets_rule(tmp_path):
         build_sweep_spec(file=path)
     small = sweep_spec("--preset", "cpu-small", "--tokens-per-microbatch-rule", "study", "--depths", "8", "--widths", "384")
     model = small.configs()[0].model_config(8192)
-    assert small.configs()[0].recipe.tokens_per_microbatch == study_tokens_per_microbatch(count_params(model) / REFERENCE_PARAMS)
+    assert small.configs()[0].recipe.tokens_per_microbatch == study_tokens_per_microbatch(count_params(model))
 
 
 # --- the study's switches ------------------------------------------------------------------------
 
 
 def test_study_switches_reach_runs_from_flags_and_files(tmp_path):
-    config = train_config("--num-heads", "2", "--adaptive-p-bw", "--bw-mode", "either", "--p-bw", "1")
-    assert (config.num_heads, config.adaptive_p_bw, config.bw_mode, config.p_bw) == (2, True, "either", 1.0)
+    config = train_config("--num-heads", "2", "--adaptive-p-bw", "--bw-mode", "either", "--p-bw", "0.5")
+    assert (config.num_heads, config.adaptive_p_bw, config.bw_mode, config.p_bw) == (2, True, "either", 0.5)
     path = write_config(tmp_path, "toml", {"num_heads": 4, "adaptive_p_bw": True, "seeds": 1, "p_bw": [0.05]})
     assert {(c.num_heads, c.adaptive_p_bw) for c in build_sweep_spec(file=path).configs()} == {(4, True)}
     assert {c.num_heads for c in sweep_spec("--config", str(path), "--num-heads", "2").configs()} == {2}
@@ -442,3 +440,185 @@ def test_a_bad_flag_is_one_line_too(capsys):
         cli.main(["train", "--train-tokens", "20000.7", "--out", "unused"])
     assert stop.value.code == 2
     assert capsys.readouterr().err == "fwbw train: error: argument --train-tokens: invalid int value: '20000.7'\n"
+
+
+# --- num_heads -----------------------------------------------------------------------------------
+
+HEADS_3_AT_128 = "num_heads: must be >= 1 and divide the query/key width 16 and the width 128, got 3"
+
+
+@pytest.mark.parametrize("heads", [0, 3])
+def test_num_heads_is_checked_as_the_model_checks_it(heads):
+    message = f"num_heads: must be >= 1 and divide the query/key width 16 and the width 128, got {heads}"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(message)}$"):
+        TrainConfig(num_heads=heads)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(message)}$"):
+        ModelConfig(vocab_size=64, depth=1, width=128, max_seq_len=8, num_heads=heads)
+    assert TrainConfig(width=192, num_heads=3).model_config(64).num_heads == 3
+
+
+@pytest.mark.usefixtures("no_training")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_num_heads_from_a_file_names_the_file(tmp_path, capsys, fmt):
+    out = tmp_path / "out"
+    path = write_config(tmp_path, fmt, {"num_heads": 3})
+    assert fails_with_one_line(["train", "--config", str(path), "--out", str(out)], capsys) == (
+        f"fwbw train: error: {path}: {HEADS_3_AT_128}")
+    grid = write_config(tmp_path, fmt, {"num_heads": 3, "widths": [192, 128]}, stem="grid")
+    for dry_run in ([], ["--dry-run"]):
+        line = fails_with_one_line(["sweep", "--config", str(grid), "--out", str(out), *dry_run], capsys)
+        assert line == f"fwbw sweep: error: {grid}: {HEADS_3_AT_128}"
+    # a flag's num_heads that the file's widths do not allow: the file gave a value the check read
+    widths = write_config(tmp_path, fmt, {"widths": [128]}, stem="widths")
+    line = fails_with_one_line(["sweep", "--config", str(widths), "--num-heads", "3", "--dry-run"], capsys)
+    assert line == f"fwbw sweep: error: {widths}: {HEADS_3_AT_128}"
+    assert not out.exists()
+
+
+def test_num_heads_is_checked_against_each_runs_own_width(capsys):
+    spec = sweep_spec("--preset", "paper", "--num-heads", "3")
+    assert {c.num_heads for c in spec.configs()} == {3} and len(spec.configs()) == 96
+    assert cli.main(["sweep", "--preset", "paper", "--num-heads", "3", "--dry-run"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 97
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_table_where_a_list_belongs_names_the_file(tmp_path, capsys, fmt):
+    path = write_config(tmp_path, fmt, {"widths": {"a": 1}})
+    line = fails_with_one_line(["sweep", "--config", str(path), "--dry-run"], capsys)
+    assert line == f'fwbw sweep: error: {path}: widths: must be a list of integers, got {{"a": 1}}'
+
+
+@pytest.mark.usefixtures("no_training")
+def test_a_cross_field_check_names_the_file_of_the_value_it_read(tmp_path, capsys):
+    path = write_config(tmp_path, "toml", {"seq_len": 16384})
+    line = fails_with_one_line(["train", "--config", str(path), "--out", str(tmp_path / "out")], capsys)
+    assert line == f"fwbw train: error: {path}: recipe.tokens_per_microbatch: must hold one window of seq_len 16384, got 8192"
+
+
+# --- the study's tokens per microbatch for each run's own model ----------------------------------
+
+
+def test_study_rule_uses_the_parameter_count_of_a_model_scale_run():
+    config = sweep_spec("--preset", "paper", "--model-scales", "7", "--seeds", "1", "--p-bw", "0").configs()[0]
+    assert (config.depth, config.width, config.model_scale) == (24, 1152, 7.0)
+    num_params = count_params(config.model_config(50257))
+    assert config.recipe.tokens_per_microbatch == study_tokens_per_microbatch(num_params) == 28_030
+    assert study_tokens_per_microbatch(7 * REFERENCE_PARAMS) == 27_691  # s = model_scale would give this
+
+
+def test_extra_runs_get_the_study_rule_unless_they_set_their_own(tmp_path):
+    extras = [{"depth": 8, "width": 384, "p_bw": 1.0}, {"model_scale": 0.5, "p_bw": 1.0},
+              {"depth": 16, "p_bw": 1.0, "recipe": {"tokens_per_microbatch": 4096}}]
+    path = write_config(tmp_path, "yaml", {"preset": "paper", "seeds": 1, "extra_runs": extras})
+    spec = build_sweep_spec(file=path)
+    ruled, scaled, own = spec.extra_runs
+    assert ruled.recipe.tokens_per_microbatch == with_study_tokens(ruled).recipe.tokens_per_microbatch == 57_236
+    assert (scaled.depth, scaled.width, scaled.model_scale) == (5, 256, 0.5)
+    assert scaled.recipe.tokens_per_microbatch == study_tokens_per_microbatch(count_params(scaled.model_config(50257)))
+    assert (own.depth, own.width, own.recipe.tokens_per_microbatch) == (16, 192, 4096)  # the grid's first width
+    assert spec.base == dataclasses.replace(spec.configs()[0], recipe=spec.base.recipe)  # the grid's first run
+
+
+# --- numbers, empty files, duplicate keys --------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_training")
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_an_integer_beyond_float_range_is_one_line(tmp_path, capsys, fmt):
+    path = tmp_path / f"run.{fmt}"
+    path.write_text(f'{{"epochs": 1{"0" * 400}}}' if fmt == "json" else f"epochs: 1{'0' * 400}\n")
+    line = fails_with_one_line(["train", "--config", str(path), "--out", str(tmp_path / "out")], capsys)
+    assert line.startswith(f"fwbw train: error: {path}: epochs: must be a finite number, got 1000"), line
+
+
+@pytest.mark.usefixtures("no_training")
+@pytest.mark.parametrize("name, text", [("run.yaml", ""), ("run.yml", "# nothing yet\n"), ("run.toml", ""),
+                                        ("run.toml", "# nothing yet\n")])
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_an_empty_file_is_refused(tmp_path, capsys, name, text, command):
+    path = tmp_path / name
+    path.write_text(text)
+    out = tmp_path / "out"
+    assert fails_with_one_line([command, "--config", str(path), "--out", str(out)], capsys) == (
+        f"fwbw {command}: error: {path}: empty file")
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("no_training")
+@pytest.mark.parametrize(
+    "name, text, problem",
+    [
+        ("run.json", '{"epochs": 1, "depth": 2, "epochs": 3}', "not valid JSON (duplicate key 'epochs')"),
+        ("run.json", '{"recipe": {"lr_scale": 1, "lr_scale": 2}}', "not valid JSON (duplicate key 'lr_scale')"),
+        ("run.yaml", "epochs: 1\ndepth: 2\nepochs: 3\n", "not valid YAML (duplicate key 'epochs' at line 3 column 1)"),
+        ("run.yml", "recipe:\n  lr_scale: 1\n  lr_scale: 2\n",
+         "not valid YAML (duplicate key 'lr_scale' at line 3 column 3)"),
+    ],
+)
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_key_given_twice_is_refused(tmp_path, capsys, name, text, problem, command):
+    path = tmp_path / name
+    path.write_text(text)
+    out = tmp_path / "out"
+    assert fails_with_one_line([command, "--config", str(path), "--out", str(out)], capsys) == (
+        f"fwbw {command}: error: {path}: {problem}")
+    assert not out.exists()
+
+
+def test_yaml_merge_keys_are_no_duplicates(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("shared: &shared {lr_scale: 1.0, warmup_steps: 3}\n")
+    assert read_config_file(path) == {"shared": {"lr_scale": 1.0, "warmup_steps": 3}}
+    path.write_text("recipe:\n  <<: {lr_scale: 1.0, warmup_steps: 3}\n  lr_scale: 2.0\n")
+    assert build_train_config(path).recipe == RecipeConfig(lr_scale=2.0, warmup_steps=3)
+
+
+# --- adaptive p_bw needs both tasks --------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_training")
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--adaptive-p-bw", "--bw-mode", "either", "--p-bw", "1"],
+         "adaptive_p_bw: needs p_bw < 1 under bw_mode either: with p_bw 1 no step trains fw, so p_bw never moves"),
+    ],
+)
+def test_adaptive_p_bw_that_could_never_move_is_refused(tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    assert fails_with_one_line(["train", *flags, "--out", str(out)], capsys) == f"fwbw train: error: {message}"
+    assert not out.exists()
+    assert train_config("--adaptive-p-bw", "--p-bw", "1").p_bw == 1.0  # under "add" fw trains every step
+    path = write_config(tmp_path, "toml", {"adaptive_p_bw": True, "p_bw": [0.0, 0.05]})
+    grid = build_sweep_spec(file=path).configs()  # an adaptive grid keeps its fw-only baseline
+    assert sorted({(c.p_bw, c.adaptive_p_bw) for c in grid}) == [(0.0, True), (0.05, True)]
+
+
+# --- booleans can be turned off on the command line ----------------------------------------------
+
+
+def test_boolean_flags_turn_a_presets_or_files_true_off(tmp_path):
+    assert build_sweep_spec("paper").base.task_tokens is True
+    assert sweep_spec("--preset", "paper", "--no-task-tokens").base.task_tokens is False
+    assert build_sweep_spec("cpu-small").base.recipe.dynamic_microbatch is False  # fixed
+    assert sweep_spec("--preset", "cpu-small", "--no-fixed-microbatch").base.recipe.dynamic_microbatch is True
+    assert sweep_spec("--preset", "cpu-small", "--fixed-microbatch").base.recipe.dynamic_microbatch is False
+    path = write_config(tmp_path, "yaml", {"adaptive_p_bw": True, "task_tokens": True, "p_bw": 0.5})
+    assert (train_config("--config", str(path)).adaptive_p_bw, train_config("--config", str(path)).task_tokens) == (True, True)
+    config = train_config("--config", str(path), "--no-adaptive-p-bw", "--no-task-tokens")
+    assert (config.adaptive_p_bw, config.task_tokens) == (False, False)
+
+
+# --- run ids -------------------------------------------------------------------------------------
+
+
+def test_run_ids_tag_the_study_switches_and_keep_default_ids():
+    config = TrainConfig()
+    assert run_id(config) == f"d4-w128-p0-s100-{config_id(config)[:8]}"
+    legacy = TrainConfig(p_bw=0.05, bw_mask="legacy-flip", seed=7)
+    assert run_id(legacy) == f"d4-w128-p0.05-legacy-flip-s7-{config_id(legacy)[:8]}"
+    switched = TrainConfig(model_scale=0.5, depth=5, width=256, num_heads=4, p_bw=0.05, adaptive_p_bw=True)
+    assert run_id(switched) == f"d5-w256-ms0.5-h4-p0.05-adapt-s100-{config_id(switched)[:8]}"
+    ids = {run_id(c) for c in sweep_spec("--depths", "4", "--widths", "128", "--p-bw", "0.05", "--seeds", "1").configs()}
+    assert {i.rsplit("-", 1)[0] for i in ids} == {"d4-w128-p0.05-s100"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 import re
 import shutil
@@ -23,12 +24,12 @@ from conftest import (
 from safetensors import SafetensorError
 
 from fwbw import files
+from fwbw.analysis import report
 from fwbw.analysis.report import render_markdown, write_report
 from fwbw.cli import main
 from fwbw.data.corpora import load_token_data
-from fwbw.study import sweep_dir
-from fwbw.study.results import build_results
-from fwbw.training import checkpoint, run_dir
+from fwbw.study import results, sweep_dir
+from fwbw.training import checkpoint, evaluation, run_dir
 
 pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
 
@@ -141,6 +142,7 @@ def test_a_full_disk_while_writing_metrics_is_one_line(tmp_path, train_flags, mo
     assert leftovers(run) == [] and not (run / run_dir.METRICS).exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_in_a_sweep_fails_that_run_and_the_sweep_goes_on(corpus, tmp_path, monkeypatch, capsys):
     out = tmp_path / "grid"
     real = checkpoint.save_file
@@ -188,7 +190,8 @@ def test_markdown_cells_and_statements_are_escaped(tmp_path):
         assert not UNESCAPED.search(line.strip("|").replace(" | ", " ").replace("|---", "")), line
 
 
-def test_a_data_spec_with_markdown_characters_keeps_the_report_table_intact(finished, tmp_path):
+def test_a_data_spec_with_markdown_characters_keeps_the_report_table_intact(finished, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "make_figures", lambda analysis, out_dir: {})  # the tables are what is checked
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     spec = "text:/data/my|corpus*v2"
@@ -282,15 +285,63 @@ def test_a_corrupt_run_file_fails_the_results_naming_it(name, line, copied_sweep
     assert error.startswith(f"{run / name}: not valid JSON (") and f"at line {line} " in error
 
 
-def test_a_corrupt_status_counts_as_pending_and_names_the_file(copied_sweep):
+@pytest.mark.parametrize(
+    "text, problem",
+    [('{"status": "do', "not valid JSON ("), ("[1, 2]", "not a run status"), ('{"status": "finished"}', "not a run status")],
+)
+def test_a_corrupt_status_fails_the_results_naming_it_and_is_pending_to_a_worker(text, problem, copied_sweep, capsys):
     run = first_run(copied_sweep)
-    (run / run_dir.STATUS).write_text('{"status": "do')
-    status = run_dir.read_status(run)
-    assert status["status"] == "pending" and status["error"].startswith(f"{run / run_dir.STATUS}: not valid JSON (")
-    rows = build_results(copied_sweep)
-    assert set(rows.loc[rows.run_id == run.name, "status"]) == {"pending"}
-    assert set(rows.loc[rows.run_id == run.name, "error"]) == {status["error"]}
+    (run / run_dir.STATUS).write_text(text)
+    status = run_dir.read_status(run)  # a worker trains the run again, from its checkpoints
+    assert status["status"] == "pending" and status["error"].startswith(f"{run / run_dir.STATUS}: {problem}")
+    assert main(["results", str(copied_sweep)]) == 2
+    assert one_error_line(capsys, "results") == status["error"]
     assert run_dir.read_status(copied_sweep / "no-such-run") == {"status": "pending", "error": None}
+
+
+# --- read-only folders ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def read_only(monkeypatch) -> set[Path]:
+    """Folders added to this set are read-only as os.access sees them (the tests run as root,
+    whom permissions do not stop, and cannot mount a read-only filesystem)."""
+    denied: set[Path] = set()
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and Path(path).resolve() in denied:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    return denied
+
+
+def never(*args, **kwargs):
+    raise AssertionError("the work started although its output cannot be written")
+
+
+def test_results_and_report_of_a_read_only_sweep_fail_before_any_work(copied_sweep, read_only, tmp_path, monkeypatch, capsys):
+    read_only.add(copied_sweep.resolve())
+    monkeypatch.setattr(results, "build_results", never)
+    assert main(["results", str(copied_sweep)]) == 2
+    assert one_error_line(capsys, "results") == f"cannot write the results table: {copied_sweep} is not writable"
+    assert main(["report", str(copied_sweep), "--out", str(tmp_path / "report")]) == 2
+    assert one_error_line(capsys, "report") == f"cannot write the results table: {copied_sweep} is not writable"
+    assert main(["report", str(copied_sweep)]) == 2
+    assert one_error_line(capsys, "report") == (
+        f"out: {copied_sweep / 'report'} is not writable ({copied_sweep.resolve()} is not a writable directory)"
+    )
+    assert leftovers(tmp_path) == [] and not (tmp_path / "report").exists()
+
+
+def test_cut_of_a_read_only_run_fails_before_any_work(copied_sweep, read_only, monkeypatch, capsys):
+    run = next(path for path in sorted((copied_sweep / sweep_dir.RUNS).iterdir()) if path.name.startswith("d3-"))
+    read_only.add(run.resolve())
+    monkeypatch.setattr(evaluation, "RunSetup", never)
+    assert main(["cut", str(run), "--no-progress"]) == 2
+    assert one_error_line(capsys, "cut") == f"cannot write {run / run_dir.CUT}: {run} is not writable"
 
 
 # --- shared file helpers --------------------------------------------------------------------
@@ -309,6 +360,18 @@ def test_atomic_write_returns_the_value_and_leaves_nothing_on_failure(tmp_path):
         files.atomic_write(path, full)
     assert raised.value.errno == errno.ENOSPC
     assert path.read_bytes() == b"abc" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_atomic_write_names_the_file_when_its_temporary_file_cannot_be_made(tmp_path, monkeypatch):
+    path = tmp_path / "results.parquet"
+
+    def read_only_filesystem(dir, prefix, suffix):
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / f"{prefix}x1y2{suffix}"))
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only_filesystem)
+    with pytest.raises(OSError) as raised:
+        files.atomic_write_text(path, "x")
+    assert str(raised.value) == f"cannot write {path}: Read-only file system" and raised.value.errno == errno.EROFS
 
 
 def test_each_file_helper_is_declared_once():

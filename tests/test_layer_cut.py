@@ -40,7 +40,7 @@ def test_cut_json_equals_evaluating_the_truncated_model(finished):
             continue
         model = checkpoint.load_model(run)
         windows = validation_set(config)
-        precision = autocast(torch.device("cpu"), resolve_dtype(config.dtype, torch.device("cpu")))
+        precision = autocast(torch.device("cpu"), resolve_dtype(config.dtype))
         # the saved model is the trained one: its full depth reproduces the last validation point
         full = evaluate(model, windows, eval_batch_size(windows), precision)
         last = read_metrics(run)[-1]

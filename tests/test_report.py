@@ -17,8 +17,10 @@ from fwbw.analysis.report import write_report
 from fwbw.analysis.stats import analyse
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-RATIO_COLUMNS = ["metric", "ratio", "averaging", "depth", "width", "p_bw", "bw_mode", "bw_mask", "task_tokens",
-                 "phase", "epoch_start", "epoch_stop", "blocks_remaining", "value", "n"]
+RATIO_COLUMNS = ["metric", "ratio", "averaging", "depth", "width", "model_scale", "p_bw", "bw_mode", "bw_mask",
+                 "task_tokens", "num_heads", "adaptive_p_bw", "phase", "epoch_start", "epoch_stop", "blocks_remaining",
+                 "value", "n"]
+SWITCHES = dict(model_scale=None, num_heads=1, adaptive_p_bw=False, probe_leak_fw=False, probe_train_leak_fw=False)
 TABLE_IDS = ["setup", "final_losses", "paired", "ratios", "mask_summary", "mask_audit", "unfinished", "runs"]
 FIGURES = ["layer_cut.png", "loss_bw.png", "loss_fw.png", "ratio1_scatter.png", "ratio1_violins.png"]
 SIZES = {(2, 16): 20_000, (3, 32): 60_000}
@@ -28,7 +30,7 @@ def run_rows(run_id, depth, width, p_bw, seed, fw, bw, bw_mask="causal", probe=N
     info = dict(run_id=run_id, data="wiki", tokenizer="gpt2", depth=depth, width=width,
                 num_params=SIZES[depth, width], seq_len=32, p_bw=p_bw, bw_mode="add", bw_mask=bw_mask,
                 task_tokens=False, seed=seed, status="done", leaks_labels=bw_mask == "legacy-flip",
-                probe_leak_bw=probe, probe_train_leak_bw=probe, error=None)
+                probe_leak_bw=probe, probe_train_leak_bw=probe, error=None, **SWITCHES)
     points = [(step, step / 40, "train-eval", depth, 1.0 - step / 40) for step in (10, 20, 40)]
     points += [(40, 1.0, "cut", k, 0.2 * (depth - k)) for k in range(depth - 1, 0, -1)]
     return [
@@ -43,7 +45,8 @@ def not_done_row(run_id, status, error):
     return dict(run_id=run_id, data="wiki", tokenizer="gpt2", depth=3, width=32, num_params=60_000, seq_len=32,
                 p_bw=0.05, bw_mode="add", bw_mask="causal", task_tokens=False, seed=2, step=None, tokens=None,
                 epoch=None, seconds=None, direction=None, loss=None, acc=None, ppl=None, phase=None,
-                blocks_remaining=None, status=status, leaks_labels=False, probe_leak_bw=None, probe_train_leak_bw=None, error=error)
+                blocks_remaining=None, status=status, leaks_labels=False, probe_leak_bw=None, probe_train_leak_bw=None, error=error,
+                **SWITCHES)
 
 
 def results():

@@ -10,20 +10,25 @@ from conftest import assert_no_duplicate_rows, read_json, read_metrics
 from fwbw import cli
 from fwbw.model.hlb_gpt import count_params
 from fwbw.study import sweep_dir
-from fwbw.study.results import COLUMNS
-from fwbw.study.sweep import run_id
+from fwbw.study.results import COLUMNS, build_results
+from fwbw.study.sweep import SweepSpec, run_id, write_sweep_file
+from fwbw.training.config import TrainConfig
+from fwbw.training.probes import PROBE_KEYS
 
 pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
 
 
-REQUIRED_COLUMNS = ["run_id", "depth", "width", "num_params", "p_bw", "bw_mode", "bw_mask", "task_tokens", "seed",
-                    "step", "tokens", "epoch", "direction", "loss", "acc", "ppl", "phase", "blocks_remaining", "status"]
+REQUIRED_COLUMNS = ["run_id", "depth", "width", "model_scale", "num_heads", "num_params", "p_bw", "adaptive_p_bw",
+                    "bw_mode", "bw_mask", "task_tokens", "seed", "step", "tokens", "epoch", "direction", "loss", "acc",
+                    "ppl", "phase", "blocks_remaining", "status", "leaks_labels", *PROBE_KEYS]
+SETTINGS = ("depth", "width", "num_heads", "p_bw", "adaptive_p_bw", "bw_mode", "bw_mask", "task_tokens", "seed")
 
 
 def test_results_table_is_tidy_and_complete(finished):
-    table = pd.read_parquet(finished.out / "results.parquet")
+    table = pd.read_parquet(finished.out / sweep_dir.RESULTS_PARQUET)
     assert list(table.columns) == COLUMNS
     assert set(REQUIRED_COLUMNS) <= set(table.columns)
+    assert PROBE_KEYS == ("probe_leak_fw", "probe_train_leak_fw", "probe_leak_bw", "probe_train_leak_bw")
     for column in table.columns:  # scalars only: no lists, dicts or arrays in any cell
         assert not any(isinstance(value, (list, tuple, dict, set, np.ndarray)) for value in table[column]), column
     assert set(table["phase"]) == {"train-eval", "cut"}
@@ -36,10 +41,14 @@ def test_results_table_is_tidy_and_complete(finished):
     for name, config in configs.items():
         run = finished.out / sweep_dir.RUNS / name
         rows = table[table["run_id"] == name]
-        for column in ("depth", "width", "p_bw", "bw_mode", "bw_mask", "task_tokens", "seed"):
+        for column in SETTINGS:
             assert set(rows[column]) == {getattr(config, column)}, column
+        assert config.model_scale is None and rows["model_scale"].isna().all()
         model_config = config.model_config(300)
-        assert set(rows["num_params"]) == {count_params(model_config)} == {read_json(run / "summary.json")["num_params"]}
+        summary = read_json(run / "summary.json")
+        assert set(rows["num_params"]) == {count_params(model_config)} == {summary["num_params"]}
+        for probe in PROBE_KEYS:  # the probes of both tasks, as the run saved them
+            assert set(rows[probe]) == {summary[probe]} and summary[probe] is False, probe
 
         evals = rows[rows["phase"] == "train-eval"]
         metrics = read_metrics(run)
@@ -61,7 +70,7 @@ def test_results_table_is_tidy_and_complete(finished):
                 row = cuts[(cuts["blocks_remaining"] == entry["blocks_remaining"]) & (cuts["direction"] == direction)]
                 assert row["loss"].tolist() == [entry["metrics"][direction]["loss"]]
 
-    csv = pd.read_csv(finished.out / "results.csv")
+    csv = pd.read_csv(finished.out / sweep_dir.RESULTS_CSV)
     assert len(csv) == len(table)
     assert list(csv.columns) == list(table.columns)
     assert sorted(csv["run_id"]) == sorted(table["run_id"])
@@ -76,3 +85,13 @@ def test_fwbw_results_prints_one_line_per_run(finished, capsys):
     for word in ("depth", "width", "p_bw", "seed", "status", "final_loss_fw", "final_loss_bw"):
         assert word in header
     assert all(row.split()[-3] == "done" for row in rows), rows
+
+
+def test_results_carry_the_study_switches(tmp_path):
+    base = TrainConfig(num_heads=2, adaptive_p_bw=True, p_bw=0.5)
+    spec = SweepSpec(depths=None, widths=None, model_scales=(0.5,), p_bws=(0.5,), seeds=1, base=base)
+    write_sweep_file(tmp_path, spec, spec.configs())
+    row = build_results(tmp_path).iloc[0]
+    assert row["run_id"].startswith("d5-w256-ms0.5-h2-p0.5-adapt-s100-")
+    assert (row["depth"], row["width"], row["model_scale"], row["num_heads"], row["adaptive_p_bw"]) == (5, 256, 0.5, 2, True)
+    assert row["status"] == "pending" and all(pd.isna(row[probe]) for probe in PROBE_KEYS)

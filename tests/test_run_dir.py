@@ -15,7 +15,7 @@ from fwbw.cli import main
 from fwbw.files import read_jsonl
 from fwbw.schema import ConfigError
 from fwbw.training import checkpoint, run_dir
-from fwbw.training.trainer import Trainer, train
+from fwbw.training.trainer import CHECKPOINT_KEYS, Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,20 +55,49 @@ def test_config_id_is_the_hash_of_the_config_dict():
     assert run_dir.config_id(tiny_config(seed=7)) != expected
 
 
-@pytest.mark.parametrize("out, reason", [("", "empty"), (".", "empty"), ("/", "filesystem root")])
-def test_empty_dot_and_root_outs_are_refused_with_one_line(out, reason, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def shared_folders(tmp_path, monkeypatch) -> dict[str, Path]:
+    """A working directory two levels below tmp_path and a home directory of its own."""
+    folders = {"cwd": tmp_path / "work" / "here", "home": tmp_path / "home"}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+    monkeypatch.chdir(folders["cwd"])
+    monkeypatch.setenv("HOME", str(folders["home"]))
+    return folders
+
+
+REFUSED_OUTS = [
+    ("", "'' or '.' is the current directory"),
+    (".", "'' or '.' is the current directory"),
+    ("{cwd}", "{cwd} is the current directory"),
+    ("../here", "../here is the current directory"),
+    ("..", ".. is a folder above the current directory"),
+    ("{cwd}/../..", "{cwd}/../.. is a folder above the current directory"),
+    ("{home}", "{home} is the home directory"),
+    ("/", "/ is the filesystem root"),
+]
+COMMANDS = {"train": ["train", "--no-progress"], "sweep": ["sweep", "--no-progress"], "demo": ["demo", "--no-progress"],
+            "report": ["report", "grid"]}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("out, refused", REFUSED_OUTS)
+def test_outs_that_hold_other_files_are_refused_with_one_line(command, out, refused, shared_folders, tmp_path, capsys):
+    out, refused = out.format(**shared_folders), refused.format(**shared_folders)
+    assert main([*COMMANDS[command], "--out", out]) == 2
+    assert capsys.readouterr().err == (
+        f"fwbw {command}: error: out: {refused}: name a folder of its own, e.g. runs/my-run\n"
+    )
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == ["home", "work", "work/here"]
+
+
+@pytest.mark.parametrize("command", ["train", "report"])
+def test_an_out_that_is_a_file_is_refused_and_left_alone(command, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--out", out, "--no-progress"]) == 2
-    error = capsys.readouterr().err
-    assert error.startswith("fwbw train: error: out: ") and reason in error and error.count("\n") == 1
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_an_out_that_is_a_file_is_refused_and_left_alone(tmp_path, capsys):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("mine")
-    assert main(["train", "--out", str(blocker), "--no-progress"]) == 2
-    assert capsys.readouterr().err == f"fwbw train: error: out: {blocker} is a file, not a directory\n"
+    assert main([*COMMANDS[command], "--out", str(blocker)]) == 2
+    assert capsys.readouterr().err == f"fwbw {command}: error: out: {blocker} is a file, not a directory\n"
     assert blocker.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
@@ -177,3 +206,79 @@ def test_restart_clears_only_the_run_files(tmp_path):
         (run / name).write_text("x")
     run_dir.clear_run(run)
     assert sorted(path.name for path in run.iterdir()) == sorted([run_dir.LOCK, "keep.txt"])
+
+
+def test_a_folder_of_other_files_is_refused_even_with_restart(tmp_path, train_flags, cache_env, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in ("notes.txt", "summary.json", "a", "b", "c"):
+        (folder / name).write_text("mine")
+    before = snapshot(folder)
+    for restart in ([], ["--restart"]):
+        assert main(["train", *train_flags, *restart, "--out", str(folder)]) == 2
+        assert capsys.readouterr().err == (
+            f"fwbw train: error: out: {folder} holds other files (a, b, c, ...) and no run (config.json): "
+            "give a new or empty folder\n"
+        )
+    assert snapshot(folder) == before
+
+
+def test_a_sweep_run_folder_with_only_its_lock_and_status_is_no_other_files(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    assert run_dir.claim(run)
+    run_dir.write_status(run, "running")
+    Trainer(tiny_config(), run, data=tiny_data, progress=False)  # accepted
+    run_dir.check_owner(tmp_path / "new", tiny_config())
+
+
+def test_a_config_json_that_is_no_object_is_not_a_run_config(tmp_path, train_flags, cache_env, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / run_dir.CONFIG).write_text("[1, 2]")
+    assert main(["train", *train_flags, "--out", str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"fwbw train: error: out: {run / run_dir.CONFIG} is not a run config (a JSON object); "
+        "--restart starts it over, or give another --out\n"
+    )
+    assert [path.name for path in run.iterdir()] == [run_dir.CONFIG]
+
+
+def test_starting_from_scratch_clears_the_outputs_of_the_earlier_attempt(tmp_path, tiny_data):
+    """Same config, but no checkpoint loads: until the new run writes them, no metrics, summary,
+    model or cut of the old one may be left beside it. The lock, status and other files stay."""
+    config = tiny_config(train_tokens=4096)
+    run = tmp_path / "run"
+    train(config, run, data=tiny_data, progress=False)
+    (run / run_dir.CUT).write_text("[]")
+    (run / "notes.txt").write_text("mine")
+    run_dir.write_status(run, "running")
+    assert run_dir.claim(run)
+    for path in (run / run_dir.CHECKPOINTS).glob("step_*"):
+        (path / checkpoint.TENSORS).write_bytes(b"corrupt")
+
+    class Crash(Exception):
+        pass
+
+    class CrashAtOnce(Trainer):
+        def train_step(self, directions=None):
+            raise Crash
+
+    with pytest.raises(Crash):
+        CrashAtOnce(config, run, data=tiny_data, progress=False).run()
+    assert sorted(path.name for path in run.iterdir()) == sorted([run_dir.CONFIG, run_dir.STATUS, run_dir.LOCK, "notes.txt"])
+
+
+def test_a_checkpoint_of_another_version_is_skipped(tmp_path, tiny_data):
+    """A checkpoint without the trainer's keys (the train state was saved as 'progress')."""
+    config = tiny_config(train_tokens=4096)
+    run = tmp_path / "run"
+    train(config, run, data=tiny_data, progress=False)
+    for path in (run / run_dir.CHECKPOINTS).glob("step_*"):
+        state = read_json(path / checkpoint.STATE)
+        state["payload"]["progress"] = state["payload"].pop("train_state")
+        (path / checkpoint.STATE).write_text(json.dumps(state))
+    warnings: list[str] = []
+    assert checkpoint.load_latest(run, run_dir.config_id(config), CHECKPOINT_KEYS, warn=warnings.append) is None
+    assert len(warnings) == checkpoint.KEEP
+    assert all(w.endswith("it has no train_state (written by another version)") for w in warnings)
+    assert checkpoint.load_latest(run, run_dir.config_id(config), warn=warnings.append) is not None

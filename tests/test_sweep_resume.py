@@ -37,7 +37,7 @@ from fwbw.study.sweep import run_id, run_sweep
 from fwbw.training import checkpoint
 from fwbw.training import run_dir as run_dir_module
 from fwbw.training.config import TrainConfig
-from fwbw.training.trainer import Trainer, train
+from fwbw.training.trainer import CHECKPOINT_KEYS, Trainer, train
 
 pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
 
@@ -195,14 +195,14 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, corp
     warnings: list[str] = []
     loaded = checkpoint.load_latest(run, run_dir_module.config_id(config), warn=warnings.append)
     assert len(warnings) == 1 and "step_00000009" in warnings[0], warnings
-    assert loaded is not None and loaded["progress"]["step"] == 6
+    assert loaded is not None and loaded["train_state"]["step"] == 6
 
     resumed_from = []
     real_load_latest = checkpoint.load_latest
 
-    def spy(run_dir, config_id, warn=print):
-        payload = real_load_latest(run_dir, config_id, warn=lambda message: None)
-        resumed_from.append(None if payload is None else payload["progress"]["step"])
+    def spy(run_dir, config_id, keys=(), warn=print):
+        payload = real_load_latest(run_dir, config_id, keys, warn=lambda message: None)
+        resumed_from.append(None if payload is None else payload["train_state"]["step"])
         return payload
 
     monkeypatch.setattr(checkpoint, "load_latest", spy)
@@ -247,7 +247,8 @@ def test_checkpoints_load_without_pickle(uninterrupted_run, monkeypatch):
     assert set(tensors) == set(header) - {"__metadata__"}
     for name, tensor in payload["model"].items():
         assert torch.equal(tensor, tensors[f"root.model.{name}"])
-    assert payload["progress"]["step"] == state["step"]
+    assert payload["train_state"]["step"] == state["step"]
+    assert set(payload) == set(CHECKPOINT_KEYS)
     assert all(isinstance(key, int) for key in payload["optimizer"]["state"])
     model = checkpoint.load_model(uninterrupted_run)  # the final weights load the same way
     for name, tensor in model.state_dict().items():

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from conftest import TOKENIZER, Corpus
 
+import fwbw
 from fwbw import cli
 from fwbw.data.tokenizer import vocab_size_of
 from fwbw.model.hlb_gpt import count_params
+from fwbw.study import sweep_dir
 from fwbw.study.configure import build_sweep_spec
 from fwbw.study.presets import PRESETS
-from fwbw.study.sweep import SweepSpec, run_id
+from fwbw.study.sweep import SweepSpec, run_id, short_count, write_sweep_file
+from fwbw.training.run_dir import write_status
 
 pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
 
@@ -129,7 +134,7 @@ def test_dry_run_prints_every_run_with_its_parameter_count(tmp_path, corpus, cap
         assert words[0] == run_id(config)
         params = words[words.index("params") + 1]
         model_config = config.model_config(vocab_size_of(config.tokenizer))
-        assert params == f"{count_params(model_config) / 1e6:.2f}M"
+        assert params == short_count(count_params(model_config))
     assert lines[-1].startswith(f"{len(configs)} runs")
     assert not out.exists()
 
@@ -171,3 +176,83 @@ def test_bad_value_in_a_sweep_file_fails_with_exit_2(tmp_path, corpus, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"fwbw sweep: error: {path}: p_bw: must be in [0, 1], got 1.5"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("count, text", [(0, "0"), (512, "512"), (3000, "3.00k"), (46_009_736, "46.0M"),
+                                         (118_000_000, "118M"), (1_180_000_000, "1.18G")])
+def test_counts_print_to_three_significant_digits(count, text):
+    assert short_count(count) == text
+
+
+def test_dry_run_shows_a_small_budget(capsys):
+    assert cli.main(["sweep", "--preset", "cpu-small", "--train-tokens", "3000", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all("tokens  3.00k" in line for line in lines[:-1]), lines
+
+
+# --- a sweep directory belongs to one spec -------------------------------------------------------
+
+SMALL = ["--depths", "2", "--widths", "16", "--p-bw", "0", "--seeds", "2", "--seq-len", "16",
+         "--tokens-per-microbatch", "256", "--eval-tokens", "512", "--no-progress"]
+
+
+def finished_without_training(out: Path, argv: list[str]) -> SweepSpec:
+    """The sweep of `argv` written into `out` with every run marked done (nothing to train)."""
+    spec = spec_of(argv)
+    write_sweep_file(out, spec, spec.configs())
+    for config in spec.configs():
+        write_status(out / sweep_dir.RUNS / run_id(config), "done")
+    return spec
+
+
+def test_a_sweep_directory_takes_only_its_own_spec(tmp_path, capsys):
+    out = tmp_path / "grid"
+    finished_without_training(out, SMALL)
+    saved = (out / sweep_dir.SWEEP_FILE).read_bytes()
+    for more in ([], ["--shard", "1/2"], ["--retry-failed"]):  # the same spec: workers and reruns proceed
+        assert cli.main(["sweep", *SMALL, *more, "--out", str(out)]) == 0
+        assert capsys.readouterr().out.startswith(f"sweep {out}: ")
+    assert (out / sweep_dir.SWEEP_FILE).read_bytes() == saved
+    assert cli.main(["sweep", *SMALL, "--seeds", "3", "--seq-len", "32", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"fwbw sweep: error: out: {out} holds the sweep of another spec (seeds: 2 -> 3; base.seq_len: 16 -> 32); "
+        "give another --out\n")
+    assert (out / sweep_dir.SWEEP_FILE).read_bytes() == saved
+    assert sorted(path.name for path in out.iterdir()) == ["results.csv", "results.parquet", "runs", "sweep.json"]
+
+
+@pytest.mark.parametrize("text, problem", [('{"spec": ', "not valid JSON"), ("[1, 2]", "no 'spec' table")])
+def test_a_corrupt_sweep_file_is_reported_not_overwritten(tmp_path, capsys, text, problem):
+    out = tmp_path / "grid"
+    out.mkdir()
+    (out / sweep_dir.SWEEP_FILE).write_text(text)
+    assert cli.main(["sweep", *SMALL, "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fwbw sweep: error: {out / sweep_dir.SWEEP_FILE}: {problem}"), lines
+    assert (out / sweep_dir.SWEEP_FILE).read_text() == text
+    assert sorted(path.name for path in out.iterdir()) == ["sweep.json"]
+
+
+# --- the layer graph -----------------------------------------------------------------------------
+
+LAYERED = ["study/sweep.py", "study/results.py", "study/configure.py", "training/config.py"]
+
+
+@pytest.mark.parametrize("module", LAYERED)
+def test_imports_are_at_module_level(module):
+    """A function-local import hides a dependency from the module's head: only cli.py may defer them."""
+    tree = ast.parse((Path(fwbw.__file__).parent / module).read_text())
+    functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    local = [f"{function.name}: line {node.lineno}" for function in functions for node in ast.walk(function)
+             if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert local == []
+
+
+def test_schema_and_sweep_describe_with_distinct_names():
+    names: dict[str, list[str]] = {}
+    for path in sorted(Path(fwbw.__file__).parent.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                names.setdefault(node.name, []).append(path.stem)
+    assert "describe" not in names
+    assert names["describe_kind"] == ["schema"] and names["describe_runs"] == ["sweep"]

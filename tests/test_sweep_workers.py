@@ -76,6 +76,7 @@ def outcome_counts(output: str, out: Path) -> dict[str, int]:
     return {status: int(count) for count, status in (part.split() for part in last.removeprefix(prefix).split(", "))}
 
 
+@pytest.mark.slow
 def test_two_shard_workers_finish_the_grid_once(tmp_path, corpus, capsys):
     out = tmp_path / "grid"
     outputs = run_workers_together(corpus, out, tmp_path, [("--shard", "0/2"), ("--shard", "1/2")])
@@ -87,6 +88,7 @@ def test_two_shard_workers_finish_the_grid_once(tmp_path, corpus, capsys):
     assert_complete(results_after_rebuild(out, capsys), out)
 
 
+@pytest.mark.slow
 def test_two_workers_on_the_same_runs_share_them_through_locks(tmp_path, corpus, capsys):
     out = tmp_path / "grid"
     outputs = run_workers_together(corpus, out, tmp_path, [(), ()])

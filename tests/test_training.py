@@ -13,10 +13,13 @@ from fwbw.cli import main
 from fwbw.model.tasks import task_batch, task_stats
 from fwbw.schema import ConfigError
 from fwbw.training import checkpoint, run_setup
+from fwbw.training import trainer as trainer_module
 from fwbw.training.config import TrainConfig
 from fwbw.training.evaluation import cut_run, eval_batch_size, evaluate
 from fwbw.training.run_setup import RunSetup
 from fwbw.training.trainer import Trainer, TrainState, adapted_p_bw, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_task_batches_shift_the_right_way():
@@ -229,6 +232,13 @@ def test_p_bw_one_with_bw_mode_either_trains_bw_only(tmp_path, tiny_data):
 def test_train_state_starts_at_the_configured_p_bw(tmp_path, tiny_data):
     trainer = Trainer(tiny_config(p_bw=0.25), tmp_path / "run", data=tiny_data, progress=False)
     assert trainer.state == TrainState(p_bw=0.25)
+
+
+def test_training_applies_the_allocator_setting(tmp_path, tiny_data, monkeypatch):
+    calls = []
+    monkeypatch.setattr(trainer_module, "tune_allocator", lambda: calls.append("tuned") or True)
+    Trainer(tiny_config(), tmp_path / "run", data=tiny_data, progress=False)
+    assert calls == ["tuned"]
 
 
 def test_trainer_starts_from_the_run_setup_that_cut_uses(tmp_path, tiny_data):

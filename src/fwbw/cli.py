@@ -9,12 +9,20 @@ import sys
 from pathlib import Path
 
 from fwbw.model.masks import BW_MASKS
+from fwbw.study.configure import build_sweep_spec, build_train_config
 from fwbw.study.presets import PRESETS
-from fwbw.study.sweep import TOKENS_PER_MICROBATCH_RULES, SweepSpec
+from fwbw.study.sweep import (
+    TOKENS_PER_MICROBATCH_RULES,
+    SweepSpec,
+    describe_runs,
+    parse_shard,
+    run_sweep,
+)
 from fwbw.training.config import BW_MODES, DEVICES, TrainConfig
 from fwbw.training.precision import DTYPE_CHOICES
 
 DEFAULTS = TrainConfig()
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,6 +46,13 @@ class ConfigFlags:
         self.keys.append(self.group.add_argument(*names, default=argparse.SUPPRESS, **kwargs).dest)
 
 
+class NegatedBooleanAction(argparse.BooleanOptionalAction):
+    """--flag / --no-flag for a field that means the opposite: --flag stores False."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string.startswith("--no-"))
+
+
 def add_train_flags(flags: ConfigFlags) -> None:
     """Flags of every command that trains, named after TrainConfig fields."""
     add = flags.add
@@ -48,8 +63,9 @@ def add_train_flags(flags: ConfigFlags) -> None:
     add("--bw-mask", choices=BW_MASKS, help="legacy-flip reproduces the study's leaking mask (causal)")
     add("--bw-mode", choices=BW_MODES,
         help="add: fw + bw loss; either: one task per step (add). bw-only training: --bw-mode either --p-bw 1")
-    add("--adaptive-p-bw", action="store_true", help="the study's: after every bw pass, p_bw = clamp(ppl_bw / ppl_fw, 0.01, 1)")
-    add("--task-tokens", action="store_true", help="UL2-style fw/bw task tokens")
+    add("--adaptive-p-bw", action=argparse.BooleanOptionalAction,
+        help="the study's: after every bw pass, p_bw = clamp(ppl_bw / ppl_fw, 0.01, 1)")
+    add("--task-tokens", action=argparse.BooleanOptionalAction, help="UL2-style fw/bw task tokens")
     add("--epochs", type=float, help=f"({DEFAULTS.epochs:g})")
     add("--train-tokens", type=int, help="cap on training tokens (overrides --epochs)")
     add("--eval-every", dest="eval_every_epochs", type=float, help=f"validation interval in epochs ({DEFAULTS.eval_every_epochs:g})")
@@ -57,7 +73,7 @@ def add_train_flags(flags: ConfigFlags) -> None:
     add("--checkpoint-every", dest="checkpoint_every_steps", type=int, help=f"steps ({DEFAULTS.checkpoint_every_steps})")
     add("--tokens-per-microbatch", dest="recipe.tokens_per_microbatch", type=int, metavar="N",
         help=f"tokens per microbatch, at least --seq-len ({DEFAULTS.recipe.tokens_per_microbatch})")
-    add("--fixed-microbatch", dest="recipe.dynamic_microbatch", action="store_false",
+    add("--fixed-microbatch", dest="recipe.dynamic_microbatch", action=NegatedBooleanAction,
         help="one microbatch per step (no gradient-norm-driven accumulation)")
     add("--device", choices=DEVICES, help="(auto)")
     add("--dtype", choices=DTYPE_CHOICES, help="(auto: bf16 autocast)")
@@ -77,8 +93,6 @@ def overrides(args: argparse.Namespace) -> dict:
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from fwbw.study.configure import build_train_config
-
     return build_train_config(args.config, overrides(args))
 
 
@@ -91,20 +105,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def sweep_spec_from_args(args: argparse.Namespace):
-    from fwbw.study.configure import build_sweep_spec
-
+def sweep_spec_from_args(args: argparse.Namespace) -> SweepSpec:
     return build_sweep_spec(args.preset, args.config, overrides(args))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fwbw.study.sweep import describe, parse_shard, run_sweep
     from fwbw.training.run_dir import check_run_dir
 
     spec = sweep_spec_from_args(args)
     shard = parse_shard(args.shard)
     if args.dry_run:
-        print(describe(spec))
+        print(describe_runs(spec))
         return 0
     check_run_dir(args.out)
     outcome = run_sweep(spec, args.out, shard=shard, retry_failed=args.retry_failed, progress=not args.no_progress)
@@ -122,31 +133,45 @@ def cmd_cut(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_results_writable(sweep: Path) -> None:
+    """Before any work: `sweep` is a sweep directory and its results table can be written."""
+    from fwbw.study.sweep_dir import read_sweep
+    from fwbw.training.run_dir import check_writable
+
+    read_sweep(sweep)
+    check_writable(sweep, "cannot write the results table: ")
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from fwbw.study.results import summary_table, write_results
 
+    check_results_writable(args.sweep)
     table = summary_table(write_results(args.sweep))
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from fwbw.training.run_dir import check_run_dir
+
+    out = args.out or args.sweep / "report"
+    check_run_dir(out)
+    check_results_writable(args.sweep)
     from fwbw.analysis.report import write_report
     from fwbw.study.results import write_results
 
     write_results(args.sweep)
-    print(write_report(args.sweep, args.out or args.sweep / "report"))
+    print(write_report(args.sweep, out))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fwbw.analysis.report import write_report
-    from fwbw.study.configure import build_sweep_spec
-    from fwbw.study.results import build_results, summary_table
-    from fwbw.study.sweep import run_sweep
     from fwbw.training.run_dir import check_run_dir
 
-    check_run_dir(args.out)
+    check_run_dir(args.out)  # before the heavy imports
+    from fwbw.analysis.report import write_report
+    from fwbw.study.results import build_results, summary_table
+
     run_sweep(build_sweep_spec("demo"), args.out, progress=not args.no_progress)
     report = write_report(args.out, args.out / "report")
     table = summary_table(build_results(args.out))
@@ -234,15 +259,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(error: Exception) -> str:
+    """The error in one line; a raw OS error names its file first ('x.json: no such file')."""
+    if isinstance(error, OSError) and error.filename is not None:
+        reason = "no such file" if isinstance(error, FileNotFoundError) else error.strerror
+        return f"{error.filename}: {reason}"
+    return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Errors end in one line and exit 2; Ctrl-C in one line and exit 130 (128 + SIGINT)."""
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except (ValueError, RuntimeError, OSError) as error:
         if os.environ.get("FWBW_DEBUG"):
             raise
-        print(f"fwbw {args.command}: error: {error}", file=sys.stderr)
+        print(f"fwbw {args.command}: error: {error_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        print(f"fwbw {args.command}: {str(interrupt) or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -17,9 +17,12 @@ def atomic_write(path: Path, write: Callable[[Path], T]) -> T:
     """Call write(tmp) on a temporary path in the same folder, then rename it over `path`; return
     what write returned. A failure removes the temporary file and raises an OSError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+    except OSError as error:
+        raise cannot_write(path, error) from error
     try:
         result = write(Path(tmp))
         os.chmod(tmp, 0o644)  # mkstemp creates files readable by their owner only
@@ -83,10 +86,27 @@ def read_text(path: Path) -> str:
 
 def _parse_json(path: Path, text: str, line_number: int | None = None) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as error:
         line = error.lineno if line_number is None else line_number
         raise ValueError(f"{path}: not valid JSON ({error.msg} at line {line} column {error.colno})") from None
+    except _DuplicateKey as error:
+        where = "" if line_number is None else f" at line {line_number}"
+        raise ValueError(f"{path}: not valid JSON (duplicate key {error.args[0]!r}{where})") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object's dict; a key given twice is refused (json.loads would keep the last)."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
 
 
 def sha256_of(path: Path) -> str:

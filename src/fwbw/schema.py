@@ -24,12 +24,22 @@ SCALARS = {  # annotation -> (accepts, what it must be, plural)
 
 
 class ConfigError(ValueError):
-    """A config value is invalid; the message names the field."""
+    """A config value is invalid; the message names the field. A check that reads several fields
+    lists the others as `related` (named the same way), so that an error can be traced to the
+    file that gave any of them."""
+
+    def __init__(self, message: str, related: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.related = tuple(related)
+
+    def inside(self, prefix: str) -> ConfigError:
+        """The same error about fields inside a table or list named by `prefix` ("recipe.")."""
+        return ConfigError(f"{prefix}{self}", tuple(prefix + name for name in self.related))
 
 
-def require(condition: bool, field_name: str, message: str) -> None:
+def require(condition: bool, field_name: str, message: str, related: tuple[str, ...] = ()) -> None:
     if not condition:
-        raise ConfigError(f"{field_name}: {message}")
+        raise ConfigError(f"{field_name}: {message}", related)
 
 
 def check_fields(instance: Any, names: Mapping[str, str] = EMPTY) -> None:
@@ -62,18 +72,24 @@ def typed(value: Any, kind: Any, name: str) -> Any:
     if typing.get_origin(kind) is tuple:
         return _tuple(value, kind, name)
     accepts, _, _ = SCALARS[kind]
-    require(accepts(value), name, f"must be {describe(kind)}, got {show(value)}")
-    if kind is float:
-        value = float(value)
-        require(math.isfinite(value), name, f"must be a finite number, got {show(value)}")
-    return value
+    require(accepts(value), name, f"must be {describe_kind(kind)}, got {show(value)}")
+    return _finite(value, name) if kind is float else value
 
 
-def describe(kind: Any) -> str:
+def _finite(value: float, name: str) -> float:
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float's range
+        number = math.inf
+    require(math.isfinite(number), name, f"must be a finite number, got {show(value)}")
+    return number
+
+
+def describe_kind(kind: Any) -> str:
     """What a value of the annotation `kind` must be, in words."""
     inner = _optional_of(kind)
     if inner is not None:
-        return f"{describe(inner)} or null"
+        return f"{describe_kind(inner)} or null"
     if dataclasses.is_dataclass(kind):
         return "a table of fields"
     if typing.get_origin(kind) is tuple:
@@ -81,6 +97,28 @@ def describe(kind: Any) -> str:
         plural = "tables of fields" if dataclasses.is_dataclass(items[0]) else SCALARS[items[0]][2]
         return f"a list of {plural}" if items[-1] is Ellipsis else f"a list of {len(items)} {plural}"
     return SCALARS[kind][1]
+
+
+def differences(saved: Mapping, wanted: Mapping, shown: int) -> str:
+    """The first `shown` fields whose values differ between two configs' plain data, as
+    'field: saved -> wanted' (nested tables by dotted name, '(none)' for a missing field), joined
+    by '; '; '' when they agree."""
+    lines = _differences(saved, wanted)
+    return "; ".join(lines[:shown]) + ("; ..." if len(lines) > shown else "")
+
+
+def _differences(saved: Mapping, wanted: Mapping, prefix: str = "") -> list[str]:
+    lines = []
+    for key in dict.fromkeys([*wanted, *saved]):
+        if isinstance(saved.get(key), Mapping) and isinstance(wanted.get(key), Mapping):
+            lines += _differences(saved[key], wanted[key], f"{prefix}{key}.")
+        elif _as_json(saved, key) != _as_json(wanted, key):
+            lines.append(f"{prefix}{key}: {_as_json(saved, key)} -> {_as_json(wanted, key)}")
+    return lines
+
+
+def _as_json(values: Mapping, key: str) -> str:
+    return json.dumps(values[key], sort_keys=True) if key in values else "(none)"
 
 
 def show(value: Any) -> str:
@@ -97,18 +135,18 @@ def show(value: Any) -> str:
 def _dataclass(value: Any, kind: type, name: str) -> Any:
     if isinstance(value, kind):
         return value
-    require(isinstance(value, Mapping), name, f"must be {describe(kind)}, got {show(value)}")
+    require(isinstance(value, Mapping), name, f"must be {describe_kind(kind)}, got {show(value)}")
     try:
         return from_mapping(kind, value)
     except ConfigError as error:
-        raise ConfigError(f"{name}.{error}") from None
+        raise error.inside(f"{name}.") from None
 
 
 def _tuple(value: Any, kind: Any, name: str) -> tuple:
     items = typing.get_args(kind)
     fixed = items[-1] is not Ellipsis
     fits = isinstance(value, (list, tuple)) and (not fixed or len(value) == len(items))
-    require(fits, name, f"must be {describe(kind)}, got {show(value)}")
+    require(fits, name, f"must be {describe_kind(kind)}, got {show(value)}")
     return tuple(typed(item, items[0 if not fixed else i], f"{name}[{i}]") for i, item in enumerate(value))
 
 

@@ -45,7 +45,9 @@ def size_label(depth: int, width: int) -> str:
 
 def variant_label(variant: dict) -> str:
     label = f"{variant['bw_mode']}, {variant['bw_mask']} mask"
-    return label + (", task tokens" if variant["task_tokens"] else "")
+    label += ", task tokens" if variant["task_tokens"] else ""
+    label += f", {variant['num_heads']} heads" if variant["num_heads"] > 1 else ""
+    return label + (", adaptive p_bw" if variant["adaptive_p_bw"] else "")
 
 
 def arm_label(arm: dict) -> str:

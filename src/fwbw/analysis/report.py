@@ -36,7 +36,7 @@ from fwbw.analysis.stats import (
 )
 from fwbw.files import atomic_write, atomic_write_text
 from fwbw.study.results import CUT_PHASE
-from fwbw.study.sweep_dir import SWEEP_FILE
+from fwbw.study.sweep_dir import RESULTS_CSV, RESULTS_PARQUET, SWEEP_FILE
 from fwbw.study.sweep_dir import read_sweep as read_sweep_file
 
 LEAK_RATIO = 0.8  # bw/fw final loss below this: bw far easier than fw (leak-free bw is within a few % of fw)
@@ -66,8 +66,8 @@ figcaption { color: #555; font-size: 13px; } li { margin: .25em 0; }
 
 def read_results(sweep_dir: Path) -> pd.DataFrame:
     """The sweep's tidy results table: results.parquet, else results.csv."""
-    parquet = Path(sweep_dir) / "results.parquet"
-    return pd.read_parquet(parquet) if parquet.exists() else pd.read_csv(Path(sweep_dir) / "results.csv")
+    parquet = Path(sweep_dir) / RESULTS_PARQUET
+    return pd.read_parquet(parquet) if parquet.exists() else pd.read_csv(Path(sweep_dir) / RESULTS_CSV)
 
 
 def read_sweep(sweep_dir: Path) -> dict:

@@ -2,7 +2,8 @@
 sweep: `analyse` computes every table once, as an `Analysis` that the report prints and the figures
 draw.
 
-ratio 1 = metric_fw(p_bw = 0) / metric_fw(p_bw = x), same model size and bw_mode/bw_mask/task_tokens;
+ratio 1 = metric_fw(p_bw = 0) / metric_fw(p_bw = x), same model size and variant (the p_bw = 0 runs
+          of the size, task_tokens and num_heads, preferring those of the same bw_mode/bw_mask);
           above 1: training on the bw task helped the fw task.
 ratio 2 = metric_fw / metric_bw, same setting; below 1: fw is easier than bw.
 mean_then_ratio: mean over seeds per setting, then the ratio.
@@ -27,9 +28,11 @@ from scipy import stats
 from fwbw.model.masks import DIRECTIONS
 from fwbw.study.results import COLUMNS, CUT_PHASE, EVAL_PHASE, PROBE_COLUMNS
 from fwbw.training.evaluation import EVAL_METRICS
+from fwbw.training.probes import probe_keys
 
-SIZE = ["depth", "width"]
-VARIANT = ["bw_mode", "bw_mask", "task_tokens"]
+SIZE = ["depth", "width", "model_scale"]  # model_scale: hlb-gpt's sizing, missing (NaN) for depth x width runs
+VARIANT = ["bw_mode", "bw_mask", "task_tokens", "num_heads", "adaptive_p_bw"]
+BASELINE_VARIANT = ["task_tokens", "num_heads"]  # what a p_bw = 0 baseline shares with its arm; the rest acts on bw steps only
 ARM = ["p_bw", *VARIANT]
 SETTING = [*SIZE, *ARM]
 RATIO_METRICS = ("loss", "ppl")
@@ -110,10 +113,12 @@ def _concat(frames: Iterable[pd.DataFrame], columns: Sequence[str]) -> pd.DataFr
 
 
 def select(frame: pd.DataFrame, values: dict) -> pd.DataFrame:
-    """Rows of `frame` whose columns equal `values` (column -> value)."""
+    """Rows of `frame` whose columns equal `values` (column -> value); a missing value (NaN,
+    None) selects the rows missing it."""
     mask = np.ones(len(frame), dtype=bool)
     for column, value in values.items():
-        mask &= (frame[column] == value).to_numpy(dtype=bool)
+        matches = frame[column].isna() if pd.isna(value) else frame[column] == value
+        mask &= matches.to_numpy(dtype=bool)
     return frame[mask]
 
 
@@ -129,10 +134,10 @@ class Arm:
 
 
 def _baseline(final: pd.DataFrame, setting: dict) -> pd.DataFrame:
-    """p_bw = 0 runs of the setting's size and task_tokens, one per seed; those with the same
+    """p_bw = 0 runs of the setting's size and BASELINE_VARIANT, one per seed; those with the same
     bw_mode/bw_mask where the sweep has them, else the size's shared p_bw = 0 runs (at p_bw = 0
     the bw settings do not change training)."""
-    zero = select(final, {**{k: setting[k] for k in SIZE}, "p_bw": 0.0, "task_tokens": setting["task_tokens"]})
+    zero = select(final, {**{k: setting[k] for k in [*SIZE, *BASELINE_VARIANT]}, "p_bw": 0.0})
     exact = select(zero, {k: setting[k] for k in ("bw_mode", "bw_mask")})
     chosen = exact if len(exact) else zero
     return chosen.sort_values("run_id").drop_duplicates("seed")
@@ -196,7 +201,7 @@ def _ratio2(points: pd.DataFrame, metric: str) -> pd.DataFrame:
     if both.empty:
         return pd.DataFrame()
     both = both.assign(r=both[fw].astype(float) / both[bw].astype(float))
-    agg = both.groupby([*SETTING, "blocks_remaining"]).agg(
+    agg = both.groupby([*SETTING, "blocks_remaining"], dropna=False).agg(
         fw=(fw, "mean"), bw=(bw, "mean"), r=("r", "mean"), n=("r", "size")
     ).reset_index()
     keys = agg[[*SETTING, "blocks_remaining", "n"]]
@@ -290,7 +295,7 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, f
 def final_losses(final: pd.DataFrame) -> pd.DataFrame:
     """Per setting: mean and 95% t interval over seeds of the final fw and bw loss."""
     rows = []
-    for setting, runs in final.groupby(SETTING, sort=True):
+    for setting, runs in final.groupby(SETTING, sort=True, dropna=False):
         row = {**dict(zip(SETTING, setting)), "num_params": runs.num_params.iloc[0], "n_seeds": len(runs)}
         for d in DIRECTIONS:
             row |= dict(zip([f"{d}_loss_mean", f"{d}_loss_ci_low", f"{d}_loss_ci_high"], mean_ci(runs[f"loss_{d}"])))
@@ -324,7 +329,7 @@ def paired_comparison(final: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- mask audit
 
 def mask_audit(final: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Per done run: leaks_labels (config), the two bw leak probes (model path, training path),
+    """Per done run: leaks_labels (config), the leak probes (each task, model and training path),
     final losses and bw/fw loss ratio. A leak-free bw task is about as hard as fw (ratio near 1)."""
     audit = final.merge(runs[["run_id", "leaks_labels", *PROBE_COLUMNS]], on="run_id")
     audit["bw_fw_loss_ratio"] = audit.loss_bw.astype(float) / audit.loss_fw.astype(float)
@@ -333,11 +338,11 @@ def mask_audit(final: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
 
 def mask_summary(audit: pd.DataFrame) -> pd.DataFrame:
     """Per bw_mask, over runs trained on bw (p_bw > 0): mean bw/fw final loss ratio, whether the
-    config says the mask leaks labels, and how many probed runs a probe (either path) caught
+    config says the mask leaks labels, and how many probed runs a bw probe (either path) caught
     leaking."""
     rows = []
     for mask, runs in audit[audit.p_bw > 0].groupby("bw_mask", sort=True):
-        probes = runs[list(PROBE_COLUMNS)]
+        probes = runs[list(probe_keys("bw"))]
         probed = runs[probes.notna().any(axis=1)]
         leaking = runs[probes.fillna(False).astype(bool).any(axis=1)]
         rows.append({"bw_mask": mask, "runs": len(runs), "bw_fw_loss_ratio": runs.bw_fw_loss_ratio.mean(),

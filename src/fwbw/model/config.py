@@ -8,6 +8,21 @@ from dataclasses import dataclass
 from fwbw.model.masks import BW_MASKS
 from fwbw.schema import require
 
+QK_DIM_DIV = 8  # hlb-gpt: queries and keys are width / 8 wide
+
+
+def check_attention_shape(width: int, num_heads: int, qk_dim_div: int = QK_DIM_DIV) -> None:
+    """The width splits into the query/key width (width / qk_dim_div), and num_heads heads divide
+    both widths."""
+    require(width >= qk_dim_div and width % qk_dim_div == 0, "width", f"must be a positive multiple of {qk_dim_div}, got {width}")
+    qk_dim = width // qk_dim_div
+    require(
+        num_heads >= 1 and qk_dim % num_heads == 0 and width % num_heads == 0,
+        "num_heads",
+        f"must be >= 1 and divide the query/key width {qk_dim} and the width {width}, got {num_heads}",
+        related=("width",),
+    )
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -21,7 +36,7 @@ class ModelConfig:
     max_seq_len: int
     bw_mask: str = "causal"
     task_tokens: bool = False
-    qk_dim_div: int = 8
+    qk_dim_div: int = QK_DIM_DIV
     expand_factor: int = 2
     num_heads: int = 1
 
@@ -29,16 +44,7 @@ class ModelConfig:
         require(self.vocab_size >= 2, "vocab_size", f"must be >= 2, got {self.vocab_size}")
         require(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
         require(self.qk_dim_div >= 1, "qk_dim_div", f"must be >= 1, got {self.qk_dim_div}")
-        require(
-            self.width >= self.qk_dim_div and self.width % self.qk_dim_div == 0,
-            "width",
-            f"must be a positive multiple of {self.qk_dim_div}, got {self.width}",
-        )
-        require(
-            self.num_heads >= 1 and self.qk_dim % self.num_heads == 0 and self.width % self.num_heads == 0,
-            "num_heads",
-            f"must be >= 1 and divide the query/key width {self.qk_dim} and the width {self.width}, got {self.num_heads}",
-        )
+        check_attention_shape(self.width, self.num_heads, self.qk_dim_div)
         require(self.expand_factor >= 2, "expand_factor", f"must be >= 2, got {self.expand_factor}")
         require(self.max_seq_len >= 2, "max_seq_len", f"must be >= 2, got {self.max_seq_len}")
         require(self.bw_mask in BW_MASKS, "bw_mask", f"must be one of {BW_MASKS}, got {self.bw_mask!r}")

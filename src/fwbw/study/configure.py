@@ -2,9 +2,9 @@
 
 Values come in layers, each a plain nested mapping: the dataclasses' own defaults, then a preset
 (sweeps only), then a file, then the flags the user gave. Later layers win, table by table and key
-by key; the merged mapping is then typed and validated once (TrainConfig.from_dict,
-SweepSpec.from_mapping). An error is one line that names the field, and the file when the value
-came from a file.
+by key; the merged mapping is then typed and validated once (TrainConfig.from_dict, here for a
+sweep). An error is one line that names the field, and the file when its value, or the value of
+another field its check read, came from a file.
 
 Sizing by model_scale(s) and by depth(s)/width(s) are alternatives: a layer that gives one
 replaces what earlier layers gave of the other (so do the study's tokens-per-microbatch rule and
@@ -15,8 +15,9 @@ width it gives, and TrainConfig checks that they agree.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,10 @@ from typing import Any
 import yaml
 
 from fwbw.files import read_json, read_text
-from fwbw.schema import EMPTY, ConfigError, require, show, typed
+from fwbw.schema import EMPTY, ConfigError, from_mapping, require, show, typed
 from fwbw.study.presets import preset_values
-from fwbw.study.sweep import GRID_AXIS_OF, SweepSpec
-from fwbw.training.config import TrainConfig
+from fwbw.study.sweep import FILE_KEYS, GRID_AXIS_OF, SweepSpec, with_study_tokens
+from fwbw.training.config import SIZE_ALTERNATIVE, TrainConfig
 
 try:
     import tomllib
@@ -37,7 +38,7 @@ except ModuleNotFoundError:  # Python 3.10
 KeyPath = tuple  # a key's path through nested tables: ("recipe", "tokens_per_microbatch")
 Alternative = tuple[tuple[str, ...], tuple[str, ...]]  # two groups of dotted keys that exclude each other
 
-TRAIN_ALTERNATIVES: tuple[Alternative, ...] = ((("model_scale",), ("depth", "width")),)
+TRAIN_ALTERNATIVES: tuple[Alternative, ...] = (SIZE_ALTERNATIVE,)
 SWEEP_ALTERNATIVES: tuple[Alternative, ...] = (
     (("model_scales",), ("depths", "widths")),
     (("tokens_per_microbatch_rule",), ("recipe.tokens_per_microbatch",)),
@@ -61,7 +62,49 @@ def build_sweep_spec(preset: str | None = None, file: Path | None = None, overri
     layers = [(None, _preset_layer(preset, from_file, source)), (source, from_file), (None, overrides)]
     values, origins = merge(layers, SWEEP_ALTERNATIVES)
     with _errors_named(origins, GRID_AXIS_OF):
-        return SweepSpec.from_mapping(values)
+        return _sweep_spec(values)
+
+
+SPEC_KEYS = {FILE_KEYS.get(item.name, item.name) for item in dataclasses.fields(SweepSpec)} - {"base"}
+
+
+def _sweep_spec(values: Mapping) -> SweepSpec:
+    """A spec from a sweep's merged values: the spec's own keys (SPEC_KEYS) and any other
+    TrainConfig field for every run (recipe as a table). The base config is the grid's first run.
+    An extra run is a table of fields laid over it as a layer (a model_scale replaces the base's
+    depth and width, a depth or width its model_scale); under the study's tokens-per-microbatch
+    rule it gets the study's for its model unless it sets recipe.tokens_per_microbatch."""
+    spec = {key: value for key, value in values.items() if key in SPEC_KEYS}
+    base = {key: value for key, value in values.items() if key not in SPEC_KEYS}
+    for key in base:
+        if key in GRID_AXIS_OF:
+            raise ConfigError(f"{key}: is set by the grid; give {GRID_AXIS_OF[key]}")
+    recipe = base.get("recipe")
+    both = "tokens_per_microbatch_rule" in spec and isinstance(recipe, Mapping) and "tokens_per_microbatch" in recipe
+    require(not both, "tokens_per_microbatch_rule", "give it or recipe.tokens_per_microbatch, not both",
+            related=("recipe.tokens_per_microbatch",))
+    if "model_scales" in spec:
+        spec = {"depths": None, "widths": None, **spec}
+    extras = spec.pop("extra_runs", [])
+    require(isinstance(extras, list) and all(isinstance(extra, Mapping) for extra in extras), "extra_runs",
+            f"must be a list of tables of fields, got {show(extras)}")
+    grid = from_mapping(SweepSpec, spec, FILE_KEYS)  # on the default base: the grid's own values, typed and checked
+    first_run = {**base, **grid.sizes()[0], "p_bw": grid.p_bws[0], "seed": grid.first_seed}
+    base_config = TrainConfig.from_dict(first_run)
+    rule = grid.tokens_per_microbatch_rule
+    runs = tuple(_extra_run(first_run, extra, index, rule) for index, extra in enumerate(extras))
+    return dataclasses.replace(grid, base=base_config, extra_runs=runs)
+
+
+def _extra_run(base: Mapping, extra: Mapping, index: int, rule: str | None) -> TrainConfig:
+    values, _ = merge([(None, base), (None, extra)], TRAIN_ALTERNATIVES)
+    recipe = extra.get("recipe")
+    own_tokens = isinstance(recipe, Mapping) and "tokens_per_microbatch" in recipe
+    try:
+        config = TrainConfig.from_dict(values)
+        return with_study_tokens(config) if rule and not own_tokens else config
+    except ConfigError as error:
+        raise error.inside(f"extra_runs[{index}].") from None
 
 
 def _preset_layer(preset: str | None, from_file: dict, source: str | None) -> dict:
@@ -104,14 +147,30 @@ def read_config_file(path: Path) -> dict:
 
 def _read_toml(path: Path) -> Any:
     try:
-        return tomllib.loads(read_text(path))
+        values = tomllib.loads(read_text(path))
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({' '.join(str(error).split())})") from None
+    require(values != {}, str(path), "empty file")  # no key, only blanks or comments
+    return values
 
 
 class _YamlLoader(yaml.SafeLoader):
     """yaml's SafeLoader that also reads exponents without a dot (1e-9) as numbers, as JSON,
-    TOML and YAML 1.2 do."""
+    TOML and YAML 1.2 do, and refuses a key given twice in one table (not the last one wins)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *table` merges, it repeats nothing
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, Hashable):
+                    continue  # SafeLoader refuses it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _YamlLoader.add_implicit_resolver(
@@ -128,7 +187,8 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML ({error.problem or error.context}{where})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
-    return {} if values is None else values  # an empty file
+    require(values is not None, str(path), "empty file")  # no document, only blanks or comments
+    return values
 
 
 READERS = {".json": read_json, ".toml": _read_toml, ".yaml": _read_yaml, ".yml": _read_yaml}
@@ -182,22 +242,28 @@ def _refuse_both(overrides: Mapping, alternatives: Sequence[Alternative]) -> Non
 
 @contextmanager
 def _errors_named(origins: Mapping[KeyPath, str | None], aliases: Mapping[str, str] = EMPTY) -> Iterator[None]:
-    """Prefix a ConfigError with the file its field's value came from. `aliases` maps a run's
-    field to the sweep key that sets it (depth -> depths)."""
+    """Prefix a ConfigError with the file that gave its field's value, or else the value of a
+    field its check read (error.related). `aliases` maps a run's field to the sweep key that sets
+    it (depth -> depths)."""
     try:
         yield
     except ConfigError as error:
-        source = _origin(str(error), origins, aliases)
+        fields = [str(error).split(": ", 1)[0], *error.related]
+        source = next(filter(None, (_origin(name, origins, aliases) for name in fields)), None)
         if source is None:
             raise
         raise ConfigError(f"{source}: {error}") from None
 
 
-def _origin(message: str, origins: Mapping[KeyPath, str | None], aliases: Mapping[str, str]) -> str | None:
-    field = message.split(": ", 1)[0]
+def _origin(field: str, origins: Mapping[KeyPath, str | None], aliases: Mapping[str, str]) -> str | None:
+    """The file that gave `field`'s value: its own, that of the table or list it lies in, or for
+    a table given as one, that of a key inside it (None: defaults, a preset or flags)."""
     path = tuple(re.sub(r"\[\d+\]", "", field).split("."))  # extra_runs[0].depth -> extra_runs, depth
     for candidate in (path, (aliases.get(path[0], path[0]), *path[1:])):
         for end in range(len(candidate), 0, -1):
             if candidate[:end] in origins:
                 return origins[candidate[:end]]
+        inside = [source for key, source in origins.items() if key[: len(candidate)] == candidate and source]
+        if inside:
+            return inside[0]
     return None

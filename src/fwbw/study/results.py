@@ -9,19 +9,22 @@ from pathlib import Path
 import pandas as pd
 
 from fwbw.files import atomic_write, read_json, read_jsonl
+from fwbw.model.config import ModelConfig
+from fwbw.model.hlb_gpt import count_params
 from fwbw.model.masks import DIRECTIONS, leaks_labels
-from fwbw.study.sweep_dir import RUNS, read_sweep
+from fwbw.study.sweep_dir import RESULTS_CSV, RESULTS_PARQUET, RUNS, read_sweep
 from fwbw.training.evaluation import EVAL_METRICS
+from fwbw.training.probes import PROBE_KEYS
 from fwbw.training.run_dir import CUT, METRICS, MODEL_CONFIG, SUMMARY, read_status
 
 EVAL_PHASE, CUT_PHASE = "train-eval", "cut"  # the `phase` of validation and of layer-cut rows
-# the bw leak probes of a trained run: through the model, and through the batched training path
-PROBE_COLUMNS = ("probe_leak_bw", "probe_train_leak_bw")
+PROBE_COLUMNS = PROBE_KEYS  # a trained run's leak probes of each task, through the model and the training path
+# a run's config fields, one column each
+CONFIG_COLUMNS = ["data", "tokenizer", "depth", "width", "model_scale", "num_heads", "seq_len", "p_bw", "adaptive_p_bw",
+                  "bw_mode", "bw_mask", "task_tokens", "seed"]
 COLUMNS = [
-    "run_id", "data", "tokenizer", "depth", "width", "num_params", "seq_len", "p_bw", "bw_mode",
-    "bw_mask", "task_tokens", "seed", "step", "tokens", "epoch", "seconds", "direction", "loss",
-    "acc", "ppl", "phase", "blocks_remaining", "status", "leaks_labels", "probe_leak_bw", "probe_train_leak_bw",
-    "error",
+    "run_id", *CONFIG_COLUMNS, "num_params", "step", "tokens", "epoch", "seconds", "direction", "loss", "acc", "ppl",
+    "phase", "blocks_remaining", "status", "leaks_labels", *PROBE_COLUMNS, "error",
 ]
 
 
@@ -34,26 +37,16 @@ def _read_if_written(path: Path, read: Callable[[Path], object], default):
 
 
 def run_rows(identifier: str, config: dict, run_dir: Path) -> list[dict]:
-    status = read_status(run_dir)
+    status = read_status(run_dir, corrupt_is_pending=False)
     summary = _read_if_written(run_dir / SUMMARY, read_json, {})
     model_config = _read_if_written(run_dir / MODEL_CONFIG, read_json, {})
     settings = {
         "run_id": identifier,
-        "data": config["data"],
-        "tokenizer": config["tokenizer"],
-        "depth": config["depth"],
-        "width": config["width"],
+        **{column: config[column] for column in CONFIG_COLUMNS},
         "num_params": summary.get("num_params", _count_params(model_config)),
-        "seq_len": config["seq_len"],
-        "p_bw": float(config["p_bw"]),
-        "bw_mode": config["bw_mode"],
-        "bw_mask": config["bw_mask"],
-        "task_tokens": bool(config["task_tokens"]),
-        "seed": config["seed"],
         "status": status["status"],
         "leaks_labels": leaks_labels(config["bw_mask"]),
-        "probe_leak_bw": summary.get("probe_leak_bw"),
-        "probe_train_leak_bw": summary.get("probe_train_leak_bw"),
+        **{probe: summary.get(probe) for probe in PROBE_COLUMNS},
         "error": status.get("error"),
     }
     metrics = _read_if_written(run_dir / METRICS, read_jsonl, [])
@@ -81,9 +74,6 @@ def _count_params(model_config: dict) -> int | None:
     """Parameter count from a saved model config, for runs that have not finished."""
     if not model_config:
         return None
-    from fwbw.model.config import ModelConfig
-    from fwbw.model.hlb_gpt import count_params
-
     return count_params(ModelConfig(**model_config))
 
 
@@ -96,6 +86,7 @@ def build_results(sweep_dir: Path) -> pd.DataFrame:
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
     for column in ("step", "tokens", "blocks_remaining", "num_params"):
         table[column] = table[column].astype("Int64")
+    table = table.astype({"p_bw": float, "model_scale": float, "task_tokens": bool, "adaptive_p_bw": bool})
     for probe in PROBE_COLUMNS:
         table[probe] = table[probe].astype("boolean")
     return table
@@ -104,14 +95,14 @@ def build_results(sweep_dir: Path) -> pd.DataFrame:
 def write_results(sweep_dir: Path) -> pd.DataFrame:
     table = build_results(sweep_dir)
     sweep_dir = Path(sweep_dir)
-    atomic_write(sweep_dir / "results.parquet", lambda tmp: table.to_parquet(tmp, index=False))
-    atomic_write(sweep_dir / "results.csv", lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write(sweep_dir / RESULTS_PARQUET, lambda tmp: table.to_parquet(tmp, index=False))
+    atomic_write(sweep_dir / RESULTS_CSV, lambda tmp: table.to_csv(tmp, index=False))
     return table
 
 
 def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     """Setting x seed with final fw/bw validation loss and status, for `fwbw results`."""
-    keys = ["depth", "width", "p_bw", "bw_mode", "bw_mask", "task_tokens", "seed"]
+    keys = ["depth", "width", "model_scale", "num_heads", "p_bw", "adaptive_p_bw", "bw_mode", "bw_mask", "task_tokens", "seed"]
     evals = table[table["phase"] == EVAL_PHASE]
     last = evals[evals["step"] == evals.groupby("run_id")["step"].transform("max")]
     final = last.pivot_table(index="run_id", columns="direction", values="loss").add_prefix("final_loss_")

@@ -10,16 +10,20 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fwbw.data.tokenizer import vocab_size_of
 from fwbw.files import atomic_write_json
 from fwbw.model.config import shape_for_model_scale
-from fwbw.schema import ConfigError, check_fields, from_mapping, require, show
-from fwbw.study.sweep_dir import RUNS, SWEEP_FILE
-from fwbw.training.config import RecipeConfig, TrainConfig
+from fwbw.model.hlb_gpt import count_params, training_flops_per_token
+from fwbw.schema import ConfigError, check_fields, require, show
+from fwbw.study.results import write_results
+from fwbw.study.sweep_dir import RUNS, SWEEP_FILE, check_owner
+from fwbw.training.config import TrainConfig
+from fwbw.training.evaluation import write_cut
 from fwbw.training.run_dir import claim, config_id, read_status, release, write_status
+from fwbw.training.trainer import Trainer
 
 # hlb-gpt's model at model_scale 1 (width 384, 8 blocks, V 50,304): the size s = 1 of the study's rule
 REFERENCE_PARAMS = 46_009_736
@@ -28,18 +32,27 @@ FILE_KEYS = {"p_bws": "p_bw", "first_seed": "seed"}  # SweepSpec fields that fil
 GRID_AXIS_OF = {"depth": "depths", "width": "widths", "model_scale": "model_scales"}  # run field -> its grid axis
 
 
-def study_tokens_per_microbatch(size: float) -> int:
-    """The study's token capacity per microbatch for a model of size s (its model_scale, or
-    num_params / REFERENCE_PARAMS): 57,236 tokens at s = 1, fewer for larger models."""
+def study_tokens_per_microbatch(num_params: int) -> int:
+    """The study's token capacity per microbatch for a model of num_params parameters, of size
+    s = num_params / REFERENCE_PARAMS: 57,236 tokens at s = 1, fewer for larger models."""
+    size = num_params / REFERENCE_PARAMS
     return math.floor(114688 / (1.52174 + 0.482 * size**0.87))
+
+
+def with_study_tokens(config: TrainConfig) -> TrainConfig:
+    """`config` with the study's tokens per microbatch for its own model."""
+    num_params = count_params(config.model_config(vocab_size_of(config.tokenizer)))
+    recipe = dataclasses.replace(config.recipe, tokens_per_microbatch=study_tokens_per_microbatch(num_params))
+    return dataclasses.replace(config, recipe=recipe)
 
 
 @dataclass(frozen=True)
 class SweepSpec:
     """The grid: every model size x p_bw x seed, sharing the `base` training settings. The sizes
     are depths x widths, or hlb-gpt's model_scales (depths and widths None). With
-    tokens_per_microbatch_rule "study", each run's recipe.tokens_per_microbatch is the study's
-    for its size. Extra runs are trained alongside the grid."""
+    tokens_per_microbatch_rule "study", each grid run's recipe.tokens_per_microbatch is the study's
+    for its model (fwbw.study.configure gives extra runs the rule too). Extra runs are trained
+    alongside the grid."""
 
     depths: tuple[int, ...] | None = (4,)
     widths: tuple[int, ...] | None = (128,)
@@ -57,7 +70,8 @@ class SweepSpec:
             for axis in ("depths", "widths"):
                 require(getattr(self, axis) is not None, axis, "needs values unless model_scales sizes the models")
         else:
-            require(self.depths is None and self.widths is None, "model_scales", "give model_scales or depths and widths, not both")
+            require(self.depths is None and self.widths is None, "model_scales", "give model_scales or depths and widths, not both",
+                    related=("depths", "widths"))
         for axis in ("depths", "widths", "model_scales", "p_bws"):
             _check_axis(FILE_KEYS.get(axis, axis), getattr(self, axis))
         require(self.seeds >= 1, "seeds", f"must be >= 1, got {self.seeds}")
@@ -69,58 +83,23 @@ class SweepSpec:
 
     def configs(self) -> list[TrainConfig]:
         """Every run: the grid, then the extra runs."""
-        grid = []
-        for size in self._sizes():
-            recipe = self._recipe_for(size)
-            grid += [
-                dataclasses.replace(self.base, **size, recipe=recipe, p_bw=p_bw, seed=self.first_seed + offset)
-                for p_bw in self.p_bws
-                for offset in range(self.seeds)
-            ]
+        grid = [
+            self._grid_run(size, p_bw, self.first_seed + offset)
+            for size in self.sizes()
+            for p_bw in self.p_bws
+            for offset in range(self.seeds)
+        ]
         return grid + list(self.extra_runs)
 
-    def _sizes(self) -> list[dict]:
+    def _grid_run(self, size: dict, p_bw: float, seed: int) -> TrainConfig:
+        config = dataclasses.replace(self.base, **size, p_bw=p_bw, seed=seed)
+        return with_study_tokens(config) if self.tokens_per_microbatch_rule else config
+
+    def sizes(self) -> list[dict]:
+        """Each grid size as a run's depth, width and model_scale."""
         if self.model_scales is None:
             return [dict(depth=depth, width=width, model_scale=None) for depth in self.depths for width in self.widths]
         return [dict(zip(("depth", "width"), shape_for_model_scale(s)), model_scale=s) for s in self.model_scales]
-
-    def _recipe_for(self, size: dict) -> RecipeConfig:
-        if self.tokens_per_microbatch_rule is None:
-            return self.base.recipe
-        from fwbw.data.tokenizer import vocab_size_of
-        from fwbw.model.hlb_gpt import count_params
-
-        scale = size["model_scale"]
-        if scale is None:
-            model = self.base.model_config(vocab_size_of(self.base.tokenizer))
-            scale = count_params(dataclasses.replace(model, depth=size["depth"], width=size["width"])) / REFERENCE_PARAMS
-        return dataclasses.replace(self.base.recipe, tokens_per_microbatch=study_tokens_per_microbatch(scale))
-
-    @classmethod
-    def from_mapping(cls, values: Mapping) -> SweepSpec:
-        """A spec from a sweep file's values: the spec's own keys (depths, widths, model_scales,
-        p_bw, seeds, seed, tokens_per_microbatch_rule, extra_runs) and any other TrainConfig field
-        for every run (recipe as a table). An extra run is a table of fields that differ from the
-        base, which is the grid's first seed."""
-        own = {FILE_KEYS.get(item.name, item.name) for item in dataclasses.fields(cls)} - {"base"}
-        spec = {key: value for key, value in values.items() if key in own}
-        base = {key: value for key, value in values.items() if key not in own}
-        for key in base:
-            if key in GRID_AXIS_OF:
-                raise ConfigError(f"{key}: is set by the grid; give {GRID_AXIS_OF[key]}")
-        recipe = base.get("recipe")
-        both = "tokens_per_microbatch_rule" in spec and isinstance(recipe, Mapping) and "tokens_per_microbatch" in recipe
-        require(not both, "tokens_per_microbatch_rule", "give it or recipe.tokens_per_microbatch, not both")
-        if "seed" in spec:
-            base["seed"] = spec["seed"]
-        if "model_scales" in spec:
-            spec = {"depths": None, "widths": None, **spec}
-        extras = spec.pop("extra_runs", [])
-        require(isinstance(extras, list) and all(isinstance(extra, Mapping) for extra in extras), "extra_runs",
-                f"must be a list of tables of fields, got {show(extras)}")
-        spec["base"] = TrainConfig.from_dict(base)
-        spec["extra_runs"] = tuple(_extra_run(base, extra, index) for index, extra in enumerate(extras))
-        return from_mapping(cls, spec, FILE_KEYS)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,19 +111,6 @@ def _check_axis(key: str, values: tuple | None) -> None:
     require(len(values) > 0, key, "needs at least one value")
     for value in values:
         require(values.count(value) == 1, key, f"repeats {show(value)}")
-
-
-def _extra_run(base: Mapping, extra: Mapping, index: int) -> TrainConfig:
-    try:
-        return TrainConfig.from_dict(_overlay(base, extra))
-    except ConfigError as error:
-        raise ConfigError(f"extra_runs[{index}].{error}") from None
-
-
-def _overlay(below: Mapping, above: Mapping) -> dict:
-    """`below` with `above`'s values, tables merged key by key."""
-    nested = lambda key: isinstance(below.get(key), Mapping) and isinstance(above[key], Mapping)
-    return {**below, **{key: _overlay(below[key], value) if nested(key) else value for key, value in above.items()}}
 
 
 # Approximate training-split sizes, for --dry-run before any data is downloaded or tokenized.
@@ -160,11 +126,18 @@ def estimated_train_tokens(config: TrainConfig) -> int:
     return int(config.epochs * KNOWN_TRAIN_TOKENS[config.data])
 
 
-def describe(spec: SweepSpec) -> str:
-    """The run list with parameter counts and a compute estimate (--dry-run)."""
-    from fwbw.data.tokenizer import vocab_size_of
-    from fwbw.model.hlb_gpt import count_params, training_flops_per_token
+def short_count(n: float) -> str:
+    """A count to three significant digits with a k, M or G suffix (3.00k, 46.0M, 1.18G); below
+    1,000 the count itself."""
+    for suffix, unit in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= unit:
+            value = n / unit
+            return f"{value:.{max(0, 2 - int(math.log10(value)))}f}{suffix}"
+    return f"{n:.0f}"
 
+
+def describe_runs(spec: SweepSpec) -> str:
+    """The run list with parameter counts and a compute estimate (--dry-run)."""
     lines, total = [], 0.0
     for config in spec.configs():
         model = config.model_config(vocab_size_of(config.tokenizer))
@@ -173,7 +146,7 @@ def describe(spec: SweepSpec) -> str:
         flops = training_flops_per_token(model, config.seq_len) * tokens * tasks
         total += flops
         lines.append(
-            f"{run_id(config):<48} params {count_params(model) / 1e6:8.2f}M  tokens {tokens / 1e6:9.2f}M  "
+            f"{run_id(config):<48} params {short_count(count_params(model)):>6}  tokens {short_count(tokens):>6}  "
             f"tokens/microbatch {config.recipe.tokens_per_microbatch:6d}  {flops:.2e} FLOP"
         )
     hours_h100 = total / (0.4 * 989e12) / 3600
@@ -182,9 +155,14 @@ def describe(spec: SweepSpec) -> str:
 
 
 def run_id(config: TrainConfig) -> str:
-    """Readable and stable: the main settings, then a hash of the whole config."""
-    mask = "" if config.bw_mask == "causal" else f"-{config.bw_mask}"
-    return f"d{config.depth}-w{config.width}-p{config.p_bw:g}{mask}-s{config.seed}-{config_id(config)[:8]}"
+    """Readable and stable: the main settings (those at their defaults left out), then a hash of
+    the whole config."""
+    scale = "" if config.model_scale is None else f"-ms{config.model_scale:g}"
+    heads = "" if config.num_heads == TrainConfig.num_heads else f"-h{config.num_heads}"
+    adaptive = "-adapt" if config.adaptive_p_bw else ""
+    mask = "" if config.bw_mask == TrainConfig.bw_mask else f"-{config.bw_mask}"
+    settings = f"d{config.depth}-w{config.width}{scale}{heads}-p{config.p_bw:g}{adaptive}{mask}"
+    return f"{settings}-s{config.seed}-{config_id(config)[:8]}"
 
 
 def select_shard(configs: list[TrainConfig], shard: tuple[int, int]) -> list[TrainConfig]:
@@ -234,9 +212,6 @@ def write_sweep_file(out: Path, spec: SweepSpec, configs: list[TrainConfig]) -> 
 
 
 def train_and_cut(config: TrainConfig, run_dir: Path, progress: bool) -> None:
-    from fwbw.training.evaluation import write_cut
-    from fwbw.training.trainer import Trainer
-
     trainer = Trainer(config, run_dir, progress=progress)
     trainer.run()
     write_cut(run_dir, trainer.model, trainer.valid, trainer.precision())
@@ -286,11 +261,11 @@ def run_sweep(
     retry_failed: bool = False,
     progress: bool = True,
 ) -> dict[str, str]:
-    """Run this worker's share of the grid, then rebuild the results table."""
-    from fwbw.study.results import write_results
-
+    """Run this worker's share of the grid, then rebuild the results table. A directory that holds
+    another spec's sweep is refused before anything is written."""
     configs = spec.configs()
     out = Path(out)
+    check_owner(out, spec.to_dict())
     write_sweep_file(out, spec, configs)
     outcome = {}
     mine = select_shard(configs, shard)

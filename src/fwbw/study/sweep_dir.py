@@ -11,9 +11,13 @@ import re
 from pathlib import Path
 
 from fwbw.files import read_json
+from fwbw.schema import ConfigError, differences
+from fwbw.training.run_dir import SHOWN_DIFFERENCES
 
 RUNS = "runs"
 SWEEP_FILE = "sweep.json"
+RESULTS_PARQUET = "results.parquet"
+RESULTS_CSV = "results.csv"
 RUN_ID = re.compile(r"[A-Za-z0-9._-]+")  # a plain folder name: no separators, so never outside runs/
 
 
@@ -30,3 +34,18 @@ def read_sweep(sweep_dir: Path) -> dict:
         if not RUN_ID.fullmatch(run_id) or run_id in (".", ".."):
             raise ValueError(f"{path}: run id {run_id!r} is not a plain folder name (letters, digits, . _ -)")
     return sweep
+
+
+def check_owner(sweep_dir: Path, spec: dict) -> None:
+    """Refuse a sweep directory whose sweep.json holds another spec (`spec` as plain data), naming
+    the first fields that differ; a directory without sweep.json belongs to no sweep yet. A
+    sweep.json that cannot be read is reported, so that it is never overwritten."""
+    path = Path(sweep_dir) / SWEEP_FILE
+    if not path.exists():
+        return
+    saved = read_json(path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("spec"), dict):
+        raise ValueError(f"{path}: no 'spec' table: not a sweep's file")
+    shown = differences(saved["spec"], spec, SHOWN_DIFFERENCES)
+    if shown:
+        raise ConfigError(f"out: {sweep_dir} holds the sweep of another spec ({shown}); give another --out")

@@ -170,7 +170,7 @@ def run_bench(
         raise ValueError(f"bench needs steps >= 1 and warmup >= 0, got steps {steps}, warmup {warmup}")
     allocator_tuned = tune_allocator()
     torch_device = resolve_device(device)
-    resolved_dtype = resolve_dtype(dtype, torch_device)
+    resolved_dtype = resolve_dtype(dtype)
     if progress:
         print(f"bench: peak matmul on {torch_device}", file=sys.stderr)
     peaks = {name: peak_matmul_gflops(torch_device, name) for name in TORCH_DTYPES}

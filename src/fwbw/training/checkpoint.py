@@ -134,17 +134,24 @@ def load(path: Path) -> dict:
     return payload
 
 
-def load_latest(run_dir: Path, config_id: str, warn=print) -> dict | None:
-    """The newest checkpoint of the config `config_id` that loads intact, or None; corrupt ones
-    and those of another config are reported and skipped."""
+def load_latest(run_dir: Path, config_id: str, keys: tuple[str, ...] = (), warn=print) -> dict | None:
+    """The newest checkpoint of the config `config_id` that loads intact and holds every key of
+    `keys`, or None; corrupt ones, those of another config and those without the keys (written
+    by another version) are reported and skipped."""
     for path in sorted((Path(run_dir) / CHECKPOINTS).glob("step_*"), reverse=True):
         try:
             if _read_state(path).get("config") != config_id:
                 warn(f"skipping checkpoint {path}: it was written for another config")
                 continue
-            return load(path)
+            payload = load(path)
         except CorruptCheckpoint as error:
             warn(f"skipping corrupt checkpoint: {error}")
+            continue
+        missing = [key for key in keys if key not in payload]
+        if missing:
+            warn(f"skipping checkpoint {path}: it has no {', '.join(missing)} (written by another version)")
+            continue
+        return payload
     return None
 
 

@@ -9,14 +9,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fwbw.data.corpora import validate_corpus_spec
+from fwbw.data.tokenizer import validate_tokenizer_spec
 from fwbw.files import read_json
-from fwbw.model.config import ModelConfig, shape_for_model_scale
+from fwbw.model.config import ModelConfig, check_attention_shape, shape_for_model_scale
 from fwbw.model.masks import BW_MASKS
 from fwbw.schema import ConfigError, check_fields, from_mapping, require, typed
 from fwbw.training.precision import DTYPE_CHOICES
 
 BW_MODES = ("add", "either")
 DEVICES = ("auto", "cpu", "cuda")
+# two ways to size a model: hlb-gpt's model_scale, or depth and width. A layer of values that gives
+# one replaces what the layers below it gave of the other.
+SIZE_ALTERNATIVE = (("model_scale",), ("depth", "width"))
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,8 @@ class RecipeConfig:
         require(self.grad_norm_every >= 1, "grad_norm_every", f"must be >= 1, got {self.grad_norm_every}")
         require(self.accum_floor > 0, "accum_floor", f"must be > 0, got {self.accum_floor}")
         require(self.accum_initial >= 1, "accum_initial", f"must be >= 1, got {self.accum_initial}")
-        require(self.accum_max >= self.accum_initial, "accum_max", f"must be >= accum_initial, got {self.accum_max}")
+        require(self.accum_max >= self.accum_initial, "accum_max", f"must be >= accum_initial, got {self.accum_max}",
+                related=("accum_initial",))
 
 
 @dataclass(frozen=True)
@@ -103,25 +109,25 @@ class TrainConfig:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
 
     def __post_init__(self) -> None:
-        from fwbw.data.corpora import validate_corpus_spec
-        from fwbw.data.tokenizer import validate_tokenizer_spec
-
         check_fields(self)
         _reraise_as_config_error("data", validate_corpus_spec, self.data)
         _reraise_as_config_error("tokenizer", validate_tokenizer_spec, self.tokenizer)
         self._check_model_scale()
         require(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
-        require(self.width >= 8 and self.width % 8 == 0, "width", f"must be a positive multiple of 8, got {self.width}")
+        check_attention_shape(self.width, self.num_heads)
         require(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
         tokens = self.recipe.tokens_per_microbatch
-        require(tokens >= self.seq_len, "recipe.tokens_per_microbatch", f"must hold one window of seq_len {self.seq_len}, got {tokens}")
+        require(tokens >= self.seq_len, "recipe.tokens_per_microbatch", f"must hold one window of seq_len {self.seq_len}, got {tokens}",
+                related=("seq_len",))
         require(self.bw_mask in BW_MASKS, "bw_mask", f"must be one of {BW_MASKS}, got {self.bw_mask!r}")
         require(0.0 <= self.p_bw <= 1.0, "p_bw", f"must be in [0, 1], got {self.p_bw}")
         require(self.bw_mode in BW_MODES, "bw_mode", f"must be one of {BW_MODES}, got {self.bw_mode!r}")
+        self._check_adaptive_p_bw()
         require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
         require(self.train_tokens is None or self.train_tokens > 0, "train_tokens", f"must be > 0, got {self.train_tokens}")
         require(self.eval_every_epochs > 0, "eval_every_epochs", f"must be > 0, got {self.eval_every_epochs}")
-        require(self.eval_tokens >= self.seq_len + 1, "eval_tokens", f"must be >= seq_len + 1, got {self.eval_tokens}")
+        require(self.eval_tokens >= self.seq_len + 1, "eval_tokens", f"must be >= seq_len + 1, got {self.eval_tokens}",
+                related=("seq_len",))
         require(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", f"must be >= 1, got {self.checkpoint_every_steps}")
         require(self.device in DEVICES, "device", f"must be one of {DEVICES}, got {self.device!r}")
         require(self.dtype in DTYPE_CHOICES, "dtype", f"must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
@@ -135,6 +141,20 @@ class TrainConfig:
             (self.depth, self.width) == (depth, width),
             "model_scale",
             f"{self.model_scale:g} means depth {depth} and width {width}, got depth {self.depth} and width {self.width}",
+            related=("depth", "width"),
+        )
+
+    def _check_adaptive_p_bw(self) -> None:
+        """adaptive_p_bw moves p_bw after a bw pass, from that step's fw loss or the last one, so
+        under "either" it needs fw passes (p_bw < 1). With p_bw 0 it never moves: such a run is the
+        fw-only baseline of an adaptive grid."""
+        if not self.adaptive_p_bw:
+            return
+        require(
+            self.bw_mode != "either" or self.p_bw < 1,
+            "adaptive_p_bw",
+            "needs p_bw < 1 under bw_mode either: with p_bw 1 no step trains fw, so p_bw never moves",
+            related=("p_bw", "bw_mode"),
         )
 
     def model_config(self, vocab_size: int) -> ModelConfig:

@@ -13,7 +13,7 @@ from fwbw.model.masks import DIRECTIONS
 from fwbw.model.tasks import task_stats
 from fwbw.training import checkpoint
 from fwbw.training.config import TrainConfig
-from fwbw.training.run_dir import CONFIG, CUT, MODEL_WEIGHTS
+from fwbw.training.run_dir import CONFIG, CUT, MODEL_WEIGHTS, check_writable
 from fwbw.training.run_setup import RunSetup
 
 EVAL_METRICS = ("loss", "acc", "ppl")  # what `evaluate` reports per direction
@@ -75,12 +75,16 @@ def write_cut(run_dir: Path, model, windows: torch.Tensor, precision=None) -> li
 
 def cut_run(run_dir: Path, progress: bool = True) -> list[dict]:
     """`fwbw cut`: the layer cut of a finished run: its trained weights in its run setup, on the
-    validation windows it was trained with."""
-    config = TrainConfig.load(Path(run_dir) / CONFIG)
+    validation windows it was trained with. Everything is checked before the model is built."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise ValueError(f"{run_dir} is not a run directory (no {CONFIG})")
+    config = TrainConfig.load(run_dir / CONFIG)
     if config.depth < 2:
         raise ValueError(f"{run_dir}: nothing to cut, the model has {config.depth} block and the cut keeps at least one")
-    if not (Path(run_dir) / MODEL_WEIGHTS).exists():
+    if not (run_dir / MODEL_WEIGHTS).exists():
         raise ValueError(f"{run_dir}: no trained model ({MODEL_WEIGHTS}): has the run finished?")
+    check_writable(run_dir, f"cannot write {run_dir / CUT}: ")
     setup = RunSetup(config, progress=progress)
     checkpoint.load_weights(run_dir, setup.model)
     return write_cut(run_dir, setup.model, setup.valid, setup.precision())

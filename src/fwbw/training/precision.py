@@ -18,7 +18,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> str:
+def resolve_dtype(name: str) -> str:
     """'auto' picks bf16 autocast: on CUDA and on AMX CPUs it runs matmuls several times faster
     than fp32 (see `fwbw bench`); weights and optimizer state stay fp32 either way."""
     return "bf16" if name == "auto" else name

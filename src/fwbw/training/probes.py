@@ -28,6 +28,15 @@ from fwbw.model.masks import DIRECTIONS
 
 PROBE_SEQ_LEN = 16
 TOLERANCE = 1e-9  # relative: a dependence smaller than this times the largest one counts as none
+PROBE_PREFIXES = ("probe_leak", "probe_train_leak")  # summary.json's key prefix per path: model, training
+
+
+def probe_keys(direction: str) -> tuple[str, ...]:
+    """summary.json's keys of the probes of `direction`'s task, one per path (PROBE_PREFIXES)."""
+    return tuple(f"{path}_{direction}" for path in PROBE_PREFIXES)
+
+
+PROBE_KEYS = tuple(key for direction in DIRECTIONS for key in probe_keys(direction))  # summary.json's probe flags
 
 
 def probe_copy(model):
@@ -36,14 +45,11 @@ def probe_copy(model):
 
 
 def leak_summary(model) -> dict[str, bool]:
-    """summary.json's probe flags: probe_leak_<direction> (model path) and
-    probe_train_leak_<direction> (training path)."""
+    """summary.json's probe flags (PROBE_KEYS): whether each task leaks on the model path and on
+    the training path."""
     probe = probe_copy(model)
-    model_path, training_path = model_path_leaks(probe), training_path_leaks(probe)
-    return {
-        **{f"probe_leak_{direction}": model_path[direction] for direction in DIRECTIONS},
-        **{f"probe_train_leak_{direction}": training_path[direction] for direction in DIRECTIONS},
-    }
+    by_path = (model_path_leaks(probe), training_path_leaks(probe))  # in the order of PROBE_PREFIXES
+    return {key: leaks[direction] for direction in DIRECTIONS for key, leaks in zip(probe_keys(direction), by_path)}
 
 
 def model_path_leaks(probe, seq_len: int = PROBE_SEQ_LEN, trials: int = 2, seed: int = 0) -> dict[str, bool]:

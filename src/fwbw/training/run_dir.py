@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from fwbw.files import atomic_write_json, read_json
-from fwbw.schema import ConfigError
+from fwbw.schema import ConfigError, differences
 from fwbw.training.config import TrainConfig
 
 CONFIG = "config.json"
@@ -35,26 +35,52 @@ CHECKPOINTS = "checkpoints"
 CUT = "cut.json"
 STATUS = "status.json"
 LOCK = ".lock"
-RUN_FILES = (CONFIG, METRICS, SUMMARY, MODEL_CONFIG, MODEL_WEIGHTS, CUT, STATUS)  # what a restart removes
+OUTPUTS = (METRICS, SUMMARY, MODEL_CONFIG, MODEL_WEIGHTS, CUT)  # what training and the cut write
+RUN_FILES = (CONFIG, *OUTPUTS, STATUS)  # what a restart removes, with the checkpoints
+STATUSES = ("pending", "running", "done", "failed")
 SHOWN_DIFFERENCES = 3  # differing fields named when a directory belongs to another config
+OUT_EXAMPLE = "runs/my-run"
+RESTART_HINT = "--restart starts it over, or give another --out"
 
 
 def check_run_dir(run_dir: Path) -> None:
-    """Fail before any work if `run_dir` is no place for a run: empty ('' is the current
-    directory), the filesystem root, a file, or not writable."""
+    """Fail before any work if `run_dir` is no place for a run's (or a sweep's, or a report's)
+    files: a folder that holds others (the current directory, one above it, the home directory,
+    the filesystem root), a file, or not writable."""
     path = Path(run_dir)
-    if path == Path("."):
-        raise ConfigError("out: empty or '.': name a run directory, e.g. runs/my-run")
     resolved = path.resolve()
-    if resolved == Path(resolved.anchor):
-        raise ConfigError(f"out: {run_dir} is the filesystem root: name a run directory below it")
+    shown = "'' or '.'" if path == Path(".") else str(run_dir)
+    for folder, name in _shared_folders(resolved):
+        if resolved == folder:
+            raise ConfigError(f"out: {shown} is {name}: name a folder of its own, e.g. {OUT_EXAMPLE}")
+    check_writable(path, "out: ")
+
+
+def _shared_folders(resolved: Path) -> list[tuple[Path, str]]:
+    """The folders a run must never be written into: (folder, what it is)."""
+    cwd = Path.cwd().resolve()
+    folders = [(Path(resolved.anchor), "the filesystem root"), (cwd, "the current directory")]
+    folders += [(parent, "a folder above the current directory") for parent in cwd.parents]
+    try:
+        folders.append((Path.home().resolve(), "the home directory"))
+    except RuntimeError:  # no home directory to protect
+        pass
+    return folders
+
+
+def check_writable(folder: Path, prefix: str = "") -> None:
+    """Fail before any work if files cannot be written in `folder`, or (while it does not exist)
+    it cannot be created: a file in the way, no permission, a read-only filesystem. `prefix`
+    starts the message: the flag, or the file that was to be written."""
+    path = Path(folder)
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"out: {run_dir} is a file, not a directory")
-    existing = resolved
+        raise ConfigError(f"{prefix}{folder} is a file, not a directory")
+    resolved = existing = path.resolve()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ConfigError(f"out: {run_dir} is not writable ({existing} is not a writable directory)")
+        where = "" if existing == resolved else f" ({existing} is not a writable directory)"
+        raise ConfigError(f"{prefix}{folder} is not writable{where}")
 
 
 # --- the config a run directory belongs to --------------------------------------------------
@@ -69,53 +95,64 @@ def _canonical(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
-    """'field: saved -> wanted' for every field whose JSON differs, nested dicts by dotted name."""
-    lines = []
-    for key in dict.fromkeys([*wanted, *saved]):
-        if isinstance(saved.get(key), dict) and isinstance(wanted.get(key), dict):
-            lines += _differences(saved[key], wanted[key], f"{prefix}{key}.")
-        elif _shown(saved, key) != _shown(wanted, key):
-            lines.append(f"{prefix}{key}: {_shown(saved, key)} -> {_shown(wanted, key)}")
-    return lines
-
-
-def _shown(values: dict, key: str) -> str:
-    return _canonical(values[key]) if key in values else "(none)"
-
-
-def check_owner(run_dir: Path, config: TrainConfig) -> None:
-    """Refuse a run directory whose config.json holds another config, naming the first fields
-    that differ; a directory without config.json belongs to no run yet."""
-    path = Path(run_dir) / CONFIG
+def check_owner(run_dir: Path, config: TrainConfig, restart: bool = False) -> None:
+    """Refuse a run directory that is not `config`'s: one whose config.json holds another config
+    (unless `restart`), naming the first fields that differ, or is no run config at all, and a
+    folder of other files without a run (its files are never mixed with a run's). A directory
+    without config.json and without other files belongs to no run yet."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG
     if not path.exists():
+        _check_holds_no_other_files(run_dir)
+        return
+    if restart:
         return
     saved = read_json(path)
-    differences = _differences(saved if isinstance(saved, dict) else {}, config.to_dict())
-    if differences:
-        shown = "; ".join(differences[:SHOWN_DIFFERENCES]) + ("; ..." if len(differences) > SHOWN_DIFFERENCES else "")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"out: {path} is not a run config (a JSON object); {RESTART_HINT}")
+    shown = differences(saved, config.to_dict(), SHOWN_DIFFERENCES)
+    if shown:
+        raise ConfigError(f"out: {run_dir} holds the run of another config ({shown}); {RESTART_HINT}")
+
+
+def _is_run_file(name: str) -> bool:
+    return name in RUN_FILES or name == CHECKPOINTS or name.startswith(LOCK)
+
+
+def _check_holds_no_other_files(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        return
+    others = sorted(path.name for path in run_dir.iterdir() if not _is_run_file(path.name))
+    if others:
         raise ConfigError(
-            f"out: {run_dir} holds the run of another config ({shown}); "
-            "--restart starts it over, or give another --out"
+            f"out: {run_dir} holds other files ({', '.join(others[:SHOWN_DIFFERENCES])}"
+            f"{', ...' if len(others) > SHOWN_DIFFERENCES else ''}) and no run ({CONFIG}): give a new or empty folder"
         )
 
 
 def start_run(run_dir: Path, config: TrainConfig, restart: bool = False) -> None:
-    """Make `run_dir` the home of `config`'s run: refuse another config's directory, or with
-    `restart` first remove every file of the run it holds, then write config.json."""
+    """Make `run_dir` the home of `config`'s run: refuse one that is not (see check_owner), or
+    with `restart` first remove every file of the run it holds, then write config.json."""
     run_dir = Path(run_dir)
+    check_owner(run_dir, config, restart)
     if restart:
         clear_run(run_dir)
-    else:
-        check_owner(run_dir, config)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / CONFIG, config.to_dict())
 
 
 def clear_run(run_dir: Path) -> None:
     """Remove the run's files and checkpoints (other files in the folder are left alone)."""
+    clear_outputs(run_dir)
+    for name in (CONFIG, STATUS):
+        (Path(run_dir) / name).unlink(missing_ok=True)
+
+
+def clear_outputs(run_dir: Path) -> None:
+    """Remove what training and the cut wrote, checkpoints included, keeping config.json, the
+    status and the lock: the run starts from scratch without files of an earlier attempt."""
     run_dir = Path(run_dir)
-    for name in RUN_FILES:
+    for name in OUTPUTS:
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
 
@@ -123,14 +160,21 @@ def clear_run(run_dir: Path) -> None:
 # --- status and lock (sweeps) ---------------------------------------------------------------
 
 
-def read_status(run_dir: Path) -> dict:
-    """status.json; a run without one is pending, and so is one whose status.json is unreadable
-    (its error then names the file)."""
+def read_status(run_dir: Path, corrupt_is_pending: bool = True) -> dict:
+    """status.json; a run without one is pending. An unreadable one is pending too, its error
+    naming the file (a worker then trains the run again from its checkpoints), or with
+    `corrupt_is_pending=False` raises ValueError naming the file (the results table)."""
+    path = Path(run_dir) / STATUS
     try:
-        return read_json(Path(run_dir) / STATUS)
+        status = read_json(path)
+        if not isinstance(status, dict) or status.get("status") not in STATUSES:
+            raise ValueError(f"{path}: not a run status (a JSON object with status {' | '.join(STATUSES)})")
+        return status
     except FileNotFoundError:
         return {"status": "pending", "error": None}
     except (OSError, ValueError) as error:
+        if not corrupt_is_pending:
+            raise
         return {"status": "pending", "error": str(error)}
 
 

@@ -22,7 +22,7 @@ class RunSetup:
         self.config = config
         self.data = data or load_token_data(config.data, config.tokenizer, progress=progress)
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype)
         torch.manual_seed(config.seed)
         self.model = build_model(config.model_config(self.data.vocab_size)).to(self.device)
         self.valid = validation_set(config, self.data.valid)

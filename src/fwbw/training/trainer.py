@@ -38,16 +38,23 @@ from fwbw.training.run_dir import (
     SUMMARY,
     check_owner,
     check_run_dir,
+    clear_outputs,
     config_id,
     start_run,
 )
 from fwbw.training.run_setup import RunSetup
 
 P_BW_FLOOR = 0.01  # adaptive p_bw never drops below this (the study's clamp)
+# what every checkpoint holds; one without them all was written by another version
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "sampler", "task_rng", "microbatching", "train_state")
 
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, with the step it came at: the command line prints it in one line."""
 
 
 @dataclass
@@ -93,8 +100,7 @@ class Trainer(RunSetup):
     ):
         """`restart`: start over, removing the files of the run `run_dir` holds (see run_dir.start_run)."""
         check_run_dir(run_dir)
-        if not restart:
-            check_owner(run_dir, config)
+        check_owner(run_dir, config, restart)
         tune_allocator()
         super().__init__(config, data, progress)
         self.run_dir = Path(run_dir)
@@ -126,14 +132,17 @@ class Trainer(RunSetup):
                 "sampler": self.sampler.state_dict(),
                 "task_rng": self.task_rng.get_state(),
                 "microbatching": self.microbatching.state_dict(),
-                "progress": self.state.__dict__,  # the TrainState
+                "train_state": self.state.__dict__,
             },
             config_id(self.config),
         )
 
     def _resume(self) -> None:
-        saved = checkpoint.load_latest(self.run_dir, config_id(self.config), warn=tqdm.write)
+        """Continue from the newest checkpoint that loads; without one, start from scratch with
+        the outputs of any earlier attempt removed, so the folder never mixes two runs."""
+        saved = checkpoint.load_latest(self.run_dir, config_id(self.config), CHECKPOINT_KEYS, warn=tqdm.write)
         if saved is None:
+            clear_outputs(self.run_dir)
             return
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -141,7 +150,7 @@ class Trainer(RunSetup):
         self.sampler.load_state_dict(saved["sampler"])
         self.task_rng.set_state(saved["task_rng"])
         self.microbatching.load_state_dict(saved["microbatching"])
-        self.state = TrainState(**saved["progress"])
+        self.state = TrainState(**saved["train_state"])
         self._write_metrics()
 
     # --- training ------------------------------------------------------------------------
@@ -229,33 +238,41 @@ class Trainer(RunSetup):
 
     def run(self) -> dict:
         """Train to the token budget (resuming from the newest intact checkpoint) and return
-        the run summary, also written to summary.json."""
+        the run summary, also written to summary.json. Ctrl-C raises Interrupted."""
         start_run(self.run_dir, self.config, self.restart)
         self._resume()
+        try:
+            self._train_to_budget()
+            if not self.state.metrics or self.state.metrics[-1]["step"] != self.state.step:
+                self._evaluate()
+            return self._finish()
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted at step {self.state.step}; rerun the same command to resume") from None
+
+    def _train_to_budget(self) -> None:
         bar = tqdm(
             total=self.budget, initial=min(self.state.tokens, self.budget), unit="tok", unit_scale=True,
             disable=not self.show_progress, desc=self.run_dir.name, dynamic_ncols=True,
         )
         started = time.perf_counter() - self.state.seconds
         last_checkpoint = self.state.step
-        while self.state.tokens < self.budget:
-            before = self.state.tokens
-            loss = self.train_step()
-            self.state.loss_sum += loss
-            self.state.loss_steps += 1
-            self.state.seconds = time.perf_counter() - started
-            bar.update(min(self.state.tokens, self.budget) - min(before, self.budget))
-            finished = self.state.tokens >= self.budget
-            if self._eval_due() or finished:
-                self._evaluate()
-            bar.set_postfix_str(self._status_line(loss), refresh=False)
-            if finished or self.state.step - last_checkpoint >= self.config.checkpoint_every_steps:
-                self._save_checkpoint()
-                last_checkpoint = self.state.step
-        bar.close()
-        if not self.state.metrics or self.state.metrics[-1]["step"] != self.state.step:
-            self._evaluate()
-        return self._finish()
+        try:
+            while self.state.tokens < self.budget:
+                before = self.state.tokens
+                loss = self.train_step()
+                self.state.loss_sum += loss
+                self.state.loss_steps += 1
+                self.state.seconds = time.perf_counter() - started
+                bar.update(min(self.state.tokens, self.budget) - min(before, self.budget))
+                finished = self.state.tokens >= self.budget
+                if self._eval_due() or finished:
+                    self._evaluate()
+                bar.set_postfix_str(self._status_line(loss), refresh=False)
+                if finished or self.state.step - last_checkpoint >= self.config.checkpoint_every_steps:
+                    self._save_checkpoint()
+                    last_checkpoint = self.state.step
+        finally:
+            bar.close()
 
     def _finish(self) -> dict:
         checkpoint.save_model(self.run_dir, self.model)
