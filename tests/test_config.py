@@ -537,11 +537,16 @@ def test_an_integer_beyond_float_range_is_one_line(tmp_path, capsys, fmt):
                                         ("run.toml", "# nothing yet\n")])
 @pytest.mark.parametrize("command", ["train", "sweep"])
 def test_an_empty_file_is_refused(tmp_path, capsys, name, text, command):
+    assert_file_refused(tmp_path, capsys, command, name, text, "empty file")
+
+
+def assert_file_refused(tmp_path, capsys, command: str, name: str, text: str, problem: str) -> None:
+    """`fwbw COMMAND --config NAME` holding `text` fails with one line naming the file, and writes nothing."""
     path = tmp_path / name
     path.write_text(text)
     out = tmp_path / "out"
     assert fails_with_one_line([command, "--config", str(path), "--out", str(out)], capsys) == (
-        f"fwbw {command}: error: {path}: empty file")
+        f"fwbw {command}: error: {path}: {problem}")
     assert not out.exists()
 
 
@@ -558,12 +563,7 @@ def test_an_empty_file_is_refused(tmp_path, capsys, name, text, command):
 )
 @pytest.mark.parametrize("command", ["train", "sweep"])
 def test_a_key_given_twice_is_refused(tmp_path, capsys, name, text, problem, command):
-    path = tmp_path / name
-    path.write_text(text)
-    out = tmp_path / "out"
-    assert fails_with_one_line([command, "--config", str(path), "--out", str(out)], capsys) == (
-        f"fwbw {command}: error: {path}: {problem}")
-    assert not out.exists()
+    assert_file_refused(tmp_path, capsys, command, name, text, problem)
 
 
 def test_yaml_merge_keys_are_no_duplicates(tmp_path):
