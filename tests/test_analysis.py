@@ -14,15 +14,16 @@ PARAMS = {A: 1000, B: 5000}
 EPOCHS = (0.5, 1.0, 2.0)
 OFFSETS = (0.75, 0.5, 0.0)  # loss above the final loss at the 1st, 2nd and 3rd validation point
 CUT_SLOPE = {0.0: 0.3, 0.05: 0.4}  # loss added per removed block
-SWITCHES = dict(model_scale=math.nan, num_heads=1, adaptive_p_bw=False)  # the study's switches, at their defaults
+SWITCHES = dict(model_scale=math.nan, num_heads=1, adaptive_p_bw=False,  # the study's switches, at their defaults
+                train_tokens=None, eval_every_epochs=0.5, recipe_id="r0")  # budget in tokens, eval grid, recipe
 
 
 def run_rows(run_id, size, p_bw, seed, fw, bw, *, bw_mode="add", bw_mask="causal", status="done",
-             epochs=EPOCHS, steps=(10, 20, 40), probe=None, fw_probe=None, **switches):
+             epochs=EPOCHS, budget=EPOCHS[-1], seq_len=64, steps=(10, 20, 40), probe=None, fw_probe=None, **switches):
     depth, width = size
     info = dict(run_id=run_id, data="wiki", tokenizer="gpt2", depth=depth, width=width,
-                num_params=PARAMS[size], seq_len=64, p_bw=p_bw, bw_mode=bw_mode, bw_mask=bw_mask,
-                task_tokens=False, seed=seed, status=status, leaks_labels=bw_mask == "legacy-flip",
+                num_params=PARAMS[size], seq_len=seq_len, p_bw=p_bw, bw_mode=bw_mode, bw_mask=bw_mask,
+                task_tokens=False, seed=seed, status=status, leaks_labels=bw_mask == "legacy-flip", epochs=budget,
                 probe_leak_fw=fw_probe, probe_train_leak_fw=fw_probe, probe_leak_bw=probe, probe_train_leak_bw=probe,
                 error=None, **{**SWITCHES, **switches})
     rows = []
@@ -48,7 +49,7 @@ def failed_row(run_id, size, p_bw, seed):
                 task_tokens=False, seed=seed, step=None, tokens=None, epoch=None, seconds=None,
                 direction=None, loss=None, acc=None, ppl=None, phase=None, blocks_remaining=None,
                 status="failed", leaks_labels=False, probe_leak_fw=None, probe_train_leak_fw=None, probe_leak_bw=None,
-                probe_train_leak_bw=None, error="CUDA out of memory", **SWITCHES)
+                probe_train_leak_bw=None, error="CUDA out of memory", epochs=EPOCHS[-1], **SWITCHES)
 
 
 # final fw / bw losses per run: {(size, p_bw, seed): (fw, bw)}
@@ -70,7 +71,7 @@ def build_results():
     for s, (fw, bw) in B0.items():
         rows += run_rows(f"b0-s{s}", B, 0.0, s, fw, bw)
     for s, (fw, bw) in B5.items():  # seed 2 evaluates at other steps and epochs than its baseline
-        shifted = dict(epochs=(0.49, 0.98, 1.99), steps=(11, 21, 41)) if s == 2 else {}
+        shifted = dict(epochs=(0.51, 1.02, 2.03), steps=(11, 21, 41)) if s == 2 else {}
         rows += run_rows(f"b5-s{s}", B, 0.05, s, fw, bw, probe=s == 1, **shifted)
     rows.append(failed_row("b5-s3", B, 0.05, 3))
     return pd.DataFrame(rows)
@@ -115,9 +116,13 @@ def test_ratios_table_columns(ratios):
 def test_ratio1_final(ratios, metric, f):
     r = pick(ratios, ratio="ratio1", phase="final", metric=metric)
     add_a = pick(r, depth=2, bw_mode="add")
-    assert one(add_a, averaging="mean_then_ratio").value == pytest.approx(
-        mean([f(v) for v in fw(A0)]) / mean([f(v) for v in fw(A5)]))
-    assert one(add_a, averaging="mean_then_ratio").n == 2
+    # defect 1: both averagings over the seeds in both arms (0, 1), not all three baseline seeds
+    pooled = one(add_a, averaging="mean_then_ratio")
+    assert pooled.value == pytest.approx(mean([f(A0[s][0]) for s in (0, 1)]) / mean([f(v) for v in fw(A5)]))
+    assert (pooled.n, pooled.n_base, pooled.n_x) == (2, 3, 2)
+    logs = [math.log(f(A0[s][0]) / f(A5[s][0])) for s in (0, 1)]
+    half = stats.t.ppf(0.975, 1) * np.std(logs, ddof=1) / math.sqrt(2)
+    assert (pooled.ci_low, pooled.ci_high) == pytest.approx((math.exp(mean(logs) - half), math.exp(mean(logs) + half)))
     assert one(add_a, averaging="ratio_then_mean").value == pytest.approx(
         mean([f(A0[s][0]) / f(A5[s][0]) for s in (0, 1)]))  # seed 2 has no p_bw = 0.05 run
     assert one(add_a, averaging="ratio_then_mean").n == 2
@@ -126,10 +131,10 @@ def test_ratio1_final(ratios, metric, f):
         mean([f(B0[s][0]) / f(B5[s][0]) for s in (0, 1, 2)]))
     assert one(add_b, averaging="ratio_then_mean").n == 3
     either = pick(r, depth=2, bw_mode="either")  # compared with the shared p_bw = 0 runs of size A
-    assert one(either, averaging="mean_then_ratio").value == pytest.approx(
-        mean([f(v) for v in fw(A0)]) / f(EITHER[0]))
+    assert one(either, averaging="mean_then_ratio").value == pytest.approx(f(A0[0][0]) / f(EITHER[0]))
     assert one(either, averaging="ratio_then_mean").value == pytest.approx(f(A0[0][0]) / f(EITHER[0]))
     assert one(either, averaging="ratio_then_mean").n == 1
+    assert math.isnan(one(either, averaging="ratio_then_mean").ci_low)  # one seed pair: no interval
     assert (r.p_bw > 0).all()
 
 
@@ -142,6 +147,11 @@ def test_ratio2_final(ratios):
     assert one(a5, averaging="mean_then_ratio").value == pytest.approx(4.1 / 4.45)
     assert one(a5, averaging="ratio_then_mean").value == pytest.approx(mean([4.1 / 4.5, 4.1 / 4.4]))
     assert set(a5.n) == {2}
+    logs = np.log([4.1 / 4.5, 4.1 / 4.4])  # the interval of the per-run log ratio, exponentiated
+    half = stats.t.ppf(0.975, 1) * np.std(logs, ddof=1) / math.sqrt(2)
+    assert list(a5.ci_low) == pytest.approx([math.exp(logs.mean() - half)] * 2)
+    assert list(a5.ci_high) == pytest.approx([math.exp(logs.mean() + half)] * 2)
+    assert pick(a5, averaging="ratio_then_mean").n_base.isna().all()  # ratio 2 has no baseline arm
     ppl = one(ratios, ratio="ratio2", phase="final", metric="ppl", depth=4, p_bw=0.05, averaging="mean_then_ratio")
     assert ppl.value == pytest.approx(mean([math.exp(v[0]) for v in B5.values()])
                                       / mean([math.exp(v[1]) for v in B5.values()]))
@@ -157,14 +167,14 @@ def test_ratio1_windows(ratios):
     assert set(w.averaging) == {"ratio_then_mean"}
     first_a = one(w, depth=2, epoch_start=0.0, epoch_stop=1.0)
     assert first_a.value == pytest.approx(mean(window_samples(A0, A5, (0, 1))))
-    assert first_a.n == 4
-    # seed 2 of size B is at epochs 0.49 / 0.98 / 1.99, paired with the baseline's nearest epochs
+    assert (first_a.n, first_a.n_x, first_a.n_base) == (2, 2, 3)  # seeds, each averaged over its points first
+    # seed 2 of size B is at epochs 0.51 / 1.02 / 2.03, paired with the baseline's by nominal epoch
     first_b = one(w, depth=4, epoch_start=0.0, epoch_stop=1.0)
     assert first_b.value == pytest.approx(mean(window_samples(B0, B5, (0, 1))))
-    assert first_b.n == 6
+    assert first_b.n == 3
     all_b = one(w, depth=4, epoch_start=0.0, epoch_stop=2.0)  # "end" = last epoch of the sweep
     assert all_b.value == pytest.approx(mean(window_samples(B0, B5, (0, 1, 2))))
-    assert all_b.n == 9
+    assert all_b.n == 3
     ppl = one(ratios, phase="window", metric="ppl", depth=2, bw_mode="add", epoch_start=0.0, epoch_stop=2.0)
     assert ppl.value == pytest.approx(mean([math.exp(v) for v in
                                             [A0[s][0] - A5[s][0] for s in A5 for _ in EPOCHS]]))
@@ -262,7 +272,8 @@ def test_failed_and_running_runs_listed_not_counted(analysis):
 
 def test_final_point_is_last_validation_point(analysis):
     final = analysis.final
-    assert one(final, run_id="b5-s2").epoch == 1.99
+    assert one(final, run_id="b5-s2").epoch == 2.03
+    assert one(final, run_id="b5-s2").nominal_epoch == 2.0
     assert one(final, run_id="b5-s2").loss_fw == 3.75
 
 
@@ -332,9 +343,9 @@ def test_a_study_switch_makes_a_setting_of_its_own(switched):
     # the baselines: two heads and model_scale their own p_bw = 0 runs, adaptive p_bw the size's shared ones
     assert final_ratio1(switched, num_heads=2).value == pytest.approx(3.0 / 2.5)
     assert final_ratio1(switched, model_scale=0.5).value == pytest.approx(4.8 / 4.0)
-    assert final_ratio1(switched, adaptive_p_bw=True).value == pytest.approx(mean(fw(A0)) / 3.9)
+    assert final_ratio1(switched, adaptive_p_bw=True).value == pytest.approx(A0[0][0] / 3.9)  # seed 0 only
     assert final_ratio1(switched, bw_mode="add", num_heads=1, adaptive_p_bw=False, model_scale=math.nan).value == (
-        pytest.approx(mean(fw(A0)) / mean(fw(A5))))
+        pytest.approx(mean([A0[s][0] for s in A5]) / mean(fw(A5))))
     assert one(switched.paired, num_heads=2).n == 1
 
 

@@ -18,6 +18,7 @@ from matplotlib.ticker import MaxNLocator
 
 from fwbw.analysis.stats import (
     ARM,
+    CONTEXT,
     CUT_RATIOS,
     VARIANT,
     Analysis,
@@ -30,6 +31,8 @@ from fwbw.model.masks import DIRECTIONS
 from fwbw.study.results import CUT_PHASE
 
 DPI = 110
+ROW_KEY = [*CONTEXT, *ARM]  # what a row of the ratio figures holds fixed
+CURVE_KEY = [*CONTEXT, *VARIANT]  # what a row of the loss curves holds fixed
 PANEL = (4.4, 3.3)  # inches per panel
 
 
@@ -92,13 +95,18 @@ def _empty(ax: Axes, text: str) -> None:
     ax.set_yticks([])
 
 
-def _arm_rows(arm_list: list[Arm]) -> list[tuple[dict, list[Arm]]]:
-    """One figure row per (p_bw, bw_mode, bw_mask, task_tokens): those values, and the settings that
+def _key(setting: dict, columns: list[str]) -> tuple:
+    """The setting's values of `columns` as a dict key, a missing value (NaN) as None."""
+    return tuple(None if pd.isna(setting[k]) else setting[k] for k in columns)
+
+
+def arm_groups(arm_list: list[Arm]) -> list[tuple[dict, list[Arm]]]:
+    """One figure row per CONTEXT and ARM (p_bw and variant): those values, and the settings that
     share them, one per model size."""
     groups: dict[tuple, list[Arm]] = defaultdict(list)
     for arm in arm_list:
-        groups[tuple(arm.setting[k] for k in ARM)].append(arm)
-    return [(dict(zip(ARM, key)), group) for key, group in groups.items()]
+        groups[_key(arm.setting, ROW_KEY)].append(arm)
+    return [(dict(zip(ROW_KEY, key)), group) for key, group in groups.items()]
 
 
 def _sizes(group: list[Arm], final: pd.DataFrame) -> list[tuple[int, int, int]]:
@@ -111,13 +119,13 @@ def _sizes(group: list[Arm], final: pd.DataFrame) -> list[tuple[int, int, int]]:
 # ----------------------------------------------------------------------------- loss curves
 
 def _seed_band(runs: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Mean, min and max over runs of `column` on a shared epoch grid, where every run has a value.
-    Each run is interpolated linearly between its own validation points, since seeds need not
-    evaluate at identical epochs."""
-    grid = np.unique(runs.epoch.astype(float).round(2))
+    """Mean, min and max over runs of `column` on the runs' nominal epochs, where every run has a
+    value. Each run is interpolated linearly between its own validation points, since seeds need
+    not evaluate on the same eval grid."""
+    grid = np.unique(runs.nominal_epoch.astype(float))
     curves = {
-        run_id: np.interp(grid, run.epoch.astype(float), run[column].astype(float), left=np.nan, right=np.nan)
-        for run_id, run in runs.dropna(subset=[column]).sort_values("epoch").groupby("run_id")
+        run_id: np.interp(grid, run.nominal_epoch.astype(float), run[column].astype(float), left=np.nan, right=np.nan)
+        for run_id, run in runs.dropna(subset=[column]).sort_values("nominal_epoch").groupby("run_id")
     }
     if not curves:
         return pd.DataFrame(columns=["mean", "min", "max"])
@@ -126,13 +134,14 @@ def _seed_band(runs: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def _curve_groups(analysis: Analysis) -> dict[tuple, set[str]]:
-    """Runs per variant: its p_bw > 0 runs and their baselines (a sweep without p_bw > 0: all runs)."""
+    """Runs per CONTEXT and variant: its p_bw > 0 runs and their baselines (a sweep without p_bw > 0:
+    all runs)."""
     groups: dict[tuple, set[str]] = defaultdict(set)
     for arm in analysis.arms:
-        groups[tuple(arm.setting[k] for k in VARIANT)] |= {*arm.runs, *arm.baseline}
+        groups[_key(arm.setting, CURVE_KEY)] |= {*arm.runs, *arm.baseline}
     if not groups:
-        for variant, runs in analysis.final.groupby(VARIANT):
-            groups[variant] = set(runs.run_id)
+        for run in analysis.final.to_dict("records"):
+            groups[_key(run, CURVE_KEY)].add(run["run_id"])
     return dict(groups)
 
 
@@ -142,7 +151,7 @@ def _loss_panel(ax: Axes, size: pd.DataFrame, direction: str, colors: dict) -> N
         label = f"p_bw = {p_bw:g} ({runs.run_id.nunique()} runs)"
         ax.plot(band.index, band["mean"], color=colors[p_bw], label=label)
         ax.fill_between(band.index, band["min"], band["max"], color=colors[p_bw], alpha=0.2, lw=0)
-    ax.set(xlabel="epoch", ylabel=f"{direction} val loss")
+    ax.set(xlabel="epoch (nominal)", ylabel=f"{direction} val loss")
     ax.legend(fontsize="small")
 
 
@@ -155,7 +164,7 @@ def _loss_grid(points: pd.DataFrame, groups: dict[tuple, set[str]], direction: s
     colors = {p: "0.35" if p == 0 else color for p, color in zip(p_values, _palette(len(p_values)))}
     fig, axes = _figure(len(widths), len(rows))
     for i, (key, depth) in enumerate(rows):
-        variant = variant_label(dict(zip(VARIANT, key)))
+        variant = variant_label(dict(zip(CURVE_KEY, key)))
         for j, width in enumerate(widths):
             size = select(points[points.run_id.isin(groups[key])], {"depth": depth, "width": width})
             if size.empty:
@@ -197,7 +206,7 @@ def _violins(ax: Axes, samples: pd.DataFrame, sizes: list[tuple[int, int, int]])
 def ratio1_violins(analysis: Analysis, out_dir: Path) -> list[Path]:
     """Ratio 1 (loss) at every validation point, by parameter count: one row per (p_bw, variant),
     one column per epoch window; an empty window is an annotated empty panel."""
-    rows, final = _arm_rows(analysis.arms), analysis.final
+    rows, final = arm_groups(analysis.arms), analysis.final
     if not rows:
         return []
     most_sizes = max(len(_sizes(group, final)) for _, group in rows)
@@ -240,7 +249,7 @@ def _cut_panel(ax: Axes, rows: pd.DataFrame, sizes: list[tuple[int, int, int]], 
 def layer_cut_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
     """Ratio 1 (ppl) and ratio 2 (loss) over blocks remaining, one line per model size, one row per
     (p_bw, variant)."""
-    rows, final = _arm_rows(analysis.arms), analysis.final
+    rows, final = arm_groups(analysis.arms), analysis.final
     if not rows:
         return []
     cut = analysis.ratios[analysis.ratios.phase == CUT_PHASE]
@@ -275,7 +284,7 @@ def _scatter_panel(ax: Axes, pairs: pd.DataFrame, by: str, colors: dict) -> None
 def ratio1_scatter(analysis: Analysis, out_dir: Path) -> list[Path]:
     """Ratio 1 of final fw loss against parameter count, coloured by width and by depth (two
     columns), one row per (p_bw, variant)."""
-    rows = _arm_rows(analysis.arms)
+    rows = arm_groups(analysis.arms)
     if not rows:
         return []
     colors = {by: _colors(sorted(analysis.final[by].unique())) for by in ("width", "depth")}

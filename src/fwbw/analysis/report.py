@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fwbw.analysis.figures import (
+    arm_groups,
     arm_label,
     make_figures,
     ratio_label,
@@ -24,14 +25,19 @@ from fwbw.analysis.figures import (
 )
 from fwbw.analysis.stats import (
     ARM,
+    CONTEXT,
     CUT_RATIOS,
     DEFAULT_WINDOWS,
+    SETTING,
     SIZE,
     VARIANT,
     Analysis,
+    Arm,
     EpochWindow,
     Window,
     analyse,
+    log_ratio_ci,
+    seed_means,
     select,
 )
 from fwbw.files import atomic_write, atomic_write_text
@@ -49,8 +55,8 @@ CAPTIONS = {
     "layer_cut": "Ratio 1 (ppl) and ratio 2 (loss) as transformer blocks are removed from the back.",
     "ratio1_scatter": "Ratio 1 of final fw loss against parameter count, coloured by width and by depth.",
 }
-RUN_COLUMNS = ["run_id", *SIZE, "num_params", *ARM, "seed", "status", "tokens", "epoch", "seconds", "error"]
-CSV_TABLES = ("ratios", "ratio1_samples", "final_losses", "paired", "mask_audit", "runs")  # Analysis fields
+RUN_COLUMNS = ["run_id", *CONTEXT, *SIZE, "num_params", *ARM, "seed", "status", "tokens", "epoch", "seconds", "error"]
+CSV_TABLES = ("ratios", "ratio1_samples", "final_losses", "paired", "skipped", "mask_audit", "runs")  # Analysis fields
 
 CSS = """
 body { font: 15px/1.45 system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -103,30 +109,66 @@ def _paired_statement(row: dict, with_variant: bool) -> str:
             f"n = {row['n']} seeds): {verdict}.")
 
 
+def _interval(row) -> str:
+    return "" if pd.isna(row["ci_low"]) else f", 95% CI {_num(row['ci_low'])} … {_num(row['ci_high'])}"
+
+
+def _missing_ratio(row) -> str:
+    """Why a ratio 1 row has no value, from its counts."""
+    where = size_label(row["depth"], row["width"])
+    if row["n_base"] == 0:
+        return f"{where}: no p_bw = 0 run of the same setting (see the skipped table)"
+    return (f"{where}: no seed has both runs ({row['n_x']} seed(s) at p_bw = {row['p_bw']:g}, "
+            f"{row['n_base']} at p_bw = 0)")
+
+
 def _ratio1_statement(final: pd.DataFrame, arm: dict) -> str:
-    """Range over model sizes of ratio 1 of final fw loss, both averagings."""
+    """Range over model sizes of ratio 1 of final fw loss, both averagings, over paired seeds."""
+    head = f"Ratio 1 of final fw loss, {arm_label(arm)}"
+    missing = [_missing_ratio(r) for r in final[final.averaging == "ratio_then_mean"].to_dict("records")
+               if pd.isna(r["value"])]
+    values = final.dropna(subset=["value"])
+    if values.empty:
+        return f"{head}: no value at {'; '.join(missing)}."
     parts = []
     for averaging in ("ratio_then_mean", "mean_then_ratio"):
-        values = final[final.averaging == averaging].dropna(subset=["value"])
-        if values.empty:
-            return f"Ratio 1, {arm_label(arm)}: no p_bw = 0 run of the same size to compare with."
-        low, high = values.loc[values.value.idxmin()], values.loc[values.value.idxmax()]
-        parts.append(f"{averaging} {_num(low.value)}" if len(values) == 1 else
+        rows = values[values.averaging == averaging]
+        low, high = rows.loc[rows.value.idxmin()], rows.loc[rows.value.idxmax()]
+        parts.append(f"{averaging} {_num(low.value)} (n = {low.n} seed pairs{_interval(low)})" if len(rows) == 1 else
                      f"{averaging} from {_num(low.value)} ({size_label(low.depth, low.width)}) to "
                      f"{_num(high.value)} ({size_label(high.depth, high.width)})")
-    sizes = final[SIZE].drop_duplicates().shape[0]
-    return (f"Ratio 1 of final fw loss, {arm_label(arm)}, over {sizes} model size(s): {parts[0]}; "
-            f"{parts[1]}. Above 1 means the bw task helped the fw task.")
+    sizes = values[SIZE].drop_duplicates().shape[0]
+    text = (f"{head}, over {sizes} model size(s) with a value: {parts[0]}; {parts[1]}. "
+            "Above 1 means the bw task helped the fw task.")
+    return text + (f" No value at {'; '.join(missing)}." if missing else "")
 
 
-def _window_statement(window: EpochWindow, arm: dict) -> str:
-    inside = select(window.samples, arm)
-    where = f"Ratio 1 (fw loss) at validation points in epochs {window_label(window)}, {arm_label(arm)}"
-    if inside.empty:
-        return f"{where}: empty window, no validation points (n = 0)."
-    above = (inside.ratio1_loss > 1).mean()
-    return (f"{where}: mean {_num(inside.ratio1_loss.mean())} over {len(inside)} points from "
-            f"{inside[SIZE].drop_duplicates().shape[0]} model size(s); {above:.0%} of them above 1.")
+def _window_statement(window: EpochWindow, arm: Arm, points: pd.DataFrame) -> str:
+    """Ratio 1 (fw loss) of one size in one epoch window: each seed's mean over the window's points,
+    then the mean over seeds, as in ratios.csv."""
+    where = (f"Ratio 1 (fw loss) in epochs {window_label(window)}, "
+             f"{size_label(arm.setting['depth'], arm.setting['width'])}, {arm_label(arm.setting)}")
+    seeds = seed_means(select(window.samples, arm.setting)).ratio1_loss
+    if seeds.empty:
+        own = points[points.run_id.isin(arm.runs)]
+        inside = own[(own.nominal_epoch >= window.start) & (own.nominal_epoch <= window.stop)]
+        if inside.empty:
+            return f"{where}: empty window, no validation points (n = 0)."
+        return (f"{where}: no value: the p_bw = {arm.setting['p_bw']:g} runs have {len(inside)} validation points "
+                "here, none with a p_bw = 0 point of the same seed within half an eval interval (n = 0).")
+    low, high = log_ratio_ci(seeds)
+    interval = {"ci_low": low, "ci_high": high}
+    return (f"{where}: mean {_num(seeds.mean())} over n = {len(seeds)} seeds, each averaged over its points "
+            f"first{_interval(interval)}; {int((seeds > 1).sum())} of {len(seeds)} seeds above 1.")
+
+
+def _diverged_statements(diverged: pd.DataFrame) -> list[str]:
+    return [
+        f"{len(runs)} run(s) diverged (non-finite validation loss) at "
+        f"{size_label(setting['depth'], setting['width'])}, {arm_label(setting)}: {' '.join(sorted(runs.run_id))}; "
+        "left out of every statistic and counted in final_losses.n_diverged."
+        for setting, runs in ((r, select(diverged, r)) for r in diverged[SETTING].drop_duplicates().to_dict("records"))
+    ]
 
 
 def _cut_statement(cut: pd.DataFrame, setting: dict, with_variant: bool) -> str | None:
@@ -154,6 +196,9 @@ def _mask_statements(summary: pd.DataFrame) -> list[str]:
                        "(the config flags this mask).")
         elif row["bw_fw_loss_ratio"] < LEAK_RATIO:
             out.append(f"{ratio}: bw is far easier than fw although the mask should not leak; suspect a leak.")
+        elif row["leaks_labels"]:
+            out.append(f"{ratio}: bw about as hard as fw or harder, although the config flags this mask as "
+                       "leaking labels: the losses do not show the leak.")
         else:
             out.append(f"{ratio}: bw about as hard as fw or harder, no sign of a label leak in the losses.")
         if row["probed"] == 0:
@@ -185,16 +230,18 @@ def findings(analysis: Analysis) -> list[str]:
         return [f"No run has finished (status done): there are no statistics or figures yet. "
                 f"{_status_statement(runs)}"]
     with_variant = paired[VARIANT].drop_duplicates().shape[0] > 1
-    out = [_status_statement(runs)]
+    out = [_status_statement(runs), *_diverged_statements(analysis.diverged)]
     out += [_paired_statement(row, with_variant) for row in paired.to_dict("records")]
+    out += [f"Not compared: {size_label(r['depth'], r['width'])}, {arm_label(r)}: {r['reason']}."
+            for r in analysis.skipped.to_dict("records")]
     one_seed = analysis.final_losses.n_seeds.eq(1).sum()
     if one_seed:
         out.append(f"{one_seed} setting(s) have a single seed: their 95% interval is undefined (NaN), "
                    "so seed-to-seed noise is unknown there.")
-    for key in paired[ARM].drop_duplicates().to_dict("records"):
+    for key, group in arm_groups(analysis.arms):
         final = select(ratios, {**key, "ratio": "ratio1", "metric": "loss", "phase": "final"})
         out.append(_ratio1_statement(final, key))
-        out += [_window_statement(window, key) for window in analysis.windows]
+        out += [_window_statement(w, arm, analysis.points) for w in analysis.windows for arm in group]
     cut = ratios[ratios.phase == CUT_PHASE]
     cut_statements = (_cut_statement(cut, row, with_variant) for row in paired[[*SIZE, *ARM]].to_dict("records"))
     out += [s for s in cut_statements if s]
@@ -247,8 +294,10 @@ def _sections(analysis: Analysis, setup: pd.DataFrame, statements: list[str],
     return [
         ("Setup", [
             ("p", "ratio 1 = fw metric at p_bw = 0 / at p_bw = x, same model size (above 1: the bw task helped "
-                  "fw); ratio 2 = fw metric / bw metric at the same setting. mean_then_ratio: mean over seeds, then "
-                  "the ratio; ratio_then_mean: ratio per run pair, then the mean. Only finished runs count."),
+                  "fw); ratio 2 = fw metric / bw metric at the same setting. mean_then_ratio: mean over the seeds "
+                  "present in both arms, then the ratio; ratio_then_mean: ratio per run pair, then the mean; "
+                  "ci_low, ci_high: 95% t interval of the per-seed log ratio, exponentiated. Epoch windows average "
+                  "each run over the window first. Only finished, non-diverged runs count."),
             ("table", "setup", setup),
         ]),
         ("Findings", [("ul", statements)]),
@@ -261,6 +310,11 @@ def _sections(analysis: Analysis, setup: pd.DataFrame, statements: list[str],
             ("p", "Final fw loss at p_bw = x minus at p_bw = 0, paired by seed (only seeds present in both). "
                   "exceeds_noise: the 95% t interval of the mean difference excludes 0."),
             ("table", "paired", analysis.paired),
+        ]),
+        ("Settings not compared", [
+            ("p", "p_bw > 0 settings without a p_bw = 0 run sharing their data, tokenizer, seq_len, training "
+                  "budget, recipe, size, task tokens and heads: no ratio 1 is computed for them."),
+            ("table", "skipped", analysis.skipped) if len(analysis.skipped) else ("p", "None."),
         ]),
         ("Ratios", [
             ("p", "Final and epoch-window ratios; the layer-cut rows are in ratios.csv and the layer-cut "

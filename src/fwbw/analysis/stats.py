@@ -3,16 +3,21 @@ sweep: `analyse` computes every table once, as an `Analysis` that the report pri
 draw.
 
 ratio 1 = metric_fw(p_bw = 0) / metric_fw(p_bw = x), same model size and variant (the p_bw = 0 runs
-          of the size, task_tokens and num_heads, preferring those of the same bw_mode/bw_mask);
+          of the same CONTEXT (data, tokenizer, seq_len, budget, recipe), size, task_tokens and
+          num_heads, preferring those of the same bw_mode/bw_mask);
           above 1: training on the bw task helped the fw task.
 ratio 2 = metric_fw / metric_bw, same setting; below 1: fw is easier than bw.
-mean_then_ratio: mean over seeds per setting, then the ratio.
+mean_then_ratio: mean over the seeds present in both runs' settings (ratio 1) or over runs (ratio 2),
+                 then the ratio.
 ratio_then_mean: the ratio per run pair (ratio 1: the p_bw = x and p_bw = 0 runs of one seed;
                  ratio 2: fw and bw of one run), then the mean.
 
-The n next to a value counts what it rests on: p_bw = x runs (ratio 1, mean_then_ratio; 0 when the
-size has no p_bw = 0 run), run pairs (ratio 1, ratio_then_mean), runs (ratio 2), validation points
-(epoch windows). n = 0 means there is no value. Only runs with status "done" enter any statistic.
+The n next to a value counts what it rests on: seed pairs (ratio 1, both averagings and epoch
+windows, where each run is first averaged over the window's points), runs (ratio 2); n_x and n_base
+count the seeds of each arm before pairing (ratio 1). n = 0 means there is no value. ci_low, ci_high:
+the 95% t interval of the mean log ratio over seed pairs (runs for ratio 2), exponentiated (NaN
+below 2). Validation points are placed at their nominal epoch (nominal_epochs). Only runs with
+status "done" and finite validation losses (not diverged) enter any statistic.
 """
 
 from __future__ import annotations
@@ -30,28 +35,30 @@ from fwbw.study.results import COLUMNS, CUT_PHASE, EVAL_PHASE, PROBE_COLUMNS
 from fwbw.training.evaluation import EVAL_METRICS
 from fwbw.training.probes import probe_keys
 
+CONTEXT = ["data", "tokenizer", "seq_len", "epochs", "train_tokens", "recipe_id"]  # what every compared run shares
 SIZE = ["depth", "width", "model_scale"]  # model_scale: hlb-gpt's sizing, missing (NaN) for depth x width runs
 VARIANT = ["bw_mode", "bw_mask", "task_tokens", "num_heads", "adaptive_p_bw"]
 BASELINE_VARIANT = ["task_tokens", "num_heads"]  # what a p_bw = 0 baseline shares with its arm; the rest acts on bw steps only
 ARM = ["p_bw", *VARIANT]
-SETTING = [*SIZE, *ARM]
+SETTING = [*CONTEXT, *SIZE, *ARM]  # everything that changes a run but its seed
 RATIO_METRICS = ("loss", "ppl")
 CUT_RATIOS = (("ratio1", "ppl"), ("ratio2", "loss"))  # (ratio, metric) taken over the layer cut
+CONFIDENCE = 0.95
+EPOCH_EPSILON = 1e-9  # float slack when an eval's epoch is divided into eval intervals
 
-Window = tuple[float, float | str]  # (first epoch, last epoch or "end"), both inclusive
+Window = tuple[float, float | str]  # (first nominal epoch, last nominal epoch or "end"), both inclusive
 DEFAULT_WINDOWS: tuple[Window, ...] = ((0.0, 1.0), (0.0, "end"), (5.0, "end"))
 
 # the results' columns that change from one validation point of a run to the next; the others
 # hold one value per run, which the runs table shows with the trained setting first
 POINT_COLUMNS = ("step", "tokens", "epoch", "seconds", "direction", *EVAL_METRICS, "phase", "blocks_remaining")
-_RUN_FIRST = ["data", "tokenizer", *SETTING]
-RUN_INFO = [*_RUN_FIRST, *(c for c in COLUMNS if c not in {"run_id", *_RUN_FIRST, *POINT_COLUMNS})]
+RUN_INFO = [*SETTING, *(c for c in COLUMNS if c not in {"run_id", *SETTING, *POINT_COLUMNS})]
 RATIO_COLUMNS = [
-    "metric", "ratio", "averaging", *SIZE, *ARM, "phase", "epoch_start", "epoch_stop",
-    "blocks_remaining", "value", "n",
+    "metric", "ratio", "averaging", *CONTEXT, *SIZE, *ARM, "phase", "epoch_start", "epoch_stop",
+    "blocks_remaining", "value", "n", "n_base", "n_x", "ci_low", "ci_high",
 ]
 FINAL_LOSS_COLUMNS = [
-    *SETTING, "num_params", "n_seeds",
+    *SETTING, "num_params", "n_seeds", "n_diverged",
     "fw_loss_mean", "fw_loss_ci_low", "fw_loss_ci_high",
     "bw_loss_mean", "bw_loss_ci_low", "bw_loss_ci_high",
 ]
@@ -64,9 +71,10 @@ AUDIT_COLUMNS = [
     "bw_fw_loss_ratio",
 ]
 SAMPLE_COLUMNS = [
-    *SETTING, "num_params", "seed", "run_id", "run_id_base", "epoch", "epoch_base",
+    *SETTING, "num_params", "seed", "run_id", "run_id_base", "epoch", "epoch_base", "nominal_epoch",
     *(f"ratio1_{m}" for m in RATIO_METRICS),
 ]
+SKIPPED_COLUMNS = [*SETTING, "reason"]
 MASK_SUMMARY_COLUMNS = ["bw_mask", "runs", "bw_fw_loss_ratio", "leaks_labels", "probed", "probe_leaks",
                         "probe_leak_runs"]
 
@@ -89,17 +97,37 @@ def runs_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def eval_points(df: pd.DataFrame, runs: pd.DataFrame, phase: str = EVAL_PHASE) -> pd.DataFrame:
-    """Done runs' evaluations in `phase`, one row per point with loss_fw, loss_bw, ppl_fw, ppl_bw;
-    `runs` is runs_table(df)."""
+    """Done runs' evaluations in `phase`, one row per point with loss_fw, loss_bw, ppl_fw, ppl_bw and
+    its nominal_epoch; `runs` is runs_table(df)."""
     rows = df[(df.status == "done") & (df.phase == phase) & df.direction.notna()]
-    key = ["run_id", "step", "epoch", "blocks_remaining"]
+    key = ["run_id", "step", "tokens", "epoch", "blocks_remaining"]
     fw, bw = (
         rows.loc[rows.direction == d, [*key, *RATIO_METRICS]].rename(columns={m: f"{m}_{d}" for m in RATIO_METRICS})
         for d in DIRECTIONS
     )
     wide = fw.merge(bw, on=key, how="outer")
-    wide = wide.merge(runs[["run_id", *SETTING, "num_params", "seed"]], on="run_id")
-    return wide.sort_values(["run_id", "step", "blocks_remaining"], ascending=[True, True, False], ignore_index=True)
+    wide = wide.merge(runs[["run_id", *SETTING, "eval_every_epochs", "num_params", "seed"]], on="run_id")
+    wide = wide.sort_values(["run_id", "step", "blocks_remaining"], ascending=[True, True, False], ignore_index=True)
+    return wide.assign(nominal_epoch=nominal_epochs(wide))
+
+
+def nominal_epochs(points: pd.DataFrame) -> pd.Series:
+    """The epoch each evaluation stands for: eval k (the first point at or past k eval intervals, so
+    its raw epoch overshoots) stands for k * eval_every_epochs; a run's last point for its budget
+    (train_tokens converted to epochs at the run's tokens per epoch, else epochs)."""
+    interval = points.eval_every_epochs.astype(float)
+    epoch = points.epoch.astype(float)
+    scheduled = np.floor(epoch / interval + EPOCH_EPSILON) * interval
+    tokens_per_epoch = points.tokens.astype(float) / epoch
+    budget = (points.train_tokens.astype(float) / tokens_per_epoch).fillna(points.epochs.astype(float))
+    last = points.step == points.groupby("run_id").step.transform("max")
+    return scheduled.where(~last, budget)
+
+
+def diverged_runs(points: pd.DataFrame) -> set[str]:
+    """Done runs with a non-finite validation loss at any point."""
+    losses = points[[f"loss_{d}" for d in DIRECTIONS]].astype(float)
+    return set(points.run_id[~np.isfinite(losses).all(axis=1)])
 
 
 def last_points(points: pd.DataFrame) -> pd.DataFrame:
@@ -133,11 +161,16 @@ class Arm:
     baseline: list[str]  # one run per seed
 
 
+def _same_size(final: pd.DataFrame, setting: dict, shared: Sequence[str]) -> pd.DataFrame:
+    """The p_bw = 0 runs of the setting's size and BASELINE_VARIANT that also share `shared`."""
+    return select(final, {**{k: setting[k] for k in [*shared, *SIZE, *BASELINE_VARIANT]}, "p_bw": 0.0})
+
+
 def _baseline(final: pd.DataFrame, setting: dict) -> pd.DataFrame:
-    """p_bw = 0 runs of the setting's size and BASELINE_VARIANT, one per seed; those with the same
-    bw_mode/bw_mask where the sweep has them, else the size's shared p_bw = 0 runs (at p_bw = 0
+    """p_bw = 0 runs of the setting's CONTEXT, size and BASELINE_VARIANT, one per seed; those with the
+    same bw_mode/bw_mask where the sweep has them, else the size's shared p_bw = 0 runs (at p_bw = 0
     the bw settings do not change training)."""
-    zero = select(final, {**{k: setting[k] for k in [*SIZE, *BASELINE_VARIANT]}, "p_bw": 0.0})
+    zero = _same_size(final, setting, CONTEXT)
     exact = select(zero, {k: setting[k] for k in ("bw_mode", "bw_mask")})
     chosen = exact if len(exact) else zero
     return chosen.sort_values("run_id").drop_duplicates("seed")
@@ -151,6 +184,30 @@ def arms(final: pd.DataFrame) -> list[Arm]:
         Arm(s, select(final, s).run_id.tolist(), _baseline(final, s).run_id.tolist())
         for s in settings.to_dict("records")
     ]
+
+
+def _shown(value) -> str:
+    return "none" if pd.isna(value) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _no_baseline_reason(final: pd.DataFrame, setting: dict) -> str:
+    """Why a setting has no p_bw = 0 run to compare with: none of its size, or those of its size differ
+    in what the comparison must hold fixed (data, tokenizer, seq_len, budget, recipe)."""
+    zero = _same_size(final, setting, [])
+    if zero.empty:
+        return "no p_bw = 0 run of this size, task tokens and heads"
+    differing = [
+        f"{c} {_shown(setting[c])} here, {', '.join(sorted(map(_shown, zero[c].unique())))} at p_bw = 0"
+        for c in CONTEXT if select(zero, {c: setting[c]}).empty
+    ]
+    return ("the p_bw = 0 runs of this size differ in " + "; ".join(differing or ["their combination of " + ", ".join(CONTEXT)])
+            + ": not compared")
+
+
+def skipped_table(final: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
+    """The p_bw > 0 settings left without ratio 1, each with its reason."""
+    rows = [{**arm.setting, "reason": _no_baseline_reason(final, arm.setting)} for arm in arm_list if not arm.baseline]
+    return pd.DataFrame(rows, columns=SKIPPED_COLUMNS)
 
 
 # ----------------------------------------------------------------------------- ratios
@@ -178,19 +235,33 @@ def pairs_table(points: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
     return _ratio1_of_pairs(frames, points.columns)
 
 
+def log_ratio_ci(ratios: Iterable[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The t interval of the mean log ratio, exponentiated: ratios are summarised on the log scale."""
+    _, low, high = mean_ci(np.log(np.asarray(list(ratios), dtype=float)), confidence)
+    return math.exp(low), math.exp(high)
+
+
+def _ratio1_pair_rows(setting: dict, x: pd.DataFrame, base: pd.DataFrame, pairs: pd.DataFrame,
+                      metric: str) -> list[dict]:
+    """Both averagings of ratio 1 over the seeds with both runs (`pairs`); n_x, n_base count each
+    arm's seeds before pairing."""
+    col = f"ratio1_{metric}"
+    counts = {"n": len(pairs), "n_x": x.seed.nunique(), "n_base": base.seed.nunique()}
+    ci_low, ci_high = log_ratio_ci(pairs[col])
+    common = {**setting, **counts, "ci_low": ci_low, "ci_high": ci_high}
+    pooled = pairs[f"{metric}_fw_base"].astype(float).mean() / pairs[f"{metric}_fw"].astype(float).mean()
+    return [{**common, "averaging": "mean_then_ratio", "value": pooled if len(pairs) else math.nan},
+            {**common, "averaging": "ratio_then_mean", "value": pairs[col].mean()}]
+
+
 def _ratio1(points: pd.DataFrame, arm_list: list[Arm], metric: str) -> pd.DataFrame:
-    """Ratio 1 of `metric` per arm and blocks_remaining, both averagings."""
-    col, pairs, rows = f"{metric}_fw", pairs_table(points, arm_list), []
+    """Ratio 1 of `metric` per arm and blocks_remaining, both averagings, over the seeds in both arms."""
+    pairs, rows = pairs_table(points, arm_list), []
     for arm in arm_list:
-        x = points[points.run_id.isin(arm.runs)].groupby("blocks_remaining")[col].agg(["mean", "count"])
-        base = points[points.run_id.isin(arm.baseline)].groupby("blocks_remaining")[col].mean()
-        paired = select(pairs, arm.setting).groupby("blocks_remaining")[f"ratio1_{metric}"].agg(["mean", "count"])
-        for k, (mean_x, n_x) in x.iterrows():
-            has_base = k in base.index
-            rows.append({**arm.setting, "blocks_remaining": k, "averaging": "mean_then_ratio",
-                         "value": base[k] / mean_x if has_base else math.nan, "n": int(n_x) if has_base else 0})
-            rows.append({**arm.setting, "blocks_remaining": k, "averaging": "ratio_then_mean",
-                         "value": paired["mean"].get(k, math.nan), "n": int(paired["count"].get(k, 0))})
+        x, base, own = points[points.run_id.isin(arm.runs)], points[points.run_id.isin(arm.baseline)], select(pairs, arm.setting)
+        for k in sorted(x.blocks_remaining.unique()):
+            at = {"blocks_remaining": k}
+            rows += _ratio1_pair_rows({**arm.setting, **at}, select(x, at), select(base, at), select(own, at), metric)
     return pd.DataFrame(rows)
 
 
@@ -202,9 +273,10 @@ def _ratio2(points: pd.DataFrame, metric: str) -> pd.DataFrame:
         return pd.DataFrame()
     both = both.assign(r=both[fw].astype(float) / both[bw].astype(float))
     agg = both.groupby([*SETTING, "blocks_remaining"], dropna=False).agg(
-        fw=(fw, "mean"), bw=(bw, "mean"), r=("r", "mean"), n=("r", "size")
+        fw=(fw, "mean"), bw=(bw, "mean"), r=("r", "mean"), n=("r", "size"),
+        ci_low=("r", lambda r: log_ratio_ci(r)[0]), ci_high=("r", lambda r: log_ratio_ci(r)[1]),
     ).reset_index()
-    keys = agg[[*SETTING, "blocks_remaining", "n"]]
+    keys = agg[[*SETTING, "blocks_remaining", "n", "ci_low", "ci_high"]]
     both_ways = pd.concat([
         keys.assign(averaging="mean_then_ratio", value=agg.fw / agg.bw),
         keys.assign(averaging="ratio_then_mean", value=agg.r),
@@ -212,17 +284,25 @@ def _ratio2(points: pd.DataFrame, metric: str) -> pd.DataFrame:
     return both_ways.sort_values([*SETTING, "blocks_remaining", "averaging"], ignore_index=True)
 
 
+def _pair_tolerance(x: pd.DataFrame, base: pd.DataFrame) -> float:
+    """Half the shorter eval interval of the two arms: points farther apart are not paired."""
+    return 0.5 * min(x.eval_every_epochs.min(), base.eval_every_epochs.min())
+
+
 def samples_table(points: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
     """Ratio 1 (loss and ppl) at every validation point of every p_bw = x run, against the baseline
-    run of the same seed at the nearest epoch (steps of two runs need not align; epochs do when both
-    evaluate on the same epoch grid): the samples of the epoch windows."""
-    base_cols = ["run_id", "seed", "epoch", *(f"{m}_fw" for m in RATIO_METRICS)]
+    run of the same seed at the nearest nominal epoch within half an eval interval (steps and raw
+    epochs of two runs need not align): the samples of the epoch windows."""
+    base_cols = ["run_id", "seed", "epoch", "nominal_epoch", *(f"{m}_fw" for m in RATIO_METRICS)]
     frames = []
     for arm in arm_list:
-        x = points[points.run_id.isin(arm.runs)].sort_values("epoch")
-        base = points.loc[points.run_id.isin(arm.baseline), base_cols].sort_values("epoch")
-        matched = pd.merge_asof(x, base.assign(epoch_base=base.epoch), on="epoch", by="seed",
-                                direction="nearest", suffixes=("", "_base"))
+        x = points[points.run_id.isin(arm.runs)].sort_values("nominal_epoch")
+        base = points.loc[points.run_id.isin(arm.baseline), base_cols].sort_values("nominal_epoch")
+        if x.empty or base.empty:
+            continue
+        matched = pd.merge_asof(x, base, on="nominal_epoch", by="seed", direction="nearest",
+                                tolerance=_pair_tolerance(x, points[points.run_id.isin(arm.baseline)]),
+                                suffixes=("", "_base"))
         frames.append(matched.dropna(subset=["run_id_base"]))
     samples = _ratio1_of_pairs(frames, [*points.columns, "epoch_base"])
     return samples[SAMPLE_COLUMNS].reset_index(drop=True)
@@ -234,28 +314,41 @@ class EpochWindow:
 
     asked: Window
     start: float
-    stop: float  # "end" resolved to the sweep's last epoch (NaN when there is none: the window is empty)
-    samples: pd.DataFrame  # the ratio 1 samples with start <= epoch <= stop
+    stop: float  # "end" resolved to the sweep's last nominal epoch (NaN when there is none: the window is empty)
+    samples: pd.DataFrame  # the ratio 1 samples with start <= nominal_epoch <= stop
 
 
 def epoch_windows(windows: Sequence[Window], samples: pd.DataFrame, end: float) -> list[EpochWindow]:
-    """Each window with "end" resolved to `end`, the sweep's last epoch, and its samples."""
+    """Each window with "end" resolved to `end`, the sweep's last nominal epoch, and its samples."""
     out = []
     for asked in windows:
         start, stop = float(asked[0]), float(end) if asked[1] == "end" else float(asked[1])
-        out.append(EpochWindow(asked, start, stop, samples[(samples.epoch >= start) & (samples.epoch <= stop)]))
+        inside = samples[(samples.nominal_epoch >= start) & (samples.nominal_epoch <= stop)]
+        out.append(EpochWindow(asked, start, stop, inside))
     return out
 
 
+def seed_means(samples: pd.DataFrame) -> pd.DataFrame:
+    """Each run's mean ratio 1 over `samples` (one window's points), one row per p_bw = x run: the
+    unit of replication is the seed, not the autocorrelated points of one run."""
+    ratios = [f"ratio1_{m}" for m in RATIO_METRICS]
+    grouped = samples.groupby(["run_id", "seed", *SETTING], dropna=False)
+    return grouped[ratios].mean().join(grouped.size().rename("points")).reset_index()
+
+
 def _window_rows(windows: list[EpochWindow], arm_list: list[Arm]) -> pd.DataFrame:
-    """Mean ratio 1 over the samples of each epoch window; an empty window gives value NaN, n = 0."""
+    """Mean over paired seeds of each seed's mean ratio 1 in each epoch window; an empty window gives
+    value NaN, n = 0."""
     rows = []
     for arm in arm_list:
+        counts = {"n_x": len(arm.runs), "n_base": len(arm.baseline)}
         for window in windows:
-            inside = select(window.samples, arm.setting)
+            seeds = seed_means(select(window.samples, arm.setting))
             for m in RATIO_METRICS:
-                rows.append({**arm.setting, "metric": m, "averaging": "ratio_then_mean", "epoch_start": window.start,
-                             "epoch_stop": window.stop, "value": inside[f"ratio1_{m}"].mean(), "n": len(inside)})
+                ci_low, ci_high = log_ratio_ci(seeds[f"ratio1_{m}"])
+                rows.append({**arm.setting, **counts, "metric": m, "averaging": "ratio_then_mean",
+                             "epoch_start": window.start, "epoch_stop": window.stop,
+                             "value": seeds[f"ratio1_{m}"].mean(), "n": len(seeds), "ci_low": ci_low, "ci_high": ci_high})
     return pd.DataFrame(rows)
 
 
@@ -273,7 +366,8 @@ def ratios_table(
     table = _concat(parts, RATIO_COLUMNS).reindex(columns=RATIO_COLUMNS)
     table["blocks_remaining"] = table.blocks_remaining.where(table.phase == CUT_PHASE)
     return table.astype({"blocks_remaining": "Int64", "epoch_start": float, "epoch_stop": float,
-                         "value": float, "n": int})
+                         "value": float, "n": int, "n_base": "Int64", "n_x": "Int64",
+                         "ci_low": float, "ci_high": float})
 
 
 # ----------------------------------------------------------------------------- seed noise
@@ -292,13 +386,17 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, f
     return mean, mean - half, mean + half
 
 
-def final_losses(final: pd.DataFrame) -> pd.DataFrame:
-    """Per setting: mean and 95% t interval over seeds of the final fw and bw loss."""
+def final_losses(final: pd.DataFrame, diverged: pd.DataFrame) -> pd.DataFrame:
+    """Per setting: mean and 95% t interval over seeds of the final fw and bw loss, and how many runs
+    diverged (`diverged`: their last points), which no statistic includes."""
+    runs = _concat([final.assign(diverged=False), diverged.assign(diverged=True)], [*final.columns, "diverged"])
     rows = []
-    for setting, runs in final.groupby(SETTING, sort=True, dropna=False):
-        row = {**dict(zip(SETTING, setting)), "num_params": runs.num_params.iloc[0], "n_seeds": len(runs)}
+    for setting, group in runs.groupby(SETTING, sort=True, dropna=False):
+        ok = group[~group.diverged.astype(bool)]
+        row = {**dict(zip(SETTING, setting)), "num_params": group.num_params.iloc[0], "n_seeds": len(ok),
+               "n_diverged": int(group.diverged.astype(bool).sum())}
         for d in DIRECTIONS:
-            row |= dict(zip([f"{d}_loss_mean", f"{d}_loss_ci_low", f"{d}_loss_ci_high"], mean_ci(runs[f"loss_{d}"])))
+            row |= dict(zip([f"{d}_loss_mean", f"{d}_loss_ci_low", f"{d}_loss_ci_high"], mean_ci(ok[f"loss_{d}"])))
         rows.append(row)
     return pd.DataFrame(rows, columns=FINAL_LOSS_COLUMNS)
 
@@ -364,6 +462,8 @@ class Analysis:
     points: pd.DataFrame  # done runs' validation points (eval_points)
     final: pd.DataFrame  # each done run's last validation point
     arms: list[Arm]
+    diverged: pd.DataFrame  # the last point of each done run with a non-finite validation loss, left out of every statistic
+    skipped: pd.DataFrame  # SKIPPED_COLUMNS: p_bw > 0 settings without a comparable p_bw = 0 run
     ratios: pd.DataFrame  # RATIO_COLUMNS
     ratio1_samples: pd.DataFrame  # SAMPLE_COLUMNS
     final_pairs: pd.DataFrame  # ratio 1 of the final points per seed pair (pairs_table)
@@ -376,19 +476,26 @@ class Analysis:
 def analyse(df: pd.DataFrame, windows: Sequence[Window] = DEFAULT_WINDOWS) -> Analysis:
     """The analysis of a sweep's tidy results table (study.results.COLUMNS)."""
     runs = runs_table(df)
-    points = eval_points(df, runs)
+    all_points = eval_points(df, runs)
+    diverged = diverged_runs(all_points)
+    points = all_points[~all_points.run_id.isin(diverged)].reset_index(drop=True)
+    diverged_last = last_points(all_points[all_points.run_id.isin(diverged)])
     final = last_points(points)
     arm_list = arms(final)
     samples = samples_table(points, arm_list)
-    windows = epoch_windows(windows, samples, points.epoch.max())
+    windows = epoch_windows(windows, samples, points.nominal_epoch.max())
     # the layer cut's full model (blocks_remaining == depth) is the final validation point
-    cut = _concat([final, eval_points(df, runs, CUT_PHASE)], final.columns)
+    cut_points = eval_points(df, runs, CUT_PHASE)
+    cut = _concat([final, cut_points[~cut_points.run_id.isin(diverged)]], final.columns)
     audit = mask_audit(final, runs)
     return Analysis(
         windows=windows, runs=runs,
         unfinished=runs[runs.status != "done"].reset_index(drop=True),
         points=points, final=final, arms=arm_list,
+        diverged=diverged_last,
+        skipped=skipped_table(final, arm_list),
         ratios=ratios_table(final, cut, windows, arm_list), ratio1_samples=samples,
-        final_pairs=pairs_table(final, arm_list), final_losses=final_losses(final),
+        final_pairs=pairs_table(final, arm_list),
+        final_losses=final_losses(final, diverged_last),
         paired=paired_comparison(final, arm_list), mask_audit=audit, mask_summary=mask_summary(audit),
     )

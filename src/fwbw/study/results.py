@@ -3,6 +3,8 @@ run directories (the single source of truth) and written atomically as Parquet a
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,9 +23,10 @@ EVAL_PHASE, CUT_PHASE = "train-eval", "cut"  # the `phase` of validation and of 
 PROBE_COLUMNS = PROBE_KEYS  # a trained run's leak probes of each task, through the model and the training path
 # a run's config fields, one column each
 CONFIG_COLUMNS = ["data", "tokenizer", "depth", "width", "model_scale", "num_heads", "seq_len", "p_bw", "adaptive_p_bw",
-                  "bw_mode", "bw_mask", "task_tokens", "seed"]
+                  "bw_mode", "bw_mask", "task_tokens", "epochs", "train_tokens", "eval_every_epochs", "seed"]
+RECIPE_ID_LENGTH = 8  # hex digits of the recipe's sha256 kept in `recipe_id`
 COLUMNS = [
-    "run_id", *CONFIG_COLUMNS, "num_params", "step", "tokens", "epoch", "seconds", "direction", "loss", "acc", "ppl",
+    "run_id", *CONFIG_COLUMNS, "recipe_id", "num_params", "step", "tokens", "epoch", "seconds", "direction", "loss", "acc", "ppl",
     "phase", "blocks_remaining", "status", "leaks_labels", *PROBE_COLUMNS, "error",
 ]
 
@@ -43,6 +46,7 @@ def run_rows(identifier: str, config: dict, run_dir: Path) -> list[dict]:
     settings = {
         "run_id": identifier,
         **{column: config[column] for column in CONFIG_COLUMNS},
+        "recipe_id": recipe_id(config["recipe"]),
         "num_params": summary.get("num_params", _count_params(model_config)),
         "status": status["status"],
         "leaks_labels": leaks_labels(config["bw_mask"]),
@@ -66,6 +70,11 @@ def run_rows(identifier: str, config: dict, run_dir: Path) -> list[dict]:
     return rows or [settings]
 
 
+def recipe_id(recipe: dict) -> str:
+    """A short hash of a run's recipe values: runs with equal recipes share it."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:RECIPE_ID_LENGTH]
+
+
 def _point(record: dict) -> dict:
     return {key: record[key] for key in ("step", "tokens", "epoch", "seconds")}
 
@@ -84,9 +93,9 @@ def build_results(sweep_dir: Path) -> pd.DataFrame:
         for row in run_rows(identifier, config, Path(sweep_dir) / RUNS / identifier)
     ]
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    for column in ("step", "tokens", "blocks_remaining", "num_params"):
+    for column in ("step", "tokens", "blocks_remaining", "num_params", "train_tokens"):
         table[column] = table[column].astype("Int64")
-    table = table.astype({"p_bw": float, "model_scale": float, "task_tokens": bool, "adaptive_p_bw": bool})
+    table = table.astype({"p_bw": float, "model_scale": float, "epochs": float, "eval_every_epochs": float, "task_tokens": bool, "adaptive_p_bw": bool})
     for probe in PROBE_COLUMNS:
         table[probe] = table[probe].astype("boolean")
     return table
