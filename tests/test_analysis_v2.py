@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
-from test_analysis import OFFSETS, A, B, mean, one, run_rows
+from test_analysis import OFFSETS, A, B, by_epoch, mean, one, run_rows
 
 from fwbw.analysis.figures import _seed_band
 from fwbw.analysis.report import findings
@@ -23,7 +23,7 @@ def table(*runs):
 
 
 def final_ratio1(analysis, averaging="ratio_then_mean", **where):
-    return one(analysis.ratios, ratio="ratio1", phase="final", metric="loss", averaging=averaging, **where)
+    return one(by_epoch(analysis.ratios), ratio="ratio1", phase="final", metric="loss", averaging=averaging, **where)
 
 
 def t_interval_of_logs(ratios):
@@ -62,7 +62,7 @@ def test_points_farther_than_half_an_eval_interval_are_not_paired():
     """The baseline skipped its epoch-1 evaluation: the x run's epoch-1 point has no partner."""
     base = run_rows("a0-s0", A, 0.0, 0, 4.0, 6.0, epochs=(0.5, 2.0), steps=(10, 40))
     x = run_rows("a5-s0", A, 0.05, 0, 4.1, 4.5)
-    samples = analyse(table(base, x)).ratio1_samples
+    samples = by_epoch(analyse(table(base, x)).ratio1_samples)
     assert list(samples.nominal_epoch) == [0.5, 2.0]
     assert list(samples.ratio1_loss) == pytest.approx([(4.0 + 0.75) / (4.1 + 0.75), (4.0 + 0.5) / 4.1])
 
@@ -126,7 +126,7 @@ def test_windows_average_each_run_first_and_speak_per_size():
     rows += [run_rows("b0-s0", B, 0.0, 0, 2.0, 3.0), run_rows("b5-s0", B, 0.05, 0, 3.0, 3.5)]
     analysis = analyse(table(*rows), windows=[(0.0, 1.0)])
     per_seed = np.array([mean([(fw + OFFSETS[i]) / (4.1 + OFFSETS[i]) for i in (0, 1)]) for fw in (4.0, 4.3)])
-    row = one(analysis.ratios, phase="window", metric="loss", depth=2)
+    row = one(by_epoch(analysis.ratios), phase="window", metric="loss", depth=2)
     assert row.value == pytest.approx(per_seed.mean()) and (row.n, row.n_base, row.n_x) == (2, 2, 2)
     low, high = t_interval_of_logs(per_seed)
     assert (row.ci_low, row.ci_high) == pytest.approx((low, high))
@@ -148,7 +148,7 @@ def test_a_window_weighs_seeds_not_points():
                                                               steps=(10, 40))]
     seed0 = mean([(4.0 + o) / (4.1 + o) for o in OFFSETS[:2]])
     seed1 = (4.0 + OFFSETS[0]) / (3.9 + OFFSETS[0])
-    row = one(analyse(table(*rows), windows=[(0.0, 1.0)]).ratios, phase="window", metric="loss")
+    row = one(by_epoch(analyse(table(*rows), windows=[(0.0, 1.0)]).ratios), phase="window", metric="loss")
     assert row.value == pytest.approx(mean([seed0, seed1])) and row.n == 2
 
 
@@ -162,9 +162,9 @@ def test_an_overshooting_eval_counts_at_its_nominal_epoch():
     x = run_rows("a5-s0", A, 0.05, 0, 4.1, 4.5, **OVERSHOT)
     analysis = analyse(table(base, x), windows=[(0.0, 1.0), (0.0, "end")])
     assert list(analysis.points.nominal_epoch[analysis.points.run_id == "a5-s0"]) == [0.5, 1.0, 1.5]
-    first = one(analysis.ratios, phase="window", metric="loss", epoch_stop=1.0)
+    first = one(by_epoch(analysis.ratios), phase="window", metric="loss", epoch_stop=1.0)
     assert first.value == pytest.approx(mean([(4.0 + o) / (4.1 + o) for o in OFFSETS[:2]])) and first.n == 1
-    assert one(analysis.ratios, phase="window", metric="loss", epoch_stop=1.5).n == 1
+    assert one(by_epoch(analysis.ratios), phase="window", metric="loss", epoch_stop=1.5).n == 1
 
 
 # defect 7 ---------------------------------------------------------------------------------------

@@ -19,12 +19,12 @@ from fwbw.analysis.stats import analyse
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RATIO_COLUMNS = ["metric", "ratio", "averaging", "data", "tokenizer", "seq_len", "epochs", "train_tokens", "recipe_id",
                  "depth", "width", "model_scale", "p_bw", "bw_mode", "bw_mask",
-                 "task_tokens", "num_heads", "adaptive_p_bw", "phase", "epoch_start", "epoch_stop", "blocks_remaining",
+                 "task_tokens", "num_heads", "adaptive_p_bw", "phase", "axis", "epoch_start", "epoch_stop", "blocks_remaining",
                  "value", "n", "n_base", "n_x", "ci_low", "ci_high"]
 SWITCHES = dict(model_scale=None, num_heads=1, adaptive_p_bw=False, probe_leak_fw=False, probe_train_leak_fw=False,
                 epochs=1.0, train_tokens=None, eval_every_epochs=0.25, recipe_id="r0")
 TABLE_IDS = ["setup", "final_losses", "paired", "ratios", "mask_summary", "mask_audit", "unfinished", "runs"]
-FIGURES = ["layer_cut.png", "loss_bw.png", "loss_fw.png", "ratio1_scatter.png", "ratio1_violins.png"]
+FIGURES = ["layer_cut.png", "loss_bw.png", "loss_fw.png", "loss_fw_flops.png", "ratio1_scatter.png", "ratio1_violins.png"]
 SIZES = {(2, 16): 20_000, (3, 32): 60_000}
 
 

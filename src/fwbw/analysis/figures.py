@@ -34,6 +34,7 @@ DPI = 110
 ROW_KEY = [*CONTEXT, *ARM]  # what a row of the ratio figures holds fixed
 CURVE_KEY = [*CONTEXT, *VARIANT]  # what a row of the loss curves holds fixed
 PANEL = (4.4, 3.3)  # inches per panel
+ALONG = {"nominal_epoch": "epoch (nominal)", "flops": "training FLOPs"}  # x axes of the loss curves: points column -> label
 
 
 # ----------------------------------------------------------------------------- labels
@@ -118,17 +119,17 @@ def _sizes(group: list[Arm], final: pd.DataFrame) -> list[tuple[int, int, int]]:
 
 # ----------------------------------------------------------------------------- loss curves
 
-def _seed_band(runs: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Mean, min and max over runs of `column` on the runs' nominal epochs, where every run has a
+def _seed_band(runs: pd.DataFrame, column: str, along: str = "nominal_epoch") -> pd.DataFrame:
+    """Mean, min and max over runs of `column` on the runs' values of `along`, where every run has a
     value. Each run is interpolated linearly between its own validation points, since seeds need
-    not evaluate on the same eval grid."""
-    grid = np.unique(runs.nominal_epoch.astype(float))
+    not evaluate on the same grid."""
+    grid = np.unique(runs[along].astype(float))
     curves = {
-        run_id: np.interp(grid, run.nominal_epoch.astype(float), run[column].astype(float), left=np.nan, right=np.nan)
-        for run_id, run in runs.dropna(subset=[column]).sort_values("nominal_epoch").groupby("run_id")
+        run_id: np.interp(grid, run[along].astype(float), run[column].astype(float), left=np.nan, right=np.nan)
+        for run_id, run in runs.dropna(subset=[column, along]).sort_values(along).groupby("run_id")
     }
     if not curves:
-        return pd.DataFrame(columns=["mean", "min", "max"])
+        return pd.DataFrame(columns=["mean", "min", "max"], dtype=float)
     table = pd.DataFrame(curves, index=grid).dropna()
     return pd.DataFrame({"mean": table.mean(axis=1), "min": table.min(axis=1), "max": table.max(axis=1)})
 
@@ -145,18 +146,19 @@ def _curve_groups(analysis: Analysis) -> dict[tuple, set[str]]:
     return dict(groups)
 
 
-def _loss_panel(ax: Axes, size: pd.DataFrame, direction: str, colors: dict) -> None:
+def _loss_panel(ax: Axes, size: pd.DataFrame, direction: str, colors: dict, along: str) -> None:
     for p_bw, runs in size.groupby("p_bw"):
-        band = _seed_band(runs, f"loss_{direction}")
+        band = _seed_band(runs, f"loss_{direction}", along)
         label = f"p_bw = {p_bw:g} ({runs.run_id.nunique()} runs)"
         ax.plot(band.index, band["mean"], color=colors[p_bw], label=label)
         ax.fill_between(band.index, band["min"], band["max"], color=colors[p_bw], alpha=0.2, lw=0)
-    ax.set(xlabel="epoch (nominal)", ylabel=f"{direction} val loss")
+    ax.set(xlabel=ALONG[along], ylabel=f"{direction} val loss")
     ax.legend(fontsize="small")
 
 
-def _loss_grid(points: pd.DataFrame, groups: dict[tuple, set[str]], direction: str, out_dir: Path) -> Path:
-    """One row per (variant, depth), one column per width."""
+def _loss_grid(points: pd.DataFrame, groups: dict[tuple, set[str]], direction: str, out_dir: Path,
+               along: str = "nominal_epoch") -> Path:
+    """One row per (variant, depth), one column per width; loss over `along` (ALONG)."""
     widths = sorted(points.width.unique())
     rows = [(key, depth) for key, ids in groups.items()
             for depth in sorted(points[points.run_id.isin(ids)].depth.unique())]
@@ -170,11 +172,11 @@ def _loss_grid(points: pd.DataFrame, groups: dict[tuple, set[str]], direction: s
             if size.empty:
                 _empty(axes[i, j], f"no runs at {size_label(depth, width)}\n{variant}")
                 continue
-            _loss_panel(axes[i, j], size, direction, colors)
+            _loss_panel(axes[i, j], size, direction, colors, along)
             params = params_label(size.num_params.iloc[0])
             axes[i, j].set_title(f"{size_label(depth, width)} ({params})\n{variant}", fontsize="medium")
-    fig.suptitle(f"{direction} validation loss: mean over seeds, band min–max")
-    return _save(fig, out_dir, f"loss_{direction}")
+    fig.suptitle(f"{direction} validation loss over {ALONG[along]}: mean over seeds, band min–max")
+    return _save(fig, out_dir, f"loss_{direction}" + ("" if along == "nominal_epoch" else f"_{along}"))
 
 
 def loss_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
@@ -182,6 +184,13 @@ def loss_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
     and variant (bw_mode, bw_mask, task_tokens); one figure per direction."""
     groups = _curve_groups(analysis)
     return [_loss_grid(analysis.points, groups, d, Path(out_dir)) for d in DIRECTIONS] if groups else []
+
+
+def compute_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
+    """fw validation loss over training FLOPs (the points' flops), p_bw = 0 against p_bw = x, one
+    panel per model size and variant: the equal-compute comparison."""
+    groups = _curve_groups(analysis)
+    return [_loss_grid(analysis.points, groups, "fw", Path(out_dir), along="flops")] if groups else []
 
 
 # ----------------------------------------------------------------------------- ratio 1 violins
@@ -214,7 +223,7 @@ def ratio1_violins(analysis: Analysis, out_dir: Path) -> list[Path]:
     fig, axes = _figure(len(analysis.windows), len(rows), panel=panel)
     for axes_row, (arm, group) in zip(axes, rows):
         for ax, window in zip(axes_row, analysis.windows):
-            inside = select(window.samples, arm)
+            inside = select(window.samples, {**arm, "axis": "epoch"})
             title = f"{arm_label(arm)}\nepochs {window_label(window)}, n = {len(inside)}"
             ax.set_title(title, fontsize="medium")
             if inside.empty:
@@ -290,7 +299,7 @@ def ratio1_scatter(analysis: Analysis, out_dir: Path) -> list[Path]:
     colors = {by: _colors(sorted(analysis.final[by].unique())) for by in ("width", "depth")}
     fig, axes = _figure(2, len(rows))
     for axes_row, (arm, _) in zip(axes, rows):
-        own = select(analysis.final_pairs, arm)
+        own = select(analysis.final_pairs, {**arm, "axis": "epoch"})
         for ax, by in zip(axes_row, ("width", "depth")):
             ax.set_title(f"{arm_label(arm)}\ncoloured by {by}", fontsize="medium")
             if own.empty:
@@ -305,6 +314,7 @@ def make_figures(analysis: Analysis, out_dir: Path) -> dict[str, list[Path]]:
     """Every figure of the report, by kind; an empty list where there is nothing to draw."""
     return {
         "loss_curves": loss_curves(analysis, out_dir),
+        "compute_curves": compute_curves(analysis, out_dir),
         "ratio1_violins": ratio1_violins(analysis, out_dir),
         "layer_cut": layer_cut_curves(analysis, out_dir),
         "ratio1_scatter": ratio1_scatter(analysis, out_dir),

@@ -50,6 +50,8 @@ LEAK_RATIO = 0.8  # bw/fw final loss below this: bw far easier than fw (leak-fre
 CAPTIONS = {
     "loss_curves": "Validation loss over epochs, p_bw = 0 against p_bw = x; line: mean over seeds, "
                    "band: min–max.",
+    "compute_curves": "fw validation loss over training FLOPs (bw steps cost FLOPs too), p_bw = 0 against "
+                      "p_bw = x; line: mean over seeds, band: min–max. At equal compute, lower is better.",
     "ratio1_violins": "Ratio 1 (fw loss at p_bw = 0 / at p_bw = x) at every validation point, by parameter count, "
                       "per epoch window. Above 1: the bw task helped the fw task.",
     "layer_cut": "Ratio 1 (ppl) and ratio 2 (loss) as transformer blocks are removed from the back.",
@@ -97,16 +99,38 @@ def _setting_label(row: dict, with_variant: bool) -> str:
     return label + (f" ({variant_label(row)})" if with_variant else "")
 
 
+def _percent(row: dict, prefix: str = "") -> str:
+    """The percent change of fw loss in `row` (paired.csv's columns with `prefix`), with its interval."""
+    value, low, high = (row[f"{prefix}{c}"] for c in ("pct_change", "pct_ci_low", "pct_ci_high"))
+    shown = "NaN" if pd.isna(value) else f"{value:+.2f}%"
+    return shown if pd.isna(low) else f"{shown} (95% CI {low:+.2f}% … {high:+.2f}%)"
+
+
 def _paired_statement(row: dict, with_variant: bool) -> str:
     where = f"At {size_label(row['depth'], row['width'])}, {_setting_label(row, with_variant)}"
     if row["n"] == 0:
         return f"{where}: no seed has both a p_bw = 0 and a p_bw = {row['p_bw']:g} run: no paired comparison."
     change = f"{where} changed final fw loss by {_signed(row['mean_diff'])}"
+    percent = f"; as a percent change of fw loss: {_percent(row)}."
     if pd.isna(row["exceeds_noise"]):
-        return f"{change} (n = 1 seed): with one seed the 95% interval is undefined, so seed noise is unknown."
+        return (f"{change} (n = 1 seed): with one seed the 95% interval is undefined, so seed noise is "
+                f"unknown{percent}")
     verdict = "larger than seed noise" if row["exceeds_noise"] else "within seed noise"
     return (f"{change} (95% CI {_signed(row['ci_low'])} … {_signed(row['ci_high'])}, "
-            f"n = {row['n']} seeds): {verdict}.")
+            f"n = {row['n']} seeds): {verdict}{percent}")
+
+
+def _equal_flops_statement(ratios: pd.DataFrame, row: dict, with_variant: bool) -> str:
+    """Ratio 1 of final fw loss and its percent change at equal training FLOPs: each seed pair compared
+    where the run with less compute ended."""
+    where = f"At equal training FLOPs, {size_label(row['depth'], row['width'])}, {_setting_label(row, with_variant)}"
+    ratio = select(ratios, {**{k: row[k] for k in SETTING}, "ratio": "ratio1", "metric": "loss", "phase": "final",
+                            "axis": "flops", "averaging": "ratio_then_mean"}).iloc[0]
+    if ratio["n"] == 0:
+        return f"{where}: no seed pair whose training FLOPs overlap (n = 0): no comparison."
+    return (f"{where} (each seed pair where the run with less compute ended): ratio 1 of fw loss "
+            f"{_num(ratio['value'])} (n = {ratio['n']} seed pairs{_interval(ratio)}); fw loss changed by "
+            f"{_percent(row, 'flops_')}.")
 
 
 def _interval(row) -> str:
@@ -148,7 +172,7 @@ def _window_statement(window: EpochWindow, arm: Arm, points: pd.DataFrame) -> st
     then the mean over seeds, as in ratios.csv."""
     where = (f"Ratio 1 (fw loss) in epochs {window_label(window)}, "
              f"{size_label(arm.setting['depth'], arm.setting['width'])}, {arm_label(arm.setting)}")
-    seeds = seed_means(select(window.samples, arm.setting)).ratio1_loss
+    seeds = seed_means(select(window.samples, {**arm.setting, "axis": "epoch"})).ratio1_loss
     if seeds.empty:
         own = points[points.run_id.isin(arm.runs)]
         inside = own[(own.nominal_epoch >= window.start) & (own.nominal_epoch <= window.stop)]
@@ -232,6 +256,7 @@ def findings(analysis: Analysis) -> list[str]:
     with_variant = paired[VARIANT].drop_duplicates().shape[0] > 1
     out = [_status_statement(runs), *_diverged_statements(analysis.diverged)]
     out += [_paired_statement(row, with_variant) for row in paired.to_dict("records")]
+    out += [_equal_flops_statement(ratios, row, with_variant) for row in paired.to_dict("records")]
     out += [f"Not compared: {size_label(r['depth'], r['width'])}, {arm_label(r)}: {r['reason']}."
             for r in analysis.skipped.to_dict("records")]
     one_seed = analysis.final_losses.n_seeds.eq(1).sum()
@@ -239,7 +264,7 @@ def findings(analysis: Analysis) -> list[str]:
         out.append(f"{one_seed} setting(s) have a single seed: their 95% interval is undefined (NaN), "
                    "so seed-to-seed noise is unknown there.")
     for key, group in arm_groups(analysis.arms):
-        final = select(ratios, {**key, "ratio": "ratio1", "metric": "loss", "phase": "final"})
+        final = select(ratios, {**key, "ratio": "ratio1", "metric": "loss", "phase": "final", "axis": "epoch"})
         out.append(_ratio1_statement(final, key))
         out += [_window_statement(w, arm, analysis.points) for w in analysis.windows for arm in group]
     cut = ratios[ratios.phase == CUT_PHASE]

@@ -18,6 +18,14 @@ count the seeds of each arm before pairing (ratio 1). n = 0 means there is no va
 the 95% t interval of the mean log ratio over seed pairs (runs for ratio 2), exponentiated (NaN
 below 2). Validation points are placed at their nominal epoch (nominal_epochs). Only runs with
 status "done" and finite validation losses (not diverged) enter any statistic.
+
+Ratio 1 is compared along an axis (AXES): "epoch" pairs points by nominal epoch (within half an
+eval interval); "fw_tokens", "flops" and "seconds" compare both runs at the same fw tokens seen,
+training FLOPs or wall-clock seconds (training_cost), the baseline's fw curve interpolated linearly
+between its own points and never extrapolated. Final rows on those axes compare the two runs of a
+seed where the shorter one (on that axis) ended; window rows take the p_bw = x points whose nominal
+epoch is in the window. The percent change of fw loss is 100 (exp(mean log(x / base)) - 1) over seed
+pairs, its interval the exponentiated t interval of the mean log: below 0, bw helped.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from fwbw.model.config import ModelConfig
+from fwbw.model.hlb_gpt import count_params, training_flops_per_token
 from fwbw.model.masks import DIRECTIONS
 from fwbw.study.results import COLUMNS, CUT_PHASE, EVAL_PHASE, PROBE_COLUMNS
 from fwbw.training.evaluation import EVAL_METRICS
@@ -45,6 +55,8 @@ RATIO_METRICS = ("loss", "ppl")
 CUT_RATIOS = (("ratio1", "ppl"), ("ratio2", "loss"))  # (ratio, metric) taken over the layer cut
 CONFIDENCE = 0.95
 EPOCH_EPSILON = 1e-9  # float slack when an eval's epoch is divided into eval intervals
+AXES = {"epoch": "nominal_epoch", "fw_tokens": "fw_tokens", "flops": "flops", "seconds": "seconds"}  # axis -> points column
+PCT_AXES = {"": "epoch", "flops_": "flops"}  # paired.csv's percent-change columns: prefix -> axis
 
 Window = tuple[float, float | str]  # (first nominal epoch, last nominal epoch or "end"), both inclusive
 DEFAULT_WINDOWS: tuple[Window, ...] = ((0.0, 1.0), (0.0, "end"), (5.0, "end"))
@@ -54,7 +66,7 @@ DEFAULT_WINDOWS: tuple[Window, ...] = ((0.0, 1.0), (0.0, "end"), (5.0, "end"))
 POINT_COLUMNS = ("step", "tokens", "epoch", "seconds", "direction", *EVAL_METRICS, "phase", "blocks_remaining")
 RUN_INFO = [*SETTING, *(c for c in COLUMNS if c not in {"run_id", *SETTING, *POINT_COLUMNS})]
 RATIO_COLUMNS = [
-    "metric", "ratio", "averaging", *CONTEXT, *SIZE, *ARM, "phase", "epoch_start", "epoch_stop",
+    "metric", "ratio", "averaging", *CONTEXT, *SIZE, *ARM, "phase", "axis", "epoch_start", "epoch_stop",
     "blocks_remaining", "value", "n", "n_base", "n_x", "ci_low", "ci_high",
 ]
 FINAL_LOSS_COLUMNS = [
@@ -64,6 +76,7 @@ FINAL_LOSS_COLUMNS = [
 ]
 PAIRED_COLUMNS = [
     *SETTING, "num_params", "n", "mean_diff", "ci_low", "ci_high", "exceeds_noise",
+    *(f"{prefix}{c}" for prefix in PCT_AXES for c in ("pct_change", "pct_ci_low", "pct_ci_high")),
     "unpaired_seeds_x", "unpaired_seeds_base",
 ]
 AUDIT_COLUMNS = [
@@ -71,8 +84,8 @@ AUDIT_COLUMNS = [
     "bw_fw_loss_ratio",
 ]
 SAMPLE_COLUMNS = [
-    *SETTING, "num_params", "seed", "run_id", "run_id_base", "epoch", "epoch_base", "nominal_epoch",
-    *(f"ratio1_{m}" for m in RATIO_METRICS),
+    *SETTING, "num_params", "seed", "run_id", "run_id_base", "axis", "axis_value", "epoch", "epoch_base",
+    "nominal_epoch", *(f"ratio1_{m}" for m in RATIO_METRICS),
 ]
 SKIPPED_COLUMNS = [*SETTING, "reason"]
 MASK_SUMMARY_COLUMNS = ["bw_mask", "runs", "bw_fw_loss_ratio", "leaks_labels", "probed", "probe_leaks",
@@ -97,10 +110,10 @@ def runs_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def eval_points(df: pd.DataFrame, runs: pd.DataFrame, phase: str = EVAL_PHASE) -> pd.DataFrame:
-    """Done runs' evaluations in `phase`, one row per point with loss_fw, loss_bw, ppl_fw, ppl_bw and
-    its nominal_epoch; `runs` is runs_table(df)."""
+    """Done runs' evaluations in `phase`, one row per point with loss_fw, loss_bw, ppl_fw, ppl_bw,
+    its nominal_epoch, fw_tokens and flops (training_cost); `runs` is runs_table(df)."""
     rows = df[(df.status == "done") & (df.phase == phase) & df.direction.notna()]
-    key = ["run_id", "step", "tokens", "epoch", "blocks_remaining"]
+    key = ["run_id", "step", "tokens", "epoch", "seconds", "blocks_remaining"]
     fw, bw = (
         rows.loc[rows.direction == d, [*key, *RATIO_METRICS]].rename(columns={m: f"{m}_{d}" for m in RATIO_METRICS})
         for d in DIRECTIONS
@@ -108,7 +121,35 @@ def eval_points(df: pd.DataFrame, runs: pd.DataFrame, phase: str = EVAL_PHASE) -
     wide = fw.merge(bw, on=key, how="outer")
     wide = wide.merge(runs[["run_id", *SETTING, "eval_every_epochs", "num_params", "seed"]], on="run_id")
     wide = wide.sort_values(["run_id", "step", "blocks_remaining"], ascending=[True, True, False], ignore_index=True)
-    return wide.assign(nominal_epoch=nominal_epochs(wide))
+    return wide.assign(nominal_epoch=nominal_epochs(wide), **training_cost(wide))
+
+
+def flops_per_token(depth: int, width: int, seq_len: int, num_params: float) -> float:
+    """training_flops_per_token of a run's model shape at its seq_len. The vocabulary (with any task
+    tokens) is recovered from num_params, which count_params makes linear in it (2 x width per
+    token); NaN when num_params fits no vocabulary of the default shape."""
+    if pd.isna(num_params):
+        return math.nan
+    shape = {"depth": int(depth), "width": int(width), "max_seq_len": int(seq_len)}
+    extra, rest = divmod(int(num_params) - count_params(ModelConfig(vocab_size=2, **shape)), 2 * int(width))
+    if rest or extra < 0:
+        return math.nan
+    return training_flops_per_token(ModelConfig(vocab_size=2 + extra, **shape), int(seq_len))
+
+
+def training_cost(points: pd.DataFrame) -> dict[str, pd.Series]:
+    """fw tokens seen and training FLOPs up to each point. A step of `tokens` trains fw on all of
+    them and, with probability p_bw, bw too ("add": FLOPs (1 + p_bw) x the fw-only FLOPs), or bw
+    instead of fw ("either": (1 - p_bw) fw tokens, the FLOPs of one task). The results hold no
+    count of a run's bw steps, so p_bw is the configured one (its expectation; an adaptive_p_bw run's
+    starting value), and the FLOPs per token are taken at the run's final seq_len (flops_per_token)."""
+    shape = ["depth", "width", "seq_len", "num_params"]
+    shapes = points[shape].drop_duplicates()
+    shapes["per_token"] = [flops_per_token(*s) for s in shapes.itertuples(index=False)]
+    fw_only = points[shape].merge(shapes, on=shape, how="left").per_token.to_numpy(dtype=float)
+    tokens, p_bw, either = points.tokens.astype(float), points.p_bw.astype(float), points.bw_mode == "either"
+    return {"fw_tokens": tokens * (1 - p_bw.where(either, 0.0)),
+            "flops": tokens * fw_only * (1 + p_bw.where(~either, 0.0))}
 
 
 def nominal_epochs(points: pd.DataFrame) -> pd.Series:
@@ -254,9 +295,10 @@ def _ratio1_pair_rows(setting: dict, x: pd.DataFrame, base: pd.DataFrame, pairs:
             {**common, "averaging": "ratio_then_mean", "value": pairs[col].mean()}]
 
 
-def _ratio1(points: pd.DataFrame, arm_list: list[Arm], metric: str) -> pd.DataFrame:
-    """Ratio 1 of `metric` per arm and blocks_remaining, both averagings, over the seeds in both arms."""
-    pairs, rows = pairs_table(points, arm_list), []
+def _ratio1(points: pd.DataFrame, pairs: pd.DataFrame, arm_list: list[Arm], metric: str) -> pd.DataFrame:
+    """Ratio 1 of `metric` per arm and blocks_remaining, both averagings, over the seed pairs `pairs`
+    (of `points`: pairs_table, or end_pairs on an axis)."""
+    rows = []
     for arm in arm_list:
         x, base, own = points[points.run_id.isin(arm.runs)], points[points.run_id.isin(arm.baseline)], select(pairs, arm.setting)
         for k in sorted(x.blocks_remaining.unique()):
@@ -305,7 +347,60 @@ def samples_table(points: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
                                 suffixes=("", "_base"))
         frames.append(matched.dropna(subset=["run_id_base"]))
     samples = _ratio1_of_pairs(frames, [*points.columns, "epoch_base"])
-    return samples[SAMPLE_COLUMNS].reset_index(drop=True)
+    return samples.assign(axis="epoch", axis_value=samples.nominal_epoch)[SAMPLE_COLUMNS].reset_index(drop=True)
+
+
+def _same_seed_runs(points: pd.DataFrame, arm: Arm) -> Iterable[tuple[pd.DataFrame, pd.DataFrame]]:
+    """(p_bw = x run, baseline run) point tables of each seed with both, both sorted by step."""
+    base = points[points.run_id.isin(arm.baseline)]
+    for _, x in points[points.run_id.isin(arm.runs)].sort_values("step").groupby("run_id"):
+        same_seed = base[base.seed == x.seed.iloc[0]].sort_values("step")
+        if len(same_seed):
+            yield x, same_seed
+
+
+def _fw_at(run: pd.DataFrame, column: str, at) -> dict[str, np.ndarray]:
+    """The run's fw metrics interpolated linearly at `at` on `column`, NaN outside the run's points."""
+    along = run[column].to_numpy(dtype=float)
+    return {f"{m}_fw": np.interp(at, along, run[f"{m}_fw"].to_numpy(dtype=float), left=math.nan, right=math.nan)
+            for m in RATIO_METRICS}
+
+
+def axis_samples(points: pd.DataFrame, arm_list: list[Arm], axis: str) -> pd.DataFrame:
+    """Ratio 1 at every point of every p_bw = x run against the same-seed baseline's fw curve at the
+    same `axis` value (not "epoch"), interpolated between the baseline's points; points outside the
+    baseline's range are dropped, never extrapolated."""
+    column, frames = AXES[axis], []
+    for arm in arm_list:
+        for x, base in _same_seed_runs(points, arm):
+            at = x[column].to_numpy(dtype=float)
+            base_fw = {f"{k}_base": v for k, v in _fw_at(base, column, at).items()}
+            frames.append(x.assign(run_id_base=base.run_id.iloc[0], axis=axis, axis_value=at, **base_fw)
+                          .dropna(subset=list(base_fw)))
+    return _ratio1_of_pairs(frames, [*points.columns, "axis", "axis_value"]).reindex(columns=SAMPLE_COLUMNS)
+
+
+def end_pairs(points: pd.DataFrame, arm_list: list[Arm], axis: str) -> pd.DataFrame:
+    """Per seed pair, both runs' fw metrics where the shorter run on `axis` (not "epoch") ended:
+    that run's last point, the other run interpolated between its points; a pair whose ranges do not
+    overlap is dropped. One row per pair with the p_bw = x run's last point's settings, ratio 1."""
+    column, frames = AXES[axis], []
+    for arm in arm_list:
+        for x, base in _same_seed_runs(points, arm):
+            end = min(x[column].max(), base[column].max())
+            base_fw = {f"{k}_base": v for k, v in _fw_at(base, column, end).items()}
+            frames.append(x.tail(1).assign(run_id_base=base.run_id.iloc[0], axis=axis, axis_value=end,
+                                           **_fw_at(x, column, end), **base_fw)
+                          .dropna(subset=[*base_fw, *(f"{m}_fw" for m in RATIO_METRICS)]))
+    return _ratio1_of_pairs(frames, [*points.columns, "axis", "axis_value"])
+
+
+def final_pairs_table(points: pd.DataFrame, final: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
+    """The seed pairs behind each axis's final ratio 1 (column axis): "epoch" pairs the final points
+    (pairs_table), the other AXES end_pairs."""
+    epoch = pairs_table(final, arm_list)
+    epoch = epoch.assign(axis="epoch", axis_value=epoch.nominal_epoch)
+    return _concat([epoch, *(end_pairs(points, arm_list, a) for a in AXES if a != "epoch")], epoch.columns)
 
 
 @dataclass(frozen=True)
@@ -337,32 +432,37 @@ def seed_means(samples: pd.DataFrame) -> pd.DataFrame:
 
 
 def _window_rows(windows: list[EpochWindow], arm_list: list[Arm]) -> pd.DataFrame:
-    """Mean over paired seeds of each seed's mean ratio 1 in each epoch window; an empty window gives
-    value NaN, n = 0."""
+    """Mean over paired seeds of each seed's mean ratio 1 in each epoch window, on each axis; an empty
+    window gives value NaN, n = 0."""
     rows = []
     for arm in arm_list:
         counts = {"n_x": len(arm.runs), "n_base": len(arm.baseline)}
-        for window in windows:
-            seeds = seed_means(select(window.samples, arm.setting))
+        for window, axis in ((w, a) for w in windows for a in AXES):
+            seeds = seed_means(select(window.samples, {**arm.setting, "axis": axis}))
             for m in RATIO_METRICS:
                 ci_low, ci_high = log_ratio_ci(seeds[f"ratio1_{m}"])
-                rows.append({**arm.setting, **counts, "metric": m, "averaging": "ratio_then_mean",
+                rows.append({**arm.setting, **counts, "metric": m, "averaging": "ratio_then_mean", "axis": axis,
                              "epoch_start": window.start, "epoch_stop": window.stop,
                              "value": seeds[f"ratio1_{m}"].mean(), "n": len(seeds), "ci_low": ci_low, "ci_high": ci_high})
     return pd.DataFrame(rows)
 
 
-def ratios_table(
-    final: pd.DataFrame, cut: pd.DataFrame, windows: list[EpochWindow], arm_list: list[Arm]
-) -> pd.DataFrame:
+def ratios_table(final: pd.DataFrame, final_pairs: pd.DataFrame, cut: pd.DataFrame,
+                 windows: list[EpochWindow], arm_list: list[Arm]) -> pd.DataFrame:
     """Every ratio of the study, in the columns of ratios.csv (RATIO_COLUMNS). Phases: "final" (each
-    run's last validation point), "window" (ratio 1 over validation points in an epoch window),
-    CUT_PHASE (CUT_RATIOS over blocks remaining, from the layer-cut points `cut`). Cells that do not
-    apply are NA."""
-    of = {"ratio1": lambda points, metric: _ratio1(points, arm_list, metric), "ratio2": _ratio2}
-    parts = [of[r](final, m).assign(metric=m, ratio=r, phase="final") for r in of for m in RATIO_METRICS]
+    run's last validation point; ratio 1 on every axis, from `final_pairs`), "window" (ratio 1 over
+    validation points in an epoch window, on every axis), CUT_PHASE (CUT_RATIOS over blocks
+    remaining, from the layer-cut points `cut`, ratio 1 by epoch). Cells that do not apply are NA
+    (ratio 2 has no axis: it compares one run's two tasks)."""
+    def ratio1(points: pd.DataFrame, pairs: pd.DataFrame, axis: str, metric: str) -> pd.DataFrame:
+        return _ratio1(points, select(pairs, {"axis": axis}), arm_list, metric).assign(axis=axis, ratio="ratio1")
+    final_ratio1 = [ratio1(final, final_pairs, a, m).assign(metric=m) for a in AXES for m in RATIO_METRICS]
+    parts = [*final_ratio1, *(_ratio2(final, m).assign(metric=m, ratio="ratio2") for m in RATIO_METRICS)]
+    parts = [p.assign(phase="final") for p in parts]
     parts += [_window_rows(windows, arm_list).assign(ratio="ratio1", phase="window")]
-    parts += [of[r](cut, m).assign(metric=m, ratio=r, phase=CUT_PHASE) for r, m in CUT_RATIOS]
+    cut_pairs = pairs_table(cut, arm_list).assign(axis="epoch")
+    parts += [(ratio1(cut, cut_pairs, "epoch", m) if r == "ratio1" else _ratio2(cut, m).assign(ratio=r))
+              .assign(metric=m, phase=CUT_PHASE) for r, m in CUT_RATIOS]
     table = _concat(parts, RATIO_COLUMNS).reindex(columns=RATIO_COLUMNS)
     table["blocks_remaining"] = table.blocks_remaining.where(table.phase == CUT_PHASE)
     return table.astype({"blocks_remaining": "Int64", "epoch_start": float, "epoch_stop": float,
@@ -405,19 +505,30 @@ def _seed_list(seeds: Iterable[int]) -> str:
     return " ".join(str(s) for s in sorted(seeds))
 
 
-def paired_comparison(final: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
+def pct_change(pairs: pd.DataFrame) -> tuple[float, float, float]:
+    """The percent change of fw loss from the baseline to the p_bw = x run over seed pairs, and its
+    95% interval: 100 (exp(m) - 1) of the mean log(loss_fw / loss_fw_base) m and of its t interval."""
+    logs = np.log(pairs.loss_fw.astype(float) / pairs.loss_fw_base.astype(float))
+    return tuple(100 * (math.exp(v) - 1) for v in mean_ci(logs))
+
+
+def paired_comparison(final: pd.DataFrame, final_pairs: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
     """Per p_bw > 0 setting: final fw loss at p_bw = x minus at p_bw = 0, paired by seed (only seeds
     with both runs). exceeds_noise: the 95% t interval of the mean difference excludes 0 (NA when
-    the interval is undefined, n < 2)."""
+    the interval is undefined, n < 2). The percent change of final fw loss (pct_change) on each
+    PCT_AXES axis, from `final_pairs` (final_pairs_table)."""
     rows = []
     for arm in arm_list:
+        pct = {f"{prefix}{c}": v for prefix, axis in PCT_AXES.items()
+               for c, v in zip(("pct_change", "pct_ci_low", "pct_ci_high"),
+                               pct_change(select(final_pairs, {**arm.setting, "axis": axis})))}
         x, base = final[final.run_id.isin(arm.runs)], final[final.run_id.isin(arm.baseline)]
         pairs = x.merge(base[["seed", "loss_fw"]], on="seed", suffixes=("", "_base"))
         mean, lo, hi = mean_ci(pairs.loss_fw - pairs.loss_fw_base)
         rows.append({
             **arm.setting, "num_params": x.num_params.iloc[0], "n": len(pairs),
             "mean_diff": mean, "ci_low": lo, "ci_high": hi,
-            "exceeds_noise": pd.NA if math.isnan(lo) else bool(lo > 0 or hi < 0),
+            "exceeds_noise": pd.NA if math.isnan(lo) else bool(lo > 0 or hi < 0), **pct,
             "unpaired_seeds_x": _seed_list(set(x.seed) - set(base.seed)),
             "unpaired_seeds_base": _seed_list(set(base.seed) - set(x.seed)),
         })
@@ -465,8 +576,8 @@ class Analysis:
     diverged: pd.DataFrame  # the last point of each done run with a non-finite validation loss, left out of every statistic
     skipped: pd.DataFrame  # SKIPPED_COLUMNS: p_bw > 0 settings without a comparable p_bw = 0 run
     ratios: pd.DataFrame  # RATIO_COLUMNS
-    ratio1_samples: pd.DataFrame  # SAMPLE_COLUMNS
-    final_pairs: pd.DataFrame  # ratio 1 of the final points per seed pair (pairs_table)
+    ratio1_samples: pd.DataFrame  # SAMPLE_COLUMNS, on every axis
+    final_pairs: pd.DataFrame  # ratio 1 of the final points per seed pair and axis (final_pairs_table)
     final_losses: pd.DataFrame  # FINAL_LOSS_COLUMNS
     paired: pd.DataFrame  # PAIRED_COLUMNS
     mask_audit: pd.DataFrame  # AUDIT_COLUMNS
@@ -482,7 +593,9 @@ def analyse(df: pd.DataFrame, windows: Sequence[Window] = DEFAULT_WINDOWS) -> An
     diverged_last = last_points(all_points[all_points.run_id.isin(diverged)])
     final = last_points(points)
     arm_list = arms(final)
-    samples = samples_table(points, arm_list)
+    samples = _concat([samples_table(points, arm_list), *(axis_samples(points, arm_list, a) for a in AXES if a != "epoch")],
+                      SAMPLE_COLUMNS)
+    final_pairs = final_pairs_table(points, final, arm_list)
     windows = epoch_windows(windows, samples, points.nominal_epoch.max())
     # the layer cut's full model (blocks_remaining == depth) is the final validation point
     cut_points = eval_points(df, runs, CUT_PHASE)
@@ -494,8 +607,8 @@ def analyse(df: pd.DataFrame, windows: Sequence[Window] = DEFAULT_WINDOWS) -> An
         points=points, final=final, arms=arm_list,
         diverged=diverged_last,
         skipped=skipped_table(final, arm_list),
-        ratios=ratios_table(final, cut, windows, arm_list), ratio1_samples=samples,
-        final_pairs=pairs_table(final, arm_list),
+        ratios=ratios_table(final, final_pairs, cut, windows, arm_list), ratio1_samples=samples,
+        final_pairs=final_pairs,
         final_losses=final_losses(final, diverged_last),
-        paired=paired_comparison(final, arm_list), mask_audit=audit, mask_summary=mask_summary(audit),
+        paired=paired_comparison(final, final_pairs, arm_list), mask_audit=audit, mask_summary=mask_summary(audit),
     )
