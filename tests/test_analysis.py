@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from fwbw.analysis.stats import RATIO_COLUMNS, analyse, mean_ci, select
+from fwbw.analysis.stats import RATIO_COLUMNS, mean_ci, select
+from fwbw.analysis.sweep_analysis import analyse
 
 A, B = (2, 8), (4, 16)  # model sizes (depth, width)
 PARAMS = {A: 986, B: 6804}  # count_params at a vocabulary of 10

@@ -10,7 +10,8 @@ from test_analysis import PARAMS, A, by_epoch, one, run_rows
 from test_analysis_v2 import t_interval_of_logs, table
 
 from fwbw.analysis.report import findings
-from fwbw.analysis.stats import analyse, flops_per_token
+from fwbw.analysis.stats import flops_per_token
+from fwbw.analysis.sweep_analysis import analyse
 from fwbw.model.config import ModelConfig
 from fwbw.model.hlb_gpt import training_flops_per_token
 

@@ -12,7 +12,7 @@ from test_analysis import OFFSETS, A, B, by_epoch, mean, one, run_rows
 
 from fwbw.analysis.figures import _seed_band
 from fwbw.analysis.report import findings
-from fwbw.analysis.stats import analyse
+from fwbw.analysis.sweep_analysis import analyse
 from fwbw.study.results import build_results, recipe_id
 from fwbw.study.sweep import SweepSpec, write_sweep_file
 from fwbw.training.config import RecipeConfig, TrainConfig

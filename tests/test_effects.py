@@ -20,7 +20,7 @@ from fwbw.analysis.effects import (
     scaling_trend,
     size_tests,
 )
-from fwbw.analysis.stats import SETTING
+from fwbw.analysis.stats import SETTING, arms, pairs_table
 
 SMALL, MID, LARGE = (2, 8), (4, 16), (8, 32)
 PARAMS = {SMALL: 1000, MID: 8000, LARGE: 64000}  # each size 8 times the last: ln num_params = ln 1000 + u ln 8
@@ -49,6 +49,12 @@ def table(*runs):
     return pd.DataFrame([r for group in runs for r in group])
 
 
+def with_arms(final):
+    """`final`, its arms and its seed pairs, as sweep_analysis.analyse passes them."""
+    arm_list = arms(final)
+    return final, arm_list, pairs_table(final, arm_list)
+
+
 def with_log_ratios(size, ratios, **changes):
     """Runs whose ln ratio 1 = ln(loss_fw(0) / loss_fw(x)) is `ratios`, seed by seed."""
     return paired_runs(size, 0.05, [BASE_FW / math.exp(y) for y in ratios], **changes)
@@ -73,7 +79,7 @@ def test_scaling_trend_pools_seed_pairs_over_sizes():
         with_log_ratios(SMALL, [0.01], seq_len=128), with_log_ratios(MID, [0.04], seq_len=128),
         with_log_ratios(SMALL, [0.01, 0.02], seq_len=256),
     )
-    trend = scaling_trend(final)
+    trend = scaling_trend(final, pairs_table(final, arms(final)))
     assert list(trend.columns) == TREND_COLUMNS
     assert trend.seq_len.tolist() == [64, 128, 256]
     main, two, one_size = (trend.iloc[i] for i in range(3))
@@ -103,7 +109,7 @@ def test_size_tests_holm_adjust_over_the_sizes_of_a_trend():
         paired_runs(LARGE, 0.05, [BASE_FW + d for d in (0.1, 0.2, 0.0)]),  # mean 0.1, sd 0.1: t = sqrt 3
         [run(SMALL, 0.5, 0, BASE_FW + 0.1)],  # one pair (seed 0), its own trend: no test
     )
-    tests = size_tests(final)
+    tests = size_tests(*with_arms(final))
     assert list(tests.columns) == SIZE_TEST_COLUMNS
     # with 2 degrees of freedom the t test's two-sided p is 1 - |t| / sqrt(2 + t^2)
     p_small, p_mid = 1 - math.sqrt(12 / 14), 1 - math.sqrt(3 / 5)
@@ -149,7 +155,7 @@ def test_power_table_reads_the_smallest_detectable_effect_from_the_paired_sd():
         [run(SMALL, 0.5, 0, 3.9)],  # pairs with the p_bw = 0 run of seed 0 only
         [run(LARGE, 0.05, 3, 3.9, seq_len=128)],  # no p_bw = 0 run of seq_len 128
     )
-    power = power_table(final)
+    power = power_table(*with_arms(final))
     assert list(power.columns) == POWER_COLUMNS
     power = power.set_index(["depth", "p_bw", "seq_len"])
     small = power.loc[(2, 0.05, 64)]
@@ -190,7 +196,9 @@ def test_arrow_of_time_only_where_both_tasks_are_trained_equally():
 def test_an_empty_table_gives_each_declared_column():
     empty = pd.DataFrame(columns=[*SETTING, "run_id", "seed", "num_params", "blocks_remaining",
                                   "loss_fw", "loss_bw", "ppl_fw", "ppl_bw"])
-    for compute, columns in ((scaling_trend, TREND_COLUMNS), (size_tests, SIZE_TEST_COLUMNS),
-                             (power_table, POWER_COLUMNS), (arrow_of_time, ARROW_COLUMNS)):
-        result = compute(empty)
+    final, arm_list, pairs = with_arms(empty)
+    for result, columns in ((scaling_trend(final, pairs), TREND_COLUMNS),
+                            (size_tests(final, arm_list, pairs), SIZE_TEST_COLUMNS),
+                            (power_table(final, arm_list, pairs), POWER_COLUMNS),
+                            (arrow_of_time(final), ARROW_COLUMNS)):
         assert result.empty and list(result.columns) == columns

@@ -7,14 +7,24 @@ import json
 import math
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy import stats as sps
+from test_analysis import build_results
 
 from fwbw.analysis import figures, stats
+from fwbw.analysis.effects import (
+    ARROW_COLUMNS,
+    POWER_COLUMNS,
+    SIZE_TEST_COLUMNS,
+    TREND_COLUMNS,
+    detectable_noncentrality,
+)
 from fwbw.analysis.figures import make_figures
-from fwbw.analysis.report import write_report
-from fwbw.analysis.stats import analyse
+from fwbw.analysis.report import findings, write_report
+from fwbw.analysis.sweep_analysis import analyse
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RATIO_COLUMNS = ["metric", "ratio", "averaging", "data", "tokenizer", "seq_len", "epochs", "train_tokens", "recipe_id",
@@ -23,8 +33,12 @@ RATIO_COLUMNS = ["metric", "ratio", "averaging", "data", "tokenizer", "seq_len",
                  "value", "n", "n_base", "n_x", "ci_low", "ci_high"]
 SWITCHES = dict(model_scale=None, num_heads=1, adaptive_p_bw=False, probe_leak_fw=False, probe_train_leak_fw=False,
                 epochs=1.0, train_tokens=None, eval_every_epochs=0.25, recipe_id="r0")
-TABLE_IDS = ["setup", "final_losses", "paired", "ratios", "mask_summary", "mask_audit", "unfinished", "runs"]
-FIGURES = ["layer_cut.png", "loss_bw.png", "loss_fw.png", "loss_fw_flops.png", "ratio1_scatter.png", "ratio1_violins.png"]
+TABLE_IDS = ["setup", "final_losses", "paired", "scaling", "size_tests", "power", "ratios", "mask_summary", "mask_audit",
+             "unfinished", "runs"]
+EFFECT_CSVS = {"scaling": TREND_COLUMNS, "size_tests": SIZE_TEST_COLUMNS, "power": POWER_COLUMNS,
+               "arrow_of_time": ARROW_COLUMNS}
+FIGURES = ["layer_cut.png", "loss_bw.png", "loss_fw.png", "loss_fw_flops.png", "ratio1_curves.png", "ratio1_scatter.png",
+           "ratio1_violins.png", "ratio1_violins_depth.png", "ratio1_violins_width.png"]
 SIZES = {(2, 16): 20_000, (3, 32): 60_000}
 
 
@@ -114,6 +128,9 @@ def test_csv_outputs(report):
     assert set(ratios.phase) == {"final", "window", "cut"}
     for name in ("final_losses", "paired", "mask_audit", "runs", "ratio1_samples"):
         assert len(pd.read_csv(out / f"{name}.csv")), name
+    for name, columns in EFFECT_CSVS.items():
+        assert list(pd.read_csv(out / f"{name}.csv").columns) == columns, name
+    assert len(pd.read_csv(out / "scaling.csv")) == 2  # causal and legacy-flip masks: one line over both sizes each
     assert not [p for p in out.rglob(".*")], "temporary files left behind"
 
 
@@ -169,3 +186,70 @@ def test_figures_draw_the_analysis_without_recomputing_it(monkeypatch, tmp_path)
     drawn = make_figures(analysis, tmp_path)
     assert sorted(p.name for paths in drawn.values() for p in paths) == FIGURES
     assert all(p.read_bytes().startswith(PNG_SIGNATURE) for p in tmp_path.glob("*.png"))
+
+
+def test_long_tables_are_collapsed_short_ones_shown(report):
+    out, page = report
+    assert re.search(r'<details><summary>ratios: \d+ rows \(click to show; complete in ratios.csv where written\)'
+                     r'</summary><div class="scroll"><table[^>]*id="ratios"', page)
+    assert re.search(r'<div class="scroll"><table[^>]*id="paired"', page)
+    assert not re.search(r'<summary>paired:', page)
+    assert "<details><summary>ratios: " in (out / "report.md").read_text()
+
+
+def effect_findings(table):
+    return [s for s in findings(analyse(table)) if s.startswith(("At depth", "Scaling", "Paired t", "fw − bw"))]
+
+
+def test_findings_state_the_effects_with_their_numbers():
+    """test_analysis's table: size A pairs seeds 0, 1 (fw 4.1, 4.1 against 4.0, 4.2: differences +0.1, -0.1);
+    size B seeds 0-2 (3.25, 3.5, 3.75 against 3.0, 3.3, 3.6: differences 0.25, 0.2, 0.15)."""
+    said = effect_findings(build_results())
+    # A: paired SD sqrt(0.02), n = 2: the detectable change is lambda(df 1) sqrt(0.02) / sqrt(2), of mean 4.1
+    mde_a = detectable_noncentrality(1) * 0.1
+    assert f"{mde_a:.3f} {100 * mde_a / 4.1:.2f}" == "1.633 39.84"
+    assert said[0] == (
+        "At depth 2 / width 8, p_bw = 0.05 (add, causal mask) changed final fw loss by +0.000 (95% CI -1.271 … +1.271, "
+        "n = 2 seeds): within seed noise; these 2 seeds could only detect a change of ±1.633 (39.84%) with a paired "
+        "t test at the 0.05 level and 80% power; as a percent change of fw loss: +0.03% (95% CI -26.63% … +36.38%).")
+    # B: both arms rise by 0.3 per seed, so the same-seed correlation is exactly 1
+    assert said[2].endswith("larger than seed noise; as a percent change of fw loss: +6.17% (95% CI +1.12% … +11.48%). "
+                            "Same-seed runs' final fw losses correlate across the two arms with r = 1.00 "
+                            "(n = 3 seed pairs): pairing removes that shared seed noise.")
+    x = np.log([986, 986, 6804, 6804, 6804])
+    y = np.log([4.0 / 4.1, 4.2 / 4.1, 3.0 / 3.25, 3.3 / 3.5, 3.6 / 3.75])
+    slope, intercept = np.polyfit(x, y, 1)
+    se = math.sqrt(np.sum((y - intercept - slope * x) ** 2) / 3 / np.sum((x - x.mean()) ** 2))
+    half = sps.t.ppf(0.975, 3) * se
+    assert [f"{v:+.4f}" for v in (slope, slope - half, slope + half)] == ["-0.0309", "-0.0693", "+0.0076"]
+    assert f"{2 * sps.t.sf(abs(slope) / se, 3):.3f}" == "0.084"
+    assert said[3:6] == [
+        "Scaling of ratio 1 (fw loss) with model size, p_bw = 0.05 (add, causal mask): slope of ln ratio 1 on ln "
+        "parameter count -0.0309 (95% CI -0.0693 … +0.0076, p = 0.084; n = 5 seed pairs over 2 model size(s)). "
+        "Above 0: the bw task helps fw more at larger sizes.",
+        "Scaling of ratio 1 (fw loss) with model size, p_bw = 0.05 (either, causal mask): no slope (seed pairs at "
+        "fewer than 2 sizes: no trend; n = 1 seed pairs over 1 model size(s)).",
+        # B: t = 0.2 / (0.05 / sqrt 3) = 4 sqrt 3 on 2 df, p = 1 - t / sqrt(2 + t^2) = 0.0202, Holm x 2 of 2
+        "Paired t tests of final fw loss at p_bw = x against p_bw = 0, p_bw = 0.05 (add, causal mask), Holm-adjusted "
+        "over 2 model sizes: depth 2 / width 8 p = 1.000 (Holm 1.000); depth 4 / width 16 p = 0.020 (Holm 0.040).",
+    ]
+    assert f"{1 - math.sqrt(48 / 50):.3f} {2 * (1 - math.sqrt(48 / 50)):.3f}" == "0.020 0.040"
+
+
+def test_findings_state_the_arrow_of_time():
+    """Two add-mode p_bw = 1 runs at depth 2 (fw - bw gaps -0.1, -0.2) beside this module's table: the
+    gap's interval is -0.15 ± t_{0.975, 1} 0.1 / sqrt 2 / sqrt 2; their arm pairs at one size only."""
+    rows = run_rows("d2-p100-s0", 2, 16, 1.0, 0, 4.9, 5.0) + run_rows("d2-p100-s1", 2, 16, 1.0, 1, 4.95, 5.15)
+    said = effect_findings(pd.concat([results(), pd.DataFrame(rows)], ignore_index=True))
+    half = sps.t.ppf(0.975, 1) * 0.05
+    assert f"{-0.15 - half:+.3f} {-0.15 + half:+.3f}" == "-0.785 +0.485"
+    assert said[-1] == ("fw − bw final loss gap at depth 2 / width 16, p_bw = 1, add, causal mask: -0.150 "
+                        "(95% CI -0.785 … +0.485, n = 2 seeds). Below 0: fw is the easier direction.")
+    flip = run_rows("d2-flip-p100-s0", 2, 16, 1.0, 0, 4.9, 1.0, bw_mask="legacy-flip")
+    leaking = effect_findings(pd.concat([results(), pd.DataFrame(rows + flip)], ignore_index=True))
+    assert leaking[-1] == ("fw − bw final loss gap at depth 2 / width 16, p_bw = 1, add, legacy-flip mask: +3.900 "
+                           "(n = 1 seed: no interval). Below 0: fw is the easier direction. This mask leaks the bw "
+                           "labels (mask audit): the gap measures the leak, not the arrow of time.")
+    # the p_bw = 1 arm pairs at depth 2 only: no line through one size
+    assert ("Scaling of ratio 1 (fw loss) with model size, p_bw = 1 (add, causal mask): no slope (seed pairs at "
+            "fewer than 2 sizes: no trend; n = 2 seed pairs over 1 model size(s)).") in said

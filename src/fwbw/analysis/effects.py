@@ -1,7 +1,8 @@
-"""Effects across settings, over `final` (each done, non-diverged run's last validation point, as
-`stats.analyse` builds it): how ratio 1 scales with model size, the smallest effect the seeds at
-hand can detect, and the arrow of time. Seed pairs are stats.pairs_table's: a p_bw = x run and the
-p_bw = 0 run of the same seed and setting (docs/method.md#the-research-question).
+"""Effects across settings, over `final` (each done, non-diverged run's last validation point), its
+arms (stats.arms) and its seed `pairs` (stats.pairs_table(final, arms): a p_bw = x run and the
+p_bw = 0 run of the same seed and setting, docs/method.md#the-research-question), as
+`sweep_analysis.analyse` builds them: how ratio 1 scales with model size, the smallest effect the
+seeds at hand can detect, and the arrow of time.
 
 Scaling trend. Per seed pair, y = ln ratio 1 = ln(loss_fw(p_bw = 0) / loss_fw(p_bw = x)); over
 the pairs of every size of one setting but its size (TREND_GROUP), the least-squares line
@@ -40,9 +41,8 @@ from fwbw.analysis.stats import (
     CONFIDENCE,
     SETTING,
     SIZE,
-    arms,
+    Arm,
     mean_ci,
-    pairs_table,
     select,
 )
 
@@ -58,11 +58,9 @@ POWER_COLUMNS = [*SETTING, "num_params", "n", "sd_diff", "mde_loss", "mde_percen
 ARROW_COLUMNS = [*SETTING, "num_params", "n", "gap_mean", "gap_ci_low", "gap_ci_high"]
 
 
-def _arm_pairs(final: pd.DataFrame) -> Iterator[tuple[dict, pd.DataFrame]]:
+def _arm_pairs(final: pd.DataFrame, arm_list: list[Arm], pairs: pd.DataFrame) -> Iterator[tuple[dict, pd.DataFrame]]:
     """Each p_bw > 0 setting (with its num_params) and its seed pairs: loss_fw of the p_bw = x run,
     loss_fw_base of the same seed's p_bw = 0 run, ratio1_loss = loss_fw_base / loss_fw."""
-    arm_list = arms(final)
-    pairs = pairs_table(final, arm_list)
     for arm in arm_list:
         num_params = final.loc[final.run_id.isin(arm.runs), "num_params"].iloc[0]
         yield {**arm.setting, "num_params": num_params}, select(pairs, arm.setting)
@@ -96,21 +94,20 @@ def _trend_row(pairs: pd.DataFrame) -> dict:
                   "p_value": fit.pvalue}
 
 
-def scaling_trend(final: pd.DataFrame) -> pd.DataFrame:
+def scaling_trend(final: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     """Per TREND_GROUP with p_bw > 0: the regression of each seed pair's ln ratio 1 (loss) on ln
     num_params over the group's sizes (TREND_COLUMNS; see the module docstring)."""
-    pairs = pairs_table(final, arms(final))
     groups = final.loc[final.p_bw > 0, TREND_GROUP].drop_duplicates().sort_values(TREND_GROUP)
     rows = [{**group, **_trend_row(select(pairs, group))} for group in groups.to_dict("records")]
     return pd.DataFrame(rows, columns=TREND_COLUMNS)
 
 
-def size_tests(final: pd.DataFrame) -> pd.DataFrame:
+def size_tests(final: pd.DataFrame, arm_list: list[Arm], pairs: pd.DataFrame) -> pd.DataFrame:
     """Per p_bw > 0 setting: the paired t test of loss_fw(x) − loss_fw(0) over its seed pairs (NaN
     below 2 pairs), and p_holm, its p-value Holm-adjusted over the sizes of its TREND_GROUP."""
     rows = []
-    for setting, pairs in _arm_pairs(final):
-        diff = (pairs.loss_fw.astype(float) - pairs.loss_fw_base.astype(float)).to_numpy()
+    for setting, arm_pairs in _arm_pairs(final, arm_list, pairs):
+        diff = (arm_pairs.loss_fw.astype(float) - arm_pairs.loss_fw_base.astype(float)).to_numpy()
         t, p = sps.ttest_1samp(diff, 0.0) if len(diff) >= 2 else (math.nan, math.nan)
         rows.append({**setting, "n": len(diff), "mean_diff": diff.mean() if len(diff) else math.nan,
                      "t": float(t), "p_value": float(p)})
@@ -156,12 +153,12 @@ def _power_row(pairs: pd.DataFrame) -> dict:
             "correlation": _correlation(x, base), "reason": "" if n >= 3 else "2 seed pairs: no correlation"}
 
 
-def power_table(final: pd.DataFrame) -> pd.DataFrame:
+def power_table(final: pd.DataFrame, arm_list: list[Arm], pairs: pd.DataFrame) -> pd.DataFrame:
     """Per p_bw > 0 setting: the SD of the paired fw loss differences, the smallest mean difference
     (mde_loss, and as a percent of the p_bw = 0 arm's mean fw loss) a two-sided paired t test at
     ALPHA detects with POWER, and the correlation of the two arms' fw losses over the same seeds
     (POWER_COLUMNS; reason says why a value is NaN, empty when none is)."""
-    rows = [{**setting, **_power_row(pairs)} for setting, pairs in _arm_pairs(final)]
+    rows = [{**setting, **_power_row(arm_pairs)} for setting, arm_pairs in _arm_pairs(final, arm_list, pairs)]
     return pd.DataFrame(rows, columns=POWER_COLUMNS)
 
 

@@ -11,13 +11,16 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
+import scipy.stats
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from fwbw.analysis.stats import (
     ARM,
+    AXES,
+    BASELINE_VARIANT,
+    CONFIDENCE,
     CONTEXT,
     CUT_RATIOS,
     VARIANT,
@@ -34,7 +37,9 @@ DPI = 110
 ROW_KEY = [*CONTEXT, *ARM]  # what a row of the ratio figures holds fixed
 CURVE_KEY = [*CONTEXT, *VARIANT]  # what a row of the loss curves holds fixed
 PANEL = (4.4, 3.3)  # inches per panel
-ALONG = {"nominal_epoch": "epoch (nominal)", "flops": "training FLOPs"}  # x axes of the loss curves: points column -> label
+ALONG = {"nominal_epoch": "epoch (nominal)", "fw_tokens": "fw tokens seen", "flops": "training FLOPs"}  # points column -> label
+CURVE_METRICS = {"loss": "val loss", "acc": "val accuracy"}  # the panels of each model size in the loss curves
+RATIO1_CURVE_AXES = ("epoch", "fw_tokens")  # the rows of the ratio 1 curves
 
 
 # ----------------------------------------------------------------------------- labels
@@ -117,6 +122,20 @@ def _sizes(group: list[Arm], final: pd.DataFrame) -> list[tuple[int, int, int]]:
     return sorted(((d, w, int(params[d, w])) for d, w in sizes), key=lambda s: (s[2], s[0]))
 
 
+def _seed_interval(table: pd.DataFrame, by: str, column: str) -> pd.DataFrame:
+    """Mean of `column` over the rows (one per seed) of each value of `by`, and mean ± the 95% t
+    interval: t_{(1+CONFIDENCE)/2, n-1} · s / sqrt(n) (NaN with one seed). For drawing only."""
+    grouped = table.groupby(by)[column]
+    mean, n = grouped.mean(), grouped.count()
+    half = grouped.sem() * scipy.stats.t.ppf((1 + CONFIDENCE) / 2, n - 1)
+    return pd.DataFrame({"mean": mean, "low": mean - half, "high": mean + half})
+
+
+def _reference_line(ax: Axes, label: str | None = None) -> None:
+    """Ratio 1 of p_bw = 0 against itself: 1."""
+    ax.axhline(1.0, color="0.5", ls="--", lw=1, label=label)
+
+
 # ----------------------------------------------------------------------------- loss curves
 
 def _seed_band(runs: pd.DataFrame, column: str, along: str = "nominal_epoch") -> pd.DataFrame:
@@ -146,93 +165,160 @@ def _curve_groups(analysis: Analysis) -> dict[tuple, set[str]]:
     return dict(groups)
 
 
-def _loss_panel(ax: Axes, size: pd.DataFrame, direction: str, colors: dict, along: str) -> None:
+def _curve_panel(ax: Axes, size: pd.DataFrame, column: str, colors: dict, along: str) -> None:
+    """`column` (<metric>_<direction>) over `along`, one line per p_bw."""
     for p_bw, runs in size.groupby("p_bw"):
-        band = _seed_band(runs, f"loss_{direction}", along)
+        band = _seed_band(runs, column, along)
         label = f"p_bw = {p_bw:g} ({runs.run_id.nunique()} runs)"
         ax.plot(band.index, band["mean"], color=colors[p_bw], label=label)
         ax.fill_between(band.index, band["min"], band["max"], color=colors[p_bw], alpha=0.2, lw=0)
-    ax.set(xlabel=ALONG[along], ylabel=f"{direction} val loss")
+    metric, direction = column.split("_")
+    ax.set(xlabel=ALONG[along], ylabel=f"{direction} {CURVE_METRICS[metric]}")
     ax.legend(fontsize="small")
 
 
 def _loss_grid(points: pd.DataFrame, groups: dict[tuple, set[str]], direction: str, out_dir: Path,
                along: str = "nominal_epoch") -> Path:
-    """One row per (variant, depth), one column per width; loss over `along` (ALONG)."""
+    """One row per (variant, depth), per width a loss and an accuracy column (CURVE_METRICS); over
+    `along` (ALONG)."""
     widths = sorted(points.width.unique())
     rows = [(key, depth) for key, ids in groups.items()
             for depth in sorted(points[points.run_id.isin(ids)].depth.unique())]
     p_values = sorted(points.p_bw.unique())
     colors = {p: "0.35" if p == 0 else color for p, color in zip(p_values, _palette(len(p_values)))}
-    fig, axes = _figure(len(widths), len(rows))
+    fig, axes = _figure(len(CURVE_METRICS) * len(widths), len(rows))
     for i, (key, depth) in enumerate(rows):
         variant = variant_label(dict(zip(CURVE_KEY, key)))
-        for j, width in enumerate(widths):
+        for j, (width, metric) in enumerate((w, m) for w in widths for m in CURVE_METRICS):
             size = select(points[points.run_id.isin(groups[key])], {"depth": depth, "width": width})
             if size.empty:
                 _empty(axes[i, j], f"no runs at {size_label(depth, width)}\n{variant}")
                 continue
-            _loss_panel(axes[i, j], size, direction, colors, along)
+            _curve_panel(axes[i, j], size, f"{metric}_{direction}", colors, along)
             params = params_label(size.num_params.iloc[0])
             axes[i, j].set_title(f"{size_label(depth, width)} ({params})\n{variant}", fontsize="medium")
-    fig.suptitle(f"{direction} validation loss over {ALONG[along]}: mean over seeds, band min–max")
+    fig.suptitle(f"{direction} validation loss and accuracy over {ALONG[along]}: mean over seeds, band min–max")
     return _save(fig, out_dir, f"loss_{direction}" + ("" if along == "nominal_epoch" else f"_{along}"))
 
 
 def loss_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
-    """fw and bw validation loss over epochs, p_bw = 0 against p_bw = x, one panel per model size
-    and variant (bw_mode, bw_mask, task_tokens); one figure per direction."""
+    """fw and bw validation loss and accuracy over nominal epochs, p_bw = 0 against p_bw = x, two
+    panels per model size and variant (bw_mode, bw_mask, task_tokens); one figure per direction."""
     groups = _curve_groups(analysis)
     return [_loss_grid(analysis.points, groups, d, Path(out_dir)) for d in DIRECTIONS] if groups else []
 
 
 def compute_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
-    """fw validation loss over training FLOPs (the points' flops), p_bw = 0 against p_bw = x, one
-    panel per model size and variant: the equal-compute comparison."""
+    """fw validation loss and accuracy over training FLOPs (the points' flops), p_bw = 0 against
+    p_bw = x, per model size and variant: the equal-compute comparison."""
     groups = _curve_groups(analysis)
     return [_loss_grid(analysis.points, groups, "fw", Path(out_dir), along="flops")] if groups else []
 
 
+# ----------------------------------------------------------------------------- ratio 1 curves
+
+def _ratio1_curve_panel(ax: Axes, samples: pd.DataFrame, arms: list[dict], colors: dict, axis: str) -> None:
+    """Per arm, ratio 1 (loss) at each nominal eval point: mean over seeds at the seeds' mean
+    `axis` value, band: mean ± the 95% t interval over seeds."""
+    for arm in arms:
+        own = select(samples, arm)
+        if own.empty:
+            continue
+        band = _seed_interval(own, "nominal_epoch", "ratio1_loss")
+        at = own.groupby("nominal_epoch").axis_value.mean()
+        ax.plot(at, band["mean"], marker="o", ms=3, color=colors[_key(arm, ROW_KEY)],
+                label=f"{arm_label(arm)} ({own.seed.nunique()} seeds)")
+        ax.fill_between(at, band["low"], band["high"], color=colors[_key(arm, ROW_KEY)], alpha=0.2, lw=0)
+    _reference_line(ax, "p_bw = 0")
+    ax.set(xlabel=ALONG[AXES[axis]], ylabel="ratio 1 (fw loss)")
+    ax.legend(fontsize="small")
+
+
+def ratio1_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
+    """Ratio 1 (fw loss) over training (nominal epochs, fw tokens seen: RATIO1_CURVE_AXES, the rows),
+    one column per model size, one line per (p_bw, variant), drawn from the ratio 1 samples."""
+    rows, final = arm_groups(analysis.arms), analysis.final
+    if not rows:
+        return []
+    arms = [arm for arm, _ in rows]
+    colors = _colors([_key(arm, ROW_KEY) for arm in arms])
+    sizes = _sizes(analysis.arms, final)
+    fig, axes = _figure(len(sizes), len(RATIO1_CURVE_AXES))
+    for axes_row, axis in zip(axes, RATIO1_CURVE_AXES):
+        for ax, (depth, width, params) in zip(axes_row, sizes):
+            ax.set_title(f"{size_label(depth, width)} ({params_label(params)})", fontsize="medium")
+            samples = select(analysis.ratio1_samples, {"axis": axis, "depth": depth, "width": width})
+            _ratio1_curve_panel(ax, samples, arms, colors, axis)
+    fig.suptitle("ratio 1 = fw loss at p_bw = 0 / at p_bw = x over training (above 1: bw helped fw)\n"
+                 "line: mean over seeds, band: its 95% t interval")
+    return [_save(fig, Path(out_dir), "ratio1_curves")]
+
+
 # ----------------------------------------------------------------------------- ratio 1 violins
 
-def _violins(ax: Axes, samples: pd.DataFrame, sizes: list[tuple[int, int, int]]) -> None:
+ViolinGroups = list[tuple[str, dict]]  # (tick label, the columns and values its samples share)
+
+
+def by_size(group: list[Arm], final: pd.DataFrame) -> ViolinGroups:
+    return [(f"{params_label(params)}\n{depth}×{width}", {"depth": depth, "width": width})
+            for depth, width, params in _sizes(group, final)]
+
+
+def by_depth(group: list[Arm], final: pd.DataFrame) -> ViolinGroups:
+    return [(f"depth {d}", {"depth": d}) for d in sorted({a.setting["depth"] for a in group})]
+
+
+def by_width(group: list[Arm], final: pd.DataFrame) -> ViolinGroups:
+    return [(f"width {w}", {"width": w}) for w in sorted({a.setting["width"] for a in group})]
+
+
+VIOLIN_FIGURES = {"ratio1_violins": ("parameter count", by_size), "ratio1_violins_depth": ("depth", by_depth),
+                  "ratio1_violins_width": ("width", by_width)}  # figure name -> (what a violin holds fixed, its groups)
+
+
+def _violins(ax: Axes, samples: pd.DataFrame, groups: ViolinGroups) -> None:
+    """A violin, its points, its mean (red bar) and median (white dot) per group."""
     jitter = np.random.default_rng(0)
-    labels = []
-    for pos, (depth, width, params) in enumerate(sizes):
-        values = select(samples, {"depth": depth, "width": width}).ratio1_loss.to_numpy(dtype=float)
-        labels.append(f"{params_label(params)}\n{depth}×{width}\nn = {len(values)}")
+    for pos, (label, where) in enumerate(groups):
+        values = select(samples, where).ratio1_loss.to_numpy(dtype=float)
         if len(np.unique(values)) > 1:  # a kernel density needs spread
             ax.violinplot(values, positions=[pos], widths=0.8, showextrema=False)
         ax.scatter(pos + jitter.uniform(-0.12, 0.12, len(values)), values, s=7, color="k", alpha=0.4, lw=0)
         if len(values):
             ax.hlines(values.mean(), pos - 0.3, pos + 0.3, color="C3", lw=2)
-    ax.axhline(1.0, color="0.5", ls="--", lw=1)
-    ax.set_xticks(range(len(sizes)), labels, fontsize="small")
-    ax.set_xlim(-0.6, len(sizes) - 0.4)
+            ax.plot(pos, np.median(values), "o", color="white", mec="k", zorder=3, gid="median")
+    _reference_line(ax)
+    counts = [len(select(samples, where)) for _, where in groups]
+    ax.set_xticks(range(len(groups)), [f"{label}\nn = {n}" for (label, _), n in zip(groups, counts)], fontsize="small")
+    ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_ylabel("ratio 1 (fw loss)")
 
 
-def ratio1_violins(analysis: Analysis, out_dir: Path) -> list[Path]:
-    """Ratio 1 (loss) at every validation point, by parameter count: one row per (p_bw, variant),
-    one column per epoch window; an empty window is an annotated empty panel."""
+def _violin_grid(analysis: Analysis, out_dir: Path, name: str) -> list[Path]:
+    """Ratio 1 (loss) at every validation point, one violin per VIOLIN_FIGURES[name] group: one row
+    per (p_bw, variant), one column per epoch window; an empty window is an annotated empty panel."""
     rows, final = arm_groups(analysis.arms), analysis.final
     if not rows:
         return []
-    most_sizes = max(len(_sizes(group, final)) for _, group in rows)
-    panel = (max(PANEL[0], 1.1 * most_sizes + 1.2), PANEL[1] + 0.5)
-    fig, axes = _figure(len(analysis.windows), len(rows), panel=panel)
+    held, groups_of = VIOLIN_FIGURES[name]
+    most = max(len(groups_of(group, final)) for _, group in rows)
+    fig, axes = _figure(len(analysis.windows), len(rows), panel=(max(PANEL[0], 1.1 * most + 1.2), PANEL[1] + 0.5))
     for axes_row, (arm, group) in zip(axes, rows):
         for ax, window in zip(axes_row, analysis.windows):
             inside = select(window.samples, {**arm, "axis": "epoch"})
-            title = f"{arm_label(arm)}\nepochs {window_label(window)}, n = {len(inside)}"
-            ax.set_title(title, fontsize="medium")
+            ax.set_title(f"{arm_label(arm)}\nepochs {window_label(window)}, n = {len(inside)}", fontsize="medium")
             if inside.empty:
                 _empty(ax, "empty window:\nno validation points in these epochs")
                 continue
-            _violins(ax, inside, _sizes(group, final))
-    fig.suptitle("ratio 1 = fw loss at p_bw = 0 / at p_bw = x at every validation point "
-                 "(red bar: mean; above 1: bw helped fw)")
-    return [_save(fig, Path(out_dir), "ratio1_violins")]
+            _violins(ax, inside, groups_of(group, final))
+    fig.suptitle(f"ratio 1 = fw loss at p_bw = 0 / at p_bw = x at every validation point, by {held} "
+                 "(red bar: mean, white dot: median; above 1: bw helped fw)")
+    return [_save(fig, Path(out_dir), name)]
+
+
+def ratio1_violins(analysis: Analysis, out_dir: Path) -> list[Path]:
+    """The violins by model size, by depth and by width (VIOLIN_FIGURES), one figure each."""
+    return [path for name in VIOLIN_FIGURES for path in _violin_grid(analysis, out_dir, name)]
 
 
 # ----------------------------------------------------------------------------- layer cut
@@ -240,39 +326,52 @@ def ratio1_violins(analysis: Analysis, out_dir: Path) -> list[Path]:
 RATIO_MEANING = {"ratio1": "p_bw = 0 / p_bw = x", "ratio2": "fw / bw"}
 
 
-def _cut_panel(ax: Axes, rows: pd.DataFrame, sizes: list[tuple[int, int, int]], colors: dict, ylabel: str) -> None:
+def _cut_line(ax: Axes, rows: pd.DataFrame, color, style: str, label: str | None) -> None:
+    """ratio_then_mean over the fraction of depth remaining, band: its 95% interval over seeds."""
+    line = rows[rows.averaging == "ratio_then_mean"].sort_values("blocks_remaining")
+    fraction = line.blocks_remaining.astype(float) / line.depth.astype(float)
+    ax.plot(fraction, line.value, style, marker="o", ms=3, color=color, label=label)
+    ax.fill_between(fraction, line.ci_low.astype(float), line.ci_high.astype(float), color=color, alpha=0.15, lw=0)
+
+
+def _cut_reference(ax: Axes, table: pd.DataFrame, arm: dict, ratio: str, metric: str, size: dict, color) -> None:
+    """The p_bw = 0 reference: ratio 1 is 1; ratio 2 is the p_bw = 0 runs' own curve (dashed)."""
+    if ratio == "ratio1":
+        return
+    shared = {k: arm[k] for k in [*CONTEXT, *BASELINE_VARIANT]}
+    _cut_line(ax, select(table, {**shared, **size, "p_bw": 0.0, "ratio": ratio, "metric": metric}), color, "--", None)
+
+
+def _cut_panel(ax: Axes, table: pd.DataFrame, arm: dict, ratio: str, metric: str,
+               sizes: list[tuple[int, int, int]], colors: dict) -> None:
     for depth, width, params in sizes:
-        color = colors[depth, width]
-        line = select(rows, {"depth": depth, "width": width})
-        for averaging, style in (("mean_then_ratio", "-"), ("ratio_then_mean", ":")):
-            points = line[line.averaging == averaging].sort_values("blocks_remaining")
-            label = f"{size_label(depth, width)} ({params_label(params)})" if style == "-" else None
-            ax.plot(points.blocks_remaining.astype(float), points.value, style, marker="o", ms=3,
-                    color=color, label=label)
-    ax.axhline(1.0, color="0.5", ls="--", lw=1)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="blocks remaining", ylabel=ylabel)
-    ax.legend(fontsize="small", title="solid: mean_then_ratio\ndotted: ratio_then_mean", title_fontsize="small")
+        size = {"depth": depth, "width": width}
+        own = select(table, {**arm, **size, "ratio": ratio, "metric": metric})
+        _cut_line(ax, own, colors[depth, width], "-", f"{size_label(depth, width)} ({params_label(params)})")
+        _cut_reference(ax, table, arm, ratio, metric, size, colors[depth, width])
+    _reference_line(ax)
+    ax.set_xlim(0.0, 1.05)
+    ax.set(xlabel="fraction of depth remaining", ylabel=ratio_label(ratio, metric))
+    ax.legend(fontsize="small", title="dashed: p_bw = 0", title_fontsize="small")
 
 
 def layer_cut_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
-    """Ratio 1 (ppl) and ratio 2 (loss) over blocks remaining, one line per model size, one row per
-    (p_bw, variant)."""
+    """Ratio 1 (ppl) and ratio 2 (loss) over the fraction of depth remaining, ratio_then_mean with
+    its interval over seeds, one line per model size, one row per (p_bw, variant)."""
     rows, final = arm_groups(analysis.arms), analysis.final
     if not rows:
         return []
-    cut = analysis.ratios[analysis.ratios.phase == CUT_PHASE]
+    table = analysis.ratios[analysis.ratios.phase == CUT_PHASE].dropna(subset=["value"])
     colors = _colors([(depth, width) for depth, width, _ in _sizes(analysis.arms, final)])
     fig, axes = _figure(len(CUT_RATIOS), len(rows))
     for axes_row, (arm, group) in zip(axes, rows):
         for ax, (ratio, metric) in zip(axes_row, CUT_RATIOS):
             ax.set_title(f"{arm_label(arm)}\n{ratio_label(ratio, metric)}: {RATIO_MEANING[ratio]}", fontsize="medium")
-            lines = select(cut, {**arm, "ratio": ratio, "metric": metric}).dropna(subset=["value"])
-            if lines.empty:
+            if select(table, {**arm, "ratio": ratio}).empty:
                 _empty(ax, "no values: no p_bw = 0 run to compare with")
                 continue
-            _cut_panel(ax, lines, _sizes(group, final), colors, ratio.replace("ratio", "ratio "))
-    fig.suptitle("layer cut: transformer blocks removed from the back")
+            _cut_panel(ax, table, arm, ratio, metric, _sizes(group, final), colors)
+    fig.suptitle("layer cut: transformer blocks removed from the back (band: 95% interval over seeds)")
     return [_save(fig, Path(out_dir), "layer_cut")]
 
 
@@ -284,7 +383,7 @@ def _scatter_panel(ax: Axes, pairs: pd.DataFrame, by: str, colors: dict) -> None
         ax.scatter(runs.num_params, runs.ratio1_loss, s=16, color=color, alpha=0.45, lw=0)
         means = runs.groupby("num_params").ratio1_loss.mean()
         ax.scatter(means.index, means, s=60, marker="D", color=color, edgecolor="k", label=f"{by} {value}")
-    ax.axhline(1.0, color="0.5", ls="--", lw=1)
+    _reference_line(ax)
     ax.set_xscale("log")
     ax.set(xlabel="parameters", ylabel="ratio 1 (final fw loss)")
     ax.legend(fontsize="small")
@@ -315,6 +414,7 @@ def make_figures(analysis: Analysis, out_dir: Path) -> dict[str, list[Path]]:
     return {
         "loss_curves": loss_curves(analysis, out_dir),
         "compute_curves": compute_curves(analysis, out_dir),
+        "ratio1_curves": ratio1_curves(analysis, out_dir),
         "ratio1_violins": ratio1_violins(analysis, out_dir),
         "layer_cut": layer_cut_curves(analysis, out_dir),
         "ratio1_scatter": ratio1_scatter(analysis, out_dir),

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fwbw.analysis.effects import ALPHA, POWER, TREND_GROUP
 from fwbw.analysis.figures import (
     arm_groups,
     arm_label,
@@ -35,11 +36,11 @@ from fwbw.analysis.stats import (
     Arm,
     EpochWindow,
     Window,
-    analyse,
     log_ratio_ci,
     seed_means,
     select,
 )
+from fwbw.analysis.sweep_analysis import analyse
 from fwbw.files import atomic_write, atomic_write_text
 from fwbw.study.results import CUT_PHASE
 from fwbw.study.sweep_dir import RESULTS_CSV, RESULTS_PARQUET, SWEEP_FILE
@@ -48,17 +49,23 @@ from fwbw.study.sweep_dir import read_sweep as read_sweep_file
 LEAK_RATIO = 0.8  # bw/fw final loss below this: bw far easier than fw (leak-free bw is within a few % of fw)
 
 CAPTIONS = {
-    "loss_curves": "Validation loss over epochs, p_bw = 0 against p_bw = x; line: mean over seeds, "
-                   "band: min–max.",
+    "loss_curves": "Validation loss and accuracy over nominal epochs, p_bw = 0 against p_bw = x; line: mean over "
+                   "seeds, band: min–max.",
     "compute_curves": "fw validation loss over training FLOPs (bw steps cost FLOPs too), p_bw = 0 against "
                       "p_bw = x; line: mean over seeds, band: min–max. At equal compute, lower is better.",
+    "ratio1_curves": "Ratio 1 (fw loss at p_bw = 0 / at p_bw = x) over nominal epochs and over fw tokens seen, per "
+                     "model size; line: mean over seeds, band: its 95% t interval. Above 1: the bw task helped.",
     "ratio1_violins": "Ratio 1 (fw loss at p_bw = 0 / at p_bw = x) at every validation point, by parameter count, "
-                      "per epoch window. Above 1: the bw task helped the fw task.",
-    "layer_cut": "Ratio 1 (ppl) and ratio 2 (loss) as transformer blocks are removed from the back.",
+                      "by depth and by width, per epoch window; red bar: mean, white dot: median. Above 1: the bw "
+                      "task helped the fw task.",
+    "layer_cut": "Ratio 1 (ppl) and ratio 2 (loss) over the fraction of depth remaining as transformer blocks are "
+                 "removed from the back; band: 95% interval over seeds; dashed: the p_bw = 0 runs' ratio 2.",
     "ratio1_scatter": "Ratio 1 of final fw loss against parameter count, coloured by width and by depth.",
 }
 RUN_COLUMNS = ["run_id", *CONTEXT, *SIZE, "num_params", *ARM, "seed", "status", "tokens", "epoch", "seconds", "error"]
-CSV_TABLES = ("ratios", "ratio1_samples", "final_losses", "paired", "skipped", "mask_audit", "runs")  # Analysis fields
+CSV_TABLES = ("ratios", "ratio1_samples", "final_losses", "paired", "skipped", "mask_audit", "runs",
+              "scaling", "size_tests", "power", "arrow_of_time")  # Analysis fields
+COLLAPSE_ROWS = 12  # a longer table is shown collapsed (complete in its CSV)
 
 CSS = """
 body { font: 15px/1.45 system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -90,8 +97,8 @@ def _num(value: float, digits: int = 3) -> str:
     return "NaN" if value is None or pd.isna(value) else f"{value:.{digits}f}"
 
 
-def _signed(value: float) -> str:
-    return "NaN" if pd.isna(value) else f"{round(value, 3) + 0.0:+.3f}"  # + 0.0: no "-0.000"
+def _signed(value: float, digits: int = 3) -> str:
+    return "NaN" if pd.isna(value) else f"{round(value, digits) + 0.0:+.{digits}f}"  # + 0.0: no "-0.000"
 
 
 def _setting_label(row: dict, with_variant: bool) -> str:
@@ -106,7 +113,21 @@ def _percent(row: dict, prefix: str = "") -> str:
     return shown if pd.isna(low) else f"{shown} (95% CI {low:+.2f}% … {high:+.2f}%)"
 
 
-def _paired_statement(row: dict, with_variant: bool) -> str:
+def _detectable(power: dict) -> str:
+    """The smallest change of final fw loss the setting's seed pairs detect (power.csv's row)."""
+    return (f"; these {power['n']} seeds could only detect a change of ±{_num(power['mde_loss'])} "
+            f"({power['mde_percent']:.2f}%) with a paired t test at the {ALPHA:g} level and {POWER:.0%} power")
+
+
+def _correlation(power: dict) -> str:
+    if pd.isna(power["correlation"]):
+        return ""
+    return (f" Same-seed runs' final fw losses correlate across the two arms with r = {power['correlation']:.2f} "
+            f"(n = {power['n']} seed pairs): pairing removes that shared seed noise.")
+
+
+def _paired_statement(row: dict, with_variant: bool, power: dict) -> str:
+    """The paired comparison of one setting (paired.csv's row) with what its seeds can detect (power.csv's)."""
     where = f"At {size_label(row['depth'], row['width'])}, {_setting_label(row, with_variant)}"
     if row["n"] == 0:
         return f"{where}: no seed has both a p_bw = 0 and a p_bw = {row['p_bw']:g} run: no paired comparison."
@@ -115,9 +136,50 @@ def _paired_statement(row: dict, with_variant: bool) -> str:
     if pd.isna(row["exceeds_noise"]):
         return (f"{change} (n = 1 seed): with one seed the 95% interval is undefined, so seed noise is "
                 f"unknown{percent}")
-    verdict = "larger than seed noise" if row["exceeds_noise"] else "within seed noise"
+    verdict = "larger than seed noise" if row["exceeds_noise"] else f"within seed noise{_detectable(power)}"
     return (f"{change} (95% CI {_signed(row['ci_low'])} … {_signed(row['ci_high'])}, "
-            f"n = {row['n']} seeds): {verdict}{percent}")
+            f"n = {row['n']} seeds): {verdict}{percent}{_correlation(power)}")
+
+
+def _trend_statement(row: dict, with_variant: bool) -> str:
+    """The scaling trend of one TREND_GROUP (scaling.csv's row): its slope and interval, or why none."""
+    head = f"Scaling of ratio 1 (fw loss) with model size, {_setting_label(row, with_variant)}"
+    counts = f"n = {row['n_pairs']} seed pairs over {row['n_sizes']} model size(s)"
+    if pd.isna(row["slope"]):
+        return f"{head}: no slope ({row['reason']}; {counts})."
+    slope = f"slope of ln ratio 1 on ln parameter count {_signed(row['slope'], 4)}"
+    interval = (f"no interval: {row['reason']}" if pd.isna(row["slope_ci_low"]) else
+                f"95% CI {_signed(row['slope_ci_low'], 4)} … {_signed(row['slope_ci_high'], 4)}, "
+                f"p = {_num(row['p_value'])}")
+    return f"{head}: {slope} ({interval}; {counts}). Above 0: the bw task helps fw more at larger sizes."
+
+
+def _holm_statements(tests: pd.DataFrame, with_variant: bool) -> list[str]:
+    """Per TREND_GROUP with a paired t test at 2 sizes or more: each size's p and Holm-adjusted p."""
+    out = []
+    tested = tests.dropna(subset=["p_value"])
+    for group in tested[TREND_GROUP].drop_duplicates().to_dict("records"):
+        rows = select(tested, group)
+        if len(rows) < 2:
+            continue
+        sizes = "; ".join(f"{size_label(r['depth'], r['width'])} p = {_num(r['p_value'])} (Holm {_num(r['p_holm'])})"
+                          for r in rows.to_dict("records"))
+        out.append(f"Paired t tests of final fw loss at p_bw = x against p_bw = 0, {_setting_label(group, with_variant)}, "
+                   f"Holm-adjusted over {len(rows)} model sizes: {sizes}.")
+    return out
+
+
+def _arrow_statement(row: dict, leaking_masks: set[str]) -> str:
+    """The fw − bw final loss gap of one setting that trains both tasks equally (arrow_of_time.csv's row)."""
+    where = f"fw − bw final loss gap at {size_label(row['depth'], row['width'])}, {arm_label(row)}"
+    if pd.isna(row["gap_ci_low"]):
+        interval = f"n = {row['n']} seed: no interval"
+    else:
+        interval = f"95% CI {_signed(row['gap_ci_low'])} … {_signed(row['gap_ci_high'])}, n = {row['n']} seeds"
+    text = f"{where}: {_signed(row['gap_mean'])} ({interval}). Below 0: fw is the easier direction."
+    if row["bw_mask"] in leaking_masks:
+        return text + " This mask leaks the bw labels (mask audit): the gap measures the leak, not the arrow of time."
+    return text
 
 
 def _equal_flops_statement(ratios: pd.DataFrame, row: dict, with_variant: bool) -> str:
@@ -255,8 +317,13 @@ def findings(analysis: Analysis) -> list[str]:
                 f"{_status_statement(runs)}"]
     with_variant = paired[VARIANT].drop_duplicates().shape[0] > 1
     out = [_status_statement(runs), *_diverged_statements(analysis.diverged)]
-    out += [_paired_statement(row, with_variant) for row in paired.to_dict("records")]
+    power = analysis.power.to_dict("records")  # one row per paired row: both follow analysis.arms
+    out += [_paired_statement(row, with_variant, p) for row, p in zip(paired.to_dict("records"), power, strict=True)]
     out += [_equal_flops_statement(ratios, row, with_variant) for row in paired.to_dict("records")]
+    out += [_trend_statement(row, with_variant) for row in analysis.scaling.to_dict("records")]
+    out += _holm_statements(analysis.size_tests, with_variant)
+    leaking = set(analysis.mask_summary.loc[analysis.mask_summary.leaks_labels.astype(bool), "bw_mask"])
+    out += [_arrow_statement(row, leaking) for row in analysis.arrow_of_time.to_dict("records")]
     out += [f"Not compared: {size_label(r['depth'], r['width'])}, {arm_label(r)}: {r['reason']}."
             for r in analysis.skipped.to_dict("records")]
     one_seed = analysis.final_losses.n_seeds.eq(1).sum()
@@ -336,6 +403,22 @@ def _sections(analysis: Analysis, setup: pd.DataFrame, statements: list[str],
                   "exceeds_noise: the 95% t interval of the mean difference excludes 0."),
             ("table", "paired", analysis.paired),
         ]),
+        ("Effects across sizes: scaling, power, arrow of time", [
+            ("p", "scaling: per setting but its size, the least-squares line of each seed pair's ln ratio 1 (fw "
+                  "loss) on ln parameter count, with the slope's 95% t interval (none below 3 seed pairs or 2 sizes)."),
+            ("table", "scaling", analysis.scaling),
+            ("p", "size_tests: per setting, the paired t test of final fw loss at p_bw = x minus at p_bw = 0; "
+                  "p_holm: its p-value Holm-adjusted over the sizes of one scaling line."),
+            ("table", "size_tests", analysis.size_tests),
+            ("p", f"power: the smallest mean change of final fw loss (mde_loss; mde_percent of the p_bw = 0 mean) "
+                  f"that a paired t test at the {ALPHA:g} level detects with {POWER:.0%} power from these seeds' "
+                  "paired SD; correlation: of the two arms' final fw losses over the same seeds (3 pairs or more)."),
+            ("table", "power", analysis.power),
+            ("p", "arrow_of_time: where a setting trains both tasks equally (add at p_bw = 1, either at p_bw = "
+                  "0.5), the mean over seeds of the final fw − bw loss gap with its 95% t interval."),
+            ("table", "arrow_of_time", analysis.arrow_of_time) if len(analysis.arrow_of_time)
+            else ("p", "No setting trains both tasks equally."),
+        ]),
         ("Settings not compared", [
             ("p", "p_bw > 0 settings without a p_bw = 0 run sharing their data, tokenizer, seq_len, training "
                   "budget, recipe, size, task tokens and heads: no ratio 1 is computed for them."),
@@ -361,6 +444,16 @@ def _sections(analysis: Analysis, setup: pd.DataFrame, statements: list[str],
     ]
 
 
+def _long(table_block: tuple) -> bool:
+    return len(table_block[2]) > COLLAPSE_ROWS
+
+
+def _collapsed(table_block: tuple) -> str:
+    """The summary line of a collapsed table."""
+    name = table_block[1]
+    return f"{name}: {len(table_block[2])} rows (click to show; complete in {name}.csv where written)"
+
+
 def _html_block(block: tuple) -> str:
     kind = block[0]
     if kind == "p":
@@ -369,7 +462,8 @@ def _html_block(block: tuple) -> str:
         return "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in block[1]) + "</ul>"
     if kind == "table":
         body = _display(block[2]).to_html(index=False, table_id=block[1], na_rep="", border=0)
-        return f'<div class="scroll">{body}</div>'
+        shown = f'<div class="scroll">{body}</div>'
+        return f"<details><summary>{html.escape(_collapsed(block))}</summary>{shown}</details>" if _long(block) else shown
     caption, paths = block[1], block[2]
     images = "".join(
         f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
@@ -409,7 +503,8 @@ def _md_block(block: tuple, out_dir: Path) -> str:
     if kind == "ul":
         return "\n".join(f"- {_md(s)}" for s in block[1])
     if kind == "table":
-        return _md_table(block[2])
+        shown = _md_table(block[2])
+        return f"<details><summary>{_md(_collapsed(block))}</summary>\n\n{shown}\n\n</details>" if _long(block) else shown
     caption, paths = block[1], block[2]
     return "\n\n".join(
         f"![{_md(p.stem)}]({p.relative_to(out_dir).as_posix()})\n\n_{_md(p.stem)}: {_md(caption)}_" for p in paths

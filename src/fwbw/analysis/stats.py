@@ -1,6 +1,6 @@
 """The study's metrics (docs/method.md#the-research-question) over the tidy results table of a
-sweep: `analyse` computes every table once, as an `Analysis` that the report prints and the figures
-draw.
+sweep, and `Analysis`, the value holding every table, which sweep_analysis.analyse computes once
+(with effects' tables) for the report to print and the figures to draw.
 
 ratio 1 = metric_fw(p_bw = 0) / metric_fw(p_bw = x), same model size and variant (the p_bw = 0 runs
           of the same CONTEXT (data, tokenizer, seq_len, budget, recipe), size, task_tokens and
@@ -110,12 +110,12 @@ def runs_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def eval_points(df: pd.DataFrame, runs: pd.DataFrame, phase: str = EVAL_PHASE) -> pd.DataFrame:
-    """Done runs' evaluations in `phase`, one row per point with loss_fw, loss_bw, ppl_fw, ppl_bw,
+    """Done runs' evaluations in `phase`, one row per point with <metric>_fw, <metric>_bw (EVAL_METRICS),
     its nominal_epoch, fw_tokens and flops (training_cost); `runs` is runs_table(df)."""
     rows = df[(df.status == "done") & (df.phase == phase) & df.direction.notna()]
     key = ["run_id", "step", "tokens", "epoch", "seconds", "blocks_remaining"]
     fw, bw = (
-        rows.loc[rows.direction == d, [*key, *RATIO_METRICS]].rename(columns={m: f"{m}_{d}" for m in RATIO_METRICS})
+        rows.loc[rows.direction == d, [*key, *EVAL_METRICS]].rename(columns={m: f"{m}_{d}" for m in EVAL_METRICS})
         for d in DIRECTIONS
     )
     wide = fw.merge(bw, on=key, how="outer")
@@ -176,7 +176,7 @@ def last_points(points: pd.DataFrame) -> pd.DataFrame:
     return points[points.step == points.groupby("run_id").step.transform("max")].reset_index(drop=True)
 
 
-def _concat(frames: Iterable[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
+def concat_tables(frames: Iterable[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns))
 
@@ -256,7 +256,7 @@ def skipped_table(final: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
 def _ratio1_of_pairs(frames: list[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
     """p_bw = x points matched with baseline points (suffix _base) as one table, with ratio1_<metric> =
     fw metric of the baseline point / of the p_bw = x point; `columns` names the columns of the points."""
-    pairs = _concat(frames, [*columns, "run_id_base", *(f"{m}_fw_base" for m in RATIO_METRICS)])
+    pairs = concat_tables(frames, [*columns, "run_id_base", *(f"{m}_fw_base" for m in RATIO_METRICS)])
     for m in RATIO_METRICS:
         pairs[f"ratio1_{m}"] = pairs[f"{m}_fw_base"].astype(float) / pairs[f"{m}_fw"].astype(float)
     return pairs
@@ -400,7 +400,7 @@ def final_pairs_table(points: pd.DataFrame, final: pd.DataFrame, arm_list: list[
     (pairs_table), the other AXES end_pairs."""
     epoch = pairs_table(final, arm_list)
     epoch = epoch.assign(axis="epoch", axis_value=epoch.nominal_epoch)
-    return _concat([epoch, *(end_pairs(points, arm_list, a) for a in AXES if a != "epoch")], epoch.columns)
+    return concat_tables([epoch, *(end_pairs(points, arm_list, a) for a in AXES if a != "epoch")], epoch.columns)
 
 
 @dataclass(frozen=True)
@@ -463,7 +463,7 @@ def ratios_table(final: pd.DataFrame, final_pairs: pd.DataFrame, cut: pd.DataFra
     cut_pairs = pairs_table(cut, arm_list).assign(axis="epoch")
     parts += [(ratio1(cut, cut_pairs, "epoch", m) if r == "ratio1" else _ratio2(cut, m).assign(ratio=r))
               .assign(metric=m, phase=CUT_PHASE) for r, m in CUT_RATIOS]
-    table = _concat(parts, RATIO_COLUMNS).reindex(columns=RATIO_COLUMNS)
+    table = concat_tables(parts, RATIO_COLUMNS).reindex(columns=RATIO_COLUMNS)
     table["blocks_remaining"] = table.blocks_remaining.where(table.phase == CUT_PHASE)
     return table.astype({"blocks_remaining": "Int64", "epoch_start": float, "epoch_stop": float,
                          "value": float, "n": int, "n_base": "Int64", "n_x": "Int64",
@@ -489,7 +489,7 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, f
 def final_losses(final: pd.DataFrame, diverged: pd.DataFrame) -> pd.DataFrame:
     """Per setting: mean and 95% t interval over seeds of the final fw and bw loss, and how many runs
     diverged (`diverged`: their last points), which no statistic includes."""
-    runs = _concat([final.assign(diverged=False), diverged.assign(diverged=True)], [*final.columns, "diverged"])
+    runs = concat_tables([final.assign(diverged=False), diverged.assign(diverged=True)], [*final.columns, "diverged"])
     rows = []
     for setting, group in runs.groupby(SETTING, sort=True, dropna=False):
         ok = group[~group.diverged.astype(bool)]
@@ -564,8 +564,8 @@ def mask_summary(audit: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Analysis:
-    """Every table of a sweep's analysis, computed once by `analyse`: the report prints them and the
-    figures draw them. A table's name is its CSV's and its HTML table's."""
+    """Every table of a sweep's analysis, computed once by sweep_analysis.analyse: the report prints
+    them and the figures draw them. A table's name is its CSV's and its HTML table's."""
 
     windows: list[EpochWindow]
     runs: pd.DataFrame  # one row per run, every status (runs_table)
@@ -582,33 +582,7 @@ class Analysis:
     paired: pd.DataFrame  # PAIRED_COLUMNS
     mask_audit: pd.DataFrame  # AUDIT_COLUMNS
     mask_summary: pd.DataFrame  # MASK_SUMMARY_COLUMNS
-
-
-def analyse(df: pd.DataFrame, windows: Sequence[Window] = DEFAULT_WINDOWS) -> Analysis:
-    """The analysis of a sweep's tidy results table (study.results.COLUMNS)."""
-    runs = runs_table(df)
-    all_points = eval_points(df, runs)
-    diverged = diverged_runs(all_points)
-    points = all_points[~all_points.run_id.isin(diverged)].reset_index(drop=True)
-    diverged_last = last_points(all_points[all_points.run_id.isin(diverged)])
-    final = last_points(points)
-    arm_list = arms(final)
-    samples = _concat([samples_table(points, arm_list), *(axis_samples(points, arm_list, a) for a in AXES if a != "epoch")],
-                      SAMPLE_COLUMNS)
-    final_pairs = final_pairs_table(points, final, arm_list)
-    windows = epoch_windows(windows, samples, points.nominal_epoch.max())
-    # the layer cut's full model (blocks_remaining == depth) is the final validation point
-    cut_points = eval_points(df, runs, CUT_PHASE)
-    cut = _concat([final, cut_points[~cut_points.run_id.isin(diverged)]], final.columns)
-    audit = mask_audit(final, runs)
-    return Analysis(
-        windows=windows, runs=runs,
-        unfinished=runs[runs.status != "done"].reset_index(drop=True),
-        points=points, final=final, arms=arm_list,
-        diverged=diverged_last,
-        skipped=skipped_table(final, arm_list),
-        ratios=ratios_table(final, final_pairs, cut, windows, arm_list), ratio1_samples=samples,
-        final_pairs=final_pairs,
-        final_losses=final_losses(final, diverged_last),
-        paired=paired_comparison(final, final_pairs, arm_list), mask_audit=audit, mask_summary=mask_summary(audit),
-    )
+    scaling: pd.DataFrame  # effects.TREND_COLUMNS
+    size_tests: pd.DataFrame  # effects.SIZE_TEST_COLUMNS
+    power: pd.DataFrame  # effects.POWER_COLUMNS
+    arrow_of_time: pd.DataFrame  # effects.ARROW_COLUMNS

@@ -8,6 +8,7 @@ status, and the lock of the worker that trains it.
   model.safetensors    its weights
   checkpoints/         resumable state (fwbw.training.checkpoint), each stamped with the config id
   cut.json             the layer-cut evaluation (fwbw.training.evaluation)
+  samples.json         fw and bw continuations of held-out prompts (fwbw.study.samples)
   status.json          pending | running | done | failed, with the error (written by a sweep)
   .lock                held by the worker running it (written in full, then hard-linked into place)
 """
@@ -33,9 +34,10 @@ MODEL_CONFIG = "model_config.json"
 MODEL_WEIGHTS = "model.safetensors"
 CHECKPOINTS = "checkpoints"
 CUT = "cut.json"
+SAMPLES = "samples.json"
 STATUS = "status.json"
 LOCK = ".lock"
-OUTPUTS = (METRICS, SUMMARY, MODEL_CONFIG, MODEL_WEIGHTS, CUT)  # what training and the cut write
+OUTPUTS = (METRICS, SUMMARY, MODEL_CONFIG, MODEL_WEIGHTS, CUT, SAMPLES)  # what training, the cut and sampling write
 RUN_FILES = (CONFIG, *OUTPUTS, STATUS)  # what a restart removes, with the checkpoints
 STATUSES = ("pending", "running", "done", "failed")
 SHOWN_DIFFERENCES = 3  # differing fields named when a directory belongs to another config
