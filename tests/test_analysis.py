@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from fwbw.analysis.stats import RATIO_COLUMNS, mean_ci, select
+from fwbw.analysis.stats import RATIO1_CURVE_COLUMNS, RATIO_COLUMNS, mean_ci, select
 from fwbw.analysis.sweep_analysis import analyse
 
 A, B = (2, 8), (4, 16)  # model sizes (depth, width)
@@ -207,6 +207,20 @@ def test_samples_pair_nearest_epoch(analysis):
     assert len(s) == 2 * 3 + 3 * 3 + 3  # a5 (2 seeds), b5 (3 seeds), either (1 seed)
 
 
+def test_ratio1_curves_mean_seeds_per_nominal_epoch(analysis):
+    """Size A's add arm over epochs: seeds 0 and 1 paired at each nominal epoch, mean and t interval."""
+    curve = pick(analysis.ratio1_curves, axis="epoch", depth=2, bw_mode="add", p_bw=0.05).sort_values("nominal_epoch")
+    assert list(curve.nominal_epoch) == list(EPOCHS) and list(curve.axis_value) == list(EPOCHS)
+    assert list(curve.n) == [2, 2, 2]
+    for offset, row in zip(OFFSETS, curve.itertuples()):
+        ratios = [(A0[s][0] + offset) / (A5[s][0] + offset) for s in (0, 1)]
+        half = stats.t.ppf(0.975, 1) * np.std(ratios, ddof=1) / math.sqrt(2)
+        assert (row.mean, row.ci_low, row.ci_high) == pytest.approx((mean(ratios), mean(ratios) - half, mean(ratios) + half))
+    either = pick(analysis.ratio1_curves, axis="epoch", bw_mode="either")
+    assert list(either.n) == [1, 1, 1] and either.ci_low.isna().all()
+    assert set(analysis.ratio1_curves.axis) == set(analysis.ratio1_samples.axis)
+
+
 def test_layer_cut(ratios):
     r1 = pick(ratios, phase="cut", ratio="ratio1", metric="ppl", depth=4)
     assert sorted(r1.blocks_remaining.unique()) == [1, 2, 3, 4]
@@ -310,6 +324,7 @@ def test_no_done_runs():
     analysis = analyse(pd.DataFrame([failed_row("x", A, 0.05, 0)]))
     assert analysis.ratios.empty and list(analysis.ratios.columns) == RATIO_COLUMNS
     assert analysis.final_losses.empty and analysis.paired.empty and analysis.mask_audit.empty
+    assert analysis.ratio1_curves.empty and list(analysis.ratio1_curves.columns) == RATIO1_CURVE_COLUMNS
     assert len(analysis.unfinished) == 1
 
 

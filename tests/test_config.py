@@ -303,11 +303,11 @@ def test_presets_are_registered_functions(monkeypatch):
         build_sweep_spec("nope")
 
 
-def test_demo_preset_adds_one_leaking_run_at_the_largest_size():
+def test_demo_preset_adds_a_causal_and_a_leaking_run_on_both_tasks_at_the_largest_size():
     demo, small = build_sweep_spec("demo"), build_sweep_spec("cpu-small")
-    assert demo.configs()[:-1] == small.configs()
-    legacy = demo.configs()[-1]
-    assert legacy == dataclasses.replace(small.base, depth=4, width=128, p_bw=1.0, bw_mask="legacy-flip", seed=100)
+    assert demo.configs()[:-2] == small.configs()
+    both_tasks = dataclasses.replace(small.base, depth=4, width=128, p_bw=1.0, seed=100)
+    assert demo.configs()[-2:] == [both_tasks, dataclasses.replace(both_tasks, bw_mask="legacy-flip")]
 
 
 def test_extra_runs_may_not_repeat_a_grid_run(tmp_path):

@@ -126,8 +126,9 @@ def test_csv_outputs(report):
     ratios = pd.read_csv(out / "ratios.csv")
     assert list(ratios.columns) == RATIO_COLUMNS
     assert set(ratios.phase) == {"final", "window", "cut"}
-    for name in ("final_losses", "paired", "mask_audit", "runs", "ratio1_samples"):
+    for name in ("final_losses", "paired", "mask_audit", "runs", "ratio1_samples", "ratio1_curves"):
         assert len(pd.read_csv(out / f"{name}.csv")), name
+    assert list(pd.read_csv(out / "ratio1_curves.csv").columns) == stats.RATIO1_CURVE_COLUMNS
     for name, columns in EFFECT_CSVS.items():
         assert list(pd.read_csv(out / f"{name}.csv").columns) == columns, name
     assert len(pd.read_csv(out / "scaling.csv")) == 2  # causal and legacy-flip masks: one line over both sizes each

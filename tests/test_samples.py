@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from conftest import TOKENIZER, base_config
 
+from fwbw.cli import main
 from fwbw.data.corpora import load_corpus_tokenizer, load_token_data
 from fwbw.model.generate import continue_tokens
 from fwbw.study.samples import PROMPT_TOKENS, prompt_starts, write_samples
+from fwbw.study.sweep_dir import RUNS
 from fwbw.training import checkpoint, run_dir
 from fwbw.training.trainer import train
 
@@ -107,3 +110,49 @@ def test_unfinished_or_missing_runs_are_refused(trained, tmp_path):
     with pytest.raises(ValueError, match="too few for 100000 prompts"):
         write_samples(trained["plain"], prompts=100_000)
     assert not (unfinished / run_dir.SAMPLES).exists()
+
+
+def test_every_sweep_run_writes_its_samples(finished):
+    """A sweep's runs are sampled as they finish: greedy, three prompts, 24 tokens each way."""
+    runs = sorted((finished.out / RUNS).iterdir())
+    assert len(runs) == len(finished.outcome) == 9
+    for run in runs:
+        samples = json.loads((run / run_dir.SAMPLES).read_text())
+        assert (samples["decoding"], samples["new_tokens"], len(samples["samples"])) == ("greedy", NEW_TOKENS, 3)
+        model = checkpoint.load_model(run)
+        first = samples["samples"][0]
+        assert first["fw_ids"] == continue_tokens(model, first["prompt_ids"], "fw", NEW_TOKENS)
+
+
+@pytest.mark.parametrize("name", ["plain", "leaking"])
+def test_cli_prints_the_prompts_and_continuations(trained, capsys, name):
+    run = trained[name]
+    assert main(["samples", str(run), "--prompts", "2", "--new-tokens", "5"]) == 0
+    samples = json.loads((run / run_dir.SAMPLES).read_text())
+    assert (samples["new_tokens"], len(samples["samples"])) == (5, 2)
+    expected = []
+    for i, sample in enumerate(samples["samples"], start=1):
+        expected += [f"sample {i} (validation token {sample['position']}):",
+                     "  bw      " + ("none: the bw mask reads its own labels" if name == "leaking" else json.dumps(sample["bw"])),
+                     f"  prompt  {json.dumps(sample['prompt'])}", f"  fw      {json.dumps(sample['fw'])}"]
+    assert capsys.readouterr().out.splitlines() == expected
+
+
+@pytest.mark.parametrize("case, argv, message", [
+    ("empty", [], "{run} is not a run directory (no config.json)"),
+    ("unfinished", [], "{run}: no trained model (model.safetensors): has the run finished?"),
+    ("unfinished", ["--prompts", "0"], "{run}: no trained model (model.safetensors): has the run finished?"),
+    ("finished", ["--prompts", "0"], "samples: need prompts >= 1 and new_tokens >= 0, got 0 and 24"),
+])
+def test_cli_refuses_bad_runs_in_one_line(trained, tmp_path, capsys, case, argv, message):
+    run = tmp_path / case
+    if case == "finished":
+        shutil.copytree(trained["plain"], run)
+        (run / run_dir.SAMPLES).unlink(missing_ok=True)
+    else:
+        run.mkdir()
+    if case == "unfinished":
+        (run / run_dir.CONFIG).write_text((trained["plain"] / run_dir.CONFIG).read_text())
+    assert main(["samples", str(run), *argv]) == 2
+    assert capsys.readouterr().err == f"fwbw samples: error: {message.format(run=run)}\n"
+    assert not (run / run_dir.SAMPLES).exists()

@@ -133,6 +133,18 @@ def cmd_cut(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_samples(args: argparse.Namespace) -> int:
+    from fwbw.study.samples import write_samples
+
+    given = {key: getattr(args, key) for key in ("prompts", "new_tokens") if key in args}
+    for i, sample in enumerate(write_samples(args.run, **given)["samples"], start=1):
+        print(f"sample {i} (validation token {sample['position']}):")
+        for key in ("bw", "prompt", "fw"):  # in reading order: bw continues the prompt leftwards
+            text = "none: the bw mask reads its own labels" if sample[key] is None else json.dumps(sample[key])
+            print(f"  {key:<6}  {text}")
+    return 0
+
+
 def check_results_writable(sweep: Path) -> None:
     """Before any work: `sweep` is a sweep directory and its results table can be written."""
     from fwbw.study.sweep_dir import read_sweep
@@ -234,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--no-progress", action="store_true")
     cut.set_defaults(handler=cmd_cut)
 
+    samples = commands.add_parser("samples", help="(re)write and print a finished run's greedy fw and bw continuations")
+    samples.add_argument("run", type=Path)
+    samples.add_argument("--prompts", type=int, default=argparse.SUPPRESS, help="held-out prompts (default: as in a sweep)")
+    samples.add_argument("--new-tokens", type=int, default=argparse.SUPPRESS, help="tokens generated each way (default: as in a sweep)")
+    samples.set_defaults(handler=cmd_samples)
+
     results = commands.add_parser("results", help="rebuild and summarise a sweep's results table")
     results.add_argument("sweep", type=Path)
     results.set_defaults(handler=cmd_results)
@@ -243,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, help="folder for the report (default: SWEEP/report)")
     report.set_defaults(handler=cmd_report)
 
-    demo = commands.add_parser("demo", help="the cpu-small grid plus one legacy-flip run on the embedded data, then the report")
+    demo = commands.add_parser("demo", help="the cpu-small grid plus two p_bw = 1 runs (causal and legacy-flip) on the embedded data, then the report")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=cmd_demo)

@@ -11,7 +11,6 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
-import scipy.stats
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -20,7 +19,6 @@ from fwbw.analysis.stats import (
     ARM,
     AXES,
     BASELINE_VARIANT,
-    CONFIDENCE,
     CONTEXT,
     CUT_RATIOS,
     VARIANT,
@@ -122,15 +120,6 @@ def _sizes(group: list[Arm], final: pd.DataFrame) -> list[tuple[int, int, int]]:
     return sorted(((d, w, int(params[d, w])) for d, w in sizes), key=lambda s: (s[2], s[0]))
 
 
-def _seed_interval(table: pd.DataFrame, by: str, column: str) -> pd.DataFrame:
-    """Mean of `column` over the rows (one per seed) of each value of `by`, and mean ± the 95% t
-    interval: t_{(1+CONFIDENCE)/2, n-1} · s / sqrt(n) (NaN with one seed). For drawing only."""
-    grouped = table.groupby(by)[column]
-    mean, n = grouped.mean(), grouped.count()
-    half = grouped.sem() * scipy.stats.t.ppf((1 + CONFIDENCE) / 2, n - 1)
-    return pd.DataFrame({"mean": mean, "low": mean - half, "high": mean + half})
-
-
 def _reference_line(ax: Axes, label: str | None = None) -> None:
     """Ratio 1 of p_bw = 0 against itself: 1."""
     ax.axhline(1.0, color="0.5", ls="--", lw=1, label=label)
@@ -217,18 +206,17 @@ def compute_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------- ratio 1 curves
 
-def _ratio1_curve_panel(ax: Axes, samples: pd.DataFrame, arms: list[dict], colors: dict, axis: str) -> None:
-    """Per arm, ratio 1 (loss) at each nominal eval point: mean over seeds at the seeds' mean
-    `axis` value, band: mean ± the 95% t interval over seeds."""
+def _ratio1_curve_panel(ax: Axes, curves: pd.DataFrame, arms: list[dict], colors: dict, axis: str) -> None:
+    """Per arm, ratio 1 (loss) at each nominal eval point (analysis.ratio1_curves): mean over seeds at
+    the seeds' mean `axis` value, band: its 95% t interval over seeds."""
     for arm in arms:
-        own = select(samples, arm)
+        own = select(curves, arm).sort_values("nominal_epoch")
         if own.empty:
             continue
-        band = _seed_interval(own, "nominal_epoch", "ratio1_loss")
-        at = own.groupby("nominal_epoch").axis_value.mean()
-        ax.plot(at, band["mean"], marker="o", ms=3, color=colors[_key(arm, ROW_KEY)],
-                label=f"{arm_label(arm)} ({own.seed.nunique()} seeds)")
-        ax.fill_between(at, band["low"], band["high"], color=colors[_key(arm, ROW_KEY)], alpha=0.2, lw=0)
+        color = colors[_key(arm, ROW_KEY)]
+        ax.plot(own.axis_value, own["mean"], marker="o", ms=3, color=color,
+                label=f"{arm_label(arm)} ({own.n.max()} seeds)")
+        ax.fill_between(own.axis_value, own.ci_low.astype(float), own.ci_high.astype(float), color=color, alpha=0.2, lw=0)
     _reference_line(ax, "p_bw = 0")
     ax.set(xlabel=ALONG[AXES[axis]], ylabel="ratio 1 (fw loss)")
     ax.legend(fontsize="small")
@@ -236,7 +224,7 @@ def _ratio1_curve_panel(ax: Axes, samples: pd.DataFrame, arms: list[dict], color
 
 def ratio1_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
     """Ratio 1 (fw loss) over training (nominal epochs, fw tokens seen: RATIO1_CURVE_AXES, the rows),
-    one column per model size, one line per (p_bw, variant), drawn from the ratio 1 samples."""
+    one column per model size, one line per (p_bw, variant), drawn from analysis.ratio1_curves."""
     rows, final = arm_groups(analysis.arms), analysis.final
     if not rows:
         return []
@@ -247,8 +235,8 @@ def ratio1_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
     for axes_row, axis in zip(axes, RATIO1_CURVE_AXES):
         for ax, (depth, width, params) in zip(axes_row, sizes):
             ax.set_title(f"{size_label(depth, width)} ({params_label(params)})", fontsize="medium")
-            samples = select(analysis.ratio1_samples, {"axis": axis, "depth": depth, "width": width})
-            _ratio1_curve_panel(ax, samples, arms, colors, axis)
+            curves = select(analysis.ratio1_curves, {"axis": axis, "depth": depth, "width": width})
+            _ratio1_curve_panel(ax, curves, arms, colors, axis)
     fig.suptitle("ratio 1 = fw loss at p_bw = 0 / at p_bw = x over training (above 1: bw helped fw)\n"
                  "line: mean over seeds, band: its 95% t interval")
     return [_save(fig, Path(out_dir), "ratio1_curves")]

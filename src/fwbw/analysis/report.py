@@ -43,8 +43,9 @@ from fwbw.analysis.stats import (
 from fwbw.analysis.sweep_analysis import analyse
 from fwbw.files import atomic_write, atomic_write_text
 from fwbw.study.results import CUT_PHASE
-from fwbw.study.sweep_dir import RESULTS_CSV, RESULTS_PARQUET, SWEEP_FILE
+from fwbw.study.sweep_dir import RESULTS_CSV, RESULTS_PARQUET, RUNS, SWEEP_FILE
 from fwbw.study.sweep_dir import read_sweep as read_sweep_file
+from fwbw.training.run_dir import SAMPLES
 
 LEAK_RATIO = 0.8  # bw/fw final loss below this: bw far easier than fw (leak-free bw is within a few % of fw)
 
@@ -63,17 +64,21 @@ CAPTIONS = {
     "ratio1_scatter": "Ratio 1 of final fw loss against parameter count, coloured by width and by depth.",
 }
 RUN_COLUMNS = ["run_id", *CONTEXT, *SIZE, "num_params", *ARM, "seed", "status", "tokens", "epoch", "seconds", "error"]
-CSV_TABLES = ("ratios", "ratio1_samples", "final_losses", "paired", "skipped", "mask_audit", "runs",
+CSV_TABLES = ("ratios", "ratio1_samples", "ratio1_curves", "final_losses", "paired", "skipped", "mask_audit", "runs",
               "scaling", "size_tests", "power", "arrow_of_time")  # Analysis fields
 COLLAPSE_ROWS = 12  # a longer table is shown collapsed (complete in its CSV)
+TABLE_CSV = {"ratios_compute": "ratios", "ratios_cut": "ratios"}  # HTML table id -> its CSV, where they differ
 
 CSS = """
 body { font: 15px/1.45 system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1, h2, h3 { line-height: 1.2; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 table { border-collapse: collapse; font-size: 13px; margin: .5em 0 1em; }
 th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; } th { background: #f2f2f2; }
-.scroll { overflow-x: auto; } figure { margin: 1em 0; } img { max-width: 100%; }
-figcaption { color: #555; font-size: 13px; } li { margin: .25em 0; }
+.scroll { overflow-x: auto; } figure { margin: 0; } img { width: 100%; height: auto; }
+.figures { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 520px), 1fr)); gap: 1.5em 2em;
+           margin: 1em 0 1.5em; }
+figcaption { color: #555; font-size: 13px; } li { margin: .35em 0; }
+table.text td, table.text th { text-align: left; vertical-align: top; min-width: 12em; }
 """
 
 
@@ -186,13 +191,18 @@ def _equal_flops_statement(ratios: pd.DataFrame, row: dict, with_variant: bool) 
     """Ratio 1 of final fw loss and its percent change at equal training FLOPs: each seed pair compared
     where the run with less compute ended."""
     where = f"At equal training FLOPs, {size_label(row['depth'], row['width'])}, {_setting_label(row, with_variant)}"
-    ratio = select(ratios, {**{k: row[k] for k in SETTING}, "ratio": "ratio1", "metric": "loss", "phase": "final",
-                            "axis": "flops", "averaging": "ratio_then_mean"}).iloc[0]
+    ratio = _flops_ratio(ratios, row)
     if ratio["n"] == 0:
         return f"{where}: no seed pair whose training FLOPs overlap (n = 0): no comparison."
     return (f"{where} (each seed pair where the run with less compute ended): ratio 1 of fw loss "
             f"{_num(ratio['value'])} (n = {ratio['n']} seed pairs{_interval(ratio)}); fw loss changed by "
             f"{_percent(row, 'flops_')}.")
+
+
+def _flops_ratio(ratios: pd.DataFrame, row: dict) -> pd.Series:
+    """ratios.csv's ratio 1 (fw loss) at equal training FLOPs of the setting of paired.csv's `row`."""
+    return select(ratios, {**{k: row[k] for k in SETTING}, "ratio": "ratio1", "metric": "loss", "phase": "final",
+                           "axis": "flops", "averaging": "ratio_then_mean"}).iloc[0]
 
 
 def _interval(row) -> str:
@@ -309,36 +319,137 @@ def _status_statement(runs: pd.DataFrame) -> str:
             "left out of every statistic.")
 
 
-def findings(analysis: Analysis) -> list[str]:
-    """Plain statements of what the data shows, each with its numbers."""
+def _leaking_masks(mask_summary: pd.DataFrame) -> set[str]:
+    """The bw masks whose config flags them as reading their own labels."""
+    return set(mask_summary.loc[mask_summary.leaks_labels.astype(bool), "bw_mask"])
+
+
+def findings_by_question(analysis: Analysis) -> dict[str, list[str]]:
+    """Plain statements of what the data shows, each with its numbers, by the question they answer
+    (QUESTIONS' keys, in the report's order)."""
     runs, ratios, paired = analysis.runs, analysis.ratios, analysis.paired
     if not (runs.status == "done").any():
-        return [f"No run has finished (status done): there are no statistics or figures yet. "
-                f"{_status_statement(runs)}"]
+        return {"runs": [f"No run has finished (status done): there are no statistics or figures yet. "
+                         f"{_status_statement(runs)}"]}
     with_variant = paired[VARIANT].drop_duplicates().shape[0] > 1
-    out = [_status_statement(runs), *_diverged_statements(analysis.diverged)]
     power = analysis.power.to_dict("records")  # one row per paired row: both follow analysis.arms
-    out += [_paired_statement(row, with_variant, p) for row, p in zip(paired.to_dict("records"), power, strict=True)]
-    out += [_equal_flops_statement(ratios, row, with_variant) for row in paired.to_dict("records")]
-    out += [_trend_statement(row, with_variant) for row in analysis.scaling.to_dict("records")]
-    out += _holm_statements(analysis.size_tests, with_variant)
-    leaking = set(analysis.mask_summary.loc[analysis.mask_summary.leaks_labels.astype(bool), "bw_mask"])
-    out += [_arrow_statement(row, leaking) for row in analysis.arrow_of_time.to_dict("records")]
-    out += [f"Not compared: {size_label(r['depth'], r['width'])}, {arm_label(r)}: {r['reason']}."
-            for r in analysis.skipped.to_dict("records")]
+    equal_data = [_paired_statement(row, with_variant, p) for row, p in zip(paired.to_dict("records"), power, strict=True)]
+    equal_data += [f"Not compared: {size_label(r['depth'], r['width'])}, {arm_label(r)}: {r['reason']}."
+                   for r in analysis.skipped.to_dict("records")]
     one_seed = analysis.final_losses.n_seeds.eq(1).sum()
     if one_seed:
-        out.append(f"{one_seed} setting(s) have a single seed: their 95% interval is undefined (NaN), "
-                   "so seed-to-seed noise is unknown there.")
+        equal_data.append(f"{one_seed} setting(s) have a single seed: their 95% interval is undefined (NaN), "
+                          "so seed-to-seed noise is unknown there.")
     for key, group in arm_groups(analysis.arms):
         final = select(ratios, {**key, "ratio": "ratio1", "metric": "loss", "phase": "final", "axis": "epoch"})
-        out.append(_ratio1_statement(final, key))
-        out += [_window_statement(w, arm, analysis.points) for w in analysis.windows for arm in group]
+        equal_data.append(_ratio1_statement(final, key))
+        equal_data += [_window_statement(w, arm, analysis.points) for w in analysis.windows for arm in group]
     cut = ratios[ratios.phase == CUT_PHASE]
     cut_statements = (_cut_statement(cut, row, with_variant) for row in paired[[*SIZE, *ARM]].to_dict("records"))
-    out += [s for s in cut_statements if s]
-    out += _mask_statements(analysis.mask_summary)
-    return out
+    return {
+        "runs": [_status_statement(runs), *_diverged_statements(analysis.diverged)],
+        "equal_data": equal_data,
+        "equal_compute": [_equal_flops_statement(ratios, row, with_variant) for row in paired.to_dict("records")],
+        "scaling": [*(_trend_statement(row, with_variant) for row in analysis.scaling.to_dict("records")),
+                    *_holm_statements(analysis.size_tests, with_variant)],
+        "mask": _mask_statements(analysis.mask_summary),
+        "layer_cut": [s for s in cut_statements if s],
+        "arrow": [_arrow_statement(row, _leaking_masks(analysis.mask_summary))
+                  for row in analysis.arrow_of_time.to_dict("records")],
+    }
+
+
+def findings(analysis: Analysis) -> list[str]:
+    """Every statement of findings_by_question, in the report's order."""
+    return [s for statements in findings_by_question(analysis).values() for s in statements]
+
+
+# ----------------------------------------------------------------------------- the answer first
+
+def _verdict(low: float, high: float, n: int, detectable: float = np.nan) -> str:
+    """What a percent change of fw loss with its 95% interval says (above 0: fw loss rose)."""
+    if n == 0:
+        return "no seed has both runs"
+    if pd.isna(low):
+        return f"no interval at n = {n} seed"
+    if low > 0:
+        return f"bw training hurts (n = {n} seeds)"
+    if high < 0:
+        return f"bw training helps (n = {n} seeds)"
+    resolvable = f"no resolvable effect at n = {n} seeds"
+    return resolvable if pd.isna(detectable) else f"{resolvable}, the seeds could detect ±{detectable:.2f}%"
+
+
+def _leak_free(frame: pd.DataFrame, leaking: set[str]) -> list[dict]:
+    return frame[~frame.bw_mask.isin(leaking)].to_dict("records")
+
+
+def _equal_data_answer(analysis: Analysis, leaking: set[str]) -> str:
+    rows = zip(analysis.paired.to_dict("records"), analysis.power.to_dict("records"), strict=True)
+    clauses = [f"{_setting_label(row, True)}, {size_label(row['depth'], row['width'])}: {_percent(row)}, "
+               f"{_verdict(row['pct_ci_low'], row['pct_ci_high'], row['n'], p['mde_percent'])}"
+               for row, p in rows if row["bw_mask"] not in leaking]
+    head = "Equal data (same epochs), change of final fw loss with bw training"
+    return f"{head}: {'; '.join(clauses)}." if clauses else f"{head}: no leak-free setting has a paired comparison."
+
+
+def _equal_compute_answer(analysis: Analysis, leaking: set[str]) -> str:
+    clauses = []
+    for row in _leak_free(analysis.paired, leaking):
+        n = _flops_ratio(analysis.ratios, row)["n"]
+        clauses.append(f"{_setting_label(row, True)}, {size_label(row['depth'], row['width'])}: "
+                       f"{_percent(row, 'flops_')}, {_verdict(row['flops_pct_ci_low'], row['flops_pct_ci_high'], n)}")
+    head = "Equal compute (same training FLOPs), change of fw loss with bw training"
+    return f"{head}: {'; '.join(clauses)}." if clauses else f"{head}: no leak-free setting has a paired comparison."
+
+
+def _scaling_verdict(row: dict) -> str:
+    if pd.isna(row["slope"]):
+        return row["reason"]
+    if pd.isna(row["slope_ci_low"]):
+        return f"{_signed(row['slope'], 4)}, no interval: {row['reason']}"
+    interval = (f"{_signed(row['slope'], 4)} (95% CI {_signed(row['slope_ci_low'], 4)} … "
+                f"{_signed(row['slope_ci_high'], 4)}, {row['n_pairs']} seed pairs over {row['n_sizes']} sizes)")
+    if row["slope_ci_low"] > 0:
+        return f"{interval}: bw training helps fw more (or hurts less) at larger sizes"
+    if row["slope_ci_high"] < 0:
+        return f"{interval}: bw training helps fw less (or hurts more) at larger sizes"
+    return f"{interval}: no resolvable trend with size"
+
+
+def _scaling_answer(analysis: Analysis, leaking: set[str]) -> str:
+    clauses = [f"{_setting_label(row, True)}: {_scaling_verdict(row)}" for row in _leak_free(analysis.scaling, leaking)]
+    head = "Scaling with model size, slope of ln ratio 1 (fw loss) on ln parameter count"
+    return f"{head}: {'; '.join(clauses)}." if clauses else f"{head}: no leak-free setting."
+
+
+def _mask_clause(row: dict) -> str:
+    probes = (f"leak probes found a leak in {row['probe_leaks']} of {row['probed']} runs" if row["probed"]
+              else "no leak-probe result")
+    evidence = f"bw/fw final loss ratio {_num(row['bw_fw_loss_ratio'], 2)} over {row['runs']} runs, {probes}"
+    if row["leaks_labels"]:
+        return f"the {row['bw_mask']} mask leaks by design ({evidence}); its runs are left out of the answers above"
+    if row["probe_leaks"] or row["bw_fw_loss_ratio"] < LEAK_RATIO:
+        return f"the {row['bw_mask']} mask is suspect ({evidence}): its answers above may measure a leak"
+    verdict = "leak-free" if row["probed"] else "no leak in the losses, not probed"
+    return f"the {row['bw_mask']} mask is {verdict} ({evidence})"
+
+
+def headline(analysis: Analysis) -> list[str]:
+    """Three to five sentences that answer the study's questions (equal data, equal compute,
+    scaling, leak) from the analysis' tables, and the runs' status."""
+    statements = findings_by_question(analysis)
+    if "equal_data" not in statements:
+        return statements["runs"]
+    leaking = _leaking_masks(analysis.mask_summary)
+    mask = "; ".join(map(_mask_clause, analysis.mask_summary.to_dict("records")))
+    return [
+        _equal_data_answer(analysis, leaking),
+        _equal_compute_answer(analysis, leaking),
+        _scaling_answer(analysis, leaking),
+        f"Is the bw task leak-free? {mask[0].upper()}{mask[1:]}." if mask else "No bw run to audit for a leak.",
+        _status_statement(analysis.runs),
+    ]
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -377,33 +488,81 @@ def setup_table(sweep: dict, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["setting", "value"])
 
 
-def _sections(analysis: Analysis, setup: pd.DataFrame, statements: list[str],
-              figures: dict[str, list[Path]]) -> list[tuple[str, list[tuple]]]:
-    """The report as (title, blocks); a block is ("p", text), ("ul", items), ("table", id, frame)
-    or ("figures", caption, png paths)."""
-    shown_ratios = analysis.ratios[analysis.ratios.phase != CUT_PHASE]
+HEADLINE_FIGURES = ("loss_fw", "loss_fw_flops")  # the first screen's figures (file stems)
+FIGURE_SECTIONS = {"loss_curves": "equal_data", "ratio1_curves": "equal_data", "compute_curves": "equal_compute",
+                   "ratio1_violins": "scaling", "ratio1_scatter": "scaling", "layer_cut": "layer_cut"}
+SAMPLE_PROMPTS = 3  # prompts shown per run
+NO_BW_SAMPLE = "(none: this mask reads its own labels)"
+
+
+def _figure_blocks(figures: dict[str, list[Path]]) -> dict[str, list[tuple]]:
+    """The figures as one ("figures", [(png, caption)]) block per section key ("answer" first, any
+    kind without a section under "more"); each figure appears once."""
+    placed: dict[str, list[tuple[Path, str]]] = {}
+    for kind, paths in figures.items():
+        for path in paths:
+            where = "answer" if path.stem in HEADLINE_FIGURES else FIGURE_SECTIONS.get(kind, "more")
+            placed.setdefault(where, []).append((path, CAPTIONS.get(kind, "")))
+    return {where: [("figures", shown)] for where, shown in placed.items()}
+
+
+def _samples_frame(samples: dict) -> pd.DataFrame:
+    rows = [(s["held_out_before"], NO_BW_SAMPLE if s["bw"] is None else s["bw"], s["prompt"], s["fw"],
+             s["held_out_after"]) for s in samples["samples"][:SAMPLE_PROMPTS]]
+    return pd.DataFrame(rows, columns=["held-out text before", "bw model: text before", "prompt",
+                                       "fw model: text after", "held-out text after"])
+
+
+def sample_blocks(runs: pd.DataFrame, sweep_dir: Path) -> list[tuple]:
+    """For the first seed of each setting with a samples.json: its prompts with the model's bw
+    continuation before and fw continuation after, beside the held-out text."""
+    done = runs[runs.status == "done"].sort_values(["num_params", "p_bw", "seed"])
+    blocks = []
+    for run in done.drop_duplicates(subset=SETTING).to_dict("records"):
+        path = Path(sweep_dir) / RUNS / run["run_id"] / SAMPLES
+        if not path.is_file():
+            continue
+        samples = json.loads(path.read_text(encoding="utf-8"))
+        blocks += [("h3", f"{size_label(run['depth'], run['width'])}, {arm_label(run)}, seed {run['seed']} "
+                          f"({run['run_id']})"),
+                   ("table", f"samples-{run['run_id']}", _samples_frame(samples), "text")]
+    return blocks
+
+
+def _sections(analysis: Analysis, setup: pd.DataFrame, figures: dict[str, list[Path]],
+              samples: list[tuple]) -> list[tuple[str, list[tuple]]]:
+    """The report as (title, blocks): the answer first, one section per question, then setup and
+    runs. A block is ("p", text), ("ul", items), ("h3", text), ("table", id, frame[, css class]) or
+    ("figures", [(png path, caption)])."""
+    said = findings_by_question(analysis)
+    drawn = _figure_blocks(figures)
+    ratios = analysis.ratios
+    equal_data = ratios[(ratios.phase != CUT_PHASE) & ratios.axis.isin(["epoch", "fw_tokens"])]
+    equal_compute = ratios[(ratios.phase != CUT_PHASE) & ratios.axis.isin(["flops", "seconds"])]
     unfinished = analysis.unfinished[RUN_COLUMNS]
-    return [
-        ("Setup", [
-            ("p", "ratio 1 = fw metric at p_bw = 0 / at p_bw = x, same model size (above 1: the bw task helped "
-                  "fw); ratio 2 = fw metric / bw metric at the same setting. mean_then_ratio: mean over the seeds "
-                  "present in both arms, then the ratio; ratio_then_mean: ratio per run pair, then the mean; "
-                  "ci_low, ci_high: 95% t interval of the per-seed log ratio, exponentiated. Epoch windows average "
-                  "each run over the window first. Only finished, non-diverged runs count."),
-            ("table", "setup", setup),
-        ]),
-        ("Findings", [("ul", statements)]),
-        ("Final losses per setting", [
+    sections = [
+        ("The answer", [("ul", headline(analysis)), *drawn.get("answer", [])]),
+        ("Equal data: fw loss at the same epochs", [
+            ("ul", said.get("equal_data", [])), *drawn.get("equal_data", []),
             ("p", "Mean over seeds of each run's last validation loss, with its 95% t interval "
                   "(undefined, empty, with one seed)."),
             ("table", "final_losses", analysis.final_losses),
-        ]),
-        ("Paired comparison: p_bw = x against p_bw = 0", [
             ("p", "Final fw loss at p_bw = x minus at p_bw = 0, paired by seed (only seeds present in both). "
                   "exceeds_noise: the 95% t interval of the mean difference excludes 0."),
             ("table", "paired", analysis.paired),
+            ("p", "Settings not compared: p_bw > 0 settings without a p_bw = 0 run sharing their data, tokenizer, "
+                  "seq_len, training budget, recipe, size, task tokens and heads."),
+            ("table", "skipped", analysis.skipped) if len(analysis.skipped) else ("p", "None."),
+            ("p", "Final and epoch-window ratios over epochs and fw tokens."),
+            ("table", "ratios", equal_data),
         ]),
-        ("Effects across sizes: scaling, power, arrow of time", [
+        ("Equal compute: fw loss at the same training FLOPs", [
+            ("ul", said.get("equal_compute", [])), *drawn.get("equal_compute", []),
+            ("p", "Final and epoch-window ratios over training FLOPs and wall-clock seconds."),
+            ("table", "ratios_compute", equal_compute),
+        ]),
+        ("Scaling with model size and the power of the seeds", [
+            ("ul", said.get("scaling", [])), *drawn.get("scaling", []),
             ("p", "scaling: per setting but its size, the least-squares line of each seed pair's ln ratio 1 (fw "
                   "loss) on ln parameter count, with the slope's 95% t interval (none below 3 seed pairs or 2 sizes)."),
             ("table", "scaling", analysis.scaling),
@@ -414,33 +573,51 @@ def _sections(analysis: Analysis, setup: pd.DataFrame, statements: list[str],
                   f"that a paired t test at the {ALPHA:g} level detects with {POWER:.0%} power from these seeds' "
                   "paired SD; correlation: of the two arms' final fw losses over the same seeds (3 pairs or more)."),
             ("table", "power", analysis.power),
-            ("p", "arrow_of_time: where a setting trains both tasks equally (add at p_bw = 1, either at p_bw = "
-                  "0.5), the mean over seeds of the final fw − bw loss gap with its 95% t interval."),
-            ("table", "arrow_of_time", analysis.arrow_of_time) if len(analysis.arrow_of_time)
-            else ("p", "No setting trains both tasks equally."),
         ]),
-        ("Settings not compared", [
-            ("p", "p_bw > 0 settings without a p_bw = 0 run sharing their data, tokenizer, seq_len, training "
-                  "budget, recipe, size, task tokens and heads: no ratio 1 is computed for them."),
-            ("table", "skipped", analysis.skipped) if len(analysis.skipped) else ("p", "None."),
-        ]),
-        ("Ratios", [
-            ("p", "Final and epoch-window ratios; the layer-cut rows are in ratios.csv and the layer-cut "
-                  "figure."),
-            ("table", "ratios", shown_ratios),
-        ]),
-        ("Figures", [("figures", CAPTIONS[kind], paths) for kind, paths in figures.items() if paths]
-         or [("p", "No figures: no run has finished.")]),
-        ("Mask audit", [
+        ("The bw mask and the leak probes", [
+            ("ul", said.get("mask", [])),
             ("p", f"A leak-free bw task is about as hard as fw; a bw/fw loss ratio below {LEAK_RATIO} means bw "
                   "is far easier, as a leaking mask makes it."),
             ("table", "mask_summary", analysis.mask_summary),
             ("table", "mask_audit", analysis.mask_audit),
         ]),
-        ("Runs that failed or have not finished", [
-            ("table", "unfinished", unfinished) if len(unfinished) else ("p", "None: every run finished."),
+        ("Layer cut", [
+            ("ul", said.get("layer_cut", [])), *drawn.get("layer_cut", []),
+            ("table", "ratios_cut", ratios[ratios.phase == CUT_PHASE]),
         ]),
-        ("All runs", [("table", "runs", analysis.runs[RUN_COLUMNS])]),
+        ("Arrow of time: fw against bw", [
+            ("ul", said.get("arrow", [])),
+            ("p", "arrow_of_time: where a setting trains both tasks equally (add at p_bw = 1, either at p_bw = "
+                  "0.5), the mean over seeds of the final fw − bw loss gap with its 95% t interval."),
+            ("table", "arrow_of_time", analysis.arrow_of_time) if len(analysis.arrow_of_time)
+            else ("p", "No setting trains both tasks equally."),
+        ]),
+    ]
+    if "more" in drawn:
+        sections.append(("More figures", drawn["more"]))
+    if samples:
+        sections.append(("Samples", [
+            ("p", "Greedy continuations of held-out prompts (validation text, never trained on) by the first seed "
+                  "of each setting: the bw model writes the text before the prompt, the fw model the text after; "
+                  "the held-out text is what really surrounds the prompt."),
+            *samples,
+        ]))
+    return sections + [
+        ("Setup", [
+            ("p", "ratio 1 = fw metric at p_bw = 0 / at p_bw = x, same model size (above 1: the bw task helped "
+                  "fw); ratio 2 = fw metric / bw metric at the same setting. mean_then_ratio: mean over the seeds "
+                  "present in both arms, then the ratio; ratio_then_mean: ratio per run pair, then the mean; "
+                  "ci_low, ci_high: 95% t interval of the per-seed log ratio, exponentiated. Epoch windows average "
+                  "each run over the window first. Only finished, non-diverged runs count. The method: "
+                  "docs/method.md."),
+            ("table", "setup", setup),
+        ]),
+        ("Runs", [
+            ("ul", said["runs"]),
+            ("p", "Runs that failed or have not finished:"),
+            ("table", "unfinished", unfinished) if len(unfinished) else ("p", "None: every run finished."),
+            ("table", "runs", analysis.runs[RUN_COLUMNS]),
+        ]),
     ]
 
 
@@ -451,7 +628,8 @@ def _long(table_block: tuple) -> bool:
 def _collapsed(table_block: tuple) -> str:
     """The summary line of a collapsed table."""
     name = table_block[1]
-    return f"{name}: {len(table_block[2])} rows (click to show; complete in {name}.csv where written)"
+    csv = TABLE_CSV.get(name, name)
+    return f"{name}: {len(table_block[2])} rows (click to show; complete in {csv}.csv where written)"
 
 
 def _html_block(block: tuple) -> str:
@@ -460,17 +638,18 @@ def _html_block(block: tuple) -> str:
         return f"<p>{html.escape(block[1])}</p>"
     if kind == "ul":
         return "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in block[1]) + "</ul>"
+    if kind == "h3":
+        return f"<h3>{html.escape(block[1])}</h3>"
     if kind == "table":
-        body = _display(block[2]).to_html(index=False, table_id=block[1], na_rep="", border=0)
+        body = _display(block[2]).to_html(index=False, table_id=block[1], na_rep="", border=0, classes=block[3:])
         shown = f'<div class="scroll">{body}</div>'
         return f"<details><summary>{html.escape(_collapsed(block))}</summary>{shown}</details>" if _long(block) else shown
-    caption, paths = block[1], block[2]
     images = "".join(
         f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
         f"<figcaption>{html.escape(p.stem)}: {html.escape(caption)}</figcaption></figure>"
-        for p in paths
+        for p, caption in block[1]
     )
-    return images
+    return f'<div class="figures">{images}</div>'
 
 
 def render_html(title: str, sections: list[tuple[str, list[tuple]]]) -> str:
@@ -502,12 +681,14 @@ def _md_block(block: tuple, out_dir: Path) -> str:
         return _md(block[1])
     if kind == "ul":
         return "\n".join(f"- {_md(s)}" for s in block[1])
+    if kind == "h3":
+        return f"### {_md(block[1])}"
     if kind == "table":
         shown = _md_table(block[2])
         return f"<details><summary>{_md(_collapsed(block))}</summary>\n\n{shown}\n\n</details>" if _long(block) else shown
-    caption, paths = block[1], block[2]
     return "\n\n".join(
-        f"![{_md(p.stem)}]({p.relative_to(out_dir).as_posix()})\n\n_{_md(p.stem)}: {_md(caption)}_" for p in paths
+        f"![{_md(p.stem)}]({p.relative_to(out_dir).as_posix()})\n\n_{_md(p.stem)}: {_md(caption)}_"
+        for p, caption in block[1]
     )
 
 
@@ -529,7 +710,7 @@ def write_report(sweep_dir: Path, out_dir: Path, windows: Sequence[Window] = DEF
         atomic_write(out_dir / f"{name}.csv", lambda tmp: getattr(analysis, name).to_csv(tmp, index=False))
     figures = make_figures(analysis, out_dir / "figures")
     setup = setup_table(read_sweep(sweep_dir), analysis.runs)
-    sections = _sections(analysis, setup, findings(analysis), figures)
+    sections = _sections(analysis, setup, figures, sample_blocks(analysis.runs, sweep_dir))
     title = f"fwbw sweep report: {sweep_dir.name}"
     atomic_write_text(out_dir / "report.md", render_markdown(title, sections, out_dir))
     atomic_write_text(out_dir / "report.html", render_html(title, sections))

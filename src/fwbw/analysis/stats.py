@@ -88,6 +88,7 @@ SAMPLE_COLUMNS = [
     "nominal_epoch", *(f"ratio1_{m}" for m in RATIO_METRICS),
 ]
 SKIPPED_COLUMNS = [*SETTING, "reason"]
+RATIO1_CURVE_COLUMNS = [*SETTING, "axis", "nominal_epoch", "axis_value", "n", "mean", "ci_low", "ci_high"]
 MASK_SUMMARY_COLUMNS = ["bw_mask", "runs", "bw_fw_loss_ratio", "leaks_labels", "probed", "probe_leaks",
                         "probe_leak_runs"]
 
@@ -486,6 +487,17 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, f
     return mean, mean - half, mean + half
 
 
+def ratio1_curves(samples: pd.DataFrame) -> pd.DataFrame:
+    """Ratio 1 (loss) over training, per setting and axis: at each nominal epoch, the seeds' mean
+    axis value, their number n and the mean over seeds with its 95% t interval (mean_ci)."""
+    rows = []
+    for key, point in samples.groupby([*SETTING, "axis", "nominal_epoch"], sort=True, dropna=False):
+        mean, low, high = mean_ci(point.ratio1_loss, CONFIDENCE)
+        rows.append({**dict(zip([*SETTING, "axis", "nominal_epoch"], key)), "axis_value": point.axis_value.mean(),
+                     "n": point.seed.nunique(), "mean": mean, "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows, columns=RATIO1_CURVE_COLUMNS)
+
+
 def final_losses(final: pd.DataFrame, diverged: pd.DataFrame) -> pd.DataFrame:
     """Per setting: mean and 95% t interval over seeds of the final fw and bw loss, and how many runs
     diverged (`diverged`: their last points), which no statistic includes."""
@@ -577,6 +589,7 @@ class Analysis:
     skipped: pd.DataFrame  # SKIPPED_COLUMNS: p_bw > 0 settings without a comparable p_bw = 0 run
     ratios: pd.DataFrame  # RATIO_COLUMNS
     ratio1_samples: pd.DataFrame  # SAMPLE_COLUMNS, on every axis
+    ratio1_curves: pd.DataFrame  # RATIO1_CURVE_COLUMNS: ratio1_samples' mean over seeds per nominal epoch
     final_pairs: pd.DataFrame  # ratio 1 of the final points per seed pair and axis (final_pairs_table)
     final_losses: pd.DataFrame  # FINAL_LOSS_COLUMNS
     paired: pd.DataFrame  # PAIRED_COLUMNS

@@ -70,7 +70,9 @@ def cpu_small() -> dict:
 
 @preset("demo")
 def demo() -> dict:
-    """`fwbw demo`: cpu-small plus one run of the study's leaking mask at its largest size."""
+    """`fwbw demo`: cpu-small plus two runs at its largest size that train both tasks on every
+    step (p_bw = 1): one with the causal mask (the arrow of time: is bw harder than fw?) and one
+    with the study's leaking mask."""
     grid = cpu_small()
-    legacy = {"depth": max(grid["depths"]), "width": max(grid["widths"]), "p_bw": DEMO_LEGACY_P_BW, "bw_mask": "legacy-flip"}
-    return {**grid, "extra_runs": [legacy]}
+    largest = {"depth": max(grid["depths"]), "width": max(grid["widths"]), "p_bw": DEMO_LEGACY_P_BW}
+    return {**grid, "extra_runs": [largest, {**largest, "bw_mask": "legacy-flip"}]}

@@ -19,6 +19,7 @@ from fwbw.model.config import shape_for_model_scale
 from fwbw.model.hlb_gpt import count_params, training_flops_per_token
 from fwbw.schema import ConfigError, check_fields, require, show
 from fwbw.study.results import write_results
+from fwbw.study.samples import write_samples
 from fwbw.study.sweep_dir import RUNS, SWEEP_FILE, check_owner
 from fwbw.training.config import TrainConfig
 from fwbw.training.evaluation import write_cut
@@ -212,9 +213,11 @@ def write_sweep_file(out: Path, spec: SweepSpec, configs: list[TrainConfig]) -> 
 
 
 def train_and_cut(config: TrainConfig, run_dir: Path, progress: bool) -> None:
+    """Train the run, cut it layer by layer and write its samples (samples.json)."""
     trainer = Trainer(config, run_dir, progress=progress)
     trainer.run()
     write_cut(run_dir, trainer.model, trainer.valid, trainer.precision())
+    write_samples(run_dir, device=str(trainer.device))
 
 
 def _wants_training(run_dir: Path, retry_failed: bool) -> bool:
@@ -223,7 +226,7 @@ def _wants_training(run_dir: Path, retry_failed: bool) -> bool:
 
 
 def run_one(config: TrainConfig, run_dir: Path, retry_failed: bool, progress: bool) -> str:
-    """Train and cut one run unless it is done, failed (without retry) or held by another
+    """Train, cut and sample one run unless it is done, failed (without retry) or held by another
     worker; returns the status it ends with, or 'skipped'."""
     if not _wants_training(run_dir, retry_failed) or not claim(run_dir):
         return "skipped"
