@@ -16,7 +16,7 @@ EPOCHS = (0.5, 1.0, 2.0)
 OFFSETS = (0.75, 0.5, 0.0)  # loss above the final loss at the 1st, 2nd and 3rd validation point
 CUT_SLOPE = {0.0: 0.3, 0.05: 0.4}  # loss added per removed block
 SWITCHES = dict(model_scale=math.nan, num_heads=1, adaptive_p_bw=False,  # the study's switches, at their defaults
-                train_tokens=None, eval_every_epochs=0.5, recipe_id="r0")  # budget in tokens, eval grid, recipe
+                train_tokens=None, eval_tokens=4096, dtype="auto", eval_every_epochs=0.5, recipe_id="r0")  # budget in tokens, eval grid, recipe
 
 
 def run_rows(run_id, size, p_bw, seed, fw, bw, *, bw_mode="add", bw_mask="causal", status="done",
@@ -107,6 +107,11 @@ def mean(values):
     return sum(values) / len(values)
 
 
+def gmean(values):
+    """The geometric mean, ratio_then_mean's value (the centre of its log interval)."""
+    return math.exp(mean([math.log(v) for v in values]))
+
+
 def fw(runs):
     return [v[0] for v in runs.values()]
 
@@ -130,11 +135,11 @@ def test_ratio1_final(ratios, metric, f):
     half = stats.t.ppf(0.975, 1) * np.std(logs, ddof=1) / math.sqrt(2)
     assert (pooled.ci_low, pooled.ci_high) == pytest.approx((math.exp(mean(logs) - half), math.exp(mean(logs) + half)))
     assert one(add_a, averaging="ratio_then_mean").value == pytest.approx(
-        mean([f(A0[s][0]) / f(A5[s][0]) for s in (0, 1)]))  # seed 2 has no p_bw = 0.05 run
+        gmean([f(A0[s][0]) / f(A5[s][0]) for s in (0, 1)]))  # seed 2 has no p_bw = 0.05 run
     assert one(add_a, averaging="ratio_then_mean").n == 2
     add_b = pick(r, depth=4)
     assert one(add_b, averaging="ratio_then_mean").value == pytest.approx(
-        mean([f(B0[s][0]) / f(B5[s][0]) for s in (0, 1, 2)]))
+        gmean([f(B0[s][0]) / f(B5[s][0]) for s in (0, 1, 2)]))
     assert one(add_b, averaging="ratio_then_mean").n == 3
     either = pick(r, depth=2, bw_mode="either")  # compared with the shared p_bw = 0 runs of size A
     assert one(either, averaging="mean_then_ratio").value == pytest.approx(f(A0[0][0]) / f(EITHER[0]))
@@ -148,10 +153,10 @@ def test_ratio2_final(ratios):
     r = pick(ratios, ratio="ratio2", phase="final", metric="loss")
     a0 = pick(r, depth=2, p_bw=0.0)
     assert one(a0, averaging="mean_then_ratio").value == pytest.approx(4.2 / 6.3)
-    assert one(a0, averaging="ratio_then_mean").value == pytest.approx(mean([4.0 / 6.0, 4.2 / 6.3, 4.4 / 6.6]))
+    assert one(a0, averaging="ratio_then_mean").value == pytest.approx(gmean([4.0 / 6.0, 4.2 / 6.3, 4.4 / 6.6]))
     a5 = pick(r, depth=2, p_bw=0.05, bw_mode="add")  # the running seed 2 (loss 100) must not count
     assert one(a5, averaging="mean_then_ratio").value == pytest.approx(4.1 / 4.45)
-    assert one(a5, averaging="ratio_then_mean").value == pytest.approx(mean([4.1 / 4.5, 4.1 / 4.4]))
+    assert one(a5, averaging="ratio_then_mean").value == pytest.approx(gmean([4.1 / 4.5, 4.1 / 4.4]))
     assert set(a5.n) == {2}
     logs = np.log([4.1 / 4.5, 4.1 / 4.4])  # the interval of the per-run log ratio, exponentiated
     half = stats.t.ppf(0.975, 1) * np.std(logs, ddof=1) / math.sqrt(2)
@@ -163,27 +168,27 @@ def test_ratio2_final(ratios):
                                       / mean([math.exp(v[1]) for v in B5.values()]))
 
 
-def window_samples(base, x, positions):
-    """Ratio 1 (loss) samples at the given validation-point indices of paired seeds."""
-    return [(base[s][0] + OFFSETS[i]) / (x[s][0] + OFFSETS[i]) for s in x for i in positions]
+def window_value(base, x, positions):
+    """Ratio 1 (loss) in a window: each paired seed's mean over the given validation-point indices,
+    then the geometric mean over seeds."""
+    return gmean([mean([(base[s][0] + OFFSETS[i]) / (x[s][0] + OFFSETS[i]) for i in positions]) for s in x])
 
 
 def test_ratio1_windows(ratios):
     w = pick(ratios, phase="window", metric="loss", bw_mode="add")
     assert set(w.averaging) == {"ratio_then_mean"}
     first_a = one(w, depth=2, epoch_start=0.0, epoch_stop=1.0)
-    assert first_a.value == pytest.approx(mean(window_samples(A0, A5, (0, 1))))
+    assert first_a.value == pytest.approx(window_value(A0, A5, (0, 1)))
     assert (first_a.n, first_a.n_x, first_a.n_base) == (2, 2, 3)  # seeds, each averaged over its points first
     # seed 2 of size B is at epochs 0.51 / 1.02 / 2.03, paired with the baseline's by nominal epoch
     first_b = one(w, depth=4, epoch_start=0.0, epoch_stop=1.0)
-    assert first_b.value == pytest.approx(mean(window_samples(B0, B5, (0, 1))))
+    assert first_b.value == pytest.approx(window_value(B0, B5, (0, 1)))
     assert first_b.n == 3
     all_b = one(w, depth=4, epoch_start=0.0, epoch_stop=2.0)  # "end" = last epoch of the sweep
-    assert all_b.value == pytest.approx(mean(window_samples(B0, B5, (0, 1, 2))))
+    assert all_b.value == pytest.approx(window_value(B0, B5, (0, 1, 2)))
     assert all_b.n == 3
     ppl = one(ratios, phase="window", metric="ppl", depth=2, bw_mode="add", epoch_start=0.0, epoch_stop=2.0)
-    assert ppl.value == pytest.approx(mean([math.exp(v) for v in
-                                            [A0[s][0] - A5[s][0] for s in A5 for _ in EPOCHS]]))
+    assert ppl.value == pytest.approx(gmean([math.exp(A0[s][0] - A5[s][0]) for s in A5]))
 
 
 def test_empty_window_is_reported(ratios):
@@ -196,7 +201,7 @@ def test_empty_window_is_reported(ratios):
 def test_custom_windows():
     table = by_epoch(analyse(build_results(), windows=[(1.5, "end")]).ratios)
     w = one(table, phase="window", metric="loss", depth=4)
-    assert w.n == 3 and w.value == pytest.approx(mean(window_samples(B0, B5, (2,))))
+    assert w.n == 3 and w.value == pytest.approx(window_value(B0, B5, (2,)))
 
 
 def test_samples_pair_nearest_epoch(analysis):
@@ -229,12 +234,12 @@ def test_layer_cut(ratios):
         assert one(r1, blocks_remaining=k, averaging="mean_then_ratio").value == pytest.approx(
             mean([math.exp(v + c0) for v in fw(B0)]) / mean([math.exp(v + c5) for v in fw(B5)]))
         assert one(r1, blocks_remaining=k, averaging="ratio_then_mean").value == pytest.approx(
-            mean([math.exp(B0[s][0] + c0) / math.exp(B5[s][0] + c5) for s in B5]))
+            gmean([math.exp(B0[s][0] + c0) / math.exp(B5[s][0] + c5) for s in B5]))
     r2 = pick(ratios, phase="cut", ratio="ratio2", metric="loss", depth=2, p_bw=0.0)
     assert one(r2, blocks_remaining=2, averaging="mean_then_ratio").value == pytest.approx(4.2 / 6.3)
     assert one(r2, blocks_remaining=1, averaging="mean_then_ratio").value == pytest.approx(4.5 / 6.6)
     assert one(r2, blocks_remaining=1, averaging="ratio_then_mean").value == pytest.approx(
-        mean([(fw_ + 0.3) / (bw_ + 0.3) for fw_, bw_ in A0.values()]))
+        gmean([(fw_ + 0.3) / (bw_ + 0.3) for fw_, bw_ in A0.values()]))
     assert not len(pick(ratios, phase="cut", ratio="ratio1", metric="loss"))
 
 

@@ -100,8 +100,9 @@ def test_intervals_and_percent_change_over_seed_pairs():
     runs += [run_rows(f"a5-s{s}", A, 0.05, s, fw, 4.5, steps=shifted(1.05)) for s, fw in ((0, 4.0), (1, 4.2))]
     analysis = analyse(table(*runs))
     ratios = np.array([1.0, 4.0 / 4.2])
+    geometric = math.sqrt(ratios.prod())  # ratio_then_mean: the centre of its log interval
     row = final_row(analysis, "flops")
-    assert (row.value, row.n) == (pytest.approx(ratios.mean()), 2)
+    assert (row.value, row.n) == (pytest.approx(geometric), 2)
     assert (row.ci_low, row.ci_high) == pytest.approx(t_interval_of_logs(ratios))
     assert final_row(analysis, "flops", "mean_then_ratio").value == pytest.approx(8.0 / 8.2)
     low, high = t_interval_of_logs(1 / ratios)
@@ -111,7 +112,7 @@ def test_intervals_and_percent_change_over_seed_pairs():
     assert (paired["pct_change"], paired.pct_ci_low, paired.pct_ci_high) == pytest.approx(expected)
     statements = findings(analysis)
     assert (f"At equal training FLOPs, depth 2 / width 8, p_bw = 0.05 (each seed pair where the run with less "
-            f"compute ended): ratio 1 of fw loss {ratios.mean():.3f} (n = 2 seed pairs, 95% CI "
+            f"compute ended): ratio 1 of fw loss {geometric:.3f} (n = 2 seed pairs, 95% CI "
             f"{row.ci_low:.3f} … {row.ci_high:.3f}); fw loss changed by {expected[0]:+.2f}% (95% CI "
             f"{expected[1]:+.2f}% … {expected[2]:+.2f}%).") in statements
     assert any(s.startswith("At depth 2 / width 8, p_bw = 0.05 changed final fw loss by +0.100") and

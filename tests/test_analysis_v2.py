@@ -127,15 +127,16 @@ def test_windows_average_each_run_first_and_speak_per_size():
     analysis = analyse(table(*rows), windows=[(0.0, 1.0)])
     per_seed = np.array([mean([(fw + OFFSETS[i]) / (4.1 + OFFSETS[i]) for i in (0, 1)]) for fw in (4.0, 4.3)])
     row = one(by_epoch(analysis.ratios), phase="window", metric="loss", depth=2)
-    assert row.value == pytest.approx(per_seed.mean()) and (row.n, row.n_base, row.n_x) == (2, 2, 2)
+    geometric = math.exp(np.log(per_seed).mean())  # ratio_then_mean: the centre of the log interval
+    assert row.value == pytest.approx(geometric) and (row.n, row.n_base, row.n_x) == (2, 2, 2)
     low, high = t_interval_of_logs(per_seed)
     assert (row.ci_low, row.ci_high) == pytest.approx((low, high))
     statements = findings(analysis)
-    assert (f"Ratio 1 (fw loss) in epochs [0, 1], depth 2 / width 8, p_bw = 0.05, add, causal mask: mean "
-            f"{per_seed.mean():.3f} over n = 2 seeds, each averaged over its points first, 95% CI {low:.3f} … "
+    assert (f"Ratio 1 (fw loss) in epochs [0, 1], depth 2 / width 8, p_bw = 0.05, add, causal mask: geometric mean "
+            f"{geometric:.3f} over n = 2 seeds, each averaged over its points first, 95% CI {low:.3f} … "
             f"{high:.3f}; 1 of 2 seeds above 1.") in statements
     b_seed = mean([(2.0 + OFFSETS[i]) / (3.0 + OFFSETS[i]) for i in (0, 1)])
-    assert (f"Ratio 1 (fw loss) in epochs [0, 1], depth 4 / width 16, p_bw = 0.05, add, causal mask: mean "
+    assert (f"Ratio 1 (fw loss) in epochs [0, 1], depth 4 / width 16, p_bw = 0.05, add, causal mask: geometric mean "
             f"{b_seed:.3f} over n = 1 seeds, each averaged over its points first; 0 of 1 seeds above 1.") in statements
     assert sum(s.startswith("Ratio 1 (fw loss) in epochs") for s in statements) == 2
 
@@ -149,7 +150,7 @@ def test_a_window_weighs_seeds_not_points():
     seed0 = mean([(4.0 + o) / (4.1 + o) for o in OFFSETS[:2]])
     seed1 = (4.0 + OFFSETS[0]) / (3.9 + OFFSETS[0])
     row = one(by_epoch(analyse(table(*rows), windows=[(0.0, 1.0)]).ratios), phase="window", metric="loss")
-    assert row.value == pytest.approx(mean([seed0, seed1])) and row.n == 2
+    assert row.value == pytest.approx(math.sqrt(seed0 * seed1)) and row.n == 2
 
 
 # defect 6 ---------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def test_a_diverged_run_is_counted_not_hidden():
     assert (one(analysis.final_losses, p_bw=0.0).n_diverged, one(analysis.paired, p_bw=0.05).n) == (0, 1)
     row = final_ratio1(analysis, "mean_then_ratio")
     assert row.value == pytest.approx(4.0 / 4.1) and (row.n, row.n_base, row.n_x) == (1, 2, 1)
-    assert ("1 run(s) diverged (non-finite validation loss) at depth 2 / width 8, p_bw = 0.05, add, causal mask: "
+    assert ("1 run(s) diverged (non-finite loss in training or validation) at depth 2 / width 8, p_bw = 0.05, add, causal mask: "
             "a5-s1; left out of every statistic and counted in final_losses.n_diverged.") in findings(analysis)
 
 

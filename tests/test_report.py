@@ -27,12 +27,12 @@ from fwbw.analysis.report import findings, write_report
 from fwbw.analysis.sweep_analysis import analyse
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-RATIO_COLUMNS = ["metric", "ratio", "averaging", "data", "tokenizer", "seq_len", "epochs", "train_tokens", "recipe_id",
+RATIO_COLUMNS = ["metric", "ratio", "averaging", "data", "tokenizer", "seq_len", "epochs", "train_tokens", "eval_tokens", "dtype", "recipe_id",
                  "depth", "width", "model_scale", "p_bw", "bw_mode", "bw_mask",
                  "task_tokens", "num_heads", "adaptive_p_bw", "phase", "axis", "epoch_start", "epoch_stop", "blocks_remaining",
                  "value", "n", "n_base", "n_x", "ci_low", "ci_high"]
 SWITCHES = dict(model_scale=None, num_heads=1, adaptive_p_bw=False, probe_leak_fw=False, probe_train_leak_fw=False,
-                epochs=1.0, train_tokens=None, eval_every_epochs=0.25, recipe_id="r0")
+                epochs=1.0, train_tokens=None, eval_tokens=4096, dtype="auto", eval_every_epochs=0.25, recipe_id="r0")
 TABLE_IDS = ["setup", "final_losses", "paired", "scaling", "size_tests", "power", "ratios", "mask_summary", "mask_audit",
              "unfinished", "runs"]
 EFFECT_CSVS = {"scaling": TREND_COLUMNS, "size_tests": SIZE_TEST_COLUMNS, "power": POWER_COLUMNS,

@@ -36,6 +36,7 @@ from fwbw.analysis.stats import (
     Arm,
     EpochWindow,
     Window,
+    geometric_mean,
     log_ratio_ci,
     seed_means,
     select,
@@ -141,6 +142,7 @@ def _paired_statement(row: dict, with_variant: bool, power: dict) -> str:
     if pd.isna(row["exceeds_noise"]):
         return (f"{change} (n = 1 seed): with one seed the 95% interval is undefined, so seed noise is "
                 f"unknown{percent}")
+    # exceeds_noise comes from the percent change's interval, as the headline's verdict does
     verdict = "larger than seed noise" if row["exceeds_noise"] else f"within seed noise{_detectable(power)}"
     return (f"{change} (95% CI {_signed(row['ci_low'])} … {_signed(row['ci_high'])}, "
             f"n = {row['n']} seeds): {verdict}{percent}{_correlation(power)}")
@@ -241,7 +243,7 @@ def _ratio1_statement(final: pd.DataFrame, arm: dict) -> str:
 
 def _window_statement(window: EpochWindow, arm: Arm, points: pd.DataFrame) -> str:
     """Ratio 1 (fw loss) of one size in one epoch window: each seed's mean over the window's points,
-    then the mean over seeds, as in ratios.csv."""
+    then the geometric mean over seeds, as in ratios.csv."""
     where = (f"Ratio 1 (fw loss) in epochs {window_label(window)}, "
              f"{size_label(arm.setting['depth'], arm.setting['width'])}, {arm_label(arm.setting)}")
     seeds = seed_means(select(window.samples, {**arm.setting, "axis": "epoch"})).ratio1_loss
@@ -254,13 +256,13 @@ def _window_statement(window: EpochWindow, arm: Arm, points: pd.DataFrame) -> st
                 "here, none with a p_bw = 0 point of the same seed within half an eval interval (n = 0).")
     low, high = log_ratio_ci(seeds)
     interval = {"ci_low": low, "ci_high": high}
-    return (f"{where}: mean {_num(seeds.mean())} over n = {len(seeds)} seeds, each averaged over its points "
+    return (f"{where}: geometric mean {_num(geometric_mean(seeds))} over n = {len(seeds)} seeds, each averaged over its points "
             f"first{_interval(interval)}; {int((seeds > 1).sum())} of {len(seeds)} seeds above 1.")
 
 
 def _diverged_statements(diverged: pd.DataFrame) -> list[str]:
     return [
-        f"{len(runs)} run(s) diverged (non-finite validation loss) at "
+        f"{len(runs)} run(s) diverged (non-finite loss in training or validation) at "
         f"{size_label(setting['depth'], setting['width'])}, {arm_label(setting)}: {' '.join(sorted(runs.run_id))}; "
         "left out of every statistic and counted in final_losses.n_diverged."
         for setting, runs in ((r, select(diverged, r)) for r in diverged[SETTING].drop_duplicates().to_dict("records"))
@@ -340,6 +342,9 @@ def findings_by_question(analysis: Analysis) -> dict[str, list[str]]:
     if one_seed:
         equal_data.append(f"{one_seed} setting(s) have a single seed: their 95% interval is undefined (NaN), "
                           "so seed-to-seed noise is unknown there.")
+    if paired.adaptive_p_bw.astype(bool).any():
+        equal_data.append("adaptive_p_bw settings are compared at equal epochs and seconds only: their p_bw moves "
+                          "and the results hold no count of bw steps, so their fw tokens and FLOPs are unknown (NaN).")
     for key, group in arm_groups(analysis.arms):
         final = select(ratios, {**key, "ratio": "ratio1", "metric": "loss", "phase": "final", "axis": "epoch"})
         equal_data.append(_ratio1_statement(final, key))
@@ -514,14 +519,13 @@ def _samples_frame(samples: dict) -> pd.DataFrame:
 
 
 def sample_blocks(runs: pd.DataFrame, sweep_dir: Path) -> list[tuple]:
-    """For the first seed of each setting with a samples.json: its prompts with the model's bw
+    """For the first seed of each setting that has a samples.json: its prompts with the model's bw
     continuation before and fw continuation after, beside the held-out text."""
     done = runs[runs.status == "done"].sort_values(["num_params", "p_bw", "seed"])
+    sampled = done[[(Path(sweep_dir) / RUNS / r / SAMPLES).is_file() for r in done.run_id]]
     blocks = []
-    for run in done.drop_duplicates(subset=SETTING).to_dict("records"):
+    for run in sampled.drop_duplicates(subset=SETTING).to_dict("records"):
         path = Path(sweep_dir) / RUNS / run["run_id"] / SAMPLES
-        if not path.is_file():
-            continue
         samples = json.loads(path.read_text(encoding="utf-8"))
         blocks += [("h3", f"{size_label(run['depth'], run['width'])}, {arm_label(run)}, seed {run['seed']} "
                           f"({run['run_id']})"),
@@ -606,7 +610,7 @@ def _sections(analysis: Analysis, setup: pd.DataFrame, figures: dict[str, list[P
         ("Setup", [
             ("p", "ratio 1 = fw metric at p_bw = 0 / at p_bw = x, same model size (above 1: the bw task helped "
                   "fw); ratio 2 = fw metric / bw metric at the same setting. mean_then_ratio: mean over the seeds "
-                  "present in both arms, then the ratio; ratio_then_mean: ratio per run pair, then the mean; "
+                  "present in both arms, then the ratio; ratio_then_mean: ratio per run pair, then the geometric mean; "
                   "ci_low, ci_high: 95% t interval of the per-seed log ratio, exponentiated. Epoch windows average "
                   "each run over the window first. Only finished, non-diverged runs count. The method: "
                   "docs/method.md."),

@@ -3,25 +3,28 @@ sweep, and `Analysis`, the value holding every table, which sweep_analysis.analy
 (with effects' tables) for the report to print and the figures to draw.
 
 ratio 1 = metric_fw(p_bw = 0) / metric_fw(p_bw = x), same model size and variant (the p_bw = 0 runs
-          of the same CONTEXT (data, tokenizer, seq_len, budget, recipe), size, task_tokens and
+          of the same CONTEXT (data, tokenizer, seq_len, budget, eval_tokens, dtype, recipe), size, task_tokens and
           num_heads, preferring those of the same bw_mode/bw_mask);
           above 1: training on the bw task helped the fw task.
 ratio 2 = metric_fw / metric_bw, same setting; below 1: fw is easier than bw.
 mean_then_ratio: mean over the seeds present in both runs' settings (ratio 1) or over runs (ratio 2),
                  then the ratio.
 ratio_then_mean: the ratio per run pair (ratio 1: the p_bw = x and p_bw = 0 runs of one seed;
-                 ratio 2: fw and bw of one run), then the mean.
+                 ratio 2: fw and bw of one run), then their geometric mean exp(mean log ratio), the
+                 centre of the interval below.
 
 The n next to a value counts what it rests on: seed pairs (ratio 1, both averagings and epoch
 windows, where each run is first averaged over the window's points), runs (ratio 2); n_x and n_base
 count the seeds of each arm before pairing (ratio 1). n = 0 means there is no value. ci_low, ci_high:
 the 95% t interval of the mean log ratio over seed pairs (runs for ratio 2), exponentiated (NaN
 below 2). Validation points are placed at their nominal epoch (nominal_epochs). Only runs with
-status "done" and finite validation losses (not diverged) enter any statistic.
+status "done" and finite validation losses (not diverged) enter any statistic; a setting with more than
+one run of a seed counts its first (by run_id) in each arm.
 
 Ratio 1 is compared along an axis (AXES): "epoch" pairs points by nominal epoch (within half an
 eval interval); "fw_tokens", "flops" and "seconds" compare both runs at the same fw tokens seen,
-training FLOPs or wall-clock seconds (training_cost), the baseline's fw curve interpolated linearly
+training FLOPs or wall-clock seconds (training_cost; adaptive_p_bw runs have no fw_tokens or
+flops, so they are compared on "epoch" and "seconds" only), the baseline's fw curve interpolated linearly
 between its own points and never extrapolated. Final rows on those axes compare the two runs of a
 seed where the shorter one (on that axis) ended; window rows take the p_bw = x points whose nominal
 epoch is in the window. The percent change of fw loss is 100 (exp(mean log(x / base)) - 1) over seed
@@ -44,8 +47,10 @@ from fwbw.model.masks import DIRECTIONS
 from fwbw.study.results import COLUMNS, CUT_PHASE, EVAL_PHASE, PROBE_COLUMNS
 from fwbw.training.evaluation import EVAL_METRICS
 from fwbw.training.probes import probe_keys
+from fwbw.training.trainer import TrainingDiverged
 
-CONTEXT = ["data", "tokenizer", "seq_len", "epochs", "train_tokens", "recipe_id"]  # what every compared run shares
+# what every compared run shares
+CONTEXT = ["data", "tokenizer", "seq_len", "epochs", "train_tokens", "eval_tokens", "dtype", "recipe_id"]
 SIZE = ["depth", "width", "model_scale"]  # model_scale: hlb-gpt's sizing, missing (NaN) for depth x width runs
 VARIANT = ["bw_mode", "bw_mask", "task_tokens", "num_heads", "adaptive_p_bw"]
 BASELINE_VARIANT = ["task_tokens", "num_heads"]  # what a p_bw = 0 baseline shares with its arm; the rest acts on bw steps only
@@ -142,15 +147,17 @@ def training_cost(points: pd.DataFrame) -> dict[str, pd.Series]:
     """fw tokens seen and training FLOPs up to each point. A step of `tokens` trains fw on all of
     them and, with probability p_bw, bw too ("add": FLOPs (1 + p_bw) x the fw-only FLOPs), or bw
     instead of fw ("either": (1 - p_bw) fw tokens, the FLOPs of one task). The results hold no
-    count of a run's bw steps, so p_bw is the configured one (its expectation; an adaptive_p_bw run's
-    starting value), and the FLOPs per token are taken at the run's final seq_len (flops_per_token)."""
+    count of a run's bw steps, so p_bw is the configured one (its expectation), and the FLOPs per
+    token are taken at the run's final seq_len (flops_per_token). An adaptive_p_bw run's p_bw moves
+    during training, so its cost is unknown: NaN on both, and it is not compared on those axes."""
     shape = ["depth", "width", "seq_len", "num_params"]
     shapes = points[shape].drop_duplicates()
     shapes["per_token"] = [flops_per_token(*s) for s in shapes.itertuples(index=False)]
     fw_only = points[shape].merge(shapes, on=shape, how="left").per_token.to_numpy(dtype=float)
     tokens, p_bw, either = points.tokens.astype(float), points.p_bw.astype(float), points.bw_mode == "either"
-    return {"fw_tokens": tokens * (1 - p_bw.where(either, 0.0)),
-            "flops": tokens * fw_only * (1 + p_bw.where(~either, 0.0))}
+    known = ~points.adaptive_p_bw.astype(bool)
+    return {"fw_tokens": (tokens * (1 - p_bw.where(either, 0.0))).where(known),
+            "flops": (tokens * fw_only * (1 + p_bw.where(~either, 0.0))).where(known)}
 
 
 def nominal_epochs(points: pd.DataFrame) -> pd.Series:
@@ -166,10 +173,12 @@ def nominal_epochs(points: pd.DataFrame) -> pd.Series:
     return scheduled.where(~last, budget)
 
 
-def diverged_runs(points: pd.DataFrame) -> set[str]:
-    """Done runs with a non-finite validation loss at any point."""
+def diverged_runs(points: pd.DataFrame, runs: pd.DataFrame) -> set[str]:
+    """Done runs with a non-finite validation loss at any point, and failed runs whose training
+    diverged (error "TrainingDiverged: ...", as the sweep records it); `runs` is runs_table."""
     losses = points[[f"loss_{d}" for d in DIRECTIONS]].astype(float)
-    return set(points.run_id[~np.isfinite(losses).all(axis=1)])
+    failed = (runs.status == "failed") & runs.error.fillna("").astype(str).str.startswith(TrainingDiverged.__name__)
+    return set(points.run_id[~np.isfinite(losses).all(axis=1)]) | set(runs.run_id[failed])
 
 
 def last_points(points: pd.DataFrame) -> pd.DataFrame:
@@ -199,7 +208,7 @@ class Arm:
     """A setting with p_bw > 0, its done runs, and the p_bw = 0 runs it is compared against."""
 
     setting: dict
-    runs: list[str]
+    runs: list[str]  # one run per seed
     baseline: list[str]  # one run per seed
 
 
@@ -215,7 +224,12 @@ def _baseline(final: pd.DataFrame, setting: dict) -> pd.DataFrame:
     zero = _same_size(final, setting, CONTEXT)
     exact = select(zero, {k: setting[k] for k in ("bw_mode", "bw_mask")})
     chosen = exact if len(exact) else zero
-    return chosen.sort_values("run_id").drop_duplicates("seed")
+    return _first_per_seed(chosen)
+
+
+def _first_per_seed(runs: pd.DataFrame) -> pd.DataFrame:
+    """The first run (by run_id) of each seed: a seed counts once however many runs it has."""
+    return runs.sort_values("run_id").drop_duplicates("seed")
 
 
 def arms(final: pd.DataFrame) -> list[Arm]:
@@ -223,7 +237,7 @@ def arms(final: pd.DataFrame) -> list[Arm]:
     baseline runs."""
     settings = final.loc[final.p_bw > 0, SETTING].drop_duplicates().sort_values(SETTING)
     return [
-        Arm(s, select(final, s).run_id.tolist(), _baseline(final, s).run_id.tolist())
+        Arm(s, _first_per_seed(select(final, s)).run_id.tolist(), _baseline(final, s).run_id.tolist())
         for s in settings.to_dict("records")
     ]
 
@@ -234,7 +248,7 @@ def _shown(value) -> str:
 
 def _no_baseline_reason(final: pd.DataFrame, setting: dict) -> str:
     """Why a setting has no p_bw = 0 run to compare with: none of its size, or those of its size differ
-    in what the comparison must hold fixed (data, tokenizer, seq_len, budget, recipe)."""
+    in what the comparison must hold fixed (data, tokenizer, seq_len, budget, eval_tokens, dtype, recipe)."""
     zero = _same_size(final, setting, [])
     if zero.empty:
         return "no p_bw = 0 run of this size, task tokens and heads"
@@ -277,6 +291,12 @@ def pairs_table(points: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
     return _ratio1_of_pairs(frames, points.columns)
 
 
+def geometric_mean(ratios: Iterable[float]) -> float:
+    """exp(mean log ratio): the centre of log_ratio_ci's interval (NaN without ratios)."""
+    logs = np.log(np.asarray(list(ratios), dtype=float))
+    return math.exp(logs.mean()) if len(logs) else math.nan
+
+
 def log_ratio_ci(ratios: Iterable[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
     """The t interval of the mean log ratio, exponentiated: ratios are summarised on the log scale."""
     _, low, high = mean_ci(np.log(np.asarray(list(ratios), dtype=float)), confidence)
@@ -293,7 +313,7 @@ def _ratio1_pair_rows(setting: dict, x: pd.DataFrame, base: pd.DataFrame, pairs:
     common = {**setting, **counts, "ci_low": ci_low, "ci_high": ci_high}
     pooled = pairs[f"{metric}_fw_base"].astype(float).mean() / pairs[f"{metric}_fw"].astype(float).mean()
     return [{**common, "averaging": "mean_then_ratio", "value": pooled if len(pairs) else math.nan},
-            {**common, "averaging": "ratio_then_mean", "value": pairs[col].mean()}]
+            {**common, "averaging": "ratio_then_mean", "value": geometric_mean(pairs[col])}]
 
 
 def _ratio1(points: pd.DataFrame, pairs: pd.DataFrame, arm_list: list[Arm], metric: str) -> pd.DataFrame:
@@ -316,7 +336,7 @@ def _ratio2(points: pd.DataFrame, metric: str) -> pd.DataFrame:
         return pd.DataFrame()
     both = both.assign(r=both[fw].astype(float) / both[bw].astype(float))
     agg = both.groupby([*SETTING, "blocks_remaining"], dropna=False).agg(
-        fw=(fw, "mean"), bw=(bw, "mean"), r=("r", "mean"), n=("r", "size"),
+        fw=(fw, "mean"), bw=(bw, "mean"), r=("r", geometric_mean), n=("r", "size"),
         ci_low=("r", lambda r: log_ratio_ci(r)[0]), ci_high=("r", lambda r: log_ratio_ci(r)[1]),
     ).reset_index()
     keys = agg[[*SETTING, "blocks_remaining", "n", "ci_low", "ci_high"]]
@@ -361,8 +381,12 @@ def _same_seed_runs(points: pd.DataFrame, arm: Arm) -> Iterable[tuple[pd.DataFra
 
 
 def _fw_at(run: pd.DataFrame, column: str, at) -> dict[str, np.ndarray]:
-    """The run's fw metrics interpolated linearly at `at` on `column`, NaN outside the run's points."""
+    """The run's fw metrics interpolated linearly at `at` on `column`, NaN outside the run's points
+    and everywhere when `column` does not increase strictly along the run (e.g. fw_tokens of a run
+    that never trains fw, or an unknown cost): no interpolation is defined there."""
     along = run[column].to_numpy(dtype=float)
+    if not (np.isfinite(along).all() and (np.diff(along) > 0).all()):
+        return {f"{m}_fw": np.full(np.shape(at), math.nan) for m in RATIO_METRICS}
     return {f"{m}_fw": np.interp(at, along, run[f"{m}_fw"].to_numpy(dtype=float), left=math.nan, right=math.nan)
             for m in RATIO_METRICS}
 
@@ -433,8 +457,8 @@ def seed_means(samples: pd.DataFrame) -> pd.DataFrame:
 
 
 def _window_rows(windows: list[EpochWindow], arm_list: list[Arm]) -> pd.DataFrame:
-    """Mean over paired seeds of each seed's mean ratio 1 in each epoch window, on each axis; an empty
-    window gives value NaN, n = 0."""
+    """Geometric mean over paired seeds of each seed's mean ratio 1 in each epoch window, on each axis;
+    an empty window gives value NaN, n = 0. n_x, n_base count each arm's seeds (one run each)."""
     rows = []
     for arm in arm_list:
         counts = {"n_x": len(arm.runs), "n_base": len(arm.baseline)}
@@ -444,7 +468,7 @@ def _window_rows(windows: list[EpochWindow], arm_list: list[Arm]) -> pd.DataFram
                 ci_low, ci_high = log_ratio_ci(seeds[f"ratio1_{m}"])
                 rows.append({**arm.setting, **counts, "metric": m, "averaging": "ratio_then_mean", "axis": axis,
                              "epoch_start": window.start, "epoch_stop": window.stop,
-                             "value": seeds[f"ratio1_{m}"].mean(), "n": len(seeds), "ci_low": ci_low, "ci_high": ci_high})
+                             "value": geometric_mean(seeds[f"ratio1_{m}"]), "n": len(seeds), "ci_low": ci_low, "ci_high": ci_high})
     return pd.DataFrame(rows)
 
 
@@ -524,10 +548,14 @@ def pct_change(pairs: pd.DataFrame) -> tuple[float, float, float]:
     return tuple(100 * (math.exp(v) - 1) for v in mean_ci(logs))
 
 
+def _excludes_zero(low: float, high: float):
+    return pd.NA if math.isnan(low) else bool(low > 0 or high < 0)
+
+
 def paired_comparison(final: pd.DataFrame, final_pairs: pd.DataFrame, arm_list: list[Arm]) -> pd.DataFrame:
     """Per p_bw > 0 setting: final fw loss at p_bw = x minus at p_bw = 0, paired by seed (only seeds
-    with both runs). exceeds_noise: the 95% t interval of the mean difference excludes 0 (NA when
-    the interval is undefined, n < 2). The percent change of final fw loss (pct_change) on each
+    with both runs). exceeds_noise: the 95% interval of the percent change at equal epoch (pct_change,
+    the one the headline reads) excludes 0 (NA when the interval is undefined, n < 2). The percent change of final fw loss (pct_change) on each
     PCT_AXES axis, from `final_pairs` (final_pairs_table)."""
     rows = []
     for arm in arm_list:
@@ -540,7 +568,7 @@ def paired_comparison(final: pd.DataFrame, final_pairs: pd.DataFrame, arm_list: 
         rows.append({
             **arm.setting, "num_params": x.num_params.iloc[0], "n": len(pairs),
             "mean_diff": mean, "ci_low": lo, "ci_high": hi,
-            "exceeds_noise": pd.NA if math.isnan(lo) else bool(lo > 0 or hi < 0), **pct,
+            "exceeds_noise": _excludes_zero(pct["pct_ci_low"], pct["pct_ci_high"]), **pct,
             "unpaired_seeds_x": _seed_list(set(x.seed) - set(base.seed)),
             "unpaired_seeds_base": _seed_list(set(base.seed) - set(x.seed)),
         })
@@ -585,7 +613,7 @@ class Analysis:
     points: pd.DataFrame  # done runs' validation points (eval_points)
     final: pd.DataFrame  # each done run's last validation point
     arms: list[Arm]
-    diverged: pd.DataFrame  # the last point of each done run with a non-finite validation loss, left out of every statistic
+    diverged: pd.DataFrame  # each diverged run (diverged_runs): a done run's last point, a failed run's runs row; left out of every statistic
     skipped: pd.DataFrame  # SKIPPED_COLUMNS: p_bw > 0 settings without a comparable p_bw = 0 run
     ratios: pd.DataFrame  # RATIO_COLUMNS
     ratio1_samples: pd.DataFrame  # SAMPLE_COLUMNS, on every axis

@@ -41,9 +41,10 @@ def analyse(df: pd.DataFrame, windows: Sequence[Window] = DEFAULT_WINDOWS) -> An
     """The analysis of a sweep's tidy results table (study.results.COLUMNS)."""
     runs = runs_table(df)
     all_points = eval_points(df, runs)
-    diverged = diverged_runs(all_points)
+    diverged = diverged_runs(all_points, runs)
     points = all_points[~all_points.run_id.isin(diverged)].reset_index(drop=True)
-    diverged_last = last_points(all_points[all_points.run_id.isin(diverged)])
+    failed = runs[runs.run_id.isin(diverged) & (runs.status != "done")]
+    diverged_last = concat_tables([last_points(all_points[all_points.run_id.isin(diverged)]), failed], all_points.columns)
     final = last_points(points)
     arm_list = arms(final)
     samples = concat_tables([samples_table(points, arm_list), *(axis_samples(points, arm_list, a) for a in AXES if a != "epoch")],

@@ -23,7 +23,8 @@ EVAL_PHASE, CUT_PHASE = "train-eval", "cut"  # the `phase` of validation and of 
 PROBE_COLUMNS = PROBE_KEYS  # a trained run's leak probes of each task, through the model and the training path
 # a run's config fields, one column each
 CONFIG_COLUMNS = ["data", "tokenizer", "depth", "width", "model_scale", "num_heads", "seq_len", "p_bw", "adaptive_p_bw",
-                  "bw_mode", "bw_mask", "task_tokens", "epochs", "train_tokens", "eval_every_epochs", "seed"]
+                  "bw_mode", "bw_mask", "task_tokens", "epochs", "train_tokens", "eval_tokens", "dtype", "eval_every_epochs",
+                  "seed"]
 RECIPE_ID_LENGTH = 8  # hex digits of the recipe's sha256 kept in `recipe_id`
 COLUMNS = [
     "run_id", *CONFIG_COLUMNS, "recipe_id", "num_params", "step", "tokens", "epoch", "seconds", "direction", "loss", "acc", "ppl",
