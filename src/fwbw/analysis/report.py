@@ -552,7 +552,7 @@ def _sections(analysis: Analysis, setup: pd.DataFrame, figures: dict[str, list[P
                   "(undefined, empty, with one seed)."),
             ("table", "final_losses", analysis.final_losses),
             ("p", "Final fw loss at p_bw = x minus at p_bw = 0, paired by seed (only seeds present in both). "
-                  "exceeds_noise: the 95% t interval of the mean difference excludes 0."),
+                  "exceeds_noise: the 95% t interval of the percent change (the per-seed log ratio) excludes 0."),
             ("table", "paired", analysis.paired),
             ("p", "Settings not compared: p_bw > 0 settings without a p_bw = 0 run sharing their data, tokenizer, "
                   "seq_len, training budget, recipe, size, task tokens and heads."),
