@@ -11,6 +11,8 @@ from pathlib import Path
 from fwbw.model.masks import BW_MASKS
 from fwbw.study.configure import build_sweep_spec, build_train_config
 from fwbw.study.presets import PRESETS
+from fwbw.study.results import build_results, summary_table, write_results
+from fwbw.study.samples import write_samples
 from fwbw.study.sweep import (
     TOKENS_PER_MICROBATCH_RULES,
     SweepSpec,
@@ -18,8 +20,12 @@ from fwbw.study.sweep import (
     parse_shard,
     run_sweep,
 )
+from fwbw.study.sweep_dir import read_sweep
 from fwbw.training.config import BW_MODES, DEVICES, TrainConfig
+from fwbw.training.evaluation import cut_run
 from fwbw.training.precision import DTYPE_CHOICES
+from fwbw.training.run_dir import check_run_dir, check_writable
+from fwbw.training.trainer import Trainer
 
 DEFAULTS = TrainConfig()
 EXIT_INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
@@ -97,8 +103,6 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fwbw.training.trainer import Trainer
-
     config = train_config_from_args(args)
     summary = Trainer(config, args.out, progress=not args.no_progress, restart=args.restart).run()
     print(json.dumps({k: summary[k] for k in ("final_val_loss_fw", "final_val_loss_bw", "num_params", "leaks_labels")}))
@@ -110,8 +114,6 @@ def sweep_spec_from_args(args: argparse.Namespace) -> SweepSpec:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fwbw.training.run_dir import check_run_dir
-
     spec = sweep_spec_from_args(args)
     shard = parse_shard(args.shard)
     if args.dry_run:
@@ -125,8 +127,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_cut(args: argparse.Namespace) -> int:
-    from fwbw.training.evaluation import cut_run
-
     for row in cut_run(args.run, progress=not args.no_progress):
         fw, bw = row["metrics"]["fw"], row["metrics"]["bw"]
         print(f"blocks {row['blocks_remaining']:>3}: fw loss {fw['loss']:.4f}  bw loss {bw['loss']:.4f}")
@@ -134,8 +134,6 @@ def cmd_cut(args: argparse.Namespace) -> int:
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
-    from fwbw.study.samples import write_samples
-
     given = {key: getattr(args, key) for key in ("prompts", "new_tokens") if key in args}
     for i, sample in enumerate(write_samples(args.run, **given)["samples"], start=1):
         print(f"sample {i} (validation token {sample['position']}):")
@@ -147,16 +145,11 @@ def cmd_samples(args: argparse.Namespace) -> int:
 
 def check_results_writable(sweep: Path) -> None:
     """Before any work: `sweep` is a sweep directory and its results table can be written."""
-    from fwbw.study.sweep_dir import read_sweep
-    from fwbw.training.run_dir import check_writable
-
     read_sweep(sweep)
     check_writable(sweep, "cannot write the results table: ")
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from fwbw.study.results import summary_table, write_results
-
     check_results_writable(args.sweep)
     table = summary_table(write_results(args.sweep))
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
@@ -164,13 +157,10 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fwbw.training.run_dir import check_run_dir
-
     out = args.out or args.sweep / "report"
     check_run_dir(out)
     check_results_writable(args.sweep)
     from fwbw.analysis.report import write_report
-    from fwbw.study.results import write_results
 
     write_results(args.sweep)
     print(write_report(args.sweep, out))
@@ -178,11 +168,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fwbw.training.run_dir import check_run_dir
-
-    check_run_dir(args.out)  # before the heavy imports
+    check_run_dir(args.out)  # before importing matplotlib
     from fwbw.analysis.report import write_report
-    from fwbw.study.results import build_results, summary_table
 
     run_sweep(build_sweep_spec("demo"), args.out, progress=not args.no_progress)
     report = write_report(args.out, args.out / "report")
