@@ -44,8 +44,13 @@ from fwbw.analysis.stats import (
 from fwbw.analysis.sweep_analysis import analyse
 from fwbw.files import atomic_write, atomic_write_text
 from fwbw.study.results import CUT_PHASE
-from fwbw.study.sweep_dir import RESULTS_CSV, RESULTS_PARQUET, RUNS, SWEEP_FILE
-from fwbw.study.sweep_dir import read_sweep as read_sweep_file
+from fwbw.study.sweep_dir import (
+    RESULTS_CSV,
+    RESULTS_PARQUET,
+    RUNS,
+    SWEEP_FILE,
+    read_sweep,
+)
 from fwbw.training.run_dir import SAMPLES
 
 LEAK_RATIO = 0.8  # bw/fw final loss below this: bw far easier than fw (leak-free bw is within a few % of fw)
@@ -91,10 +96,10 @@ def read_results(sweep_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(parquet) if parquet.exists() else pd.read_csv(Path(sweep_dir) / RESULTS_CSV)
 
 
-def read_sweep(sweep_dir: Path) -> dict:
+def sweep_setup(sweep_dir: Path) -> dict:
     """The setup described by sweep.json (its "setup" entry), or {} when there is none."""
     exists = (Path(sweep_dir) / SWEEP_FILE).exists()
-    return read_sweep_file(sweep_dir).get("setup", {}) if exists else {}
+    return read_sweep(sweep_dir).get("setup", {}) if exists else {}
 
 
 # ----------------------------------------------------------------------------- text
@@ -713,7 +718,7 @@ def write_report(sweep_dir: Path, out_dir: Path, windows: Sequence[Window] = DEF
     for name in CSV_TABLES:
         atomic_write(out_dir / f"{name}.csv", lambda tmp: getattr(analysis, name).to_csv(tmp, index=False))
     figures = make_figures(analysis, out_dir / "figures")
-    setup = setup_table(read_sweep(sweep_dir), analysis.runs)
+    setup = setup_table(sweep_setup(sweep_dir), analysis.runs)
     sections = _sections(analysis, setup, figures, sample_blocks(analysis.runs, sweep_dir))
     title = f"fwbw sweep report: {sweep_dir.name}"
     atomic_write_text(out_dir / "report.md", render_markdown(title, sections, out_dir))
