@@ -76,6 +76,8 @@ def add_train_flags(flags: ConfigFlags) -> None:
     add("--train-tokens", type=int, help="cap on training tokens (overrides --epochs)")
     add("--eval-every", dest="eval_every_epochs", type=float, help=f"validation interval in epochs ({DEFAULTS.eval_every_epochs:g})")
     add("--eval-tokens", type=int, help=f"size of the fixed validation set ({DEFAULTS.eval_tokens})")
+    add("--train-eval-tokens", type=int,
+        help=f"size of a fixed training-split set also evaluated, for the train-val gap (0: off) ({DEFAULTS.train_eval_tokens})")
     add("--checkpoint-every", dest="checkpoint_every_steps", type=int, help=f"steps ({DEFAULTS.checkpoint_every_steps})")
     add("--tokens-per-microbatch", dest="recipe.tokens_per_microbatch", type=int, metavar="N",
         help=f"tokens per microbatch, at least --seq-len ({DEFAULTS.recipe.tokens_per_microbatch})")

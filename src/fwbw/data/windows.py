@@ -43,3 +43,13 @@ def validation_windows(tokens: np.ndarray, length: int, max_tokens: int) -> torc
 def validation_set(config, tokens: np.ndarray) -> torch.Tensor:
     """The fixed validation windows of a run (a TrainConfig): its length, its token budget."""
     return validation_windows(tokens, window_length(config.seq_len, config.task_tokens), config.eval_tokens)
+
+
+def train_eval_set(config, tokens: np.ndarray) -> torch.Tensor | None:
+    """The fixed windows from the start of the training split that a run (a TrainConfig) also
+    evaluates, to measure how far its training loss has fallen below its validation loss; None
+    when config.train_eval_tokens is 0. Training draws random windows from the whole split, so
+    these tokens are trained on as often as any others."""
+    if config.train_eval_tokens == 0:
+        return None
+    return validation_windows(tokens, window_length(config.seq_len, config.task_tokens), config.train_eval_tokens)

@@ -68,6 +68,29 @@ def cpu_small() -> dict:
     }
 
 
+@preset("data-constrained")
+def data_constrained() -> dict:
+    """Many epochs over the small embedded corpus, where a fw-only model overfits: can bw training
+    (p_bw 0.05, 0.25, losses added) act as data augmentation? 16 epochs at depth 2 / width 128,
+    one fixed 2048-token microbatch per step, 4 seeds; evaluated every half epoch on the whole
+    validation split and on a fixed 32k-token set of training windows (the train-val gap)."""
+    return {
+        "depths": [2],
+        "widths": [128],
+        "p_bw": [0.0, 0.05, 0.25],
+        "seeds": 4,
+        "data": "wiki-sample",
+        "tokenizer": "bpe:8192",
+        "seq_len": 128,
+        "bw_mode": "add",
+        "epochs": 16.0,
+        "eval_every_epochs": 0.5,
+        "eval_tokens": 65_536,
+        "train_eval_tokens": 32_768,
+        "recipe": {"tokens_per_microbatch": 2048, "dynamic_microbatch": False},
+    }
+
+
 @preset("demo")
 def demo() -> dict:
     """`fwbw demo`: cpu-small plus two runs at its largest size that train both tasks on every

@@ -103,6 +103,7 @@ class TrainConfig:
     seed: int = 100
     eval_every_epochs: float = 0.25
     eval_tokens: int = 65536
+    train_eval_tokens: int = 0
     checkpoint_every_steps: int = 200
     device: str = "auto"
     dtype: str = "auto"
@@ -128,6 +129,8 @@ class TrainConfig:
         require(self.eval_every_epochs > 0, "eval_every_epochs", f"must be > 0, got {self.eval_every_epochs}")
         require(self.eval_tokens >= self.seq_len + 1, "eval_tokens", f"must be >= seq_len + 1, got {self.eval_tokens}",
                 related=("seq_len",))
+        require(self.train_eval_tokens == 0 or self.train_eval_tokens >= self.seq_len + 1, "train_eval_tokens",
+                f"must be 0 (off) or >= seq_len + 1, got {self.train_eval_tokens}", related=("seq_len",))
         require(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", f"must be >= 1, got {self.checkpoint_every_steps}")
         require(self.device in DEVICES, "device", f"must be one of {DEVICES}, got {self.device!r}")
         require(self.dtype in DTYPE_CHOICES, "dtype", f"must be one of {DTYPE_CHOICES}, got {self.dtype!r}")

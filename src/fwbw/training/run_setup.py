@@ -1,5 +1,5 @@
 """What a run is made of before its first step, shared by training and by `fwbw cut`: its data,
-device, precision, freshly initialised model and fixed validation windows."""
+device, precision, freshly initialised model and fixed validation (and training-subset) windows."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from fwbw.data.corpora import TokenData, load_token_data
-from fwbw.data.windows import validation_set
+from fwbw.data.windows import train_eval_set, validation_set
 from fwbw.model.hlb_gpt import build_model
 from fwbw.training.config import TrainConfig
 from fwbw.training.precision import autocast, resolve_device, resolve_dtype
@@ -26,6 +26,7 @@ class RunSetup:
         torch.manual_seed(config.seed)
         self.model = build_model(config.model_config(self.data.vocab_size)).to(self.device)
         self.valid = validation_set(config, self.data.valid)
+        self.train_eval = train_eval_set(config, self.data.train)
 
     def precision(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.dtype)

@@ -212,6 +212,9 @@ class Trainer(RunSetup):
     def _evaluate(self) -> dict:
         started = time.perf_counter()
         metrics = evaluate(self.model, self.valid, eval_batch_size(self.valid), self.precision())
+        if self.train_eval is not None:
+            on_train = evaluate(self.model, self.train_eval, eval_batch_size(self.train_eval), self.precision())
+            metrics.update({f"train_{direction}": values for direction, values in on_train.items()})
         self.state.eval_seconds += time.perf_counter() - started
         record = {
             "step": self.state.step,
