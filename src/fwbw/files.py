@@ -68,9 +68,14 @@ def read_json(path: Path) -> Any:
 
 def read_jsonl(path: Path) -> list:
     """One JSON value per non-empty line; a bad line raises ValueError naming the file and the line."""
+    return [value for _, value in read_jsonl_numbered(path)]
+
+
+def read_jsonl_numbered(path: Path) -> list[tuple[int, Any]]:
+    """(line number, value) for each non-empty line, so that a check of a value can name its line."""
     path = Path(path)
     return [
-        _parse_json(path, line, line_number)
+        (line_number, _parse_json(path, line, line_number))
         for line_number, line in enumerate(read_text(path).splitlines(), start=1)
         if line.strip()
     ]

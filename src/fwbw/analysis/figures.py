@@ -204,6 +204,54 @@ def compute_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
     return [_loss_grid(analysis.points, groups, "fw", Path(out_dir), along="flops")] if groups else []
 
 
+# ----------------------------------------------------------------------------- overfitting
+
+def _fit_band(ax: Axes, curve: pd.DataFrame, along: str, color, style: str, label: str | None) -> None:
+    curve = curve.sort_values(along)
+    ax.plot(curve[along], curve["mean"], color=color, ls=style, label=label)
+    ax.fill_between(curve[along], curve.ci_low, curve.ci_high, color=color, alpha=0.15, lw=0)
+
+
+def _fit_panels(axes: np.ndarray, size: pd.DataFrame, colors: dict) -> None:
+    """fw loss over epochs (validation solid, training split dashed; a dot at each p_bw's lowest mean
+    validation loss) and validation fw loss over training FLOPs."""
+    for p_bw, curves in size.groupby("p_bw"):
+        valid, train = curves[curves.split == "valid"], curves[curves.split == "train"]
+        n = int(valid.n.max())
+        _fit_band(axes[0], valid, "nominal_epoch", colors[p_bw], "-", f"p_bw = {p_bw:g} ({n} seeds)")
+        if len(train):
+            _fit_band(axes[0], train, "nominal_epoch", colors[p_bw], "--", None)
+        best = valid.loc[valid["mean"].idxmin()]
+        axes[0].plot(best.nominal_epoch, best["mean"], "o", color=colors[p_bw], ms=5)
+        _fit_band(axes[1], valid, "flops", colors[p_bw], "-", f"p_bw = {p_bw:g}")
+    axes[0].set(xlabel=ALONG["nominal_epoch"], ylabel="fw loss (solid: validation, dashed: training split)")
+    axes[1].set(xlabel=ALONG["flops"], ylabel="fw validation loss")
+    valid = size[size.split == "valid"]
+    for ax in axes:
+        ax.set_ylim(valid.ci_low.min() - 0.05, valid["mean"].quantile(0.5) + 0.4)
+        ax.legend(fontsize="small")
+
+
+def overfitting_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
+    """Per variant and model size: fw loss on validation and on the training split over epochs, and
+    validation fw loss over training FLOPs, mean over seeds with its 95% t interval. Drawn for sweeps
+    that evaluated the training split (train_eval_tokens)."""
+    curves = analysis.fit_curves
+    if not (curves.split == "train").any():
+        return []
+    rows = curves[[*CURVE_KEY, "depth", "width"]].drop_duplicates().to_dict("records")
+    p_values = sorted(curves.p_bw.unique())
+    colors = {p: "0.35" if p == 0 else color for p, color in zip(p_values, _palette(len(p_values)))}
+    fig, axes = _figure(2, len(rows), (PANEL[0] * 1.2, PANEL[1] * 1.2))
+    for row, panel in zip(rows, axes):
+        size = select(curves, row)
+        _fit_panels(panel, size, colors)
+        title = f"{size_label(row['depth'], row['width'])} ({params_label(size.num_params.iloc[0])}), {variant_label(row)}"
+        panel[0].set_title(title, fontsize="medium")
+    fig.suptitle("fw loss over many epochs: mean over seeds, band: 95% t interval")
+    return [_save(fig, Path(out_dir), "overfitting")]
+
+
 # ----------------------------------------------------------------------------- ratio 1 curves
 
 def _ratio1_curve_panel(ax: Axes, curves: pd.DataFrame, arms: list[dict], colors: dict, axis: str) -> None:
@@ -400,6 +448,7 @@ def ratio1_scatter(analysis: Analysis, out_dir: Path) -> list[Path]:
 def make_figures(analysis: Analysis, out_dir: Path) -> dict[str, list[Path]]:
     """Every figure of the report, by kind; an empty list where there is nothing to draw."""
     return {
+        "overfitting": overfitting_curves(analysis, out_dir),
         "loss_curves": loss_curves(analysis, out_dir),
         "compute_curves": compute_curves(analysis, out_dir),
         "ratio1_curves": ratio1_curves(analysis, out_dir),

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fwbw.analysis.effects import ALPHA, POWER, TREND_GROUP
+from fwbw.analysis.overfitting import MEASURES
 from fwbw.analysis.figures import (
     arm_groups,
     arm_label,
@@ -68,10 +69,13 @@ CAPTIONS = {
     "layer_cut": "Ratio 1 (ppl) and ratio 2 (loss) over the fraction of depth remaining as transformer blocks are "
                  "removed from the back; band: 95% interval over seeds; dashed: the p_bw = 0 runs' ratio 2.",
     "ratio1_scatter": "Ratio 1 of final fw loss against parameter count, coloured by width and by depth.",
+    "overfitting": "fw loss over epochs on validation (solid) and on the fixed training-split windows (dashed), and "
+                   "validation fw loss over training FLOPs; line: mean over seeds, band: its 95% t interval, dot: the "
+                   "lowest mean validation loss. Where solid and dashed part, the model starts to memorise.",
 }
 RUN_COLUMNS = ["run_id", *CONTEXT, *SIZE, "num_params", *ARM, "seed", "status", "tokens", "epoch", "seconds", "error"]
 CSV_TABLES = ("ratios", "ratio1_samples", "ratio1_curves", "final_losses", "paired", "skipped", "mask_audit", "runs",
-              "scaling", "size_tests", "power", "arrow_of_time")  # Analysis fields
+              "scaling", "size_tests", "power", "arrow_of_time", "run_fit", "overfitting", "fit_curves")  # Analysis fields
 COLLAPSE_ROWS = 12  # a longer table is shown collapsed (complete in its CSV)
 TABLE_CSV = {"ratios_compute": "ratios", "ratios_cut": "ratios"}  # HTML table id -> its CSV, where they differ
 
@@ -366,7 +370,55 @@ def findings_by_question(analysis: Analysis) -> dict[str, list[str]]:
         "layer_cut": [s for s in cut_statements if s],
         "arrow": [_arrow_statement(row, _leaking_masks(analysis.mask_summary))
                   for row in analysis.arrow_of_time.to_dict("records")],
+        "overfitting": _overfitting_statements(analysis),
     }
+
+
+def _change_verdict(row: dict) -> str:
+    """What the interval of a paired change (overfitting.csv's row) says, in MEASURES' words."""
+    if row["n"] < 2 or pd.isna(row["ci_low"]):
+        return f"no interval at n = {row['n']}"
+    above, below = MEASURES[row["measure"]][2:]
+    if row["ci_low"] > 0:
+        return above
+    if row["ci_high"] < 0:
+        return below
+    return "no resolvable change"
+
+
+MEASURE_NAMES = {"best_fw_loss": "best fw val loss", "final_fw_loss": "final fw val loss", "best_epoch": "epoch of the best",
+                 "final_gap": "final train–val gap"}
+
+
+def _measure_clause(row: dict) -> str:
+    name = MEASURE_NAMES[row["measure"].removesuffix("_equal_flops")]
+    digits = 2 if row["unit"] == "epochs" else 3
+    return (f"{name} {_num(row['x_mean'], digits)} vs {_num(row['base_mean'], digits)} at p_bw = 0 "
+            f"({_signed(row['mean_diff'], digits)} {row['unit']}, 95% CI {_signed(row['ci_low'], digits)} … "
+            f"{_signed(row['ci_high'], digits)}: {_change_verdict(row)})")
+
+
+def _overfitting_statement(rows: pd.DataFrame, with_variant: bool) -> str:
+    """One arm's paired changes (overfitting.csv's rows of one setting), equal data then equal compute."""
+    first = rows.iloc[0]
+    head = f"{size_label(first['depth'], first['width'])}, {_setting_label(first, with_variant)} (n = {first['n']} seed pairs)"
+    by_budget = {b: "; ".join(map(_measure_clause, rows[rows.budget == b].to_dict("records"))) for b in rows.budget.unique()}
+    censored = (f" Best at the last evaluation (not yet overfitting, best epoch censored at the budget): "
+                f"{first['x_best_at_end']} of {first['n']} p_bw = {first['p_bw']:g} runs, "
+                f"{first['base_best_at_end']} of {first['n']} p_bw = 0 runs.")
+    return f"{head}: " + " ".join(f"At {b}, {text}." for b, text in by_budget.items()) + censored
+
+
+def _overfitting_statements(analysis: Analysis) -> list[str]:
+    effects = analysis.overfitting
+    if effects.empty:
+        return ["No p_bw > 0 setting has a paired p_bw = 0 run: nothing to compare."]
+    with_variant = effects[VARIANT].drop_duplicates().shape[0] > 1
+    statements = [_overfitting_statement(rows, with_variant)
+                  for _, rows in effects.groupby(SETTING, dropna=False, sort=True)]
+    if analysis.run_fit.final_train_fw_loss.isna().all():
+        statements.append("The train–val gap needs the training split evaluated (train_eval_tokens > 0): NaN here.")
+    return statements
 
 
 def findings(analysis: Analysis) -> list[str]:
@@ -433,6 +485,29 @@ def _scaling_answer(analysis: Analysis, leaking: set[str]) -> str:
     return f"{head}: {'; '.join(clauses)}." if clauses else f"{head}: no leak-free setting."
 
 
+def _answer_clause(row: dict, label: str) -> str:
+    digits = 2 if row["unit"] == "epochs" else 3
+    return (f"{label} {_signed(row['mean_diff'], digits)} ({_signed(row['ci_low'], digits)} … "
+            f"{_signed(row['ci_high'], digits)}, {_change_verdict(row)})")
+
+
+def _overfitting_answer(analysis: Analysis, leaking: set[str]) -> str:
+    """The many-epoch answer: per leak-free arm, the change of the best fw val loss at equal data and
+    at equal compute, and of the epoch of the best."""
+    effects = analysis.overfitting[~analysis.overfitting.bw_mask.isin(leaking)]
+    shown = {"best_fw_loss": "best fw val loss at equal data", "best_fw_loss_equal_flops": "at equal compute",
+             "best_epoch": "epoch of the best"}
+    clauses = []
+    for _, rows in effects.groupby(SETTING, dropna=False, sort=True):
+        by_measure = {row["measure"]: row for row in rows.to_dict("records")}
+        first = rows.iloc[0]
+        clauses.append(f"{_setting_label(first, True)}, {size_label(first['depth'], first['width'])}, "
+                       f"n = {first['n']} seeds: "
+                       + ", ".join(_answer_clause(by_measure[m], label) for m, label in shown.items()))
+    head = "Many epochs, change with bw training (95% CI over seeds)"
+    return f"{head}: {'; '.join(clauses)}." if clauses else f"{head}: no leak-free setting has a paired comparison."
+
+
 def _mask_clause(row: dict) -> str:
     probes = (f"leak probes found a leak in {row['probe_leaks']} of {row['probed']} runs" if row["probed"]
               else "no leak-probe result")
@@ -453,7 +528,9 @@ def headline(analysis: Analysis) -> list[str]:
         return statements["runs"]
     leaking = _leaking_masks(analysis.mask_summary)
     mask = "; ".join(map(_mask_clause, analysis.mask_summary.to_dict("records")))
+    many_epochs = [_overfitting_answer(analysis, leaking)] if analysis.run_fit.last_epoch.max() > 1 else []
     return [
+        *many_epochs,
         _equal_data_answer(analysis, leaking),
         _equal_compute_answer(analysis, leaking),
         _scaling_answer(analysis, leaking),
@@ -498,7 +575,7 @@ def setup_table(sweep: dict, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["setting", "value"])
 
 
-HEADLINE_FIGURES = ("loss_fw", "loss_fw_flops")  # the first screen's figures (file stems)
+HEADLINE_FIGURES = ("overfitting", "loss_fw", "loss_fw_flops")  # the first screen's figures (file stems)
 FIGURE_SECTIONS = {"loss_curves": "equal_data", "ratio1_curves": "equal_data", "compute_curves": "equal_compute",
                    "ratio1_violins": "scaling", "ratio1_scatter": "scaling", "layer_cut": "layer_cut"}
 SAMPLE_PROMPTS = 3  # prompts shown per run
@@ -564,6 +641,18 @@ def _sections(analysis: Analysis, setup: pd.DataFrame, figures: dict[str, list[P
             ("table", "skipped", analysis.skipped) if len(analysis.skipped) else ("p", "None."),
             ("p", "Final and epoch-window ratios over epochs and fw tokens."),
             ("table", "ratios", equal_data),
+        ]),
+        ("Many epochs: best loss, overfitting and the train–val gap", [
+            ("ul", said.get("overfitting", [])),
+            ("p", "overfitting: per setting and measure, the mean over seed pairs of p_bw = x minus p_bw = 0 with its "
+                  "95% t interval. best_fw_loss: the lowest validation fw loss over the run; best_epoch: its nominal "
+                  "epoch (censored at the budget where a run is still improving: x_best_at_end, base_best_at_end count "
+                  "those); final_gap: final validation fw loss minus fw loss on the fixed training-split windows; "
+                  "*_equal_flops: the p_bw = x run within the p_bw = 0 run's training FLOPs (its best over the points "
+                  "that spent no more; its loss interpolated at that budget)."),
+            ("table", "overfitting", analysis.overfitting),
+            ("p", "run_fit: each run's best and final fw loss, best epoch and train–val gap."),
+            ("table", "run_fit", analysis.run_fit),
         ]),
         ("Equal compute: fw loss at the same training FLOPs", [
             ("ul", said.get("equal_compute", [])), *drawn.get("equal_compute", []),

@@ -627,3 +627,6 @@ class Analysis:
     size_tests: pd.DataFrame  # effects.SIZE_TEST_COLUMNS
     power: pd.DataFrame  # effects.POWER_COLUMNS
     arrow_of_time: pd.DataFrame  # effects.ARROW_COLUMNS
+    run_fit: pd.DataFrame  # overfitting.RUN_FIT_COLUMNS: each run's best and final fw loss, best epoch, train-val gap
+    overfitting: pd.DataFrame  # overfitting.EFFECT_COLUMNS: their paired changes with bw training
+    fit_curves: pd.DataFrame  # overfitting.FIT_CURVE_COLUMNS: fw loss on validation and training split over epochs

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from fwbw.analysis.effects import arrow_of_time, power_table, scaling_trend, size_tests
+from fwbw.analysis.overfitting import fit_curves, overfitting_effects, run_fit, train_split_points
 from fwbw.analysis.stats import (
     AXES,
     DEFAULT_WINDOWS,
@@ -42,7 +43,7 @@ def analyse(df: pd.DataFrame, windows: Sequence[Window] = DEFAULT_WINDOWS) -> An
     runs = runs_table(df)
     all_points = eval_points(df, runs)
     diverged = diverged_runs(all_points, runs)
-    points = all_points[~all_points.run_id.isin(diverged)].reset_index(drop=True)
+    points = train_split_points(df, all_points[~all_points.run_id.isin(diverged)].reset_index(drop=True))
     failed = runs[runs.run_id.isin(diverged) & (runs.status != "done")]
     diverged_last = concat_tables([last_points(all_points[all_points.run_id.isin(diverged)]), failed], all_points.columns)
     final = last_points(points)
@@ -56,6 +57,7 @@ def analyse(df: pd.DataFrame, windows: Sequence[Window] = DEFAULT_WINDOWS) -> An
     cut = concat_tables([final, cut_points[~cut_points.run_id.isin(diverged)]], final.columns)
     audit = mask_audit(final, runs)
     epoch_pairs = select(final_pairs, {"axis": "epoch"})  # = stats.pairs_table(final, arm_list)
+    fit = run_fit(points)
     return Analysis(
         windows=windows, runs=runs,
         unfinished=runs[runs.status != "done"].reset_index(drop=True),
@@ -69,4 +71,5 @@ def analyse(df: pd.DataFrame, windows: Sequence[Window] = DEFAULT_WINDOWS) -> An
         paired=paired_comparison(final, final_pairs, arm_list), mask_audit=audit, mask_summary=mask_summary(audit),
         scaling=scaling_trend(final, epoch_pairs), size_tests=size_tests(final, arm_list, epoch_pairs),
         power=power_table(final, arm_list, epoch_pairs), arrow_of_time=arrow_of_time(final),
+        run_fit=fit, overfitting=overfitting_effects(fit, points, arm_list), fit_curves=fit_curves(points),
     )

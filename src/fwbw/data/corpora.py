@@ -185,9 +185,14 @@ def split_wiki_sample(articles: dict[str, dict[str, str]]) -> dict[str, list[str
     """Article texts per split; depends only on the titles and texts, not on dict order."""
     splits: dict[str, list[str]] = {split: [] for split in SPLITS}
     for title in sorted(articles):
-        split = "valid" if _title_fraction(title) < WIKI_SAMPLE_VALID_FRACTION else "train"
+        split = "valid" if is_valid_article(title) else "train"
         splits[split].append(f"{title}\n{articles[title]['extract']}\n\n")
     return splits
+
+
+def is_valid_article(title: str) -> bool:
+    """Whether the wiki-sample article with this title is in the valid split (else train)."""
+    return _title_fraction(title) < WIKI_SAMPLE_VALID_FRACTION
 
 
 def _title_fraction(title: str) -> float:

@@ -20,6 +20,7 @@ from fwbw.training.probes import PROBE_KEYS
 from fwbw.training.run_dir import CUT, METRICS, MODEL_CONFIG, SUMMARY, read_status
 
 EVAL_PHASE, CUT_PHASE = "train-eval", "cut"  # the `phase` of validation and of layer-cut rows
+TRAIN_SPLIT_PHASE = "train-split"  # rows of the fixed training-split windows, evaluated with validation (train_eval_tokens)
 PROBE_COLUMNS = PROBE_KEYS  # a trained run's leak probes of each task, through the model and the training path
 # a run's config fields, one column each
 CONFIG_COLUMNS = ["data", "tokenizer", "depth", "width", "model_scale", "num_heads", "seq_len", "p_bw", "adaptive_p_bw",
@@ -59,6 +60,12 @@ def run_rows(identifier: str, config: dict, run_dir: Path) -> list[dict]:
         {**settings, **_point(point), "direction": d, **{m: point[f"{d}_{m}"] for m in EVAL_METRICS},
          "phase": EVAL_PHASE, "blocks_remaining": config["depth"]}
         for point in metrics
+        for d in DIRECTIONS
+    ]
+    rows += [
+        {**settings, **_point(point), "direction": d, **{m: point[f"train_{d}_{m}"] for m in EVAL_METRICS},
+         "phase": TRAIN_SPLIT_PHASE, "blocks_remaining": config["depth"]}
+        for point in metrics if f"train_{DIRECTIONS[0]}_loss" in point
         for d in DIRECTIONS
     ]
     cut = _read_if_written(run_dir / CUT, read_json, []) if metrics else []

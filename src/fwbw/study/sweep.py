@@ -18,6 +18,15 @@ from fwbw.files import atomic_write_json
 from fwbw.model.config import shape_for_model_scale
 from fwbw.model.hlb_gpt import count_params, training_flops_per_token
 from fwbw.schema import ConfigError, check_fields, require, show
+from fwbw.study.estimate import (
+    MachineTimer,
+    ShapeTimer,
+    bound_mark,
+    machine_lines,
+    run_seconds,
+    shape_key,
+    short_duration,
+)
 from fwbw.study.results import write_results
 from fwbw.study.samples import write_samples
 from fwbw.study.sweep_dir import RUNS, SWEEP_FILE, check_owner
@@ -118,13 +127,15 @@ def _check_axis(key: str, values: tuple | None) -> None:
 KNOWN_TRAIN_TOKENS = {"wikitext-103": 118_000_000, "wikitext-2": 2_400_000, "wiki-sample": 1_190_000}
 
 
-def estimated_train_tokens(config: TrainConfig) -> int:
-    if config.train_tokens:
-        return config.train_tokens
+def estimated_split_tokens(config: TrainConfig) -> float:
+    """The training split's size in tokens, before any data is downloaded or tokenized."""
     if config.data.startswith("text:"):
-        size = (Path(config.data.removeprefix("text:")) / "train.txt").stat().st_size
-        return int(config.epochs * size / 4)  # ~4 bytes per BPE token
-    return int(config.epochs * KNOWN_TRAIN_TOKENS[config.data])
+        return (Path(config.data.removeprefix("text:")) / "train.txt").stat().st_size / 4  # ~4 bytes per BPE token
+    return KNOWN_TRAIN_TOKENS[config.data]
+
+
+def estimated_train_tokens(config: TrainConfig) -> int:
+    return config.train_tokens or int(config.epochs * estimated_split_tokens(config))
 
 
 def short_count(n: float) -> str:
@@ -137,22 +148,33 @@ def short_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def describe_runs(spec: SweepSpec) -> str:
-    """The run list with parameter counts and a compute estimate (--dry-run)."""
-    lines, total = [], 0.0
-    for config in spec.configs():
+def describe_runs(spec: SweepSpec, time_shape: ShapeTimer | None = None) -> str:
+    """The run list with parameter counts, a compute estimate and the expected wall time on this
+    machine, each run shape (estimate.shape_key) timed once by `time_shape` (default: a
+    MachineTimer) (--dry-run)."""
+    time_shape = time_shape or MachineTimer()
+    configs = spec.configs()
+    lines, total_flops, total_s, timings = [], 0.0, 0.0, {}
+    for config in configs:
         model = config.model_config(vocab_size_of(config.tokenizer))
         tokens = estimated_train_tokens(config)
         tasks = 1 + config.p_bw if config.bw_mode == "add" else 1
         flops = training_flops_per_token(model, config.seq_len) * tokens * tasks
-        total += flops
+        key = shape_key(config)
+        if key not in timings:
+            timings[key] = time_shape(config)
+        timing = timings[key]
+        seconds = run_seconds(config, timing, tokens, estimated_split_tokens(config))
+        total_flops += flops
+        total_s += seconds
         lines.append(
             f"{run_id(config):<48} params {short_count(count_params(model)):>6}  tokens {short_count(tokens):>6}  "
-            f"tokens/microbatch {config.recipe.tokens_per_microbatch:6d}  {flops:.2e} FLOP"
+            f"tokens/microbatch {config.recipe.tokens_per_microbatch:6d}  {flops:.2e} FLOP  "
+            f"{bound_mark(config, timing)}{short_duration(seconds)}"
         )
-    hours_h100 = total / (0.4 * 989e12) / 3600
-    lines.append(f"{len(lines)} runs, {total:.2e} training FLOP: ~{hours_h100:.1f} h on one H100 at 40% MFU (bf16)")
-    return "\n".join(lines)
+    hours_h100 = total_flops / (0.4 * 989e12) / 3600
+    lines.append(f"{len(configs)} runs, {total_flops:.2e} training FLOP: ~{hours_h100:.1f} h on one H100 at 40% MFU (bf16)")
+    return "\n".join(lines + machine_lines(configs, timings, total_s))
 
 
 def run_id(config: TrainConfig) -> str:

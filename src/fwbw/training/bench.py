@@ -80,7 +80,7 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> list[float]:
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> list[float]:
     """Seconds per call of fn, warm-up calls excluded."""
     times = []
     for _ in range(warmup + repeats):
@@ -90,20 +90,27 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup:
     return times[warmup:]
 
 
-def peak_matmul_gflops(device: torch.device, dtype: str) -> float:
-    """Best GFLOP/s (2 n^3 / t) of n x n matmuls in this dtype."""
-    size = MATMUL_SIZE.get(device.type, MATMUL_SIZE["cpu"])
+def peak_matmul_gflops(device: torch.device, dtype: str, size: int | None = None) -> float:
+    """Best GFLOP/s (2 n^3 / t) of n x n matmuls in this dtype (n: MATMUL_SIZE for the device
+    unless given)."""
+    size = size or MATMUL_SIZE.get(device.type, MATMUL_SIZE["cpu"])
     a, b = (torch.randn(size, size, device=device, dtype=TORCH_DTYPES[dtype]) for _ in range(2))
-    best = min(_timed(lambda: torch.mm(a, b), device, MATMUL_REPEATS, MATMUL_WARMUP))
+    best = min(timed(lambda: torch.mm(a, b), device, MATMUL_REPEATS, MATMUL_WARMUP))
     return 2 * size**3 / best / 1e9
+
+
+def random_data_trainer(config: TrainConfig, vocab: int, train_tokens: int, valid_tokens: int, run_dir: Path) -> Trainer:
+    """A Trainer of `config` on uniformly random token ids below `vocab` (training and validation
+    splits of these lengths) instead of its corpus, which is never loaded."""
+    tokens = np.random.default_rng(0).integers(0, vocab, max(train_tokens, valid_tokens), dtype=TOKEN_DTYPE)
+    data = TokenData(tokens[:train_tokens], tokens[:valid_tokens], vocab, corpus="random", tokenizer="none")
+    return Trainer(config, run_dir, data=data, progress=False)
 
 
 def bench_trainer(shape: BenchShape, batch: int, device: str, dtype: str, run_dir: Path) -> Trainer:
     """A Trainer of this shape on random tokens: one microbatch of `batch` windows per step, at
     the full sequence length from step 0."""
     window = window_length(shape.seq_len, task_tokens=False)
-    tokens = np.random.default_rng(0).integers(0, shape.vocab, batch * window, dtype=TOKEN_DTYPE)
-    data = TokenData(tokens, tokens[:window], shape.vocab, corpus="random", tokenizer="none")
     recipe = RecipeConfig(
         tokens_per_microbatch=batch * shape.seq_len, dynamic_microbatch=False, seq_len_initial=shape.seq_len
     )
@@ -111,7 +118,18 @@ def bench_trainer(shape: BenchShape, batch: int, device: str, dtype: str, run_di
         depth=shape.depth, width=shape.width, seq_len=shape.seq_len, eval_tokens=window,
         device=device, dtype=dtype, recipe=recipe,
     )
-    return Trainer(config, run_dir, data=data, progress=False)
+    return random_data_trainer(config, shape.vocab, batch * window, window, run_dir)
+
+
+def time_train_steps(trainer: Trainer, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each of `steps` Trainer.train_step calls with the tasks forced to each of MODES
+    (after `warmup` untimed ones), the modes interleaved so that drifts in machine speed hit all
+    alike."""
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for _ in range(warmup + steps):
+        for mode, directions in MODES.items():
+            times[mode] += timed(lambda: trainer.train_step(directions), trainer.device, repeats=1, warmup=0)
+    return {mode: values[warmup:] for mode, values in times.items()}
 
 
 def bench_shape(
@@ -121,17 +139,11 @@ def bench_shape(
     batch = shape.batch(device)
     if progress:
         print(f"bench: {shape.name} fw and fw+bw ({dtype}, batch {batch}, {warmup}+{steps} steps)", file=sys.stderr)
-    times: dict[str, list[float]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as folder:
         trainer = bench_trainer(shape, batch, str(device), dtype, Path(folder) / "run")
-        for _ in range(warmup + steps):  # interleaved, so drifts in machine speed hit both alike
-            for mode, directions in MODES.items():
-                start = _clock(device)
-                trainer.train_step(directions)
-                times[mode].append(_clock(device) - start)
-    timed = {mode: values[warmup:] for mode, values in times.items()}
-    step_s = {mode: statistics.median(values) for mode, values in timed.items()}
-    pair_ratio = statistics.median(b / f for f, b in zip(timed["fw"], timed["fwbw"]))
+        times = time_train_steps(trainer, steps, warmup)
+    step_s = {mode: statistics.median(values) for mode, values in times.items()}
+    pair_ratio = statistics.median(b / f for f, b in zip(times["fw"], times["fwbw"]))
     tokens = batch * shape.seq_len
     flops_per_token = training_flops_per_token(trainer.model.config, shape.seq_len)
     return {

@@ -1,0 +1,113 @@
+"""Benchmarks in BEIR's folder format, written and read.
+
+  corpus.jsonl     {"_id": docid, "title": ..., "text": ...} per line
+  queries.jsonl    {"_id": qid, "text": ...} per line
+  qrels/test.tsv   "query-id<TAB>corpus-id<TAB>score" header, then one judgement per line
+
+A document's text is "title\\ntext" when its title is not empty, else its text. fwbw's own documents
+already hold their title, so write_beir writes them with an empty title and reads back the same
+text. Only the queries that the qrels judge are read (a BEIR queries file may hold others).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from fwbw.files import atomic_write_text, read_jsonl_numbered, read_text
+from fwbw.retrieval.benchmark import Benchmark, check_id
+
+CORPUS_FILE = "corpus.jsonl"
+QUERIES_FILE = "queries.jsonl"
+QRELS_FILE = "qrels/test.tsv"
+QRELS_HEADER = "query-id\tcorpus-id\tscore"
+_LAYOUT = f"a BEIR folder holds {CORPUS_FILE}, {QUERIES_FILE} and {QRELS_FILE}"
+
+
+def write_beir(benchmark: Benchmark, out_dir: Path) -> None:
+    """Write the benchmark's corpus, queries and qrels (not its training pairs) under out_dir.
+
+    Each file is written whole or not at all; the qrels go last, so a folder whose writing stopped
+    midway fails to read instead of mixing two benchmarks.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / QRELS_FILE).unlink(missing_ok=True)
+    atomic_write_text(out_dir / CORPUS_FILE, _jsonl({"_id": d, "title": "", "text": t} for d, t in benchmark.corpus.items()))
+    atomic_write_text(out_dir / QUERIES_FILE, _jsonl({"_id": q, "text": t} for q, t in benchmark.queries.items()))
+    rows = [f"{qid}\t{docid}\t{rel}" for qid, judged in benchmark.qrels.items() for docid, rel in judged.items()]
+    atomic_write_text(out_dir / QRELS_FILE, "\n".join([QRELS_HEADER, *rows]) + "\n")
+
+
+def _jsonl(records) -> str:
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
+def read_beir(folder: Path, name: str | None = None) -> Benchmark:
+    """The benchmark in a BEIR folder (named `name`, else "beir:FOLDER"), without training pairs.
+
+    Raises ValueError (one line, naming the file and line) for a missing file, a line that is not
+    JSON or lacks a field, a repeated id, or a judgement of an unknown query or document.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder ({_LAYOUT})")
+    corpus = _read_records(folder / CORPUS_FILE, "text", optional=("title",))
+    documents = {docid: f"{title}\n{text}" if title else text for docid, (text, title) in corpus.items()}
+    questions = {qid: text for qid, (text,) in _read_records(folder / QUERIES_FILE, "text").items()}
+    qrels = _read_qrels(folder / QRELS_FILE, questions, documents)
+    queries = {qid: text for qid, text in questions.items() if qid in qrels}
+    return Benchmark(name or f"beir:{folder}", documents, queries, {qid: qrels[qid] for qid in queries})
+
+
+def _read_records(path: Path, required: str, optional: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+    """{_id: (required field, optional fields ("" when absent))} of a BEIR jsonl file."""
+    _require_file(path)
+    records: dict[str, tuple[str, ...]] = {}
+    for line, record in read_jsonl_numbered(path):
+        where = f"{path} line {line}"
+        if not isinstance(record, dict) or "_id" not in record:
+            raise ValueError(f"{where}: not an object with an _id")
+        key = check_id(record["_id"], f"{where} _id")
+        if key in records:
+            raise ValueError(f"{where}: _id {key!r} repeats an earlier line's")
+        if not isinstance(record.get(required), str):
+            raise ValueError(f"{where}: {required!r} is missing or not a string")
+        extras = tuple(record.get(name) or "" for name in optional)
+        if not all(isinstance(extra, str) for extra in extras):
+            raise ValueError(f"{where}: {', '.join(optional)} must be a string")
+        records[key] = (record[required], *extras)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def _read_qrels(path: Path, queries: dict[str, str], documents: dict[str, str]) -> dict[str, dict[str, int]]:
+    _require_file(path)
+    lines = read_text(path).splitlines()
+    if not lines or lines[0].strip() != QRELS_HEADER:
+        raise ValueError(f"{path} line 1: expected the header {QRELS_HEADER!r}")
+    qrels: dict[str, dict[str, int]] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        fields = line.split("\t")
+        if len(fields) != 3 or not re.fullmatch(r"[0-9]+", fields[2].strip()):
+            raise ValueError(f"{where}: expected query-id, corpus-id and an integer score >= 0, separated by tabs")
+        qid, docid, score = fields[0].strip(), fields[1].strip(), int(fields[2])
+        if qid not in queries:
+            raise ValueError(f"{where}: query {qid!r} is not in {QUERIES_FILE}")
+        if docid not in documents:
+            raise ValueError(f"{where}: document {docid!r} is not in {CORPUS_FILE}")
+        if docid in qrels.setdefault(qid, {}):
+            raise ValueError(f"{where}: query {qid!r} and document {docid!r} are judged twice")
+        qrels[qid][docid] = score
+    if not qrels:
+        raise ValueError(f"{path}: no judgements")
+    return qrels
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise ValueError(f"{path}: missing ({_LAYOUT})")

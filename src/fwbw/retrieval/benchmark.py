@@ -1,0 +1,174 @@
+"""Retrieval benchmarks built from wiki-sample's articles (title, extract, description).
+
+Every article is one document, in title order; its docid is its title with spaces as underscores,
+as in a Wikipedia address ("2001:_A_Space_Odyssey"). A document is "title\\nextract" unless the task
+removes part of it. Queries come only from the LM's validation articles (fwbw.data.corpora's split),
+training pairs (query, positive document) only from its training articles, so contrastive
+fine-tuning never sees an evaluated query or its document. A query's qid is the docid of the
+validation article it comes from.
+
+Tasks:
+  description  query = the article's short description ("Family of birds"); every article with the
+               same description (compared case-insensitively) is relevant, and one query is asked
+               per distinct description (its qid: the first such validation article). Articles
+               without a description give no query; training articles whose description is asked
+               give no training pair.
+  ict          inverse cloze (Lee et al. 2019): query = one sentence of the extract of an article
+               with at least 3 sentences, chosen by a hash of the title; that article's document
+               loses the sentence.
+  title        query = the title; every document is the extract alone (a sanity task).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from fwbw.data.corpora import is_valid_article, wiki_sample_file
+from fwbw.files import read_json
+from fwbw.retrieval.metrics import Qrels
+
+TASKS = ("description", "ict", "title")
+ICT_MIN_SENTENCES = 3
+
+# a sentence ends at . ! or ? (and any closing quotes or brackets), then whitespace, then a capital,
+# a digit or an opening quote or bracket; unless the word before the stop is an abbreviation
+_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])")
+_ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "gen", "col", "lt", "mt", "no", "vs"})
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    corpus: dict[str, str]  # docid -> document text, in corpus order
+    queries: dict[str, str]  # qid -> query text, the qids of the qrels in the same order
+    qrels: Qrels  # qid -> {docid: relevance}, relevance an int >= 0 (>= 1 is relevant)
+    train_pairs: tuple[tuple[str, str], ...] = ()  # (query, positive document text)
+
+
+@dataclass(frozen=True)
+class Example:
+    """What an article contributes as a query: the query and the article's document beside it."""
+
+    query: str
+    document: str
+
+
+@dataclass(frozen=True)
+class _Task:
+    example: Callable[[dict], Example | None]  # None: the article gives no query or training pair
+    document: Callable[[dict], str]  # the article's document when it gives no query
+    group: Callable[[dict], str]  # the articles of one group are all relevant to its query
+
+
+def article_docid(title: str) -> str:
+    return re.sub(r"\s", "_", title)
+
+
+def check_id(value: object, what: str) -> str:
+    """An id as a string; ValueError unless it is a non-empty string (or int) without whitespace,
+    as run files (qid Q0 docid rank score system) need."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value or re.search(r"\s", value):
+        raise ValueError(f"{what}: {value!r} is not an id (a non-empty string without whitespace)")
+    return value
+
+
+def load_wiki_task(task: str) -> Benchmark:
+    """The task over the whole wiki-sample corpus."""
+    return build_benchmark(task, read_json(wiki_sample_file()))
+
+
+def build_benchmark(task: str, articles: Mapping[str, Mapping[str, str]]) -> Benchmark:
+    """The task over articles {title: {"extract": ..., "description": ...}} (wiki-sample's layout)."""
+    if task not in TASKS:
+        raise ValueError(f"{task!r} is not a wiki-sample task ({', '.join(TASKS)})")
+    spec = _TASKS[task]
+    titles = sorted(articles)
+    articles = {title: {**articles[title], "title": title} for title in titles}
+    examples = {title: spec.example(articles[title]) for title in titles}
+    groups: dict[str, list[str]] = {}
+    for title in titles:
+        groups.setdefault(spec.group(articles[title]), []).append(title)
+    queried = {}  # group -> the validation article whose example is its query
+    for title in titles:
+        if is_valid_article(title) and examples[title] is not None:
+            queried.setdefault(spec.group(articles[title]), title)
+    asking = set(queried.values())
+    corpus = {
+        article_docid(title): examples[title].document if title in asking else spec.document(articles[title])
+        for title in titles
+    }
+    if len(corpus) < len(titles):
+        raise ValueError(f"task {task}: two titles give the same docid")
+    return Benchmark(
+        name=task,
+        corpus=corpus,
+        queries={article_docid(title): examples[title].query for title in queried.values()},
+        qrels={article_docid(title): {article_docid(t): 1 for t in groups[g]} for g, title in queried.items()},
+        train_pairs=tuple(
+            (examples[title].query, examples[title].document)
+            for title in titles
+            if not is_valid_article(title)
+            and examples[title] is not None
+            and spec.group(articles[title]) not in queried
+        ),
+    )
+
+
+def split_sentences(text: str) -> list[str]:
+    """The text cut into sentences, each with the whitespace that follows it, so that the pieces
+    join back into the text."""
+    pieces, start = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        words = text[start : match.start()].split()
+        if words and _is_abbreviation(words[-1]):
+            continue
+        pieces.append(text[start : match.end()])
+        start = match.end()
+    return [*pieces, text[start:]] if text[start:] else pieces
+
+
+def _is_abbreviation(word: str) -> bool:
+    """An initial ("J", "U.S") or a title such as "Dr" before a full stop."""
+    last = word.split(".")[-1].lstrip("\"'“‘([")
+    return len(last) == 1 and last.isalpha() or last.lower() in _ABBREVIATIONS
+
+
+def _full_text(article: Mapping[str, str]) -> str:
+    return f"{article['title']}\n{article['extract']}"
+
+
+def _description_example(article: Mapping[str, str]) -> Example | None:
+    description = article.get("description", "").strip()
+    return Example(description, _full_text(article)) if description else None
+
+
+def _ict_example(article: Mapping[str, str]) -> Example | None:
+    sentences = split_sentences(article["extract"].strip())
+    if len(sentences) < ICT_MIN_SENTENCES:
+        return None
+    digest = hashlib.sha256(f"ict:{article['title']}".encode()).digest()
+    chosen = int.from_bytes(digest[:8], "big") % len(sentences)
+    rest = "".join(sentences[:chosen] + sentences[chosen + 1 :]).strip()
+    return Example(sentences[chosen].strip(), f"{article['title']}\n{rest}")
+
+
+def _title_example(article: Mapping[str, str]) -> Example:
+    return Example(article["title"], article["extract"])
+
+
+def _title_of(article: Mapping[str, str]) -> str:
+    return article["title"]
+
+
+_TASKS = {
+    "description": _Task(
+        _description_example, _full_text, lambda article: article.get("description", "").strip().casefold()
+    ),
+    "ict": _Task(_ict_example, _full_text, _title_of),
+    "title": _Task(_title_example, lambda article: article["extract"], _title_of),
+}
