@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 
 from fwbw.analysis.effects import ALPHA, POWER, TREND_GROUP
-from fwbw.analysis.overfitting import MEASURES
 from fwbw.analysis.figures import (
     arm_groups,
     arm_label,
@@ -25,6 +24,7 @@ from fwbw.analysis.figures import (
     variant_label,
     window_label,
 )
+from fwbw.analysis.overfitting import MEASURES
 from fwbw.analysis.stats import (
     ARM,
     CONTEXT,

@@ -9,7 +9,12 @@ from collections.abc import Sequence
 import pandas as pd
 
 from fwbw.analysis.effects import arrow_of_time, power_table, scaling_trend, size_tests
-from fwbw.analysis.overfitting import fit_curves, overfitting_effects, run_fit, train_split_points
+from fwbw.analysis.overfitting import (
+    fit_curves,
+    overfitting_effects,
+    run_fit,
+    train_split_points,
+)
 from fwbw.analysis.stats import (
     AXES,
     DEFAULT_WINDOWS,
