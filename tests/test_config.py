@@ -479,7 +479,7 @@ def test_num_heads_is_checked_against_each_runs_own_width(capsys):
     spec = sweep_spec("--preset", "paper", "--num-heads", "3")
     assert {c.num_heads for c in spec.configs()} == {3} and len(spec.configs()) == 96
     assert cli.main(["sweep", "--preset", "paper", "--num-heads", "3", "--dry-run"]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 97
+    assert len(capsys.readouterr().out.splitlines()) == 98
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -14,13 +14,22 @@ import fwbw
 from fwbw import cli
 from fwbw.data.tokenizer import vocab_size_of
 from fwbw.model.hlb_gpt import count_params
-from fwbw.study import sweep_dir
+from fwbw.study import sweep, sweep_dir
 from fwbw.study.configure import build_sweep_spec
+from fwbw.study.estimate import ShapeTiming
 from fwbw.study.presets import PRESETS
 from fwbw.study.sweep import SweepSpec, run_id, short_count, write_sweep_file
 from fwbw.training.run_dir import write_status
 
 pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
+
+
+@pytest.fixture(autouse=True)
+def untimed_dry_run(monkeypatch):
+    """--dry-run times each run shape on this machine (tests/test_dry_run_estimate.py); here a
+    fixed timing stands in, so that a dry run trains nothing."""
+    timing = ShapeTiming(fw_step_s=0.1, fwbw_step_s=0.2, eval_s=1.0, measured=True)
+    monkeypatch.setattr(sweep, "MachineTimer", lambda: lambda config: timing)
 
 
 def grid_flags(corpus: Corpus) -> list[str]:
@@ -128,14 +137,15 @@ def test_dry_run_prints_every_run_with_its_parameter_count(tmp_path, corpus, cap
     lines = capsys.readouterr().out.strip().splitlines()
     spec = spec_of(argv)
     configs = spec.configs()
-    assert len(lines) == len(configs) + 1
+    assert len(lines) == len(configs) + 2
     for line, config in zip(lines, configs):
         words = line.split()
         assert words[0] == run_id(config)
         params = words[words.index("params") + 1]
         model_config = config.model_config(vocab_size_of(config.tokenizer))
         assert params == short_count(count_params(model_config))
-    assert lines[-1].startswith(f"{len(configs)} runs")
+    assert lines[-2].startswith(f"{len(configs)} runs")
+    assert lines[-1].startswith("expected on this machine (")
     assert not out.exists()
 
 
@@ -187,7 +197,7 @@ def test_counts_print_to_three_significant_digits(count, text):
 def test_dry_run_shows_a_small_budget(capsys):
     assert cli.main(["sweep", "--preset", "cpu-small", "--train-tokens", "3000", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert all("tokens  3.00k" in line for line in lines[:-1]), lines
+    assert all("tokens  3.00k" in line for line in lines[:-2]), lines
 
 
 # --- a sweep directory belongs to one spec -------------------------------------------------------

@@ -3,16 +3,17 @@
 Each distinct run shape (model, sequence length, microbatch, evaluation sets, device, dtype) is
 timed once with the trainer's own step on random tokens (fwbw.training.bench): fw-only and fw+bw
 steps, and one evaluation of its validation and training-subset windows. A shape whose fw+bw step
-would take over MAX_TIMED_STEP_S even at the device's measured matmul peak is not timed: its
-times are its FLOPs at that peak, a lower bound. A run's seconds are its steps times its mean step
-time plus its evaluations times one evaluation's; what follows training (the layer cut, the
-samples) is not counted.
+could take over MAX_TIMED_STEP_S (its FLOPs at LOW_MFU of the device's measured matmul peak) is
+not timed: its times are its FLOPs at that peak, a lower bound. A run's seconds are its steps
+times its mean step time plus its evaluations times one evaluation's; what follows training (the
+layer cut, the samples) is not counted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -38,7 +39,10 @@ from fwbw.training.trainer import Trainer
 
 WARMUP_STEPS = 2  # untimed steps of each kind before the timed ones
 TIMED_STEPS = 5
-MAX_TIMED_STEP_S = 20.0  # a shape whose fw+bw step takes longer at the matmul peak is not timed
+MAX_TIMED_STEP_S = 20.0  # a shape whose fw+bw step may take longer is not timed
+# a pessimistic model FLOPs utilisation, to guess a step's time before timing it: small models on
+# CPU reach ~5-10% of the bf16 matmul peak (`fwbw bench`)
+LOW_MFU = 0.05
 CPU_PEAK_MATMUL_SIZE = 1024  # on CPU as fast as bench's 2048 to within ~10%, in an eighth of the time
 
 
@@ -92,12 +96,18 @@ def eval_count(config: TrainConfig, budget: int, split_tokens: float) -> int:
     return min(steps, passed) + (0 if last_step_evaluates else 1)
 
 
+def p_bw_at_bound(config: TrainConfig) -> bool:
+    """Whether the run's share of fw+bw steps is unknown in advance: adaptive p_bw (moving within
+    [0.01, 1] from a start above 0) under bw_mode add."""
+    return config.bw_mode == "add" and config.adaptive_p_bw and config.p_bw > 0
+
+
 def bw_share(config: TrainConfig) -> float:
-    """The share of steps that train fw+bw: p_bw under bw_mode add, or its upper bound 1 when
-    adaptive p_bw may move it; none under "either", where every step trains one task."""
+    """The share of steps that train fw+bw: p_bw under bw_mode add (its upper bound 1 when
+    p_bw_at_bound); none under "either", where every step trains one task."""
     if config.bw_mode == "either":
         return 0.0
-    return 1.0 if config.adaptive_p_bw and config.p_bw > 0 else config.p_bw
+    return 1.0 if p_bw_at_bound(config) else config.p_bw
 
 
 def run_seconds(config: TrainConfig, timing: ShapeTiming, budget: int, split_tokens: float) -> float:
@@ -124,21 +134,21 @@ def flop_timing(config: TrainConfig, peak_gflops: float) -> ShapeTiming:
 
 def timing_config(config: TrainConfig) -> TrainConfig:
     """`config` at its full sequence length from the first step, with its microbatches per step
-    fixed at the assumed number (microbatches_per_step)."""
+    fixed at the assumed number (microbatches_per_step) and a budget of one pass over whatever
+    training split it is given."""
     recipe = dataclasses.replace(config.recipe, seq_len_initial=config.seq_len, dynamic_microbatch=False)
     return dataclasses.replace(config, recipe=recipe, train_tokens=None, epochs=1.0)
 
 
 def evaluation_seconds(trainer: Trainer) -> float:
-    """One evaluation as the trainer runs it: its validation windows, then its training-subset
-    windows if any."""
-    window_sets = [windows for windows in (trainer.valid, trainer.train_eval) if windows is not None]
-
-    def evaluate_all() -> None:
-        for windows in window_sets:
-            evaluate(trainer.model, windows, eval_batch_size(windows), trainer.precision())
-
-    return timed(evaluate_all, trainer.device, repeats=1, warmup=0)[0]
+    """One evaluation as the trainer runs it, over its validation windows and its training-subset
+    windows if any (windows of one length, so batches of one size): the first batch timed, then
+    scaled to all the windows."""
+    batch_size = eval_batch_size(trainer.valid)
+    batch = trainer.valid[:batch_size]
+    seconds = timed(lambda: evaluate(trainer.model, batch, batch_size, trainer.precision()), trainer.device, 1, 0)[0]
+    windows = len(trainer.valid) + (0 if trainer.train_eval is None else len(trainer.train_eval))
+    return seconds * windows / len(batch)
 
 
 def measure_shape(config: TrainConfig, steps: int = TIMED_STEPS, warmup: int = WARMUP_STEPS) -> ShapeTiming:
@@ -156,7 +166,8 @@ def measure_shape(config: TrainConfig, steps: int = TIMED_STEPS, warmup: int = W
 
 class MachineTimer:
     """A ShapeTimer for this machine: a run's shape measured (measure_shape), unless its fw+bw
-    step would take over max_step_s at the measured matmul peak: then its FLOPs at that peak."""
+    step could take over max_step_s (at LOW_MFU of the measured matmul peak) or the device runs
+    out of memory: then its FLOPs at that peak."""
 
     def __init__(self, max_step_s: float = MAX_TIMED_STEP_S):
         self.max_step_s = max_step_s
@@ -164,13 +175,14 @@ class MachineTimer:
 
     def __call__(self, config: TrainConfig) -> ShapeTiming:
         at_peak = flop_timing(config, self._peak(resolve_device(config.device), resolve_dtype(config.dtype)))
-        if at_peak.fwbw_step_s > self.max_step_s:
+        if at_peak.fwbw_step_s / LOW_MFU > self.max_step_s:
             return at_peak
         try:
             return measure_shape(config)
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            return at_peak
+            pass
+        torch.cuda.empty_cache()  # outside the except clause, whose traceback holds the tensors
+        return at_peak
 
     def _peak(self, device: torch.device, dtype: str) -> float:
         if (device, dtype) not in self._peaks:
@@ -180,54 +192,86 @@ class MachineTimer:
 
 
 def machine_name(device: str) -> str:
-    """The device a sweep's runs would train on here: the GPU's name, or the CPU's thread count."""
+    """The device a sweep's runs would train on here: the GPU's name, or the CPU's thread count
+    and load (other processes slow the measured steps down)."""
     resolved = resolve_device(device)
     if resolved.type == "cuda":
         return torch.cuda.get_device_name(resolved)
-    threads = torch.get_num_threads()
-    return f"cpu, {threads} thread{'s' if threads > 1 else ''}"
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return f"cpu, {plural(torch.get_num_threads(), 'thread')}{load}"
 
 
 def short_duration(seconds: float) -> str:
-    """Seconds below 90 s, minutes below 90 min, else hours."""
+    """Seconds below 90 s, minutes below 90 min, else hours (to 0.1 h below 100 h)."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:
         return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+    hours = seconds / 3600
+    return f"{hours:.1f} h" if hours < 100 else f"{hours:.0f} h"
 
 
-def bound_mark(config: TrainConfig, timing: ShapeTiming) -> str:
-    """'>=' before a lower bound (FLOPs at the peak), '<=' before an upper bound (adaptive p_bw at
-    1), '~' when both meet."""
-    upper = bw_share(config) != config.p_bw
-    return {(False, False): "", (True, False): ">=", (False, True): "<=", (True, True): "~"}[not timing.measured, upper]
+def bound_mark(lower: bool, upper: bool) -> str:
+    """'>=' before a lower bound, '<=' before an upper bound, '~' before a sum of both."""
+    return "~" if lower and upper else ">=" if lower else "<=" if upper else ""
 
 
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def machine_lines(configs: list[TrainConfig], timings: dict[tuple, ShapeTiming], total_s: float) -> list[str]:
-    """The expected total on this machine, and a line of the assumptions behind it where any
-    applies."""
-    measured = sum(timing.measured for timing in timings.values())
-    how = [f"{plural(measured, 'shape')} timed, {WARMUP_STEPS}+{TIMED_STEPS} steps each of fw and fw+bw"] if measured else []
-    if measured < len(timings):
-        how.append(f"{plural(len(timings) - measured, 'shape')} too slow to time here")
-    lines = [
-        f"expected on this machine ({machine_name(configs[0].device)}; {'; '.join(how)}): {short_duration(total_s)} "
-        "in one process; `--shard i/n` splits the runs over n processes (faster with cores or devices to spare)"
-    ]
-    notes = []
-    if any(config.recipe.dynamic_microbatch for config in configs):
-        counts = sorted({microbatches_per_step(config) for config in configs})
-        notes.append(f"dynamic microbatching: {'/'.join(f'{count:g}' for count in counts)} microbatch per step "
-                     "assumed (the trainer adapts it to the gradient norm)")
-    if measured < len(timings):
-        notes.append(f">= model FLOPs at the measured matmul peak, for shapes whose fw+bw step would exceed {MAX_TIMED_STEP_S:g} s")
-    if any(bw_share(config) != config.p_bw for config in configs):
-        notes.append("<= adaptive p_bw taken at its bound 1 (fw+bw every step)")
-    if notes:
-        lines.append("assumes " + "; ".join(notes))
-    return lines
+def device_problem(configs: list[TrainConfig]) -> str | None:
+    """Why this machine cannot train on the runs' device (CUDA requested, none here), or None."""
+    for device in sorted({config.device for config in configs}):
+        try:
+            resolve_device(device)
+        except RuntimeError as error:
+            return str(error)
+    return None
+
+
+class SweepTimes:
+    """The expected wall time of a sweep's runs on this machine, each run shape (shape_key) timed
+    once by time_shape; none where this machine lacks the runs' device."""
+
+    def __init__(self, configs: list[TrainConfig], time_shape: ShapeTimer):
+        self.configs = configs
+        self.time_shape = time_shape
+        self.problem = device_problem(configs)
+        self.timings: dict[tuple, ShapeTiming] = {}
+        self.total_s = 0.0
+
+    def run_text(self, config: TrainConfig, budget: int, split_tokens: float) -> str:
+        """'  ' and the run's expected time, marked if a bound, added to the total ('' without
+        the device)."""
+        if self.problem:
+            return ""
+        key = shape_key(config)
+        if key not in self.timings:
+            self.timings[key] = self.time_shape(config)
+        timing = self.timings[key]
+        seconds = run_seconds(config, timing, budget, split_tokens)
+        self.total_s += seconds
+        return f"  {bound_mark(not timing.measured, p_bw_at_bound(config))}{short_duration(seconds)}"
+
+    def total_line(self) -> str:
+        """The total of the runs so far, with how it was found and what it assumes."""
+        if self.problem:
+            return f"expected on this machine: not estimated ({self.problem})"
+        unmeasured = sum(not timing.measured for timing in self.timings.values())
+        how = [machine_name(self.configs[0].device)]
+        if unmeasured < len(self.timings):
+            timed_shapes = plural(len(self.timings) - unmeasured, "shape")
+            how.append(f"{timed_shapes} timed over {WARMUP_STEPS}+{TIMED_STEPS} steps each of fw and fw+bw")
+        if unmeasured:
+            how.append(f">= for {plural(unmeasured, 'shape')} not timed (too slow or out of memory): FLOPs at the "
+                       "measured matmul peak")
+        dynamic = sorted({microbatches_per_step(config) for config in self.configs if config.recipe.dynamic_microbatch})
+        if dynamic:
+            how.append(f"dynamic microbatching assumed to stay at {'/'.join(f'{n:g}' for n in dynamic)} microbatch per step")
+        adaptive = any(p_bw_at_bound(config) for config in self.configs)
+        if adaptive:
+            how.append("<= for adaptive p_bw: taken at its bound 1")
+        total = f"{bound_mark(unmeasured > 0, adaptive)}{short_duration(self.total_s)}"
+        return (f"expected on this machine ({'; '.join(how)}): {total} in one process; `--shard i/n` splits the runs "
+                "over n processes (faster with cores or devices to spare)")

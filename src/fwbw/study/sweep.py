@@ -18,15 +18,7 @@ from fwbw.files import atomic_write_json
 from fwbw.model.config import shape_for_model_scale
 from fwbw.model.hlb_gpt import count_params, training_flops_per_token
 from fwbw.schema import ConfigError, check_fields, require, show
-from fwbw.study.estimate import (
-    MachineTimer,
-    ShapeTimer,
-    bound_mark,
-    machine_lines,
-    run_seconds,
-    shape_key,
-    short_duration,
-)
+from fwbw.study.estimate import MachineTimer, ShapeTimer, SweepTimes
 from fwbw.study.results import write_results
 from fwbw.study.samples import write_samples
 from fwbw.study.sweep_dir import RUNS, SWEEP_FILE, check_owner
@@ -150,31 +142,25 @@ def short_count(n: float) -> str:
 
 def describe_runs(spec: SweepSpec, time_shape: ShapeTimer | None = None) -> str:
     """The run list with parameter counts, a compute estimate and the expected wall time on this
-    machine, each run shape (estimate.shape_key) timed once by `time_shape` (default: a
-    MachineTimer) (--dry-run)."""
-    time_shape = time_shape or MachineTimer()
+    machine, each run shape timed by `time_shape` (default: a MachineTimer) (--dry-run)."""
     configs = spec.configs()
-    lines, total_flops, total_s, timings = [], 0.0, 0.0, {}
+    times = SweepTimes(configs, time_shape or MachineTimer())
+    lines, total = [], 0.0
     for config in configs:
         model = config.model_config(vocab_size_of(config.tokenizer))
         tokens = estimated_train_tokens(config)
         tasks = 1 + config.p_bw if config.bw_mode == "add" else 1
         flops = training_flops_per_token(model, config.seq_len) * tokens * tasks
-        key = shape_key(config)
-        if key not in timings:
-            timings[key] = time_shape(config)
-        timing = timings[key]
-        seconds = run_seconds(config, timing, tokens, estimated_split_tokens(config))
-        total_flops += flops
-        total_s += seconds
+        total += flops
         lines.append(
             f"{run_id(config):<48} params {short_count(count_params(model)):>6}  tokens {short_count(tokens):>6}  "
-            f"tokens/microbatch {config.recipe.tokens_per_microbatch:6d}  {flops:.2e} FLOP  "
-            f"{bound_mark(config, timing)}{short_duration(seconds)}"
+            f"tokens/microbatch {config.recipe.tokens_per_microbatch:6d}  {flops:.2e} FLOP"
+            + times.run_text(config, tokens, estimated_split_tokens(config))
         )
-    hours_h100 = total_flops / (0.4 * 989e12) / 3600
-    lines.append(f"{len(configs)} runs, {total_flops:.2e} training FLOP: ~{hours_h100:.1f} h on one H100 at 40% MFU (bf16)")
-    return "\n".join(lines + machine_lines(configs, timings, total_s))
+    hours_h100 = total / (0.4 * 989e12) / 3600
+    lines.append(f"{len(configs)} runs, {total:.2e} training FLOP: ~{hours_h100:.1f} h on one H100 at 40% MFU (bf16)")
+    lines.append(times.total_line())
+    return "\n".join(lines)
 
 
 def run_id(config: TrainConfig) -> str:
