@@ -33,8 +33,10 @@ def write_beir(benchmark: Benchmark, out_dir: Path) -> None:
     """
     out_dir = Path(out_dir)
     (out_dir / QRELS_FILE).unlink(missing_ok=True)
-    atomic_write_text(out_dir / CORPUS_FILE, _jsonl({"_id": d, "title": "", "text": t} for d, t in benchmark.corpus.items()))
-    atomic_write_text(out_dir / QUERIES_FILE, _jsonl({"_id": q, "text": t} for q, t in benchmark.queries.items()))
+    documents = ({"_id": docid, "title": "", "text": text} for docid, text in benchmark.corpus.items())
+    atomic_write_text(out_dir / CORPUS_FILE, _jsonl(documents))
+    queries = ({"_id": qid, "text": text} for qid, text in benchmark.queries.items())
+    atomic_write_text(out_dir / QUERIES_FILE, _jsonl(queries))
     rows = [f"{qid}\t{docid}\t{rel}" for qid, judged in benchmark.qrels.items() for docid, rel in judged.items()]
     atomic_write_text(out_dir / QRELS_FILE, "\n".join([QRELS_HEADER, *rows]) + "\n")
 
@@ -94,7 +96,7 @@ def _read_qrels(path: Path, queries: dict[str, str], documents: dict[str, str]) 
         where = f"{path} line {number}"
         fields = line.split("\t")
         if len(fields) != 3 or not re.fullmatch(r"[0-9]+", fields[2].strip()):
-            raise ValueError(f"{where}: expected query-id, corpus-id and an integer score >= 0, separated by tabs")
+            raise ValueError(f"{where}: expected query-id, corpus-id and an integer score >= 0, tab-separated")
         qid, docid, score = fields[0].strip(), fields[1].strip(), int(fields[2])
         if qid not in queries:
             raise ValueError(f"{where}: query {qid!r} is not in {QUERIES_FILE}")

@@ -36,20 +36,20 @@ ICT_MIN_SENTENCES = 3
 # a sentence ends at . ! or ? (and any closing quotes or brackets), then whitespace, then a capital,
 # a digit or an opening quote or bracket; unless the word before the stop is an abbreviation
 _SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])")
-_ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "gen", "col", "lt", "mt", "no", "vs"})
+_ABBREVIATIONS = frozenset("mr mrs ms dr st jr sr prof gen col lt mt no vs est ca approx vol pp fig".split())
 
 
 @dataclass(frozen=True)
 class Benchmark:
     name: str
     corpus: dict[str, str]  # docid -> document text, in corpus order
-    queries: dict[str, str]  # qid -> query text, the qids of the qrels in the same order
+    queries: dict[str, str]  # qid -> query text, for the qids of the qrels, in their order
     qrels: Qrels  # qid -> {docid: relevance}, relevance an int >= 0 (>= 1 is relevant)
     train_pairs: tuple[tuple[str, str], ...] = ()  # (query, positive document text)
 
 
 @dataclass(frozen=True)
-class Example:
+class _Example:
     """What an article contributes as a query: the query and the article's document beside it."""
 
     query: str
@@ -58,7 +58,7 @@ class Example:
 
 @dataclass(frozen=True)
 class _Task:
-    example: Callable[[dict], Example | None]  # None: the article gives no query or training pair
+    example: Callable[[dict], _Example | None]  # None: the article gives no query or training pair
     document: Callable[[dict], str]  # the article's document when it gives no query
     group: Callable[[dict], str]  # the articles of one group are all relevant to its query
 
@@ -87,35 +87,33 @@ def build_benchmark(task: str, articles: Mapping[str, Mapping[str, str]]) -> Ben
     if task not in TASKS:
         raise ValueError(f"{task!r} is not a wiki-sample task ({', '.join(TASKS)})")
     spec = _TASKS[task]
-    titles = sorted(articles)
-    articles = {title: {**articles[title], "title": title} for title in titles}
-    examples = {title: spec.example(articles[title]) for title in titles}
+    records = {title: {**articles[title], "title": title} for title in sorted(articles)}
+    examples = {title: spec.example(record) for title, record in records.items()}
     groups: dict[str, list[str]] = {}
-    for title in titles:
-        groups.setdefault(spec.group(articles[title]), []).append(title)
-    queried = {}  # group -> the validation article whose example is its query
-    for title in titles:
-        if is_valid_article(title) and examples[title] is not None:
-            queried.setdefault(spec.group(articles[title]), title)
-    asking = set(queried.values())
+    for title, record in records.items():
+        groups.setdefault(spec.group(record), []).append(title)
+    asked = {}  # group -> the validation article whose example is the group's query
+    for title, example in examples.items():
+        if example is not None and is_valid_article(title):
+            asked.setdefault(spec.group(records[title]), title)
+    askers = set(asked.values())
     corpus = {
-        article_docid(title): examples[title].document if title in asking else spec.document(articles[title])
-        for title in titles
+        article_docid(title): examples[title].document if title in askers else spec.document(record)
+        for title, record in records.items()
     }
-    if len(corpus) < len(titles):
+    if len(corpus) < len(records):
         raise ValueError(f"task {task}: two titles give the same docid")
+    train_pairs = tuple(
+        (example.query, example.document)
+        for title, example in examples.items()
+        if example is not None and not is_valid_article(title) and spec.group(records[title]) not in asked
+    )
     return Benchmark(
         name=task,
         corpus=corpus,
-        queries={article_docid(title): examples[title].query for title in queried.values()},
-        qrels={article_docid(title): {article_docid(t): 1 for t in groups[g]} for g, title in queried.items()},
-        train_pairs=tuple(
-            (examples[title].query, examples[title].document)
-            for title in titles
-            if not is_valid_article(title)
-            and examples[title] is not None
-            and spec.group(articles[title]) not in queried
-        ),
+        queries={article_docid(title): examples[title].query for title in asked.values()},
+        qrels={article_docid(title): dict.fromkeys(map(article_docid, groups[g]), 1) for g, title in asked.items()},
+        train_pairs=train_pairs,
     )
 
 
@@ -142,23 +140,23 @@ def _full_text(article: Mapping[str, str]) -> str:
     return f"{article['title']}\n{article['extract']}"
 
 
-def _description_example(article: Mapping[str, str]) -> Example | None:
+def _description_example(article: Mapping[str, str]) -> _Example | None:
     description = article.get("description", "").strip()
-    return Example(description, _full_text(article)) if description else None
+    return _Example(description, _full_text(article)) if description else None
 
 
-def _ict_example(article: Mapping[str, str]) -> Example | None:
+def _ict_example(article: Mapping[str, str]) -> _Example | None:
     sentences = split_sentences(article["extract"].strip())
     if len(sentences) < ICT_MIN_SENTENCES:
         return None
     digest = hashlib.sha256(f"ict:{article['title']}".encode()).digest()
     chosen = int.from_bytes(digest[:8], "big") % len(sentences)
     rest = "".join(sentences[:chosen] + sentences[chosen + 1 :]).strip()
-    return Example(sentences[chosen].strip(), f"{article['title']}\n{rest}")
+    return _Example(sentences[chosen].strip(), f"{article['title']}\n{rest}")
 
 
-def _title_example(article: Mapping[str, str]) -> Example:
-    return Example(article["title"], article["extract"])
+def _title_example(article: Mapping[str, str]) -> _Example:
+    return _Example(article["title"], article["extract"])
 
 
 def _title_of(article: Mapping[str, str]) -> str:

@@ -49,5 +49,6 @@ def _import_bm25s():
         import bm25s
         import Stemmer
     except ImportError as error:
-        raise RuntimeError(f"BM25 needs the extra 'retrieval' ({error.name} is missing): {EXTRA_HINT}") from None
+        missing = f"{error.name} is missing"
+        raise RuntimeError(f"BM25 needs the extra 'retrieval' ({missing}): {EXTRA_HINT}") from None
     return bm25s, Stemmer.Stemmer("english")

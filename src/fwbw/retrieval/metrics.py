@@ -71,7 +71,7 @@ def evaluate(run: Mapping[str, Mapping[str, float]], qrels: Qrels) -> dict[str, 
         scores = run.get(qid, {})
         bad = next((docid for docid, score in scores.items() if not math.isfinite(score)), None)
         if bad is not None:
-            raise ValueError(f"run: query {qid!r} scores document {bad!r} {scores[bad]} (not a finite number)")
+            raise ValueError(f"run: query {qid!r} scores document {bad!r} {scores[bad]}, not a finite number")
         per_query[qid] = query_metrics(scores, relevance)
     return per_query
 
@@ -80,7 +80,7 @@ def mean_metrics(per_query: Mapping[str, Mapping[str, float]]) -> dict[str, floa
     """The mean of each metric over the queries."""
     if not per_query:
         raise ValueError("no queries to evaluate (the qrels are empty)")
-    return {name: math.fsum(values[name] for values in per_query.values()) / len(per_query) for name in METRICS}
+    return {name: math.fsum(query[name] for query in per_query.values()) / len(per_query) for name in METRICS}
 
 
 @dataclass(frozen=True)

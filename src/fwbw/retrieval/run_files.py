@@ -78,7 +78,8 @@ def _run_text(run: Mapping[str, Mapping[str, float]], system: str) -> str:
     for qid, scores in run.items():
         check_id(qid, "run qid")
         for rank, docid in enumerate(ranking(scores)[:TREC_DEPTH], start=1):
-            lines.append(f"{qid} Q0 {check_id(docid, 'run docid')} {rank} {float(scores[docid])!r} {system}\n")
+            check_id(docid, "run docid")
+            lines.append(f"{qid} Q0 {docid} {rank} {float(scores[docid])!r} {system}\n")
     return "".join(lines)
 
 
@@ -109,9 +110,8 @@ def read_result(out_dir: Path) -> RetrievalResult:
     missing = [key for key in (*INFO_KEYS, *METRICS, "seconds") if not isinstance(metrics, dict) or key not in metrics]
     if missing:
         raise ValueError(f"{metrics_path}: no {missing[0]!r}")
-    return RetrievalResult(
-        metrics, _read_per_query(out_dir / PER_QUERY_FILE), read_trec_run(out_dir / RUN_FILE), read_trec_qrels(out_dir / QRELS_FILE)
-    )
+    per_query = _read_per_query(out_dir / PER_QUERY_FILE)
+    return RetrievalResult(metrics, per_query, read_trec_run(out_dir / RUN_FILE), read_trec_qrels(out_dir / QRELS_FILE))
 
 
 def read_trec_run(path: Path) -> Run:
@@ -141,7 +141,7 @@ def _trec_lines(path: Path, n_fields: int):
         if not fields:
             continue
         if len(fields) != n_fields:
-            raise ValueError(f"{path} line {number}: expected {n_fields} fields separated by spaces, got {len(fields)}")
+            raise ValueError(f"{path} line {number}: expected {n_fields} space-separated fields, got {len(fields)}")
         yield f"{path} line {number}", fields
 
 
