@@ -103,7 +103,13 @@ def test_report_states_the_changes_with_their_intervals(analysis):
     assert "1 of 3 p_bw = 0.25 runs, 0 of 3 p_bw = 0 runs" in statement
     first = headline(analysis)[0]
     assert first.startswith("Many epochs, change with bw training (95% CI over seeds): p_bw = 0.25 (add, causal mask), "
-                            "depth 2 / width 8, n = 3 seeds: best fw val loss at equal data -0.033 (")
+                            "depth 2 / width 8, n = 3 seed pairs: best fw val loss at equal data -0.033 (")
+
+
+def test_headline_speaks_of_many_epochs_only_where_a_baseline_overfit():
+    never_overfits = {key: (sorted(valid, reverse=True), train) for key, (valid, train) in CURVES.items()}
+    rows = [row for (p, s), (v, t) in never_overfits.items() for row in run_rows(p, s, v, t)]
+    assert not headline(analyse(pd.DataFrame(rows)))[0].startswith("Many epochs")
 
 
 def test_verdict_fires_only_when_the_interval_excludes_zero():

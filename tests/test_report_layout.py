@@ -11,7 +11,8 @@ from fwbw.analysis import report
 from fwbw.analysis.report import NO_BW_SAMPLE, headline, write_report
 from fwbw.analysis.sweep_analysis import analyse
 
-SECTIONS = ["The answer", "Equal data: fw loss at the same epochs", "Equal compute: fw loss at the same training FLOPs",
+SECTIONS = ["The answer", "Equal data: fw loss at the same epochs",
+            "Many epochs: best loss, overfitting and the train–val gap", "Equal compute: fw loss at the same training FLOPs",
             "Scaling with model size and the power of the seeds", "The bw mask and the leak probes", "Layer cut",
             "Arrow of time: fw against bw"]
 TAIL = ["Setup", "Runs"]

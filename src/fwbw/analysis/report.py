@@ -401,7 +401,8 @@ def _measure_clause(row: dict) -> str:
 def _overfitting_statement(rows: pd.DataFrame, with_variant: bool) -> str:
     """One arm's paired changes (overfitting.csv's rows of one setting), equal data then equal compute."""
     first = rows.iloc[0]
-    head = f"{size_label(first['depth'], first['width'])}, {_setting_label(first, with_variant)} (n = {first['n']} seed pairs)"
+    pairs = f"{first['n']} seed pair{'' if first['n'] == 1 else 's'}"
+    head = f"{size_label(first['depth'], first['width'])}, {_setting_label(first, with_variant)} (n = {pairs})"
     by_budget = {b: "; ".join(map(_measure_clause, rows[rows.budget == b].to_dict("records"))) for b in rows.budget.unique()}
     censored = (f" Best at the last evaluation (not yet overfitting, best epoch censored at the budget): "
                 f"{first['x_best_at_end']} of {first['n']} p_bw = {first['p_bw']:g} runs, "
@@ -492,8 +493,9 @@ def _answer_clause(row: dict, label: str) -> str:
 
 
 def _overfitting_answer(analysis: Analysis, leaking: set[str]) -> str:
-    """The many-epoch answer: per leak-free arm, the change of the best fw val loss at equal data and
-    at equal compute, and of the epoch of the best."""
+    """The many-epoch answer, given where a p_bw = 0 run overfit (its best fw val loss before its
+    last point): per leak-free arm, the change of the best fw val loss at equal data and at equal
+    compute, and of the epoch of the best."""
     effects = analysis.overfitting[~analysis.overfitting.bw_mask.isin(leaking)]
     shown = {"best_fw_loss": "best fw val loss at equal data", "best_fw_loss_equal_flops": "at equal compute",
              "best_epoch": "epoch of the best"}
@@ -502,7 +504,7 @@ def _overfitting_answer(analysis: Analysis, leaking: set[str]) -> str:
         by_measure = {row["measure"]: row for row in rows.to_dict("records")}
         first = rows.iloc[0]
         clauses.append(f"{_setting_label(first, True)}, {size_label(first['depth'], first['width'])}, "
-                       f"n = {first['n']} seeds: "
+                       f"n = {first['n']} seed pair{'' if first['n'] == 1 else 's'}: "
                        + ", ".join(_answer_clause(by_measure[m], label) for m, label in shown.items()))
     head = "Many epochs, change with bw training (95% CI over seeds)"
     return f"{head}: {'; '.join(clauses)}." if clauses else f"{head}: no leak-free setting has a paired comparison."
@@ -528,7 +530,9 @@ def headline(analysis: Analysis) -> list[str]:
         return statements["runs"]
     leaking = _leaking_masks(analysis.mask_summary)
     mask = "; ".join(map(_mask_clause, analysis.mask_summary.to_dict("records")))
-    many_epochs = [_overfitting_answer(analysis, leaking)] if analysis.run_fit.last_epoch.max() > 1 else []
+    fit = analysis.run_fit
+    baseline_overfit = (~fit.best_at_end.astype(bool) & (fit.p_bw == 0)).any()
+    many_epochs = [_overfitting_answer(analysis, leaking)] if baseline_overfit else []
     return [
         *many_epochs,
         _equal_data_answer(analysis, leaking),
