@@ -38,6 +38,7 @@ PANEL = (4.4, 3.3)  # inches per panel
 ALONG = {"nominal_epoch": "epoch (nominal)", "fw_tokens": "fw tokens seen", "flops": "training FLOPs"}  # points column -> label
 CURVE_METRICS = {"loss": "val loss", "acc": "val accuracy"}  # the panels of each model size in the loss curves
 RATIO1_CURVE_AXES = ("epoch", "fw_tokens")  # the rows of the ratio 1 curves
+FIT_MARGIN, FIT_SPAN = 0.05, 0.6  # nats shown below the lowest mean curve of an overfitting panel, and in all
 
 
 # ----------------------------------------------------------------------------- labels
@@ -206,29 +207,37 @@ def compute_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------- overfitting
 
-def _fit_band(ax: Axes, curve: pd.DataFrame, along: str, color, style: str, label: str | None) -> None:
+def _fit_band(ax: Axes, curve: pd.DataFrame, along: str, color, label: str) -> None:
     curve = curve.sort_values(along)
-    ax.plot(curve[along], curve["mean"], color=color, ls=style, label=label)
+    ax.plot(curve[along], curve["mean"], color=color, label=label)
     ax.fill_between(curve[along], curve.ci_low, curve.ci_high, color=color, alpha=0.15, lw=0)
 
 
+def _zoom(ax: Axes, means: pd.Series, span: float) -> None:
+    """Show `span` nats from just below the lowest mean: the differences late in training, not the
+    steep fall of the first epochs or a few seeds' wide bands."""
+    low = means.min() - FIT_MARGIN
+    ax.set_ylim(low, low + span)
+
+
 def _fit_panels(axes: np.ndarray, size: pd.DataFrame, colors: dict) -> None:
-    """fw loss over epochs (validation solid, training split dashed; a dot at each p_bw's lowest mean
-    validation loss) and validation fw loss over training FLOPs."""
+    """fw validation loss over epochs (a dot at each p_bw's lowest mean), fw loss on the training
+    split over epochs, and fw validation loss over training FLOPs."""
     for p_bw, curves in size.groupby("p_bw"):
         valid, train = curves[curves.split == "valid"], curves[curves.split == "train"]
-        n = int(valid.n.max())
-        _fit_band(axes[0], valid, "nominal_epoch", colors[p_bw], "-", f"p_bw = {p_bw:g} ({n} seeds)")
-        if len(train):
-            _fit_band(axes[0], train, "nominal_epoch", colors[p_bw], "--", None)
+        label = f"p_bw = {p_bw:g} ({int(valid.n.max())} seeds)"
+        _fit_band(axes[0], valid, "nominal_epoch", colors[p_bw], label)
         best = valid.loc[valid["mean"].idxmin()]
         axes[0].plot(best.nominal_epoch, best["mean"], "o", color=colors[p_bw], ms=5)
-        _fit_band(axes[1], valid, "flops", colors[p_bw], "-", f"p_bw = {p_bw:g}")
-    axes[0].set(xlabel=ALONG["nominal_epoch"], ylabel="fw loss (solid: validation, dashed: training split)")
-    axes[1].set(xlabel=ALONG["flops"], ylabel="fw validation loss")
-    valid = size[size.split == "valid"]
-    for ax in axes:
-        ax.set_ylim(valid.ci_low.min() - 0.05, valid["mean"].quantile(0.5) + 0.4)
+        _fit_band(axes[1], train, "nominal_epoch", colors[p_bw], label)
+        _fit_band(axes[2], valid, "flops", colors[p_bw], label)
+    valid, train = size[size.split == "valid"], size[size.split == "train"]
+    axes[0].set(xlabel=ALONG["nominal_epoch"], ylabel="fw validation loss")
+    axes[1].set(xlabel=ALONG["nominal_epoch"], ylabel="fw loss on the training split")
+    axes[2].set(xlabel=ALONG["flops"], ylabel="fw validation loss")
+    for ax, means, span in ((axes[0], valid["mean"], FIT_SPAN), (axes[1], train["mean"], 2 * FIT_SPAN),
+                            (axes[2], valid["mean"], FIT_SPAN)):
+        _zoom(ax, means, span)
         ax.legend(fontsize="small")
 
 
@@ -242,7 +251,7 @@ def overfitting_curves(analysis: Analysis, out_dir: Path) -> list[Path]:
     rows = curves[[*CURVE_KEY, "depth", "width"]].drop_duplicates().to_dict("records")
     p_values = sorted(curves.p_bw.unique())
     colors = {p: "0.35" if p == 0 else color for p, color in zip(p_values, _palette(len(p_values)))}
-    fig, axes = _figure(2, len(rows), (PANEL[0] * 1.2, PANEL[1] * 1.2))
+    fig, axes = _figure(3, len(rows))
     for row, panel in zip(rows, axes):
         size = select(curves, row)
         _fit_panels(panel, size, colors)

@@ -69,9 +69,9 @@ CAPTIONS = {
     "layer_cut": "Ratio 1 (ppl) and ratio 2 (loss) over the fraction of depth remaining as transformer blocks are "
                  "removed from the back; band: 95% interval over seeds; dashed: the p_bw = 0 runs' ratio 2.",
     "ratio1_scatter": "Ratio 1 of final fw loss against parameter count, coloured by width and by depth.",
-    "overfitting": "fw loss over epochs on validation (solid) and on the fixed training-split windows (dashed), and "
-                   "validation fw loss over training FLOPs; line: mean over seeds, band: its 95% t interval, dot: the "
-                   "lowest mean validation loss. Where solid and dashed part, the model starts to memorise.",
+    "overfitting": "fw loss over epochs on validation and on the fixed training-split windows, and validation fw "
+                   "loss over training FLOPs; line: mean over seeds, band: its 95% t interval, dot: the lowest mean "
+                   "validation loss. Where validation rises while the training split falls, the model memorises.",
 }
 RUN_COLUMNS = ["run_id", *CONTEXT, *SIZE, "num_params", *ARM, "seed", "status", "tokens", "epoch", "seconds", "error"]
 CSV_TABLES = ("ratios", "ratio1_samples", "ratio1_curves", "final_losses", "paired", "skipped", "mask_audit", "runs",
