@@ -97,6 +97,17 @@ def _canonical(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+def finished_run_config(run_dir: Path) -> TrainConfig:
+    """The config of a finished run: its config.json, once training has saved the model's weights.
+    ValueError (one line) for a directory without either."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise ValueError(f"{run_dir} is not a run directory (no {CONFIG})")
+    if not (run_dir / MODEL_WEIGHTS).is_file():
+        raise ValueError(f"{run_dir}: no trained model ({MODEL_WEIGHTS}): has the run finished?")
+    return TrainConfig.load(run_dir / CONFIG)
+
+
 def check_owner(run_dir: Path, config: TrainConfig, restart: bool = False) -> None:
     """Refuse a run directory that is not `config`'s: one whose config.json holds another config
     (unless `restart`), naming the first fields that differ, or is no run config at all, and a
