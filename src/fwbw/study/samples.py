@@ -19,8 +19,7 @@ from fwbw.model.generate import context_tokens, continue_tokens
 from fwbw.model.hlb_gpt import HlbGpt
 from fwbw.model.masks import leaks_labels
 from fwbw.training import checkpoint
-from fwbw.training.config import TrainConfig
-from fwbw.training.run_dir import CONFIG, MODEL_WEIGHTS, SAMPLES, check_writable
+from fwbw.training.run_dir import SAMPLES, check_writable, finished_run_config
 
 PROMPT_TOKENS = 16  # at most: a prompt also fits the model's context
 
@@ -30,7 +29,7 @@ def write_samples(run_dir: Path, prompts: int = 3, new_tokens: int = 24, device:
     continuation (text after it) and bw continuation (text before it; None where the bw mask
     reads its own labels), with their token ids, and the held-out text around the prompt."""
     run_dir = Path(run_dir)
-    config = _finished_run_config(run_dir)
+    config = finished_run_config(run_dir)
     if prompts < 1 or new_tokens < 0:
         raise ValueError(f"samples: need prompts >= 1 and new_tokens >= 0, got {prompts} and {new_tokens}")
     check_writable(run_dir, f"cannot write {run_dir / SAMPLES}: ")
@@ -49,14 +48,6 @@ def write_samples(run_dir: Path, prompts: int = 3, new_tokens: int = 24, device:
     }
     atomic_write_json(run_dir / SAMPLES, samples)
     return samples
-
-
-def _finished_run_config(run_dir: Path) -> TrainConfig:
-    if not (run_dir / CONFIG).is_file():
-        raise ValueError(f"{run_dir} is not a run directory (no {CONFIG})")
-    if not (run_dir / MODEL_WEIGHTS).exists():
-        raise ValueError(f"{run_dir}: no trained model ({MODEL_WEIGHTS}): has the run finished?")
-    return TrainConfig.load(run_dir / CONFIG)
 
 
 def prompt_starts(split_tokens: int, prompts: int, length: int, margin: int) -> list[int]:

@@ -12,8 +12,7 @@ from fwbw.files import atomic_write_json
 from fwbw.model.masks import DIRECTIONS
 from fwbw.model.tasks import task_stats
 from fwbw.training import checkpoint
-from fwbw.training.config import TrainConfig
-from fwbw.training.run_dir import CONFIG, CUT, MODEL_WEIGHTS, check_writable
+from fwbw.training.run_dir import CUT, check_writable, finished_run_config
 from fwbw.training.run_setup import RunSetup
 
 EVAL_METRICS = ("loss", "acc", "ppl")  # what `evaluate` reports per direction
@@ -77,13 +76,9 @@ def cut_run(run_dir: Path, progress: bool = True) -> list[dict]:
     """`fwbw cut`: the layer cut of a finished run: its trained weights in its run setup, on the
     validation windows it was trained with. Everything is checked before the model is built."""
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise ValueError(f"{run_dir} is not a run directory (no {CONFIG})")
-    config = TrainConfig.load(run_dir / CONFIG)
+    config = finished_run_config(run_dir)
     if config.depth < 2:
         raise ValueError(f"{run_dir}: nothing to cut, the model has {config.depth} block and the cut keeps at least one")
-    if not (run_dir / MODEL_WEIGHTS).exists():
-        raise ValueError(f"{run_dir}: no trained model ({MODEL_WEIGHTS}): has the run finished?")
     check_writable(run_dir, f"cannot write {run_dir / CUT}: ")
     setup = RunSetup(config, progress=progress)
     checkpoint.load_weights(run_dir, setup.model)
