@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fwbw.analysis import report
+from fwbw.analysis.effects import detectable_noncentrality
 from fwbw.analysis.figures import overfitting_curves
 from fwbw.analysis.report import findings_by_question, headline
 from fwbw.analysis.stats import mean_ci, select
@@ -31,8 +33,9 @@ CURVES = {
 }
 
 
-def run_rows(p_bw, seed, valid, train, train_split=True):
-    info = dict(INFO, run_id=f"p{p_bw:g}-s{seed}", p_bw=p_bw, seed=seed)
+def run_rows(p_bw, seed, valid, train, train_split=True, **settings):
+    info = dict(INFO, run_id=f"p{p_bw:g}-s{seed}" + "".join(f"-{v}" for v in settings.values()), p_bw=p_bw, seed=seed,
+                **settings)
     rows = []
     phases = [(EVAL_PHASE, valid), *([(TRAIN_SPLIT_PHASE, train)] if train_split else [])]
     for phase, losses in phases:
@@ -43,9 +46,9 @@ def run_rows(p_bw, seed, valid, train, train_split=True):
     return rows
 
 
-def table(train_split=True):
-    rows = [row for (p, s), (v, t) in CURVES.items() for row in run_rows(p, s, v, t, train_split)]
-    return pd.DataFrame(rows)
+def table(curves=CURVES, train_split=True, extra=()):
+    rows = [row for (p, s), (v, t) in curves.items() for row in run_rows(p, s, v, t, train_split)]
+    return pd.DataFrame([*rows, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +56,14 @@ def analysis():
     return analyse(table())
 
 
-def effect(analysis, measure):
-    return select(analysis.overfitting, {"measure": measure, "p_bw": 0.25}).iloc[0]
+def effect(analysis, measure, **setting):
+    return select(analysis.overfitting, {"measure": measure, "p_bw": 0.25, **setting}).iloc[0]
 
 
-def test_each_run_has_its_best_its_epoch_and_its_gap(analysis):
+def test_each_run_has_its_best_its_epoch_its_rise_and_its_gap(analysis):
     fit = analysis.run_fit.set_index("run_id")
-    assert fit.loc["p0-s0", ["best_fw_loss", "best_epoch", "final_fw_loss", "final_gap"]].tolist() == pytest.approx(
-        [4.5, 1.0, 4.8, 1.0])
+    assert fit.loc["p0-s0", ["best_fw_loss", "best_epoch", "final_fw_loss", "rise_after_best", "final_gap"]].tolist() == \
+        pytest.approx([4.5, 1.0, 4.8, 0.3, 1.0])
     assert fit.loc["p0-s0", "gap_at_best"] == pytest.approx(4.5 - 4.3)
     assert fit.loc["p0.25-s2", ["best_epoch", "best_at_end"]].tolist() == [2.0, True]
     assert not fit.loc["p0.25-s0", "best_at_end"]
@@ -68,13 +71,24 @@ def test_each_run_has_its_best_its_epoch_and_its_gap(analysis):
 
 def test_paired_changes_at_equal_data(analysis):
     best = effect(analysis, "best_fw_loss")
-    assert (best.n, best.mean_diff) == (3, pytest.approx(-0.1 / 3))
+    assert (best.n, best.n_pairs, best.mean_diff) == (3, 3, pytest.approx(-0.1 / 3))
     assert (best.ci_low, best.ci_high) == pytest.approx(mean_ci([0.0, -0.05, -0.05])[1:])
+    assert (best.base_ci_low, best.base_ci_high) == pytest.approx(mean_ci([4.5, 4.6, 4.7])[1:])
+    assert best.mde == pytest.approx(detectable_noncentrality(2) * np.std([0.0, -0.05, -0.05], ddof=1) / math.sqrt(3))
     assert effect(analysis, "final_fw_loss").mean_diff == pytest.approx(np.mean([-0.25, -0.3, -0.2]))
-    epoch = effect(analysis, "best_epoch")
-    assert (epoch.mean_diff, epoch.unit, epoch.x_best_at_end, epoch.base_best_at_end) == (pytest.approx(2 / 3), "epochs", 1, 0)
+    rise = effect(analysis, "rise_after_best")
+    assert (rise.base_mean, rise.x_mean) == (pytest.approx(0.25), pytest.approx(np.mean([0.05, 0.05, 0.0])))
     gap = effect(analysis, "final_gap")
     assert gap.mean_diff == pytest.approx(np.mean([0.35 - 1.0, 0.3 - 1.0, 0.25 - 0.85]))
+
+
+def test_a_censored_best_epoch_is_left_out_of_its_change(analysis):
+    """Seed 2's p_bw = 0.25 run is still improving at its end: only seeds 0 and 1 say when the best
+    came, both 0.5 epochs later, so there is no spread and no interval."""
+    epoch = effect(analysis, "best_epoch")
+    assert (epoch.n, epoch.n_pairs, epoch.x_mean, epoch.base_mean, epoch.mean_diff) == (2, 3, 1.5, 1.0, 0.5)
+    assert math.isnan(epoch.ci_low) and math.isnan(epoch.mde)
+    assert (epoch.x_best_at_end, epoch.base_best_at_end) == (1, 0)
 
 
 def test_equal_compute_stops_the_costlier_run_at_the_baselines_flops(analysis):
@@ -87,10 +101,24 @@ def test_equal_compute_stops_the_costlier_run_at_the_baselines_flops(analysis):
     assert final.mean_diff == pytest.approx(np.mean(np.subtract(interpolated, [4.8, 4.9, 4.85])))
 
 
+def test_pairs_are_made_by_seed_and_unknown_costs_are_said():
+    """A p_bw = 0.25 seed without a baseline pairs with nothing; an adaptive arm has no FLOP count."""
+    lone = run_rows(0.25, 7, [5.0, 4.0, 3.0, 2.0], [5.0, 4.0, 3.0, 2.0])
+    adaptive = [row for (p, s), (v, t) in CURVES.items() if p > 0 for row in run_rows(p, s, v, t, adaptive_p_bw=True)]
+    analysis = analyse(table(extra=[*lone, *adaptive]))
+    assert effect(analysis, "best_fw_loss", adaptive_p_bw=False).mean_diff == pytest.approx(-0.1 / 3)
+    assert effect(analysis, "best_fw_loss", adaptive_p_bw=False).n_pairs == 3
+    unknown = effect(analysis, "best_fw_loss_equal_flops", adaptive_p_bw=True)
+    assert unknown.n == 0 and math.isnan(unknown.mean_diff)
+    statements = " ".join(findings_by_question(analysis)["overfitting"])
+    assert "best fw val loss: not available (a run's training FLOPs are unknown (adaptive p_bw))" in statements
+
+
 def test_fit_curves_average_seeds_per_split_and_epoch(analysis):
     curves = analysis.fit_curves
     valid = select(curves, {"p_bw": 0.0, "split": "valid", "nominal_epoch": 1.0}).iloc[0]
     assert (valid.n, valid["mean"]) == (3, pytest.approx(4.6))
+    assert (valid.ci_low, valid.ci_high) == pytest.approx(mean_ci([4.5, 4.6, 4.7])[1:])
     train = select(curves, {"p_bw": 0.25, "split": "train", "nominal_epoch": 2.0}).iloc[0]
     assert train["mean"] == pytest.approx(4.3)
 
@@ -99,35 +127,52 @@ def test_report_states_the_changes_with_their_intervals(analysis):
     statement = findings_by_question(analysis)["overfitting"][0]
     assert statement.startswith("depth 2 / width 8, p_bw = 0.25 (n = 3 seed pairs): At equal data, best fw val loss "
                                 "4.567 vs 4.600 at p_bw = 0 (-0.033 nats, 95% CI ")
-    assert "epoch of the best 1.67 vs 1.00 at p_bw = 0 (+0.67 epochs" in statement
-    assert "1 of 3 p_bw = 0.25 runs, 0 of 3 p_bw = 0 runs" in statement
+    assert ("epoch of the best 1.50 vs 1.00 at p_bw = 0 over the 2 seed pairs where both are known (+0.50 epochs, "
+            "95% CI NaN … NaN: no interval: every pair differs by the same amount)") in statement
+    assert statement.endswith("Still improving at the last evaluation (best epoch censored at the budget): 1 of 3 "
+                              "p_bw = 0.25 runs, 0 of 3 p_bw = 0 runs.")
     first = headline(analysis)[0]
-    assert first.startswith("Many epochs, change with bw training (95% CI over seeds): p_bw = 0.25 (add, causal mask), "
-                            "depth 2 / width 8, n = 3 seed pairs: best fw val loss at equal data -0.033 (")
+    assert first.startswith("Many epochs, where the p_bw = 0 runs overfit, change with bw training (95% CI over seeds): "
+                            "p_bw = 0.25 (add, causal mask), depth 2 / width 8, n = 3 seed pairs: best fw val loss at "
+                            "equal data -0.033 (")
+    assert "its rise after the best -0.217 (" in first and "1 of 3 p_bw = 0.25 runs" in first
 
 
-def test_headline_speaks_of_many_epochs_only_where_a_baseline_overfit():
-    never_overfits = {key: (sorted(valid, reverse=True), train) for key, (valid, train) in CURVES.items()}
-    rows = [row for (p, s), (v, t) in never_overfits.items() for row in run_rows(p, s, v, t)]
-    assert not headline(analyse(pd.DataFrame(rows)))[0].startswith("Many epochs")
+def test_headline_speaks_of_many_epochs_only_where_the_baselines_overfit():
+    """Here only the p_bw = 0.25 runs rise after their best; the baselines keep improving."""
+    monotone = {key: (sorted(valid, reverse=True) if key[0] == 0 else valid, train) for key, (valid, train) in CURVES.items()}
+    analysis = analyse(table(monotone))
+    assert (analysis.run_fit.rise_after_best > 0).any()
+    assert not headline(analysis)[0].startswith("Many epochs")
 
 
-def test_verdict_fires_only_when_the_interval_excludes_zero():
-    rows = [row for (p, s), (v, t) in CURVES.items()
-            for row in run_rows(p, s, [x - 0.2 * (p > 0) for x in v], t)]  # bw lowers every point by 0.2
-    statement = findings_by_question(analyse(pd.DataFrame(rows)))["overfitting"][0]
-    assert "best fw val loss 4.367 vs 4.600 at p_bw = 0 (-0.233 nats" in statement
-    assert "lower with bw training" in statement and "higher with bw training" not in statement
+@pytest.mark.parametrize(("measure", "low", "high", "verdict"), [
+    ("best_epoch", 0.2, 0.8, "later with bw training"), ("best_epoch", -0.8, -0.2, "earlier with bw training"),
+    ("final_gap", 0.1, 0.3, "wider with bw training"), ("rise_after_best", -0.3, -0.1, "overfits less with bw training"),
+    ("best_fw_loss", 0.1, 0.3, "higher with bw training"),
+    ("best_fw_loss", -0.1, 0.3, "no resolvable change, the seeds could detect ±0.250"),
+])
+def test_verdict_words_follow_the_interval_and_the_measure(measure, low, high, verdict):
+    row = {"measure": measure, "n": 4, "ci_low": low, "ci_high": high, "mde": 0.25, "unit": "nats"}
+    assert report._change_verdict(row) == verdict
 
 
 def test_without_the_training_split_the_gap_is_unknown_and_said():
     analysis = analyse(table(train_split=False))
     assert analysis.run_fit.final_gap.isna().all()
     assert math.isnan(effect(analysis, "final_gap").mean_diff)
-    assert findings_by_question(analysis)["overfitting"][-1].startswith("The train–val gap needs the training split")
+    assert "final train–val gap: not available (the training split was not evaluated" in \
+        findings_by_question(analysis)["overfitting"][0]
 
 
 def test_overfitting_figure_is_drawn_only_with_a_training_split(analysis, tmp_path):
     assert [p.name for p in overfitting_curves(analysis, tmp_path)] == ["overfitting.png"]
     assert (tmp_path / "overfitting.svg").is_file()
     assert overfitting_curves(analyse(table(train_split=False)), tmp_path / "none") == []
+
+
+def test_overfitting_figure_draws_a_variant_without_training_split(tmp_path):
+    either = [row for (p, s), (v, t) in CURVES.items() if p > 0
+              for row in run_rows(p, s, v, t, train_split=False, bw_mode="either")]
+    analysis = analyse(table(extra=either))
+    assert [p.name for p in overfitting_curves(analysis, tmp_path)] == ["overfitting.png"]

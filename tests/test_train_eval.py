@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from conftest import read_metrics, synthetic_tokens, tiny_config
 
@@ -69,3 +71,12 @@ def test_off_by_default_and_no_rows_without_it(tmp_path, tiny_data):
 def test_a_set_shorter_than_one_window_is_refused():
     with pytest.raises(ConfigError, match=r"train_eval_tokens: must be 0 \(off\) or >= seq_len \+ 1, got 10"):
         tiny_config(train_eval_tokens=10)
+
+
+def test_evaluating_the_training_split_changes_nothing_else(tmp_path, tiny_data):
+    config = tiny_config(train_tokens=2048, eval_every_epochs=0.04, device="cpu")
+    train(config, tmp_path / "off", data=tiny_data, progress=False)
+    train(dataclasses.replace(config, train_eval_tokens=1056), tmp_path / "on", data=tiny_data, progress=False)
+    keys = ("step", "tokens", "fw_loss", "bw_loss", "train_loss")
+    assert [[p[k] for k in keys] for p in read_metrics(tmp_path / "off")] == \
+        [[p[k] for k in keys] for p in read_metrics(tmp_path / "on")]

@@ -38,7 +38,8 @@ PANEL = (4.4, 3.3)  # inches per panel
 ALONG = {"nominal_epoch": "epoch (nominal)", "fw_tokens": "fw tokens seen", "flops": "training FLOPs"}  # points column -> label
 CURVE_METRICS = {"loss": "val loss", "acc": "val accuracy"}  # the panels of each model size in the loss curves
 RATIO1_CURVE_AXES = ("epoch", "fw_tokens")  # the rows of the ratio 1 curves
-FIT_MARGIN, FIT_SPAN = 0.05, 0.6  # nats shown below the lowest mean curve of an overfitting panel, and in all
+# nats shown below the lowest mean curve of an overfitting panel, and in all (the training split falls further)
+FIT_MARGIN, FIT_SPAN, FIT_TRAIN_SPAN = 0.05, 0.6, 1.2
 
 
 # ----------------------------------------------------------------------------- labels
@@ -216,8 +217,9 @@ def _fit_band(ax: Axes, curve: pd.DataFrame, along: str, color, label: str) -> N
 def _zoom(ax: Axes, means: pd.Series, span: float) -> None:
     """Show `span` nats from just below the lowest mean: the differences late in training, not the
     steep fall of the first epochs or a few seeds' wide bands."""
-    low = means.min() - FIT_MARGIN
-    ax.set_ylim(low, low + span)
+    if means.notna().any():
+        low = means.min() - FIT_MARGIN
+        ax.set_ylim(low, low + span)
 
 
 def _fit_panels(axes: np.ndarray, size: pd.DataFrame, colors: dict) -> None:
@@ -229,16 +231,20 @@ def _fit_panels(axes: np.ndarray, size: pd.DataFrame, colors: dict) -> None:
         _fit_band(axes[0], valid, "nominal_epoch", colors[p_bw], label)
         best = valid.loc[valid["mean"].idxmin()]
         axes[0].plot(best.nominal_epoch, best["mean"], "o", color=colors[p_bw], ms=5)
-        _fit_band(axes[1], train, "nominal_epoch", colors[p_bw], label)
+        if len(train):
+            _fit_band(axes[1], train, "nominal_epoch", colors[p_bw], label)
         _fit_band(axes[2], valid, "flops", colors[p_bw], label)
     valid, train = size[size.split == "valid"], size[size.split == "train"]
     axes[0].set(xlabel=ALONG["nominal_epoch"], ylabel="fw validation loss")
     axes[1].set(xlabel=ALONG["nominal_epoch"], ylabel="fw loss on the training split")
     axes[2].set(xlabel=ALONG["flops"], ylabel="fw validation loss")
-    for ax, means, span in ((axes[0], valid["mean"], FIT_SPAN), (axes[1], train["mean"], 2 * FIT_SPAN),
+    if train.empty:
+        _empty(axes[1], "training split not evaluated\n(train_eval_tokens 0)")
+    for ax, means, span in ((axes[0], valid["mean"], FIT_SPAN), (axes[1], train["mean"], FIT_TRAIN_SPAN),
                             (axes[2], valid["mean"], FIT_SPAN)):
         _zoom(ax, means, span)
-        ax.legend(fontsize="small")
+        if ax.lines:
+            ax.legend(fontsize="small")
 
 
 def overfitting_curves(analysis: Analysis, out_dir: Path) -> list[Path]:

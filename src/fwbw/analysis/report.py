@@ -25,6 +25,14 @@ from fwbw.analysis.figures import (
     window_label,
 )
 from fwbw.analysis.overfitting import MEASURES
+from fwbw.analysis.retrieval_stats import (
+    BASE_VS_BM25,
+    BEST_EMBED,
+    FW_EMBED,
+    X_VS_BM25,
+    RetrievalAnalysis,
+    sweep_retrieval,
+)
 from fwbw.analysis.stats import (
     ARM,
     CONTEXT,
@@ -71,11 +79,14 @@ CAPTIONS = {
     "ratio1_scatter": "Ratio 1 of final fw loss against parameter count, coloured by width and by depth.",
     "overfitting": "fw loss over epochs on validation and on the fixed training-split windows, and validation fw "
                    "loss over training FLOPs; line: mean over seeds, band: its 95% t interval, dot: the lowest mean "
-                   "validation loss. Where validation rises while the training split falls, the model memorises.",
+                   "validation loss; each panel shows a fixed span of loss above its lowest mean (the first epochs are cut "
+                   "off). Bands are over runs, not paired by seed: the overfitting table's intervals are. Where "
+                   "validation rises while the training split falls, the model memorises.",
 }
 RUN_COLUMNS = ["run_id", *CONTEXT, *SIZE, "num_params", *ARM, "seed", "status", "tokens", "epoch", "seconds", "error"]
 CSV_TABLES = ("ratios", "ratio1_samples", "ratio1_curves", "final_losses", "paired", "skipped", "mask_audit", "runs",
               "scaling", "size_tests", "power", "arrow_of_time", "run_fit", "overfitting", "fit_curves")  # Analysis fields
+RETRIEVAL_TABLES = ("retrieval_comparisons", "retrieval_systems")  # written when the sweep has retrieval results
 COLLAPSE_ROWS = 12  # a longer table is shown collapsed (complete in its CSV)
 TABLE_CSV = {"ratios_compute": "ratios", "ratios_cut": "ratios"}  # HTML table id -> its CSV, where they differ
 
@@ -374,40 +385,61 @@ def findings_by_question(analysis: Analysis) -> dict[str, list[str]]:
     }
 
 
+UNAVAILABLE = {  # measure -> why a paired change has no pair with both values
+    "best_epoch": "every pair has a run still improving at its last point",
+    "final_gap": "the training split was not evaluated (train_eval_tokens 0)",
+    "best_fw_loss_equal_flops": "a run's training FLOPs are unknown (adaptive p_bw)",
+    "final_fw_loss_equal_flops": "a run's training FLOPs are unknown (adaptive p_bw) or it stopped short of the other's",
+}
+
+
+def _pairs(n: int) -> str:
+    return f"{n} seed pair{'' if n == 1 else 's'}"
+
+
+def _digits(row: dict) -> int:
+    return 2 if row["unit"] == "epochs" else 3
+
+
 def _change_verdict(row: dict) -> str:
-    """What the interval of a paired change (overfitting.csv's row) says, in MEASURES' words."""
-    if row["n"] < 2 or pd.isna(row["ci_low"]):
+    """What the interval of a paired change (overfitting.csv's row) says, in MEASURES' words, with
+    the smallest change the seeds could detect when it straddles 0."""
+    if row["n"] < 2:
         return f"no interval at n = {row['n']}"
-    above, below = MEASURES[row["measure"]][2:]
+    if pd.isna(row["ci_low"]):
+        return "no interval: every pair differs by the same amount"
+    measure = MEASURES[row["measure"]]
     if row["ci_low"] > 0:
-        return above
+        return measure.above
     if row["ci_high"] < 0:
-        return below
-    return "no resolvable change"
-
-
-MEASURE_NAMES = {"best_fw_loss": "best fw val loss", "final_fw_loss": "final fw val loss", "best_epoch": "epoch of the best",
-                 "final_gap": "final train–val gap"}
+        return measure.below
+    return f"no resolvable change, the seeds could detect ±{_num(row['mde'], _digits(row))}"
 
 
 def _measure_clause(row: dict) -> str:
-    name = MEASURE_NAMES[row["measure"].removesuffix("_equal_flops")]
-    digits = 2 if row["unit"] == "epochs" else 3
-    return (f"{name} {_num(row['x_mean'], digits)} vs {_num(row['base_mean'], digits)} at p_bw = 0 "
+    name = MEASURES[row["measure"]].name
+    if row["n"] == 0:
+        return f"{name}: not available ({UNAVAILABLE.get(row['measure'], 'no pair has both values')})"
+    digits = _digits(row)
+    over = "" if row["n"] == row["n_pairs"] else f" over the {_pairs(row['n'])} where both are known"
+    return (f"{name} {_num(row['x_mean'], digits)} vs {_num(row['base_mean'], digits)} at p_bw = 0{over} "
             f"({_signed(row['mean_diff'], digits)} {row['unit']}, 95% CI {_signed(row['ci_low'], digits)} … "
             f"{_signed(row['ci_high'], digits)}: {_change_verdict(row)})")
+
+
+def _censored_clause(row: dict) -> str:
+    return (f"still improving at the last evaluation (best epoch censored at the budget): {row['x_best_at_end']} of "
+            f"{row['n_pairs']} p_bw = {row['p_bw']:g} runs, {row['base_best_at_end']} of {row['n_pairs']} p_bw = 0 runs")
 
 
 def _overfitting_statement(rows: pd.DataFrame, with_variant: bool) -> str:
     """One arm's paired changes (overfitting.csv's rows of one setting), equal data then equal compute."""
     first = rows.iloc[0]
-    pairs = f"{first['n']} seed pair{'' if first['n'] == 1 else 's'}"
-    head = f"{size_label(first['depth'], first['width'])}, {_setting_label(first, with_variant)} (n = {pairs})"
+    head = f"{size_label(first['depth'], first['width'])}, {_setting_label(first, with_variant)} (n = {_pairs(first['n_pairs'])})"
     by_budget = {b: "; ".join(map(_measure_clause, rows[rows.budget == b].to_dict("records"))) for b in rows.budget.unique()}
-    censored = (f" Best at the last evaluation (not yet overfitting, best epoch censored at the budget): "
-                f"{first['x_best_at_end']} of {first['n']} p_bw = {first['p_bw']:g} runs, "
-                f"{first['base_best_at_end']} of {first['n']} p_bw = 0 runs.")
-    return f"{head}: " + " ".join(f"At {b}, {text}." for b, text in by_budget.items()) + censored
+    text = " ".join(f"At {b}, {clauses}." for b, clauses in by_budget.items())
+    censored = _censored_clause(first)
+    return f"{head}: {text} {censored[0].upper()}{censored[1:]}."
 
 
 def _overfitting_statements(analysis: Analysis) -> list[str]:
@@ -417,14 +449,75 @@ def _overfitting_statements(analysis: Analysis) -> list[str]:
     with_variant = effects[VARIANT].drop_duplicates().shape[0] > 1
     statements = [_overfitting_statement(rows, with_variant)
                   for _, rows in effects.groupby(SETTING, dropna=False, sort=True)]
-    if analysis.run_fit.final_train_fw_loss.isna().all():
-        statements.append("The train–val gap needs the training split evaluated (train_eval_tokens > 0): NaN here.")
     return statements
 
 
 def findings(analysis: Analysis) -> list[str]:
     """Every statement of findings_by_question, in the report's order."""
     return [s for statements in findings_by_question(analysis).values() for s in statements]
+
+
+def _tuning(steps: int) -> str:
+    return "zero-shot" if steps == 0 else f"fine-tuned {steps} steps"
+
+
+def _noise_verdict(row: dict, over: str, n: int, unit: str) -> str:
+    """What the 95% interval of a − b over seeds or queries (`over`: the columns' prefix) says."""
+    low, high = row[f"{over}_ci_low"], row[f"{over}_ci_high"]
+    if pd.isna(low):
+        return f"n = {n} {unit}: no interval"
+    counted = f"95% CI {_signed(low)} … {_signed(high)}, n = {n} {unit}s"
+    if low > 0:
+        return f"{counted}: {row['a']} better beyond {unit} noise"
+    if high < 0:
+        return f"{counted}: {row['b']} better beyond {unit} noise"
+    return f"{counted}: within {unit} noise"
+
+
+def _retrieval_pair(row: dict, with_variant: bool) -> str:
+    """Which models a comparison (retrieval_comparisons.csv's row) sets against each other."""
+    arm = _setting_label(row, with_variant)
+    return {
+        FW_EMBED: f"{arm} against p_bw = 0, both with fw embeddings",
+        BEST_EMBED: f"{arm} ({row['a_embed']} embed) against p_bw = 0 ({row['b_embed']} embed), each with its best embed",
+        X_VS_BM25: f"{arm} ({row['a_embed']} embed, its best) against BM25",
+        BASE_VS_BM25: f"p_bw = 0 ({row['a_embed']} embed, its best) against BM25",
+    }[row["comparison"]]
+
+
+def _retrieval_statement(row: dict, with_variant: bool) -> str:
+    where = (f"{row['task']}, {_tuning(row['finetune_steps'])}, {row['system'].replace('-', ' ')}"
+             + ("" if pd.isna(row["blocks"]) else f" after {row['blocks']} blocks")
+             + f", {size_label(row['depth'], row['width'])}")
+    return (f"{where}, {_retrieval_pair(row, with_variant)}: nDCG@10 {_num(row['a_mean'])} vs {_num(row['b_mean'])}, "
+            f"difference {_signed(row['mean_diff'])} (over seeds: {_noise_verdict(row, 'seed', row['n_seeds'], 'seed')}; "
+            f"over queries: {_noise_verdict(row, 'query', row['n_queries'], 'query')}).")
+
+
+def retrieval_statements(retrieval: RetrievalAnalysis) -> list[str]:
+    """One sentence per comparison of the retrieval analysis, with its intervals and verdicts."""
+    comparisons = retrieval.comparisons
+    if comparisons.empty:
+        return ["No p_bw > 0 run has a retrieval result beside a p_bw = 0 run of the same seed and size: "
+                "nothing to compare."]
+    with_variant = comparisons[VARIANT].drop_duplicates().shape[0] > 1
+    return [_retrieval_statement(row, with_variant) for row in comparisons.to_dict("records")]
+
+
+def _retrieval_section(retrieval: RetrievalAnalysis) -> tuple[str, list[tuple]]:
+    return ("Retrieval: fw+bw-trained against fw-only-trained token embeddings", [
+        ("ul", retrieval_statements(retrieval)),
+        ("p", "retrieval_comparisons: per task, system and fine-tuning, each p_bw > 0 model against the p_bw = 0 "
+              "model of the same seed and size (with fw embeddings, and each with its best embed: the highest mean "
+              "nDCG@10 over its seeds), and each against BM25, on nDCG@10 (a − b). seed_ci: the 95% t interval of "
+              "the per-seed differences; query_ci and query_boot: the paired t and bootstrap 95% intervals over "
+              "queries of each query's nDCG@10 averaged over the seeds."),
+        ("table", "retrieval_comparisons", retrieval.comparisons),
+        ("p", "retrieval_systems: every system's metrics, the mean over its results (one per seed), with nDCG@10's "
+              "95% t interval over seeds, the seconds to encode the corpus (small where the token cache held it) "
+              "and per query."),
+        ("table", "retrieval_systems", retrieval.systems),
+    ])
 
 
 # ----------------------------------------------------------------------------- the answer first
@@ -486,28 +579,36 @@ def _scaling_answer(analysis: Analysis, leaking: set[str]) -> str:
     return f"{head}: {'; '.join(clauses)}." if clauses else f"{head}: no leak-free setting."
 
 
+ANSWER_MEASURES = {"best_fw_loss": "best fw val loss at equal data", "best_fw_loss_equal_flops": "at equal compute",
+                   "rise_after_best": "its rise after the best", "final_gap": "the final train–val gap"}
+
+
 def _answer_clause(row: dict, label: str) -> str:
-    digits = 2 if row["unit"] == "epochs" else 3
+    if row["n"] == 0:
+        return f"{label} not available"
+    digits = _digits(row)
     return (f"{label} {_signed(row['mean_diff'], digits)} ({_signed(row['ci_low'], digits)} … "
             f"{_signed(row['ci_high'], digits)}, {_change_verdict(row)})")
 
 
-def _overfitting_answer(analysis: Analysis, leaking: set[str]) -> str:
-    """The many-epoch answer, given where a p_bw = 0 run overfit (its best fw val loss before its
-    last point): per leak-free arm, the change of the best fw val loss at equal data and at equal
-    compute, and of the epoch of the best."""
-    effects = analysis.overfitting[~analysis.overfitting.bw_mask.isin(leaking)]
-    shown = {"best_fw_loss": "best fw val loss at equal data", "best_fw_loss_equal_flops": "at equal compute",
-             "best_epoch": "epoch of the best"}
+def overfit_arms(effects: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the settings whose p_bw = 0 runs overfit: their fw val loss rose after its best,
+    the 95% interval of the mean rise above 0."""
+    rise = effects[(effects.measure == "rise_after_best") & (effects.base_ci_low > 0)]
+    return effects.merge(rise[SETTING], on=SETTING)
+
+
+def _overfitting_answer(arms: pd.DataFrame) -> str:
+    """The many-epoch answer for the leak-free settings whose baselines overfit (overfit_arms)."""
     clauses = []
-    for _, rows in effects.groupby(SETTING, dropna=False, sort=True):
+    for _, rows in arms.groupby(SETTING, dropna=False, sort=True):
         by_measure = {row["measure"]: row for row in rows.to_dict("records")}
         first = rows.iloc[0]
         clauses.append(f"{_setting_label(first, True)}, {size_label(first['depth'], first['width'])}, "
-                       f"n = {first['n']} seed pair{'' if first['n'] == 1 else 's'}: "
-                       + ", ".join(_answer_clause(by_measure[m], label) for m, label in shown.items()))
-    head = "Many epochs, change with bw training (95% CI over seeds)"
-    return f"{head}: {'; '.join(clauses)}." if clauses else f"{head}: no leak-free setting has a paired comparison."
+                       f"n = {_pairs(first['n_pairs'])}: "
+                       + ", ".join(_answer_clause(by_measure[m], label) for m, label in ANSWER_MEASURES.items())
+                       + f"; {_censored_clause(first)}")
+    return f"Many epochs, where the p_bw = 0 runs overfit, change with bw training (95% CI over seeds): {'; '.join(clauses)}."
 
 
 def _mask_clause(row: dict) -> str:
@@ -530,9 +631,8 @@ def headline(analysis: Analysis) -> list[str]:
         return statements["runs"]
     leaking = _leaking_masks(analysis.mask_summary)
     mask = "; ".join(map(_mask_clause, analysis.mask_summary.to_dict("records")))
-    fit = analysis.run_fit
-    baseline_overfit = (~fit.best_at_end.astype(bool) & (fit.p_bw == 0)).any()
-    many_epochs = [_overfitting_answer(analysis, leaking)] if baseline_overfit else []
+    overfit = overfit_arms(analysis.overfitting[~analysis.overfitting.bw_mask.isin(leaking)])
+    many_epochs = [_overfitting_answer(overfit)] if len(overfit) else []
     return [
         *many_epochs,
         _equal_data_answer(analysis, leaking),
@@ -620,9 +720,9 @@ def sample_blocks(runs: pd.DataFrame, sweep_dir: Path) -> list[tuple]:
 
 
 def _sections(analysis: Analysis, setup: pd.DataFrame, figures: dict[str, list[Path]],
-              samples: list[tuple]) -> list[tuple[str, list[tuple]]]:
-    """The report as (title, blocks): the answer first, one section per question, then setup and
-    runs. A block is ("p", text), ("ul", items), ("h3", text), ("table", id, frame[, css class]) or
+              samples: list[tuple], retrieval: RetrievalAnalysis | None = None) -> list[tuple[str, list[tuple]]]:
+    """The report as (title, blocks): the answer first, one section per question (retrieval where the
+    sweep has its results), then setup and runs. A block is ("p", text), ("ul", items), ("h3", text), ("table", id, frame[, css class]) or
     ("figures", [(png path, caption)])."""
     said = findings_by_question(analysis)
     drawn = _figure_blocks(figures)
@@ -649,11 +749,14 @@ def _sections(analysis: Analysis, setup: pd.DataFrame, figures: dict[str, list[P
         ("Many epochs: best loss, overfitting and the train–val gap", [
             ("ul", said.get("overfitting", [])),
             ("p", "overfitting: per setting and measure, the mean over seed pairs of p_bw = x minus p_bw = 0 with its "
-                  "95% t interval. best_fw_loss: the lowest validation fw loss over the run; best_epoch: its nominal "
-                  "epoch (censored at the budget where a run is still improving: x_best_at_end, base_best_at_end count "
-                  "those); final_gap: final validation fw loss minus fw loss on the fixed training-split windows; "
-                  "*_equal_flops: the p_bw = x run within the p_bw = 0 run's training FLOPs (its best over the points "
-                  "that spent no more; its loss interpolated at that budget)."),
+                  "95% t interval and mde, the smallest mean change a paired t test at the 0.05 level detects with 80% "
+                  "power; base_ci_low / base_ci_high: the p_bw = 0 mean's own interval. best_fw_loss: the lowest "
+                  "validation fw loss over the run (a minimum over noisy points, biased low, more so on a long flat "
+                  "curve); rise_after_best: final minus best; best_epoch: the nominal epoch of the best, only over "
+                  "pairs where neither run is still improving at its end (x_best_at_end, base_best_at_end count those: "
+                  "their best epoch is censored at the budget); final_gap: final validation fw loss minus fw loss on "
+                  "the fixed training-split windows; *_equal_flops: the p_bw = x run within the p_bw = 0 run's "
+                  "training FLOPs (its best over the points that spent no more; its loss interpolated at that budget)."),
             ("table", "overfitting", analysis.overfitting),
             ("p", "run_fit: each run's best and final fw loss, best epoch and train–val gap."),
             ("table", "run_fit", analysis.run_fit),
@@ -695,6 +798,8 @@ def _sections(analysis: Analysis, setup: pd.DataFrame, figures: dict[str, list[P
             else ("p", "No setting trains both tasks equally."),
         ]),
     ]
+    if retrieval is not None:
+        sections.append(_retrieval_section(retrieval))
     if "more" in drawn:
         sections.append(("More figures", drawn["more"]))
     if samples:
@@ -810,9 +915,13 @@ def write_report(sweep_dir: Path, out_dir: Path, windows: Sequence[Window] = DEF
     analysis = analyse(read_results(sweep_dir), windows)
     for name in CSV_TABLES:
         atomic_write(out_dir / f"{name}.csv", lambda tmp: getattr(analysis, name).to_csv(tmp, index=False))
+    retrieval = sweep_retrieval(sweep_dir)
+    for name in RETRIEVAL_TABLES if retrieval is not None else ():
+        table = getattr(retrieval, name.removeprefix("retrieval_"))
+        atomic_write(out_dir / f"{name}.csv", lambda tmp, table=table: table.to_csv(tmp, index=False))
     figures = make_figures(analysis, out_dir / "figures")
     setup = setup_table(sweep_setup(sweep_dir), analysis.runs)
-    sections = _sections(analysis, setup, figures, sample_blocks(analysis.runs, sweep_dir))
+    sections = _sections(analysis, setup, figures, sample_blocks(analysis.runs, sweep_dir), retrieval)
     title = f"fwbw sweep report: {sweep_dir.name}"
     atomic_write_text(out_dir / "report.md", render_markdown(title, sections, out_dir))
     atomic_write_text(out_dir / "report.html", render_html(title, sections))
