@@ -289,7 +289,7 @@ def test_flag_values_win_over_the_file_and_are_not_blamed_on_it(tmp_path):
 
 
 def test_presets_are_registered_functions(monkeypatch):
-    assert list(presets.PRESETS) == ["paper", "cpu-small", "demo"]
+    assert list(presets.PRESETS) == ["paper", "cpu-small", "data-constrained", "demo"]
     monkeypatch.setattr(presets, "PRESETS", dict(presets.PRESETS))
 
     @presets.preset("two-seeds")

@@ -18,7 +18,7 @@ from fwbw.files import atomic_write_json
 from fwbw.model.config import shape_for_model_scale
 from fwbw.model.hlb_gpt import count_params, training_flops_per_token
 from fwbw.schema import ConfigError, check_fields, require, show
-from fwbw.study.estimate import MachineTimer, ShapeTimer, SweepTimes
+from fwbw.study.estimate import MachineTimer, ShapeTimer, SweepTimes, short_duration
 from fwbw.study.results import write_results
 from fwbw.study.samples import write_samples
 from fwbw.study.sweep_dir import RUNS, SWEEP_FILE, check_owner
@@ -157,8 +157,8 @@ def describe_runs(spec: SweepSpec, time_shape: ShapeTimer | None = None) -> str:
             f"tokens/microbatch {config.recipe.tokens_per_microbatch:6d}  {flops:.2e} FLOP"
             + times.run_text(config, tokens, estimated_split_tokens(config))
         )
-    hours_h100 = total / (0.4 * 989e12) / 3600
-    lines.append(f"{len(configs)} runs, {total:.2e} training FLOP: ~{hours_h100:.1f} h on one H100 at 40% MFU (bf16)")
+    seconds_h100 = total / (0.4 * 989e12)
+    lines.append(f"{len(configs)} runs, {total:.2e} training FLOP: ~{short_duration(seconds_h100)} on one H100 at 40% MFU (bf16)")
     lines.append(times.total_line())
     return "\n".join(lines)
 
@@ -209,7 +209,8 @@ def setup_summary(spec: SweepSpec) -> dict:
         "num_heads": base.num_heads,
         "adaptive_p_bw": base.adaptive_p_bw,
         "extra_runs": [run_id(config) for config in spec.extra_runs],
-        "eval": f"every {base.eval_every_epochs:g} epochs on {base.eval_tokens} fixed validation tokens",
+        "eval": f"every {base.eval_every_epochs:g} epochs on {base.eval_tokens} fixed validation tokens"
+                + (f" and {base.train_eval_tokens} fixed training-split tokens" if base.train_eval_tokens else ""),
         "tokens_per_microbatch": spec.tokens_per_microbatch_rule or base.recipe.tokens_per_microbatch,
         "device / dtype": f"{base.device} / {base.dtype}",
     }
