@@ -9,9 +9,20 @@ import sys
 from pathlib import Path
 
 from fwbw.model.masks import BW_MASKS
+from fwbw.retrieval.beir import write_beir
+from fwbw.retrieval.encoder import EMBEDS, POOLINGS
+from fwbw.retrieval.experiment import System, run_retrieval
+from fwbw.retrieval.metrics import METRICS as RETRIEVAL_METRICS
+from fwbw.retrieval.tasks import load_task
 from fwbw.study.configure import build_sweep_spec, build_train_config
 from fwbw.study.presets import PRESETS
-from fwbw.study.results import build_results, summary_table, write_results
+from fwbw.study.results import (
+    build_results,
+    build_retrieval_results,
+    summary_table,
+    write_results,
+)
+from fwbw.study.retrieval_sweep import DEFAULT_EMBEDS, Plan, retrieve_sweep
 from fwbw.study.samples import write_samples
 from fwbw.study.sweep import (
     TOKENS_PER_MICROBATCH_RULES,
@@ -20,7 +31,7 @@ from fwbw.study.sweep import (
     parse_shard,
     run_sweep,
 )
-from fwbw.study.sweep_dir import read_sweep
+from fwbw.study.sweep_dir import SWEEP_FILE, read_sweep
 from fwbw.training.config import BW_MODES, DEVICES, TrainConfig
 from fwbw.training.evaluation import cut_run
 from fwbw.training.precision import DTYPE_CHOICES
@@ -29,6 +40,8 @@ from fwbw.training.trainer import Trainer
 
 DEFAULTS = TrainConfig()
 EXIT_INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
+DEMO_RETRIEVAL_TASK = "description"  # `fwbw demo --retrieval`
+RETRIEVAL_SHOWN = ["task", "run_id", "system", "embed", "finetune_steps", *RETRIEVAL_METRICS]  # `fwbw retrieval SWEEP`
 
 
 class Parser(argparse.ArgumentParser):
@@ -174,10 +187,82 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fwbw.analysis.report import write_report
 
     run_sweep(build_sweep_spec("demo"), args.out, progress=not args.no_progress)
+    if args.retrieval:
+        retrieve_sweep(args.out, Plan(DEMO_RETRIEVAL_TASK), progress=not args.no_progress)
     report = write_report(args.out, args.out / "report")
     table = summary_table(build_results(args.out))
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(f"report: {report}")
+    return 0
+
+
+def cmd_retrieval_data(args: argparse.Namespace) -> int:
+    check_run_dir(args.out)
+    benchmark = load_task(args.task)
+    write_beir(benchmark, args.out)
+    judgements = sum(map(len, benchmark.qrels.values()))
+    print(f"{args.out}: {len(benchmark.corpus)} documents, {len(benchmark.queries)} queries, {judgements} judgements")
+    return 0
+
+
+def cmd_retrieval(args: argparse.Namespace) -> int:
+    """BM25 (--bm25), one finished run (RUN_DIR) or every finished run of a sweep (SWEEP_DIR)."""
+    if args.bm25:
+        return _retrieval_bm25(args)
+    if args.target is None:
+        raise ValueError("give a RUN_DIR or a SWEEP_DIR to evaluate, or --bm25")
+    if (args.target / SWEEP_FILE).is_file():
+        return _retrieval_sweep(args)
+    return _retrieval_run(args)
+
+
+def _retrieval_bm25(args: argparse.Namespace) -> int:
+    given = [flag for flag, value in _embedding_flags(args).items() if value]
+    if args.target is not None or given:
+        what = "RUN_DIR or SWEEP_DIR" if args.target is not None else given[0]
+        raise ValueError(f"--bm25 takes no {what}: BM25 uses no run (a sweep's evaluation includes BM25)")
+    return _retrieval_one(args, System())
+
+
+def _retrieval_run(args: argparse.Namespace) -> int:
+    if args.embed and len(args.embed) > 1:
+        raise ValueError(f"--embed: a run is evaluated with one embed, got {' '.join(args.embed)} (a sweep takes several)")
+    embed = args.embed[0] if args.embed else "fwbw"
+    return _retrieval_one(args, System(args.target, embed, args.blocks, args.pooling, args.finetune_steps))
+
+
+def _embedding_flags(args: argparse.Namespace) -> dict[str, object]:
+    return {"--embed": args.embed, "--blocks": args.blocks, "--pooling": args.pooling,
+            "--finetune-steps": args.finetune_steps}
+
+
+def _retrieval_one(args: argparse.Namespace, system: System) -> int:
+    if args.out is None:
+        raise ValueError("--out: give the folder for the result")
+    check_run_dir(args.out)
+    cache = args.out / "cache" if args.cache_dir is None else args.cache_dir
+    outcome = run_retrieval(args.out, args.task, system, cache_dir=cache, device=args.device,
+                            progress=not args.no_progress)
+    metrics = outcome.metrics
+    shown = "  ".join(f"{name} {metrics[name]:.4f}" for name in RETRIEVAL_METRICS)
+    done = "finished before, skipped" if outcome.skipped else f"{metrics['seconds']:.1f} s"
+    print(f"{args.out}: {shown} ({metrics['n_queries']} queries, {metrics['n_docs']} documents; {done})")
+    return 0
+
+
+def _retrieval_sweep(args: argparse.Namespace) -> int:
+    for flag, value in (("--out", args.out), ("--cache-dir", args.cache_dir)):
+        if value is not None:
+            raise ValueError(f"{flag}: a sweep's results go under {args.target}/retrieval, so give no {flag}")
+    check_results_writable(args.target)
+    plan = Plan(args.task, tuple(args.embed or DEFAULT_EMBEDS), args.blocks, args.pooling, args.finetune_steps)
+    outcome, left_out = retrieve_sweep(args.target, plan, device=args.device, progress=not args.no_progress)
+    for line in left_out:
+        print(f"left out: {line}")
+    table = build_retrieval_results(args.target)
+    print(table[RETRIEVAL_SHOWN].to_string(index=False, na_rep="", float_format=lambda x: f"{x:.4f}"))
+    counts = ", ".join(f"{list(outcome.values()).count(status)} {status}" for status in ("done", "skipped"))
+    print(f"retrieval {args.target}: {counts} (finished before)")
     return 0
 
 
@@ -252,8 +337,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the cpu-small grid plus two p_bw = 1 runs (causal and legacy-flip) on the embedded data, then the report")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--retrieval", action="store_true",
+                      help=f"then evaluate BM25 and each finished run (fw and fwbw embeds, zero-shot) on the "
+                      f"{DEMO_RETRIEVAL_TASK} task for the report's retrieval section: about 25 more minutes on 2 "
+                      "cores, and ~4.5 GB of token cache in OUT/retrieval/cache")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=cmd_demo)
+
+    retrieval_data = commands.add_parser("retrieval-data", help="export a retrieval task in BEIR's format")
+    retrieval_data.add_argument("--task", required=True, help="description | ict | title | beir:DIR")
+    retrieval_data.add_argument("--out", type=Path, required=True,
+                                help="folder for corpus.jsonl, queries.jsonl and qrels/test.tsv")
+    retrieval_data.set_defaults(handler=cmd_retrieval_data)
+
+    retrieval = commands.add_parser(
+        "retrieval", help="evaluate BM25, a finished run's embeddings, or every finished run of a sweep on a retrieval task")
+    retrieval.add_argument("target", type=Path, nargs="?",
+                           help="a finished run, or a sweep: BM25 and every finished run, under SWEEP/retrieval "
+                           "(resumable), then its retrieval table")
+    retrieval.add_argument("--task", required=True, help="description | ict | title | beir:DIR (a BEIR folder)")
+    retrieval.add_argument("--bm25", action="store_true", help="evaluate BM25 (no run)")
+    retrieval.add_argument("--embed", nargs="+", choices=list(EMBEDS),
+                           help=f"token embeddings: fw, bw or both (a run: one, fwbw; a sweep: {' '.join(DEFAULT_EMBEDS)})")
+    retrieval.add_argument("--blocks", type=int, help="embed the states after the first N blocks (default: all)")
+    retrieval.add_argument("--pooling", choices=POOLINGS, help="a single-vector baseline instead of late interaction")
+    retrieval.add_argument("--finetune-steps", type=int, default=0,
+                           help="contrastive fine-tuning steps on the task's training pairs first (0: zero-shot)")
+    retrieval.add_argument("--out", type=Path, help="the result's folder (a run or --bm25)")
+    retrieval.add_argument("--cache-dir", type=Path,
+                           help="fp16 token cache, shareable by results of the same run (default: OUT/cache)")
+    retrieval.add_argument("--device", choices=DEVICES, default="auto")
+    retrieval.add_argument("--no-progress", action="store_true")
+    retrieval.set_defaults(handler=cmd_retrieval)
 
     bench = commands.add_parser("bench", help="peak matmul throughput, training tokens/s and MFU on this device")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -461,12 +461,12 @@ def _tuning(steps: int) -> str:
     return "zero-shot" if steps == 0 else f"fine-tuned {steps} steps"
 
 
-def _noise_verdict(row: dict, over: str, n: int, unit: str) -> str:
-    """What the 95% interval of a − b over seeds or queries (`over`: the columns' prefix) says."""
-    low, high = row[f"{over}_ci_low"], row[f"{over}_ci_high"]
+def _noise_verdict(row: dict, unit: str, units: str) -> str:
+    """What the 95% interval of a − b over seeds or queries (retrieval_comparisons.csv's columns) says."""
+    n, low, high = row[f"n_{units}"], row[f"{unit}_ci_low"], row[f"{unit}_ci_high"]
     if pd.isna(low):
-        return f"n = {n} {unit}: no interval"
-    counted = f"95% CI {_signed(low)} … {_signed(high)}, n = {n} {unit}s"
+        return f"n = {n} {unit if n == 1 else units}: no interval"
+    counted = f"95% CI {_signed(low)} … {_signed(high)}, n = {n} {units}"
     if low > 0:
         return f"{counted}: {row['a']} better beyond {unit} noise"
     if high < 0:
@@ -476,7 +476,7 @@ def _noise_verdict(row: dict, over: str, n: int, unit: str) -> str:
 
 def _retrieval_pair(row: dict, with_variant: bool) -> str:
     """Which models a comparison (retrieval_comparisons.csv's row) sets against each other."""
-    arm = _setting_label(row, with_variant)
+    arm = arm_label(row) if with_variant else f"p_bw = {row['p_bw']:g}"
     return {
         FW_EMBED: f"{arm} against p_bw = 0, both with fw embeddings",
         BEST_EMBED: f"{arm} ({row['a_embed']} embed) against p_bw = 0 ({row['b_embed']} embed), each with its best embed",
@@ -486,20 +486,20 @@ def _retrieval_pair(row: dict, with_variant: bool) -> str:
 
 
 def _retrieval_statement(row: dict, with_variant: bool) -> str:
+    cut = not pd.isna(row["blocks"]) and row["blocks"] < row["depth"]
     where = (f"{row['task']}, {_tuning(row['finetune_steps'])}, {row['system'].replace('-', ' ')}"
-             + ("" if pd.isna(row["blocks"]) else f" after {row['blocks']} blocks")
+             + (f" after {row['blocks']} of {row['depth']} blocks" if cut else "")
              + f", {size_label(row['depth'], row['width'])}")
     return (f"{where}, {_retrieval_pair(row, with_variant)}: nDCG@10 {_num(row['a_mean'])} vs {_num(row['b_mean'])}, "
-            f"difference {_signed(row['mean_diff'])} (over seeds: {_noise_verdict(row, 'seed', row['n_seeds'], 'seed')}; "
-            f"over queries: {_noise_verdict(row, 'query', row['n_queries'], 'query')}).")
+            f"difference {_signed(row['mean_diff'])} (over seeds: {_noise_verdict(row, 'seed', 'seeds')}; "
+            f"over queries: {_noise_verdict(row, 'query', 'queries')}).")
 
 
 def retrieval_statements(retrieval: RetrievalAnalysis) -> list[str]:
     """One sentence per comparison of the retrieval analysis, with its intervals and verdicts."""
     comparisons = retrieval.comparisons
     if comparisons.empty:
-        return ["No p_bw > 0 run has a retrieval result beside a p_bw = 0 run of the same seed and size: "
-                "nothing to compare."]
+        return ["No p_bw > 0 run has a retrieval result: nothing to compare."]
     with_variant = comparisons[VARIANT].drop_duplicates().shape[0] > 1
     return [_retrieval_statement(row, with_variant) for row in comparisons.to_dict("records")]
 

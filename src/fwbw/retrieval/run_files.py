@@ -110,7 +110,7 @@ def read_result(out_dir: Path) -> RetrievalResult:
     missing = [key for key in (*INFO_KEYS, *METRICS, "seconds") if not isinstance(metrics, dict) or key not in metrics]
     if missing:
         raise ValueError(f"{metrics_path}: no {missing[0]!r}")
-    per_query = _read_per_query(out_dir / PER_QUERY_FILE)
+    per_query = read_per_query(out_dir / PER_QUERY_FILE)
     return RetrievalResult(metrics, per_query, read_trec_run(out_dir / RUN_FILE), read_trec_qrels(out_dir / QRELS_FILE))
 
 
@@ -145,7 +145,8 @@ def _trec_lines(path: Path, n_fields: int):
         yield f"{path} line {number}", fields
 
 
-def _read_per_query(path: Path) -> dict[str, dict[str, float]]:
+def read_per_query(path: Path) -> dict[str, dict[str, float]]:
+    """{qid: {metric: value}} from a per_query.csv file."""
     if not path.is_file():
         raise ValueError(f"{path}: missing")
     rows = list(csv.reader(io.StringIO(read_text(path))))

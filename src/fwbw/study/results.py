@@ -1,5 +1,10 @@
 """The sweep's tidy results table: one row per run x eval point x direction, rebuilt from the
-run directories (the single source of truth) and written atomically as Parquet and CSV."""
+run directories (the single source of truth) and written atomically as Parquet and CSV.
+
+Retrieval results have a table of their own beside it, one row per result (phase "retrieval"): a
+retrieval result has other measures (nDCG@10, MRR@10, recall) and settings (task, system, embed,
+pooling, fine-tuning) than an evaluation point, and BM25's belongs to no run. Its rows carry the
+run's id and config columns, as the results table's do, so the two join on run_id."""
 
 from __future__ import annotations
 
@@ -14,7 +19,18 @@ from fwbw.files import atomic_write, read_json, read_jsonl
 from fwbw.model.config import ModelConfig
 from fwbw.model.hlb_gpt import count_params
 from fwbw.model.masks import DIRECTIONS, leaks_labels
-from fwbw.study.sweep_dir import RESULTS_CSV, RESULTS_PARQUET, RUNS, read_sweep
+from fwbw.retrieval.experiment import BM25, read_experiment
+from fwbw.retrieval.metrics import METRICS as RETRIEVAL_METRICS
+from fwbw.retrieval.run_files import METRICS_FILE
+from fwbw.study.sweep_dir import (
+    RESULTS_CSV,
+    RESULTS_PARQUET,
+    RETRIEVAL,
+    RETRIEVAL_CSV,
+    RETRIEVAL_PARQUET,
+    RUNS,
+    read_sweep,
+)
 from fwbw.training.evaluation import EVAL_METRICS
 from fwbw.training.probes import PROBE_KEYS
 from fwbw.training.run_dir import CUT, METRICS, MODEL_CONFIG, SUMMARY, read_status
@@ -31,6 +47,14 @@ COLUMNS = [
     "run_id", *CONFIG_COLUMNS, "recipe_id", "num_params", "step", "tokens", "epoch", "seconds", "direction", "loss", "acc", "ppl",
     "phase", "blocks_remaining", "status", "leaks_labels", *PROBE_COLUMNS, "error",
 ]
+RETRIEVAL_PHASE = "retrieval"
+# one row per retrieval result: the run's id and config (missing for BM25), the result's settings,
+# measures and timings (fwbw.retrieval.experiment), and its folder relative to the sweep's
+RETRIEVAL_COLUMNS = [
+    "run_id", *CONFIG_COLUMNS, "recipe_id", "phase", "task", "system", "embed", "blocks", "pooling", "finetune_steps",
+    "n_queries", "n_docs", *RETRIEVAL_METRICS, "seconds", "encode_corpus_seconds", "corpus_encoded",
+    "seconds_per_query", "result",
+]
 
 
 def _read_if_written(path: Path, read: Callable[[Path], object], default):
@@ -46,9 +70,7 @@ def run_rows(identifier: str, config: dict, run_dir: Path) -> list[dict]:
     summary = _read_if_written(run_dir / SUMMARY, read_json, {})
     model_config = _read_if_written(run_dir / MODEL_CONFIG, read_json, {})
     settings = {
-        "run_id": identifier,
-        **{column: config[column] for column in CONFIG_COLUMNS},
-        "recipe_id": recipe_id(config["recipe"]),
+        **_run_settings(identifier, config),
         "num_params": summary.get("num_params", _count_params(model_config)),
         "status": status["status"],
         "leaks_labels": leaks_labels(config["bw_mask"]),
@@ -109,11 +131,46 @@ def build_results(sweep_dir: Path) -> pd.DataFrame:
     return table
 
 
+def _run_settings(identifier: str, config: dict) -> dict:
+    return {"run_id": identifier, **{column: config[column] for column in CONFIG_COLUMNS},
+            "recipe_id": recipe_id(config["recipe"])}
+
+
+def retrieval_rows(sweep_dir: Path) -> list[dict]:
+    """One row per finished retrieval result under the sweep's retrieval/ folder: BM25's, then each run's."""
+    sweep_dir = Path(sweep_dir)
+    owners = {BM25: {}} | {identifier: _run_settings(identifier, config)
+                           for identifier, config in read_sweep(sweep_dir)["runs"].items()}
+    return [
+        {**settings, "phase": RETRIEVAL_PHASE, **read_experiment(path.parent),
+         "result": path.parent.relative_to(sweep_dir).as_posix()}
+        for folder, settings in owners.items()
+        for path in sorted((sweep_dir / RETRIEVAL / folder).glob(f"*/{METRICS_FILE}"))
+    ]
+
+
+def build_retrieval_results(sweep_dir: Path) -> pd.DataFrame:
+    table = pd.DataFrame(retrieval_rows(sweep_dir)).reindex(columns=RETRIEVAL_COLUMNS)
+    integers = ["depth", "width", "num_heads", "seq_len", "train_tokens", "eval_tokens", "seed", "blocks", "finetune_steps",
+                "n_queries", "n_docs"]
+    floats = ["p_bw", "model_scale", "epochs", "eval_every_epochs"]
+    return table.astype({**dict.fromkeys(integers, "Int64"), **dict.fromkeys(floats, float),
+                         **dict.fromkeys(["adaptive_p_bw", "task_tokens", "corpus_encoded"], "boolean")})
+
+
 def write_results(sweep_dir: Path) -> pd.DataFrame:
+    """Write the results table and, while the sweep has retrieval results, their table (removed when it
+    has none); return the results table."""
     table = build_results(sweep_dir)
     sweep_dir = Path(sweep_dir)
     atomic_write(sweep_dir / RESULTS_PARQUET, lambda tmp: table.to_parquet(tmp, index=False))
     atomic_write(sweep_dir / RESULTS_CSV, lambda tmp: table.to_csv(tmp, index=False))
+    retrieval = build_retrieval_results(sweep_dir)
+    for name, write in ((RETRIEVAL_PARQUET, retrieval.to_parquet), (RETRIEVAL_CSV, retrieval.to_csv)):
+        if retrieval.empty:
+            (sweep_dir / name).unlink(missing_ok=True)
+        else:
+            atomic_write(sweep_dir / name, lambda tmp, write=write: write(tmp, index=False))
     return table
 
 

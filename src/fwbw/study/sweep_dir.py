@@ -3,6 +3,9 @@
   sweep.json                 the spec and the list of runs (id -> config)
   runs/<run_id>/             one run directory (fwbw.training.run_dir)
   results.parquet/.csv       the tidy table (fwbw.study.results)
+  retrieval/                 retrieval results (fwbw.study.retrieval_sweep): bm25/<task>/,
+                             <run_id>/<task>-<embed>...-ft<N>/, <run_id>/finetuned/, cache/
+  retrieval.parquet/.csv     their table, one row per result (fwbw.study.results)
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ RUNS = "runs"
 SWEEP_FILE = "sweep.json"
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"
+RETRIEVAL = "retrieval"
+RETRIEVAL_PARQUET = "retrieval.parquet"
+RETRIEVAL_CSV = "retrieval.csv"
 RUN_ID = re.compile(r"[A-Za-z0-9._-]+")  # a plain folder name: no separators, so never outside runs/
 
 
