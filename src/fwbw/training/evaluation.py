@@ -12,7 +12,8 @@ from fwbw.files import atomic_write_json
 from fwbw.model.masks import DIRECTIONS
 from fwbw.model.tasks import task_stats
 from fwbw.training import checkpoint
-from fwbw.training.run_dir import CUT, check_writable, finished_run_config
+from fwbw.training.config import TrainConfig
+from fwbw.training.run_dir import CONFIG, CUT, check_writable, finished_run_config
 from fwbw.training.run_setup import RunSetup
 
 EVAL_METRICS = ("loss", "acc", "ppl")  # what `evaluate` reports per direction
@@ -76,9 +77,10 @@ def cut_run(run_dir: Path, progress: bool = True) -> list[dict]:
     """`fwbw cut`: the layer cut of a finished run: its trained weights in its run setup, on the
     validation windows it was trained with. Everything is checked before the model is built."""
     run_dir = Path(run_dir)
-    config = finished_run_config(run_dir)
-    if config.depth < 2:
+    config = TrainConfig.load(run_dir / CONFIG) if (run_dir / CONFIG).is_file() else None
+    if config is not None and config.depth < 2:  # said first: no training would make it cuttable
         raise ValueError(f"{run_dir}: nothing to cut, the model has {config.depth} block and the cut keeps at least one")
+    config = finished_run_config(run_dir)
     check_writable(run_dir, f"cannot write {run_dir / CUT}: ")
     setup = RunSetup(config, progress=progress)
     checkpoint.load_weights(run_dir, setup.model)
