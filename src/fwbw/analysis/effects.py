@@ -46,6 +46,7 @@ from fwbw.analysis.stats import (
     select,
 )
 from fwbw.model.masks import leaks_labels
+from fwbw.study.estimate import plural
 
 ALPHA = 0.05  # the paired t test's two-sided level
 POWER = 0.8  # the power at which the smallest detectable effect is read
@@ -147,7 +148,7 @@ def _power_row(pairs: pd.DataFrame) -> dict:
     x, base = pairs.loss_fw.to_numpy(dtype=float), pairs.loss_fw_base.to_numpy(dtype=float)
     n = len(pairs)
     if n < 2:
-        return {"n": n, "reason": f"{n} seed pair{'' if n == 1 else 's'}: no paired SD"}
+        return {"n": n, "reason": f"{plural(n, 'seed pair')}: no paired SD"}
     sd = float(np.std(x - base, ddof=1))
     mde = detectable_noncentrality(n - 1) * sd / math.sqrt(n)
     return {"n": n, "sd_diff": sd, "mde_loss": mde, "mde_percent": 100 * mde / base.mean(),

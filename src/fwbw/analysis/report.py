@@ -52,6 +52,7 @@ from fwbw.analysis.stats import (
 )
 from fwbw.analysis.sweep_analysis import analyse
 from fwbw.files import atomic_write, atomic_write_text
+from fwbw.study.estimate import plural
 from fwbw.study.results import CUT_PHASE
 from fwbw.study.sweep_dir import (
     RESULTS_CSV,
@@ -393,10 +394,6 @@ UNAVAILABLE = {  # measure -> why a paired change has no pair with both values
 }
 
 
-def _pairs(n: int) -> str:
-    return f"{n} seed pair{'' if n == 1 else 's'}"
-
-
 def _digits(row: dict) -> int:
     return 2 if row["unit"] == "epochs" else 3
 
@@ -421,7 +418,7 @@ def _measure_clause(row: dict) -> str:
     if row["n"] == 0:
         return f"{name}: not available ({UNAVAILABLE.get(row['measure'], 'no pair has both values')})"
     digits = _digits(row)
-    over = "" if row["n"] == row["n_pairs"] else f" over the {_pairs(row['n'])} where both are known"
+    over = "" if row["n"] == row["n_pairs"] else f" over the {plural(row['n'], 'seed pair')} where both are known"
     return (f"{name} {_num(row['x_mean'], digits)} vs {_num(row['base_mean'], digits)} at p_bw = 0{over} "
             f"({_signed(row['mean_diff'], digits)} {row['unit']}, 95% CI {_signed(row['ci_low'], digits)} … "
             f"{_signed(row['ci_high'], digits)}: {_change_verdict(row)})")
@@ -435,7 +432,7 @@ def _censored_clause(row: dict) -> str:
 def _overfitting_statement(rows: pd.DataFrame, with_variant: bool) -> str:
     """One arm's paired changes (overfitting.csv's rows of one setting), equal data then equal compute."""
     first = rows.iloc[0]
-    head = f"{size_label(first['depth'], first['width'])}, {_setting_label(first, with_variant)} (n = {_pairs(first['n_pairs'])})"
+    head = f"{size_label(first['depth'], first['width'])}, {_setting_label(first, with_variant)} (n = {plural(first['n_pairs'], 'seed pair')})"
     by_budget = {b: "; ".join(map(_measure_clause, rows[rows.budget == b].to_dict("records"))) for b in rows.budget.unique()}
     text = " ".join(f"At {b}, {clauses}." for b, clauses in by_budget.items())
     censored = _censored_clause(first)
@@ -605,7 +602,7 @@ def _overfitting_answer(arms: pd.DataFrame) -> str:
         by_measure = {row["measure"]: row for row in rows.to_dict("records")}
         first = rows.iloc[0]
         clauses.append(f"{_setting_label(first, True)}, {size_label(first['depth'], first['width'])}, "
-                       f"n = {_pairs(first['n_pairs'])}: "
+                       f"n = {plural(first['n_pairs'], 'seed pair')}: "
                        + ", ".join(_answer_clause(by_measure[m], label) for m, label in ANSWER_MEASURES.items())
                        + f"; {_censored_clause(first)}")
     return f"Many epochs, where the p_bw = 0 runs overfit, change with bw training (95% CI over seeds): {'; '.join(clauses)}."
