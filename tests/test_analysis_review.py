@@ -17,6 +17,7 @@ from fwbw.analysis.sweep_analysis import analyse
 from fwbw.study import sweep
 from fwbw.study.results import CONFIG_COLUMNS
 from fwbw.study.sweep_dir import RUNS
+from fwbw.training.data_parallel import DataParallel
 from fwbw.training.run_dir import SAMPLES
 
 
@@ -88,10 +89,10 @@ def test_the_paired_verdict_reads_the_percent_interval_near_its_boundary():
 
 def test_a_sample_failure_does_not_fail_a_trained_run(monkeypatch, tmp_path, capsys):
     class FakeTrainer:
-        model, valid, device = None, None, "cpu"
+        model, valid, device, parallel = None, None, "cpu", DataParallel()
 
-        def __init__(self, config, run_dir, progress):
-            pass
+        def __init__(self, config, run_dir, progress, compile):
+            self.run_dir = run_dir
 
         def run(self):
             pass

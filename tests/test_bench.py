@@ -1,15 +1,19 @@
 """`fwbw bench`: the trainer's own step, timed with its tasks forced, and the result's figures."""
 
 import json
+import types
 
 import pytest
 import torch
 
+from fwbw.model.hlb_gpt import training_flops_per_token
 from fwbw.training import bench
 from fwbw.training.bench import (
     BenchShape,
     bench_trainer,
+    datasheet_peak_gflops,
     format_table,
+    mfu,
     run_bench,
     select_shapes,
 )
@@ -26,11 +30,13 @@ ROW_TYPES = {
     "batch": int,
     "params": int,
     "dtype": str,
+    "world_size": int,
     "fw_tokens_per_s": float,
     "fwbw_tokens_per_s": float,
     "fwbw_over_fw_step_time": float,
     "mfu_fw": float,
     "mfu_fwbw": float,
+    "mfu_fw_datasheet": type(None),  # no datasheet peak on CPU
     "fw_step_ms": float,
     "fwbw_step_ms": float,
     "flops_per_token": float,
@@ -80,12 +86,13 @@ def test_result_shape(result: dict) -> None:
     assert isinstance(result["threads"], int) and result["threads"] >= 1
     assert isinstance(result["allocator_tuned"], bool)
     assert set(result["peak_gflops"]) == {"fp32", "bf16"}
+    assert result["device_name"] is None and result["datasheet_peak_gflops"] is None
     assert all(value > 0 for value in result["peak_gflops"].values())
     (row,) = result["configs"]
     assert set(row) == set(ROW_TYPES)
     for key, kind in ROW_TYPES.items():
         assert isinstance(row[key], kind), key
-    assert (row["name"], row["batch"], row["dtype"]) == ("tiny", 4, "fp32")
+    assert (row["name"], row["batch"], row["dtype"], row["world_size"]) == ("tiny", 4, "fp32", 1)
 
 
 def test_throughputs_consistent(result: dict) -> None:
@@ -101,9 +108,20 @@ def test_throughputs_consistent(result: dict) -> None:
 
 def test_format_table(result: dict) -> None:
     lines = format_table(result).splitlines()
-    assert "malloc" in lines[0] and "fp32" in lines[1] and "bf16" in lines[1]
-    assert lines[2].split()[:2] == ["shape", "width"]
+    assert "malloc" in lines[0] and "fp32" in lines[1] and "bf16" in lines[1] and "datasheet" not in lines[1]
+    assert lines[2].split()[:2] == ["shape", "width"] and lines[2].endswith("MFU fw  MFU fw datasheet")
     assert lines[3].split()[:7] == ["tiny", "32", "1", "64", "16", "4", "fp32"]
+    assert lines[3].split()[-1] == "-"  # no datasheet peak on CPU
+
+
+def test_format_table_with_a_datasheet_peak(result: dict) -> None:
+    row = {**result["configs"][0], "mfu_fw": 0.25, "mfu_fw_datasheet": 0.125}
+    gpu = {**result, "device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3", "datasheet_peak_gflops": 989e3,
+           "configs": [row]}
+    lines = format_table(gpu).splitlines()
+    assert lines[0].startswith("device cuda:0 (NVIDIA H100 80GB HBM3)  torch ")
+    assert lines[1].endswith("  datasheet bf16 989000")
+    assert lines[3].split()[-2:] == ["25.0%", "12.5%"]
 
 
 def test_select_shapes() -> None:
@@ -126,3 +144,41 @@ def test_step_time_ratio_is_the_median_of_interleaved_pairs(monkeypatch) -> None
     row = bench.bench_shape(TINY, torch.device("cpu"), "fp32", 1.0, steps=3, warmup=0, progress=False)
     assert row["fwbw_over_fw_step_time"] == 2.5
     assert (row["fw_step_ms"], row["fwbw_step_ms"]) == (1500.0, 3000.0)
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA H100 80GB HBM3", 989),
+    ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835),
+    ("NVIDIA GeForce RTX 4090", None), ("Tesla V100-SXM2-16GB", None), (None, None),
+])
+def test_datasheet_peaks_by_device_name(name, tflops) -> None:
+    assert datasheet_peak_gflops(name) == (None if tflops is None else tflops * 1e3)
+
+
+def test_mfu_divides_by_the_peak_of_every_rank() -> None:
+    """1e6 FLOPs a token at 1e5 tokens/s is 1e11 FLOP/s: a quarter of one 400 GFLOP/s device,
+    an eighth of two."""
+    assert mfu(1e6, 1e5, 400.0) == mfu(1e6, 1e5, 400.0, world_size=1) == 0.25
+    assert mfu(1e6, 1e5, 400.0, world_size=2) == 0.125
+
+
+def test_a_rows_mfu_counts_the_global_batch_over_all_ranks(monkeypatch) -> None:
+    """A 2-rank trainer given the global batch of 4 windows of 16 tokens: 64 tokens per step of
+    1.5 s (the fw median) against 2 devices of 10 GFLOP/s each, measured or on the datasheet."""
+    real_trainer, trainers = bench.bench_trainer, []
+
+    def two_rank_trainer(*args):
+        trainer = real_trainer(*args)
+        trainer.parallel = types.SimpleNamespace(world_size=2)
+        trainers.append(trainer)
+        return trainer
+
+    monkeypatch.setattr(bench, "bench_trainer", two_rank_trainer)
+    monkeypatch.setattr(bench, "time_train_steps", lambda trainer, steps, warmup: {"fw": [1.5], "fwbw": [3.0]})
+    row = bench.bench_shape(TINY, torch.device("cpu"), "fp32", 10.0, steps=1, warmup=0, progress=False,
+                            datasheet_gflops=20.0)
+    flops_per_token = training_flops_per_token(trainers[0].model.config, 16)
+    assert (row["world_size"], row["fw_tokens_per_s"], row["fwbw_tokens_per_s"]) == (2, 64 / 1.5, 64 / 3.0)
+    assert row["mfu_fw"] == pytest.approx(flops_per_token * 64 / 1.5 / (2 * 10e9), rel=1e-12)
+    assert row["mfu_fwbw"] == pytest.approx(2 * flops_per_token * 64 / 3.0 / (2 * 10e9), rel=1e-12)
+    assert row["mfu_fw_datasheet"] == pytest.approx(row["mfu_fw"] / 2, rel=1e-12)

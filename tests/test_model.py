@@ -307,10 +307,42 @@ def test_position_bias_mult_is_a_scalar_initialised_at_one_in_every_block():
     assert len({id(block.position_bias_mult) for block in model.blocks}) == model.config.depth
 
 
-def test_embedding_scales_grad_by_freq():
+def _embedding_grad(model, tokens, **hidden_kwargs):
+    model.zero_grad()
+    model.hidden(tokens, "fw", **hidden_kwargs).pow(2).sum().backward()
+    return model.embedding.weight.grad.clone()
+
+
+def test_embedding_gradient_is_scaled_by_token_frequency_as_torch_scale_grad_by_freq():
+    """hlb-gpt's nn.Embedding(scale_grad_by_freq=True), rebuilt so that the counts can come from
+    a larger batch: on its own batch it gives torch's gradient, and it is not vacuous (tokens 3
+    and 7 repeat, so unscaled gradients differ)."""
     model = tiny_model(seed=10)
-    assert isinstance(model.embedding, nn.Embedding)
-    assert model.embedding.scale_grad_by_freq is True
+    tokens = torch.tensor([[3, 3, 7, 1], [7, 3, 9, 2]])
+    upstream = torch.randn(*tokens.shape, model.config.width, generator=torch.Generator().manual_seed(0))
+    weight = model.embedding.weight
+
+    def grad_of(embedded):
+        return torch.autograd.grad((embedded * upstream).sum(), weight)[0]
+
+    ours = grad_of(model.embed(tokens, 1, tokens))
+    torch_scaled = grad_of(F.embedding(tokens, weight, scale_grad_by_freq=True))
+    unscaled = grad_of(F.embedding(tokens, weight))
+    torch.testing.assert_close(ours, torch_scaled, rtol=1e-6, atol=1e-9)
+    assert (unscaled[3] - torch_scaled[3]).abs().max() > 1e-3
+
+
+def test_embedding_counts_a_global_batch_so_shares_sum_to_its_gradient():
+    """Two data-parallel shares, each counting the whole batch: their embedding gradients sum to
+    the whole batch's; counting only its own share (the default) would not."""
+    model = tiny_model(seed=10)
+    batch = torch.tensor([[3, 3, 7, 1], [7, 3, 9, 2], [3, 5, 5, 7]])
+    whole = _embedding_grad(model, batch)
+    shares = [batch[:2], batch[2:]]
+    summed = sum(_embedding_grad(model, share, counted=batch) for share in shares)
+    torch.testing.assert_close(summed, whole, rtol=1e-5, atol=1e-8)
+    local = sum(_embedding_grad(model, share) for share in shares)
+    assert (local - whole).abs().max() > 1e-3
 
 
 def test_layer_norms_have_weight_but_no_bias_one_per_block_plus_final():

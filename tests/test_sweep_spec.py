@@ -27,9 +27,11 @@ pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
 @pytest.fixture(autouse=True)
 def untimed_dry_run(monkeypatch):
     """--dry-run times each run shape on this machine (tests/test_dry_run_estimate.py); here a
-    fixed timing stands in, so that a dry run trains nothing."""
+    fixed timing stands in, so that a dry run trains nothing; and no device memory, so that no
+    out-of-memory warning depends on this machine's RAM (tests/test_memory_estimate.py)."""
     timing = ShapeTiming(fw_step_s=0.1, fwbw_step_s=0.2, eval_s=1.0, measured=True)
     monkeypatch.setattr(sweep, "MachineTimer", lambda: lambda config: timing)
+    monkeypatch.setattr(sweep, "device_memory", lambda device: None)
 
 
 def grid_flags(corpus: Corpus) -> list[str]:

@@ -26,13 +26,16 @@ from fwbw.study.retrieval_sweep import DEFAULT_EMBEDS, Plan, retrieve_sweep
 from fwbw.study.samples import write_samples
 from fwbw.study.sweep import (
     TOKENS_PER_MICROBATCH_RULES,
+    Execution,
     SweepSpec,
+    cut_and_sample,
     describe_runs,
     parse_shard,
     run_sweep,
 )
 from fwbw.study.sweep_dir import SWEEP_FILE, read_sweep
 from fwbw.training.config import BW_MODES, DEVICES, TrainConfig
+from fwbw.training.data_parallel import leave as leave_process_group
 from fwbw.training.evaluation import cut_run
 from fwbw.training.precision import DTYPE_CHOICES
 from fwbw.training.run_dir import check_run_dir, check_writable
@@ -119,8 +122,13 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = train_config_from_args(args)
-    summary = Trainer(config, args.out, progress=not args.no_progress, restart=args.restart).run()
-    print(json.dumps({k: summary[k] for k in ("final_val_loss_fw", "final_val_loss_bw", "num_params", "leaks_labels")}))
+    trainer = Trainer(config, args.out, progress=not args.no_progress, restart=args.restart, compile=args.compile)
+    summary = trainer.run()
+    if args.cut:
+        cut_and_sample(trainer)
+    leave_process_group()
+    if trainer.parallel.is_main:
+        print(json.dumps({k: summary[k] for k in ("final_val_loss_fw", "final_val_loss_bw", "num_params", "leaks_labels")}))
     return 0
 
 
@@ -132,10 +140,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = sweep_spec_from_args(args)
     shard = parse_shard(args.shard)
     if args.dry_run:
-        print(describe_runs(spec))
+        print(describe_runs(spec, device_memory_gib=args.device_memory))
         return 0
     check_run_dir(args.out)
-    outcome = run_sweep(spec, args.out, shard=shard, retry_failed=args.retry_failed, progress=not args.no_progress)
+    execution = Execution(nproc_per_run=args.nproc_per_run, compile=args.compile)
+    outcome = run_sweep(spec, args.out, shard=shard, retry_failed=args.retry_failed, progress=not args.no_progress,
+                        execution=execution)
     counts = {status: list(outcome.values()).count(status) for status in sorted(set(outcome.values()))}
     print(f"sweep {args.out}: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
     return 1 if counts.get("failed") else 0
@@ -275,6 +285,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_compile_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="torch.compile the model's blocks (default: on CUDA, where it is faster; off on CPU)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fwbw", description="fw/bw causal-mask training of hlb-gpt, and what it does")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -290,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="a TrainConfig file: a run's config.json, or TOML / YAML (flags given override it)")
     train.add_argument("--out", type=Path, required=True, help="run directory (resumed if it holds this config's run)")
     train.add_argument("--restart", action="store_true", help="start over: remove the run --out holds first")
+    train.add_argument("--cut", action="store_true", help="then the layer cut (cut.json) and samples (samples.json), as a sweep does")
+    add_compile_flag(train)
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(handler=cmd_train)
 
@@ -311,7 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", type=Path, default=Path("runs/grid"))
     sweep.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
     sweep.add_argument("--retry-failed", action="store_true")
+    sweep.add_argument("--nproc-per-run", type=int, default=1, metavar="N",
+                       help="train each run with N data-parallel processes (torchrun on this machine: one per GPU)")
+    add_compile_flag(sweep)
     sweep.add_argument("--dry-run", action="store_true", help="print the runs and the compute estimate")
+    sweep.add_argument("--device-memory", type=float, metavar="GIB", help="--dry-run: warn against this device memory, not this machine's")
     sweep.add_argument("--no-progress", action="store_true")
     sweep.set_defaults(handler=cmd_sweep)
 

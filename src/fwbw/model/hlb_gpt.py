@@ -61,12 +61,36 @@ class LatentAttentionBlock(nn.Module):
         return x + F.linear(torch.cat([local, attention], dim=-1), self.project)
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
+def frequency_scaled(embedded: torch.Tensor, tokens: torch.Tensor, counted: torch.Tensor, vocab: int) -> torch.Tensor:
+    """hlb-gpt's scale_grad_by_freq: the gradient reaching each embedding row divided by how often
+    its token occurs in `counted`, the batch `tokens` belongs to (a data-parallel rank looks up its
+    share of a global batch but counts the whole batch, so the ranks' gradients sum to one
+    process's)."""
+    counts = torch.bincount(counted.flatten(), minlength=vocab)
+    scale = 1.0 / counts[tokens].clamp(min=1).to(embedded.dtype)
+    return _ScaleGradient.apply(embedded, scale[..., None])
+
+
 class HlbGpt(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         width = config.width
-        self.embedding = nn.Embedding(config.total_vocab, width, scale_grad_by_freq=True)
+        self.embedding = nn.Embedding(config.total_vocab, width)  # scaled by frequency in `embed`
         self.blocks = nn.ModuleList(LatentAttentionBlock(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(width, bias=False)
         self.output = nn.Linear(width, config.total_vocab, bias=False)
@@ -83,12 +107,15 @@ class HlbGpt(nn.Module):
         """
         return self.output(self.hidden(tokens, direction))
 
-    def hidden(self, tokens: torch.Tensor, direction: str = "fw", embedding_groups: int = 1) -> torch.Tensor:
+    def hidden(
+        self, tokens: torch.Tensor, direction: str = "fw", embedding_groups: int = 1, counted: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The final normalised hidden states [B, T, width], before the output layer.
 
-        embedding_groups: the batch is that many tasks stacked; the embedding's
-        scale_grad_by_freq then counts token frequencies within each task's rows, so a stacked
-        pass gets the same gradients as one pass per task.
+        embedding_groups: the batch is that many tasks stacked; the embedding's gradient is then
+        scaled by token frequencies within each task's rows (see `embed`), so a stacked pass gets
+        the same gradients as one pass per task. counted: the tokens whose frequencies count,
+        stacked the same way (default: `tokens`).
         """
         seq_len = tokens.shape[1]
         if seq_len > self.config.max_seq_len:
@@ -96,10 +123,19 @@ class HlbGpt(nn.Module):
         allowed, dist = mask_and_distance(
             seq_len, direction, self.config.bw_mask, max_seq_len=self.config.max_seq_len, device=tokens.device
         )
-        x = torch.cat([self.embedding(group) for group in tokens.chunk(embedding_groups)])
+        x = self.embed(tokens, embedding_groups, tokens if counted is None else counted)
         for block in self.blocks:
             x = block(x, allowed, dist)
         return self.norm(x)
+
+    def embed(self, tokens: torch.Tensor, groups: int, counted: torch.Tensor) -> torch.Tensor:
+        """The embeddings of `tokens`; under autograd, each group's gradient frequency-scaled by
+        the counts of its group of `counted` (frequency_scaled)."""
+        embedded = self.embedding(tokens)
+        if not (torch.is_grad_enabled() and self.embedding.weight.requires_grad):
+            return embedded
+        pairs = zip(embedded.chunk(groups), tokens.chunk(groups), counted.chunk(groups))
+        return torch.cat([frequency_scaled(x, t, c, self.config.total_vocab) for x, t, c in pairs])
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -119,20 +155,24 @@ def build_model(config: ModelConfig) -> HlbGpt:
     return HlbGpt(config)
 
 
+def block_matrix_params(config: ModelConfig) -> int:
+    """The weights of one block's two matrices: the fused expand and the projection back."""
+    d = config.width
+    expand = d * config.expand_factor
+    return (2 * config.qk_dim + 2 * expand) * d + d * expand
+
+
 def count_params(config: ModelConfig) -> int:
     """HlbGpt(config).num_params() without building it."""
-    d, vocab = config.width, config.total_vocab
-    qk, expand = config.qk_dim, d * config.expand_factor
-    block = (2 * qk + 2 * expand) * d + d * expand + d + 1  # expand, project, norm, bias scale
-    return 2 * vocab * d + config.depth * block + d
+    d = config.width
+    block = block_matrix_params(config) + d + 1  # the matrices, the norm, the bias scale
+    return 2 * config.total_vocab * d + config.depth * block + d
 
 
 def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Model FLOPs of one training token (forward + backward = 3 x forward), counting the
     matmuls: 2 FLOPs per weight, plus causal attention's QK^T and AV over seq_len / 2 keys."""
     d = config.width
-    qk, expand = config.qk_dim, d * config.expand_factor
-    weights_per_block = (2 * qk + 2 * expand) * d + d * expand
-    attention_per_block = 2 * (seq_len / 2) * (qk + d)
-    forward = config.depth * (2 * weights_per_block + attention_per_block) + 2 * d * config.total_vocab
+    attention_per_block = 2 * (seq_len / 2) * (config.qk_dim + d)
+    forward = config.depth * (2 * block_matrix_params(config) + attention_per_block) + 2 * d * config.total_vocab
     return 3 * forward

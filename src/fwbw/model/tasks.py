@@ -37,33 +37,39 @@ def task_batch(windows: torch.Tensor, direction: str, config: ModelConfig) -> tu
 
 
 def task_hidden(
-    model, windows: torch.Tensor, directions: tuple[str, ...]
+    model, windows: torch.Tensor, directions: tuple[str, ...], counted_windows: torch.Tensor | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{direction: (final hidden states [B, T, width], targets [B, T])} for the given tasks on
     the same windows, row b belonging to window b; causal bw comes in reversed position order.
+    counted_windows: the batch `windows` is a share of, whose token frequencies scale the
+    embedding's gradient (HlbGpt.embed; default `windows`).
 
     fw and causal bw share one batched forward pass; legacy-flip bw needs its own mask."""
     config = model.config
+    counted_windows = windows if counted_windows is None else counted_windows
     batched = [d for d in directions if d == "fw" or config.bw_mask == "causal"]
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if batched:
         pairs = [task_batch(windows, d, config) for d in batched]
         inputs = torch.cat([x if d == "fw" else x.flip(1) for d, (x, _) in zip(batched, pairs)])
+        counted = torch.cat([task_batch(counted_windows, d, config)[0] for d in batched])
         targets = [y if d == "fw" else y.flip(1) for d, (_, y) in zip(batched, pairs)]
-        hidden = model.hidden(inputs, "fw", embedding_groups=len(batched)).chunk(len(batched))
+        hidden = model.hidden(inputs, "fw", embedding_groups=len(batched), counted=counted).chunk(len(batched))
         results.update(zip(batched, zip(hidden, targets)))
     if "bw" in directions and "bw" not in results:
         inputs, targets = task_batch(windows, "bw", config)
-        results["bw"] = model.hidden(inputs, "bw"), targets
+        results["bw"] = model.hidden(inputs, "bw", counted=task_batch(counted_windows, "bw", config)[0]), targets
     return results
 
 
 def task_stats(
-    model, windows: torch.Tensor, directions: tuple[str, ...], accuracy: bool = True
+    model, windows: torch.Tensor, directions: tuple[str, ...], accuracy: bool = True,
+    counted_windows: torch.Tensor | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """{direction: (mean loss, correct count or None)} for the given tasks on the same windows."""
+    """{direction: (mean loss, correct count or None)} for the given tasks on the same windows
+    (counted_windows: see task_hidden)."""
     weight = model.output.weight
     return {
         direction: linear_cross_entropy(hidden, weight, targets, accuracy)
-        for direction, (hidden, targets) in task_hidden(model, windows, directions).items()
+        for direction, (hidden, targets) in task_hidden(model, windows, directions, counted_windows).items()
     }

@@ -18,12 +18,26 @@ from fwbw.files import atomic_write_json
 from fwbw.model.config import shape_for_model_scale
 from fwbw.model.hlb_gpt import count_params, training_flops_per_token
 from fwbw.schema import ConfigError, check_fields, require, show
-from fwbw.study.estimate import MachineTimer, ShapeTimer, SweepTimes, short_duration
+from fwbw.study.estimate import (
+    MachineTimer,
+    ShapeTimer,
+    SweepTimes,
+    plural,
+    short_duration,
+)
 from fwbw.study.results import write_results
 from fwbw.study.samples import write_samples
 from fwbw.study.sweep_dir import RUNS, SWEEP_FILE, check_owner
+from fwbw.study.torchrun import train_in_processes
 from fwbw.training.config import TrainConfig
 from fwbw.training.evaluation import write_cut
+from fwbw.training.memory import (
+    DeviceMemory,
+    device_memory,
+    estimate_memory,
+    given_memory,
+    short_bytes,
+)
 from fwbw.training.run_dir import claim, config_id, read_status, release, write_status
 from fwbw.training.trainer import Trainer
 
@@ -140,27 +154,50 @@ def short_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def describe_runs(spec: SweepSpec, time_shape: ShapeTimer | None = None) -> str:
-    """The run list with parameter counts, a compute estimate and the expected wall time on this
-    machine, each run shape timed by `time_shape` (default: a MachineTimer) (--dry-run)."""
+def describe_runs(spec: SweepSpec, time_shape: ShapeTimer | None = None, device_memory_gib: float | None = None) -> str:
+    """The run list with parameter counts, estimated peak memory, a compute estimate and the
+    expected wall time on this machine, each run shape timed by `time_shape` (default: a
+    MachineTimer) (--dry-run). A warning line follows the runs whose peak exceeds their device's
+    memory, or `device_memory_gib` if given."""
+    given_limit = None if device_memory_gib is None else given_memory(device_memory_gib)
     configs = spec.configs()
     times = SweepTimes(configs, time_shape or MachineTimer())
-    lines, total = [], 0.0
+    lines, peaks, total = [], [], 0.0
     for config in configs:
-        model = config.model_config(vocab_size_of(config.tokenizer))
+        vocab_size = vocab_size_of(config.tokenizer)
+        model = config.model_config(vocab_size)
         tokens = estimated_train_tokens(config)
         tasks = 1 + config.p_bw if config.bw_mode == "add" else 1
         flops = training_flops_per_token(model, config.seq_len) * tokens * tasks
         total += flops
+        peaks.append(estimate_memory(config, vocab_size).total)
         lines.append(
             f"{run_id(config):<48} params {short_count(count_params(model)):>6}  tokens {short_count(tokens):>6}  "
-            f"tokens/microbatch {config.recipe.tokens_per_microbatch:6d}  {flops:.2e} FLOP"
+            f"tokens/microbatch {config.recipe.tokens_per_microbatch:6d}  mem {short_bytes(peaks[-1]):>9}  "
+            f"{flops:.2e} FLOP"
             + times.run_text(config, tokens, estimated_split_tokens(config))
         )
+    lines += memory_warnings(configs, peaks, given_limit)
     seconds_h100 = total / (0.4 * 989e12)
     lines.append(f"{len(configs)} runs, {total:.2e} training FLOP: ~{short_duration(seconds_h100)} on one H100 at 40% MFU (bf16)")
     lines.append(times.total_line())
     return "\n".join(lines)
+
+
+def memory_warnings(configs: list[TrainConfig], peaks: list[int], given_limit: DeviceMemory | None) -> list[str]:
+    """A warning for each device memory (given, or that of the runs' device here) that some runs'
+    estimated peak exceeds, naming the largest."""
+    limits = {device: given_limit or device_memory(device) for device in {config.device for config in configs}}
+    over: dict[DeviceMemory, list[tuple[int, str]]] = {}
+    for config, peak in zip(configs, peaks):
+        limit = limits[config.device]
+        if limit is not None and peak > limit.bytes:
+            over.setdefault(limit, []).append((peak, run_id(config)))
+    return [
+        f"warning: {plural(len(runs), 'run')} may run out of memory: estimated peak above {limit.label} "
+        f"(largest {short_bytes(max(runs)[0])}: {max(runs)[1]})"
+        for limit, runs in over.items()
+    ]
 
 
 def run_id(config: TrainConfig) -> str:
@@ -221,16 +258,39 @@ def write_sweep_file(out: Path, spec: SweepSpec, configs: list[TrainConfig]) -> 
     atomic_write_json(out / SWEEP_FILE, {"setup": setup_summary(spec), "spec": spec.to_dict(), "runs": runs})
 
 
-def train_and_cut(config: TrainConfig, run_dir: Path, progress: bool) -> None:
-    """Train the run, cut it layer by layer and write its samples (samples.json); a failure to
-    write the samples is printed, not raised."""
-    trainer = Trainer(config, run_dir, progress=progress)
-    trainer.run()
-    write_cut(run_dir, trainer.model, trainer.valid, trainer.precision())
+@dataclass(frozen=True)
+class Execution:
+    """How a sweep's runs are executed, which changes neither their results nor their ids: the
+    data-parallel processes per run, and torch.compile (None: the device's default)."""
+
+    nproc_per_run: int = 1
+    compile: bool | None = None
+
+    def __post_init__(self) -> None:
+        require(self.nproc_per_run >= 1, "nproc_per_run", f"must be >= 1, got {self.nproc_per_run}")
+
+
+def cut_and_sample(trainer: Trainer) -> None:
+    """The layer cut of a trained run (each rank cuts its share of the validation windows) and, from
+    rank 0, its samples (samples.json); a failure to write the samples is printed, not raised."""
+    write_cut(trainer.run_dir, trainer.model, trainer.valid, trainer.precision(), trainer.parallel)
+    if not trainer.parallel.is_main:
+        return
     try:
-        write_samples(run_dir, device=str(trainer.device))
+        write_samples(trainer.run_dir, device=str(trainer.device))
     except (ValueError, RuntimeError, OSError) as error:  # samples are extra: the trained run stays done
-        print(f"{run_dir.name}: no samples.json: {error}", flush=True)
+        print(f"{trainer.run_dir.name}: no samples.json: {error}", flush=True)
+
+
+def train_and_cut(config: TrainConfig, run_dir: Path, progress: bool, execution: Execution = Execution()) -> None:
+    """Train the run (in this process, or in nproc_per_run processes under torchrun), then cut it
+    layer by layer and write its samples."""
+    if execution.nproc_per_run > 1:
+        train_in_processes(config, run_dir, execution.nproc_per_run, progress, execution.compile)
+        return
+    trainer = Trainer(config, run_dir, progress=progress, compile=execution.compile)
+    trainer.run()
+    cut_and_sample(trainer)
 
 
 def _wants_training(run_dir: Path, retry_failed: bool) -> bool:
@@ -238,7 +298,9 @@ def _wants_training(run_dir: Path, retry_failed: bool) -> bool:
     return not (status == "done" or (status == "failed" and not retry_failed))
 
 
-def run_one(config: TrainConfig, run_dir: Path, retry_failed: bool, progress: bool) -> str:
+def run_one(
+    config: TrainConfig, run_dir: Path, retry_failed: bool, progress: bool, execution: Execution = Execution()
+) -> str:
     """Train, cut and sample one run unless it is done, failed (without retry) or held by another
     worker; returns the status it ends with, or 'skipped'."""
     if not _wants_training(run_dir, retry_failed) or not claim(run_dir):
@@ -247,7 +309,7 @@ def run_one(config: TrainConfig, run_dir: Path, retry_failed: bool, progress: bo
         if not _wants_training(run_dir, retry_failed):  # finished by another worker meanwhile
             return "skipped"
         write_status(run_dir, "running")
-        train_and_cut(config, run_dir, progress)
+        train_and_cut(config, run_dir, progress, execution)
         write_status(run_dir, "done")
         return "done"
     except Exception as error:  # a failed run is recorded and the sweep goes on
@@ -276,9 +338,11 @@ def run_sweep(
     shard: tuple[int, int] = (0, 1),
     retry_failed: bool = False,
     progress: bool = True,
+    execution: Execution = Execution(),
 ) -> dict[str, str]:
-    """Run this worker's share of the grid, then rebuild the results table. A directory that holds
-    another spec's sweep is refused before anything is written."""
+    """Run this worker's share of the grid, each run executed as `execution` says, then rebuild
+    the results table. A directory that holds another spec's sweep is refused before anything is
+    written."""
     configs = spec.configs()
     out = Path(out)
     check_owner(out, spec.to_dict())
@@ -289,6 +353,6 @@ def run_sweep(
         identifier = run_id(config)
         if progress:
             print(f"[{position}/{len(mine)}] {identifier}", file=sys.stderr)
-        outcome[identifier] = run_one(config, out / RUNS / identifier, retry_failed, progress)
+        outcome[identifier] = run_one(config, out / RUNS / identifier, retry_failed, progress, execution)
     write_results(out)
     return outcome

@@ -33,6 +33,16 @@ MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
 MATMUL_WARMUP = 2
 MATMUL_REPEATS = 5
 MODES = {"fw": ("fw",), "fwbw": DIRECTIONS}  # the tasks of each timed step
+# the bf16 dense (not sparse) tensor-core peak on each GPU's datasheet, in TFLOP/s, matched in this
+# order as a part of torch.cuda.get_device_name (the PCIe and NVL cards run at lower clocks)
+DATASHEET_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+)
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,21 @@ def peak_matmul_gflops(device: torch.device, dtype: str, size: int | None = None
     return 2 * size**3 / best / 1e9
 
 
+def datasheet_peak_gflops(device_name: str | None) -> float | None:
+    """The datasheet bf16 dense peak of a known GPU (DATASHEET_BF16_TFLOPS) in GFLOP/s; None for
+    any other device, the CPU (no name) included."""
+    for model, tflops in DATASHEET_BF16_TFLOPS:
+        if device_name is not None and model in device_name:
+            return tflops * 1e3
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_gflops: float, world_size: int = 1) -> float:
+    """Model FLOPs utilisation of a run training tokens_per_s tokens over all its ranks, each
+    rank a device of peak_gflops."""
+    return flops_per_token * tokens_per_s / (peak_gflops * 1e9 * world_size)
+
+
 def random_data_trainer(config: TrainConfig, vocab: int, train_tokens: int, valid_tokens: int, run_dir: Path) -> Trainer:
     """A Trainer of `config` on uniformly random token ids below `vocab` (training and validation
     splits of these lengths) instead of its corpus, which is never loaded."""
@@ -133,9 +158,12 @@ def time_train_steps(trainer: Trainer, steps: int, warmup: int) -> dict[str, lis
 
 
 def bench_shape(
-    shape: BenchShape, device: torch.device, dtype: str, peak_gflops: float, steps: int, warmup: int, progress: bool
+    shape: BenchShape, device: torch.device, dtype: str, peak_gflops: float, steps: int, warmup: int, progress: bool,
+    datasheet_gflops: float | None = None,
 ) -> dict:
-    """Median fw-only and fw+bw training-step times of one model shape, as one result row."""
+    """Median fw-only and fw+bw training-step times of one model shape, as one result row. The
+    batch is the global one, each rank of a data-parallel trainer training its share, so the MFU
+    divides its tokens' FLOP/s by the peak of all the ranks' devices."""
     batch = shape.batch(device)
     if progress:
         print(f"bench: {shape.name} fw and fw+bw ({dtype}, batch {batch}, {warmup}+{steps} steps)", file=sys.stderr)
@@ -146,6 +174,11 @@ def bench_shape(
     pair_ratio = statistics.median(b / f for f, b in zip(times["fw"], times["fwbw"]))
     tokens = batch * shape.seq_len
     flops_per_token = training_flops_per_token(trainer.model.config, shape.seq_len)
+    world_size = trainer.parallel.world_size
+    fw_tokens_per_s, fwbw_tokens_per_s = tokens / step_s["fw"], tokens / step_s["fwbw"]
+    mfu_datasheet = (
+        None if datasheet_gflops is None else mfu(flops_per_token, fw_tokens_per_s, datasheet_gflops, world_size)
+    )
     return {
         "name": shape.name,
         "width": shape.width,
@@ -155,11 +188,13 @@ def bench_shape(
         "batch": batch,
         "params": trainer.num_params,
         "dtype": dtype,
-        "fw_tokens_per_s": tokens / step_s["fw"],
-        "fwbw_tokens_per_s": tokens / step_s["fwbw"],
+        "world_size": world_size,
+        "fw_tokens_per_s": fw_tokens_per_s,
+        "fwbw_tokens_per_s": fwbw_tokens_per_s,
         "fwbw_over_fw_step_time": pair_ratio,
-        "mfu_fw": flops_per_token * tokens / step_s["fw"] / (peak_gflops * 1e9),
-        "mfu_fwbw": 2 * flops_per_token * tokens / step_s["fwbw"] / (peak_gflops * 1e9),
+        "mfu_fw": mfu(flops_per_token, fw_tokens_per_s, peak_gflops, world_size),
+        "mfu_fwbw": mfu(2 * flops_per_token, fwbw_tokens_per_s, peak_gflops, world_size),
+        "mfu_fw_datasheet": mfu_datasheet,
         "fw_step_ms": 1e3 * step_s["fw"],
         "fwbw_step_ms": 1e3 * step_s["fwbw"],
         "flops_per_token": flops_per_token,
@@ -177,7 +212,9 @@ def run_bench(
     """Peak matmul GFLOP/s and per-shape training throughput on one device (JSON-serialisable).
 
     mfu_fw counts the model FLOPs of the fw-only step (`training_flops_per_token`) against the
-    peak matmul throughput of the dtype in use; mfu_fwbw counts both directions' tokens."""
+    peak matmul throughput of the dtype in use; mfu_fwbw counts both directions' tokens;
+    mfu_fw_datasheet is mfu_fw against the datasheet peak of a known GPU in bf16 (None
+    elsewhere)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"bench needs steps >= 1 and warmup >= 0, got steps {steps}, warmup {warmup}")
     allocator_tuned = tune_allocator()
@@ -186,9 +223,12 @@ def run_bench(
     if progress:
         print(f"bench: peak matmul on {torch_device}", file=sys.stderr)
     peaks = {name: peak_matmul_gflops(torch_device, name) for name in TORCH_DTYPES}
+    device_name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else None
+    datasheet = datasheet_peak_gflops(device_name) if resolved_dtype == "bf16" else None
     rows = []
     for shape in STANDARD_SHAPES if shapes is None else shapes:
-        rows.append(bench_shape(shape, torch_device, resolved_dtype, peaks[resolved_dtype], steps, warmup, progress))
+        rows.append(bench_shape(shape, torch_device, resolved_dtype, peaks[resolved_dtype], steps, warmup, progress,
+                                datasheet))
         if torch_device.type == "cuda":
             torch.cuda.empty_cache()
     return {
@@ -196,7 +236,9 @@ def run_bench(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "allocator_tuned": allocator_tuned,
+        "device_name": device_name,
         "peak_gflops": peaks,
+        "datasheet_peak_gflops": datasheet,
         "configs": rows,
     }
 
@@ -215,19 +257,28 @@ COLUMNS = (
     ("fw+bw ms", "fwbw_step_ms", "{:.1f}"),
     ("fwbw/fw", "fwbw_over_fw_step_time", "{:.2f}"),
     ("MFU fw", "mfu_fw", "{:.1%}"),
+    ("MFU fw datasheet", "mfu_fw_datasheet", "{:.1%}"),
 )
+
+
+def _cell(value, fmt: str) -> str:
+    """A table cell: the value formatted, or '-' where there is none (no datasheet peak)."""
+    return "-" if value is None else fmt.format(value)
 
 
 def format_table(result: dict) -> str:
     """A fixed-width table: device and matmul peaks, then one row per shape."""
     peaks = result["peak_gflops"]
     allocator = "tuned" if result["allocator_tuned"] else "as is"
+    datasheet = result["datasheet_peak_gflops"]
+    name = f" ({result['device_name']})" if result["device_name"] else ""
     header = [
-        f"device {result['device']}  torch {result['torch']}  threads {result['threads']}  malloc {allocator}",
-        f"peak matmul GFLOP/s: fp32 {peaks['fp32']:.0f}  bf16 {peaks['bf16']:.0f}",
+        f"device {result['device']}{name}  torch {result['torch']}  threads {result['threads']}  malloc {allocator}",
+        f"peak matmul GFLOP/s: fp32 {peaks['fp32']:.0f}  bf16 {peaks['bf16']:.0f}"
+        + ("" if datasheet is None else f"  datasheet bf16 {datasheet:.0f}"),
     ]
     cells = [[title for title, _, _ in COLUMNS]]
-    cells += [[fmt.format(row[key]) for _, key, fmt in COLUMNS] for row in result["configs"]]
+    cells += [[_cell(row[key], fmt) for _, key, fmt in COLUMNS] for row in result["configs"]]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     lines = [
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))

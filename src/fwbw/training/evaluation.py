@@ -13,6 +13,7 @@ from fwbw.model.masks import DIRECTIONS
 from fwbw.model.tasks import task_stats
 from fwbw.training import checkpoint
 from fwbw.training.config import TrainConfig
+from fwbw.training.data_parallel import SINGLE_PROCESS, DataParallel
 from fwbw.training.run_dir import CONFIG, CUT, check_writable, finished_run_config
 from fwbw.training.run_setup import RunSetup
 
@@ -30,26 +31,28 @@ def evaluate(
     windows: torch.Tensor,
     batch_size: int,
     precision: contextlib.AbstractContextManager | None = None,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> dict[str, dict[str, float]]:
-    """{direction: {loss, acc, ppl}} over every target of every window (token-weighted)."""
+    """{direction: {loss, acc, ppl}} over every target of every window (token-weighted); with
+    several ranks, each evaluates its share of the windows and the sums are reduced."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    loss_sum = dict.fromkeys(DIRECTIONS, 0.0)
-    correct = dict.fromkeys(DIRECTIONS, 0)
-    for batch in windows.split(batch_size):
+    sums = torch.zeros(2, len(DIRECTIONS), dtype=torch.float64)  # loss x windows, correct targets
+    for batch in parallel.share(windows).split(batch_size):
         with precision or contextlib.nullcontext():
             stats = task_stats(model, batch.to(device), DIRECTIONS)
-        for direction, (loss, hits) in stats.items():
-            loss_sum[direction] += loss.item() * len(batch)
-            correct[direction] += int(hits.item())
+        for column, direction in enumerate(DIRECTIONS):
+            loss, hits = stats[direction]
+            sums[:, column] += torch.tensor([loss.item() * len(batch), hits.item()], dtype=torch.float64)
     model.train(was_training)
+    loss_sums, correct = parallel.all_reduce_sum(sums)
     targets_per_window = windows.shape[1] - (0 if model.config.task_tokens else 1)
     total = len(windows) * targets_per_window
     metrics = {}
-    for direction in DIRECTIONS:
-        loss = loss_sum[direction] / len(windows)
-        metrics[direction] = {"loss": loss, "acc": correct[direction] / total, "ppl": math.exp(min(loss, 80.0))}
+    for column, direction in enumerate(DIRECTIONS):
+        loss = loss_sums[column].item() / len(windows)
+        metrics[direction] = {"loss": loss, "acc": int(correct[column].item()) / total, "ppl": math.exp(min(loss, 80.0))}
     return metrics
 
 
@@ -58,18 +61,22 @@ def layer_cut(
     windows: torch.Tensor,
     batch_size: int,
     precision: contextlib.AbstractContextManager | None = None,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> list[dict]:
     """Evaluate with blocks removed one at a time from the back: depth-1 blocks down to 1."""
     return [
-        {"blocks_remaining": n, "metrics": evaluate(model.truncated(n), windows, batch_size, precision)}
+        {"blocks_remaining": n, "metrics": evaluate(model.truncated(n), windows, batch_size, precision, parallel)}
         for n in range(model.config.depth - 1, 0, -1)
     ]
 
 
-def write_cut(run_dir: Path, model, windows: torch.Tensor, precision=None) -> list[dict]:
-    """Run the layer cut on a trained model and save it as the run's cut.json."""
-    rows = layer_cut(model, windows, eval_batch_size(windows), precision)
-    atomic_write_json(Path(run_dir) / CUT, rows)
+def write_cut(
+    run_dir: Path, model, windows: torch.Tensor, precision=None, parallel: DataParallel = SINGLE_PROCESS
+) -> list[dict]:
+    """Run the layer cut on a trained model and save it as the run's cut.json (rank 0 writes)."""
+    rows = layer_cut(model, windows, eval_batch_size(windows), precision, parallel)
+    if parallel.is_main:
+        atomic_write_json(Path(run_dir) / CUT, rows)
     return rows
 
 

@@ -10,12 +10,13 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_CHOICES = ("auto", *TORCH_DTYPES)  # "auto": see resolve_dtype
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, index: int = 0) -> torch.device:
+    """cpu, or the CUDA device `index` (a data-parallel rank's local rank); auto: CUDA if any."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: 'cuda' was requested but no CUDA device is available")
-    return torch.device(name)
+    return torch.device("cuda", index) if name == "cuda" else torch.device(name)
 
 
 def resolve_dtype(name: str) -> str:

@@ -23,7 +23,9 @@ from fwbw.schema import ConfigError
 from fwbw.training import checkpoint
 from fwbw.training.allocator import tune_allocator
 from fwbw.training.config import TrainConfig
+from fwbw.training.data_parallel import from_environment
 from fwbw.training.evaluation import EVAL_METRICS, eval_batch_size, evaluate
+from fwbw.training.precision import resolve_device
 from fwbw.training.probes import leak_summary
 from fwbw.training.recipe import (
     Microbatching,
@@ -71,6 +73,8 @@ class TrainState:
     loss_sum: float = 0.0
     loss_steps: int = 0
     metrics: list[dict] = field(default_factory=list)
+    microbatch_split: int = 1  # each microbatch is trained in this many pieces (doubled on out of memory)
+    memory_splits: list[dict] = field(default_factory=list)  # {step, split} at every doubling
 
 
 def adapted_p_bw(fw_loss: float, bw_loss: float) -> float:
@@ -91,22 +95,51 @@ def check_budget(config: TrainConfig, train_tokens: int, budget: int) -> None:
         raise ConfigError(f"{given} fewer than one optimizer step ({step_tokens} tokens)")
 
 
+def compile_by_default(device: torch.device) -> bool:
+    """Whether torch.compile pays off on this device (measured with `fwbw bench --compile`,
+    docs/method.md#compilation)."""
+    return device.type == "cuda"
+
+
+def compile_blocks(model) -> None:
+    """torch.compile each block in place (its parameters and state-dict names stay as they are)."""
+    for block in model.blocks:
+        block.compile()
+
+
+def check_shares(config: TrainConfig, world_size: int) -> None:
+    """Every rank needs a window of each microbatch, also at the full sequence length."""
+    windows = batch_size_for(config.seq_len, config.recipe)
+    if windows < world_size:
+        raise ConfigError(
+            f"recipe.tokens_per_microbatch: {config.recipe.tokens_per_microbatch} tokens make {windows} windows of "
+            f"seq_len {config.seq_len} per microbatch, fewer than the {world_size} ranks (each needs one)"
+        )
+
+
 class Trainer(RunSetup):
-    """Trains a run setup's model in its run directory."""
+    """Trains a run setup's model in its run directory, as one rank of the processes torchrun
+    started (fwbw.training.data_parallel) or as a plain process. Only rank 0 writes."""
 
     def __init__(
         self, config: TrainConfig, run_dir: Path, data: TokenData | None = None, progress: bool = True,
-        restart: bool = False,
+        restart: bool = False, compile: bool | None = None,
     ):
-        """`restart`: start over, removing the files of the run `run_dir` holds (see run_dir.start_run)."""
+        """`restart`: start over, removing the files of the run `run_dir` holds (see run_dir.start_run).
+        `compile`: torch.compile the model's blocks (None: compile_by_default on the run's device)."""
         check_run_dir(run_dir)
         check_owner(run_dir, config, restart)
         tune_allocator()
-        super().__init__(config, data, progress)
+        parallel = from_environment(resolve_device(config.device).type)
+        check_shares(config, parallel.world_size)
+        super().__init__(config, data, progress and parallel.is_main, parallel)
         self.run_dir = Path(run_dir)
         self.restart = restart
-        self.show_progress = progress
+        self.show_progress = progress and parallel.is_main
         self.num_params = self.model.num_params()
+        self.compiled = compile_by_default(self.device) if compile is None else compile
+        if self.compiled:
+            compile_blocks(self.model)
         self.optimizer, self.scheduler = build_optimizer(self.model, config.recipe)
         self.microbatching = Microbatching(self.num_params, config.recipe)
         self.sampler = WindowSampler(self.data.train, config.seed)
@@ -118,10 +151,14 @@ class Trainer(RunSetup):
     # --- run directory -------------------------------------------------------------------
 
     def _write_metrics(self) -> None:
+        if not self.parallel.is_main:
+            return
         lines = "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.state.metrics)
         atomic_write_text(self.run_dir / METRICS, lines)
 
     def _save_checkpoint(self) -> None:
+        if not self.parallel.is_main:
+            return
         checkpoint.save(
             self.run_dir,
             self.state.step,
@@ -140,9 +177,15 @@ class Trainer(RunSetup):
     def _resume(self) -> None:
         """Continue from the newest checkpoint that loads; without one, start from scratch with
         the outputs of any earlier attempt removed, so the folder never mixes two runs."""
-        saved = checkpoint.load_latest(self.run_dir, config_id(self.config), CHECKPOINT_KEYS, warn=tqdm.write)
+        warn = tqdm.write if self.parallel.is_main else lambda line: None
+        saved = checkpoint.load_latest(self.run_dir, config_id(self.config), CHECKPOINT_KEYS, warn=warn)
+        step = -1 if saved is None else int(saved["train_state"]["step"])
+        if not self.parallel.same_everywhere(step):
+            raise RuntimeError(f"{self.run_dir}: the ranks found different checkpoints (this one step {step}): "
+                               "a run directory must be on a filesystem that every node shares")
         if saved is None:
-            clear_outputs(self.run_dir)
+            if self.parallel.is_main:
+                clear_outputs(self.run_dir)
             return
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -174,21 +217,17 @@ class Trainer(RunSetup):
 
     def train_step(self, directions: tuple[str, ...] | None = None) -> float:
         """One optimizer step over a dynamic number of microbatches on `directions` (default:
-        drawn with p_bw, see TrainConfig); returns the mean task loss."""
+        drawn with p_bw, see TrainConfig); returns the mean task loss of the global batch."""
         recipe = self.config.recipe
         seq_len = seq_len_at(self.state.step, self.config.seq_len, recipe)
         batch_size = batch_size_for(seq_len, recipe)
         microbatches = self.microbatching.draw(self.task_rng)
         directions = directions or self._directions()
-        loss_sums = torch.zeros(len(directions), dtype=torch.float64)
-        for _ in range(microbatches):
-            windows = self.sampler.sample(batch_size, window_length(seq_len, self.config.task_tokens))
-            with self.precision():
-                stats = task_stats(self.model, windows.to(self.device), directions, accuracy=False)
-                losses = torch.stack([stats[d][0] for d in directions])
-            (losses.sum() / microbatches).backward()
-            loss_sums += losses.detach().cpu()
-        step_losses = dict(zip(directions, (loss_sums / microbatches).tolist()))
+        length = window_length(seq_len, self.config.task_tokens)
+        batches = [self.sampler.sample(batch_size, length) for _ in range(microbatches)]
+        loss_sums = self._accumulate_in_memory(batches, directions)
+        self.parallel.sum_gradients(self.model.parameters())
+        step_losses = dict(zip(directions, (self.parallel.all_reduce_sum(loss_sums) / microbatches).tolist()))
         mean_loss = sum(step_losses.values()) / len(directions)
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"training loss became {mean_loss} at step {self.state.step}")
@@ -203,6 +242,51 @@ class Trainer(RunSetup):
         self._track_task_losses(step_losses)
         return mean_loss
 
+    def _accumulate(self, batches: list[torch.Tensor], directions: tuple[str, ...]) -> torch.Tensor:
+        """Forward and backward of this rank's share of every microbatch, in microbatch_split
+        pieces, each loss weighted by its share of the global microbatch (the ranks' gradients
+        then sum to the global batch's); the per-direction loss sums of this rank's shares."""
+        loss_sums = torch.zeros(len(directions), dtype=torch.float64)
+        for windows in batches:
+            counted = windows.to(self.device)
+            share = self.parallel.share(windows)
+            for piece in share.split(math.ceil(len(share) / self.state.microbatch_split)):
+                with self.precision():
+                    stats = task_stats(self.model, piece.to(self.device), directions, accuracy=False, counted_windows=counted)
+                    losses = torch.stack([stats[d][0] for d in directions])
+                weight = len(piece) / len(windows)
+                (losses.sum() * weight / len(batches)).backward()
+                loss_sums += losses.detach().cpu() * weight
+        return loss_sums
+
+    def _accumulate_in_memory(self, batches: list[torch.Tensor], directions: tuple[str, ...]) -> torch.Tensor:
+        """_accumulate, retried with each microbatch in twice as many pieces (the same tokens per
+        step) whenever some rank runs out of memory; every rank retries together."""
+        while True:
+            out_of_memory = False
+            try:
+                loss_sums = self._accumulate(batches, directions)
+            except torch.OutOfMemoryError:
+                out_of_memory = True  # handled below, once the traceback no longer holds the tensors
+            if not self.parallel.any(out_of_memory):
+                return loss_sums
+            self._split_microbatches(largest_share=math.ceil(len(batches[0]) / self.parallel.world_size))
+
+    def _split_microbatches(self, largest_share: int) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        seq_len = seq_len_at(self.state.step, self.config.seq_len, self.config.recipe)
+        if self.state.microbatch_split >= largest_share:
+            raise torch.OutOfMemoryError(
+                f"out of memory at step {self.state.step} on {self.device} with one window of seq_len {seq_len} "
+                "per piece: a smaller model, seq_len or a larger device is needed")
+        self.state.microbatch_split *= 2
+        self.state.memory_splits.append({"step": self.state.step, "split": self.state.microbatch_split})
+        if self.show_progress:
+            tqdm.write(f"out of memory at step {self.state.step}: each microbatch now trained in "
+                       f"{self.state.microbatch_split} pieces (the same tokens per step)")
+
     def _eval_interval_tokens(self) -> float:
         return self.config.eval_every_epochs * len(self.data.train)
 
@@ -211,9 +295,10 @@ class Trainer(RunSetup):
 
     def _evaluate(self) -> dict:
         started = time.perf_counter()
-        metrics = evaluate(self.model, self.valid, eval_batch_size(self.valid), self.precision())
+        metrics = evaluate(self.model, self.valid, eval_batch_size(self.valid), self.precision(), self.parallel)
         if self.train_eval is not None:
-            on_train = evaluate(self.model, self.train_eval, eval_batch_size(self.train_eval), self.precision())
+            on_train = evaluate(self.model, self.train_eval, eval_batch_size(self.train_eval), self.precision(),
+                                self.parallel)
             metrics.update({f"train_{direction}": values for direction, values in on_train.items()})
         self.state.eval_seconds += time.perf_counter() - started
         record = {
@@ -242,8 +327,11 @@ class Trainer(RunSetup):
     def run(self) -> dict:
         """Train to the token budget (resuming from the newest intact checkpoint) and return
         the run summary, also written to summary.json. Ctrl-C raises Interrupted."""
-        start_run(self.run_dir, self.config, self.restart)
+        if self.parallel.is_main:
+            start_run(self.run_dir, self.config, self.restart)
+        self.parallel.barrier()
         self._resume()
+        self.parallel.broadcast_parameters(self.model)
         try:
             self._train_to_budget()
             if not self.state.metrics or self.state.metrics[-1]["step"] != self.state.step:
@@ -278,7 +366,6 @@ class Trainer(RunSetup):
             bar.close()
 
     def _finish(self) -> dict:
-        checkpoint.save_model(self.run_dir, self.model)
         final = self.state.metrics[-1]
         summary = {
             "status": "done",
@@ -292,13 +379,18 @@ class Trainer(RunSetup):
             "eval_seconds": self.state.eval_seconds,
             "device": str(self.device),
             "dtype": self.dtype,
+            "world_size": self.parallel.world_size,
+            "compiled": self.compiled,
+            "microbatch_split": self.state.microbatch_split,
             **{
                 f"final_val_{metric}_{direction}": final[f"{direction}_{metric}"]
                 for direction in DIRECTIONS
                 for metric in EVAL_METRICS
             },
         }
-        atomic_write_json(self.run_dir / SUMMARY, summary)
+        if self.parallel.is_main:
+            checkpoint.save_model(self.run_dir, self.model)
+            atomic_write_json(self.run_dir / SUMMARY, summary)
         return summary
 
 

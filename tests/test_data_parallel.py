@@ -1,0 +1,276 @@
+"""Data-parallel training (torchrun, gloo on CPU): a 2-rank run is the 1-process run.
+
+Every rank draws the same global batch and trains its share, so the ranks' windows, stacked,
+must be the 1-process run's windows, step by step, with the same tasks. The losses agree to
+float reassociation only (each rank sums its own rows, then the ranks are summed): in fp32 the
+per-step training losses of this tiny run agree to ~1e-6 (measured), and LOSS_TOLERANCE leaves
+a margin; over hundreds of steps at hlb-gpt's learning rates any rounding difference grows
+(docs/method.md#data-parallel-training).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    SUBPROCESS_TIMEOUT,
+    TOKENIZER,
+    assert_steps_strictly_increase,
+    base_config,
+    read_json,
+    read_metrics,
+    subprocess_env,
+    sweep_command,
+    tiny_config,
+    without_seconds,
+)
+
+import fwbw.training.trainer as trainer_module
+from fwbw.files import atomic_write_json
+from fwbw.schema import ConfigError
+from fwbw.study.torchrun import failure_message
+from fwbw.training.config import RecipeConfig
+from fwbw.training.data_parallel import DataParallel
+from fwbw.training.trainer import Trainer, check_shares
+
+pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
+
+WORKER = Path(__file__).parent / "workers" / "record_steps.py"
+LOSS_TOLERANCE = 1e-5
+# 7 windows of 32 tokens per microbatch: the ranks' shares are uneven (4 + 3 windows)
+RECIPE = dict(tokens_per_microbatch=224, lr_scale=0.05, accum_max=2.0)
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+
+
+def run_checked(command: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=SUBPROCESS_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def dp_config(corpus, **overrides):
+    values = dict(depth=2, width=32, p_bw=0.5, train_tokens=12_000, eval_every_epochs=0.25, eval_tokens=1024,
+                  checkpoint_every_steps=10, recipe=RecipeConfig(**RECIPE))
+    return base_config(corpus, **{**values, **overrides})
+
+
+def recorded_run(corpus, tmp_path: Path, nproc: int, config) -> list[dict]:
+    out = tmp_path / f"nproc{nproc}"
+    out.mkdir()
+    atomic_write_json(out / "config.json", config.to_dict())
+    run_checked(torchrun(nproc, str(WORKER), str(out / "config.json"), str(out)))
+    return [read_json(out / f"rank{rank}.json") for rank in range(nproc)]
+
+
+def steps_of(calls: list[dict]) -> dict[int, list[dict]]:
+    by_step: dict[int, list[dict]] = {}
+    for call in calls:
+        by_step.setdefault(call["step"], []).append(call)
+    return by_step
+
+
+@pytest.mark.slow
+def test_two_ranks_train_exactly_the_windows_and_tasks_of_one_process(corpus, tmp_path):
+    config = dp_config(corpus)
+    (single,) = recorded_run(corpus, tmp_path, 1, config)
+    ranks = recorded_run(corpus, tmp_path, 2, config)
+    assert single["world_size"] == 1 and [r["world_size"] for r in ranks] == [2, 2]
+    one, first, second = (steps_of(record["calls"]) for record in (single, *ranks))
+    assert len(one) >= 30 and sorted(one) == sorted(first) == sorted(second)
+    assert any(len(calls) > 1 for calls in one.values()), "dynamic microbatching never accumulated"
+    assert {tuple(c["directions"]) for c in single["calls"]} == {("fw",), ("fw", "bw")}
+    for step, calls in one.items():
+        assert [c["directions"] for c in calls] == [c["directions"] for c in first[step]] == [c["directions"] for c in second[step]]
+        for whole, a, b in zip(calls, first[step], second[step]):
+            assert (len(a["windows"]), len(b["windows"])) == (4, 3)
+            assert a["windows"] + b["windows"] == whole["windows"], f"step {step}: the ranks' shares are not the batch"
+    # the losses each rank reports are the global batch's, equal on both ranks and to one process's
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    differences = [abs(a - b) for a, b in zip(single["losses"], ranks[0]["losses"])]
+    assert len(differences) == len(one) and max(differences) < LOSS_TOLERANCE
+    assert max(differences) > 0, "identical to the bit: was the 2-rank run really split?"
+    whole_metrics = without_seconds(read_metrics(tmp_path / "nproc1" / "run"))
+    split_metrics = without_seconds(read_metrics(tmp_path / "nproc2" / "run"))
+    assert [m["step"] for m in whole_metrics] == [m["step"] for m in split_metrics]
+    for a, b in zip(whole_metrics, split_metrics):
+        for key in ("fw_loss", "bw_loss", "train_loss"):
+            assert a[key] == pytest.approx(b[key], abs=LOSS_TOLERANCE)
+    assert_steps_strictly_increase(tmp_path / "nproc2" / "run")
+    assert sorted(p.name for p in (tmp_path / "nproc2").iterdir()) == ["config.json", "rank0.json", "rank1.json", "run"]
+
+
+def train_command(corpus, out: Path, *flags: str) -> list[str]:
+    return ["-m", "fwbw", "train", "--data", corpus.spec, "--tokenizer", TOKENIZER, "--depth", "2", "--width", "32",
+            "--seq-len", "32", "--tokens-per-microbatch", "224", "--p-bw", "0.5", "--eval-tokens", "1024",
+            "--dtype", "fp32", "--out", str(out), "--no-progress", *flags]
+
+
+@pytest.mark.slow
+def test_torchrun_train_writes_one_run_directory_that_says_world_size_2(corpus, tmp_path):
+    out = tmp_path / "run"
+    done = run_checked(torchrun(2, *train_command(corpus, out, "--train-tokens", "6000", "--fixed-microbatch", "--cut")))
+    assert len(done.stdout.strip().splitlines()) == 1, "only rank 0 prints the summary line"
+    summary = read_json(out / "summary.json")
+    assert (summary["world_size"], summary["microbatch_split"], summary["status"]) == (2, 1, "done")
+    assert json.loads(done.stdout)["final_val_loss_fw"] == summary["final_val_loss_fw"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        "checkpoints", "config.json", "cut.json", "metrics.jsonl", "model.safetensors", "model_config.json",
+        "samples.json", "summary.json"]
+    assert_steps_strictly_increase(out)
+    assert [row["blocks_remaining"] for row in read_json(out / "cut.json")] == [1]
+
+
+def wait_for_checkpoint(run_dir: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while not list((run_dir / "checkpoints").glob("step_*")):
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_two_rank_run_killed_midway_resumes_to_the_same_end(corpus, tmp_path):
+    flags = ("--train-tokens", "40000", "--checkpoint-every", "10")
+    run_checked(torchrun(2, *train_command(corpus, tmp_path / "whole", *flags)))
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(torchrun(2, *train_command(corpus, killed, *flags)), env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_checkpoint(killed, process)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (killed / "summary.json").exists(), "killed after it finished: make the run longer"
+    run_checked(torchrun(2, *train_command(corpus, killed, *flags)))
+    assert without_seconds(read_metrics(killed)) == without_seconds(read_metrics(tmp_path / "whole"))
+    assert read_json(killed / "summary.json")["world_size"] == 2
+
+
+def rank_pid(run_dir: Path, local_rank: int) -> int | None:
+    """The pid of the training process of this local rank working in run_dir, if running."""
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+            environment = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(run_dir).encode() in command and b"fwbw" in command and f"LOCAL_RANK={local_rank}".encode() in environment:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_dead_rank_fails_the_sweep_run_with_its_error_and_a_rerun_resumes(corpus, tmp_path):
+    out = tmp_path / "sweep"
+    command = sweep_command(corpus, out, "--nproc-per-run", "2", "--no-progress")
+    command[command.index("--widths") + 1: command.index("--p-bw")] = ["32"]
+    command[command.index("--p-bw") + 1: command.index("--seeds")] = ["0.5"]
+    command += ["--depths", "2", "--train-tokens", "40000", "--checkpoint-every", "10", "--tokens-per-microbatch", "224"]
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (run_dir,) = wait_for_run_dir(out, process)
+    wait_for_checkpoint(run_dir, process)
+    os.kill(rank_pid(run_dir, local_rank=1), signal.SIGKILL)
+    stdout, _ = process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert process.returncode == 1 and "1 failed" in stdout
+    status = read_json(run_dir / "status.json")
+    assert status["status"] == "failed"
+    assert status["error"] == "RuntimeError: rank 1 of 2 under torchrun died (exit code -9: SIGKILL) without an error"
+    rerun = run_checked(command + ["--retry-failed"])
+    assert "1 done" in rerun.stdout
+    assert read_json(run_dir / "status.json")["status"] == "done"
+    assert read_json(run_dir / "summary.json")["world_size"] == 2
+    assert (run_dir / "cut.json").is_file()
+    assert_steps_strictly_increase(run_dir)
+
+
+def wait_for_run_dir(out: Path, process: subprocess.Popen) -> list[Path]:
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while not (out / "runs").is_dir() or not list((out / "runs").iterdir()):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    return list((out / "runs").iterdir())
+
+
+# --- in one process --------------------------------------------------------------------------
+
+
+def test_each_rank_takes_a_contiguous_share_and_the_shares_stack_to_the_batch():
+    batch = torch.arange(7 * 3).reshape(7, 3)
+    shares = [DataParallel(rank=r, world_size=3).share(batch) for r in range(3)]
+    assert [len(s) for s in shares] == [3, 2, 2]
+    assert torch.equal(torch.cat(shares), batch)
+    assert torch.equal(DataParallel().share(batch), batch)
+
+
+def test_more_ranks_than_windows_per_microbatch_is_refused_in_one_line(tiny_config_factory=None):
+    from conftest import tiny_config
+
+
+    config = tiny_config()  # 512 tokens per microbatch at seq_len 32: 16 windows
+    check_shares(config, 16)
+    with pytest.raises(ConfigError, match=r"^recipe.tokens_per_microbatch: 512 tokens make 16 windows of seq_len 32 "
+                       r"per microbatch, fewer than the 17 ranks \(each needs one\)$"):
+        check_shares(config, 17)
+
+
+def test_a_failed_torchrun_is_reported_by_the_error_a_rank_printed_or_the_rank_that_died():
+    report = ["fwbw train: error: out: /x holds the run of another config", "torchrun noise"]
+    assert failure_message(2, 1, report) == "out: /x holds the run of another config"
+    died = ["Root Cause (first observed failure):", "[0]:", "  rank      : 1 (local_rank: 1)",
+            "  exitcode  : -9 (pid: 14819)  (SIGKILL)"]
+    assert failure_message(2, 1, died) == "rank 1 of 2 under torchrun died (exit code -9: SIGKILL) without an error"
+    assert failure_message(4, 1, ["?"]) == "4 training processes under torchrun failed (exit code 1) without an error"
+
+
+# --- out of memory ---------------------------------------------------------------------------
+
+
+def out_of_memory_above(rows: int, monkeypatch) -> list[int]:
+    """Make every forward pass over more than `rows` windows run out of memory, as a device too
+    small would; returns the sizes of the passes that trained."""
+    real = trainer_module.task_stats
+    trained: list[int] = []
+
+    def task_stats(model, windows, directions, accuracy=True, counted_windows=None):
+        if torch.is_grad_enabled():
+            if len(windows) > rows:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            trained.append(len(windows))
+        return real(model, windows, directions, accuracy, counted_windows)
+
+    monkeypatch.setattr(trainer_module, "task_stats", task_stats)
+    return trained
+
+
+def test_out_of_memory_halves_the_microbatch_keeps_the_tokens_per_step_and_goes_on(tmp_path, tiny_data, monkeypatch):
+    config = tiny_config(recipe=RecipeConfig(tokens_per_microbatch=512, seq_len_growth_steps=4, lr_scale=0.02,
+                                             dynamic_microbatch=False))  # 16 windows of 32 tokens
+    whole = Trainer(config, tmp_path / "whole", data=tiny_data, progress=False).run()
+    trained = out_of_memory_above(5, monkeypatch)
+    summary = Trainer(config, tmp_path / "split", data=tiny_data, progress=False).run()
+    assert summary["microbatch_split"] == 4 and set(trained) == {4}  # 16 -> 2 x 8 -> 4 x 4 windows
+    saved = trainer_module.checkpoint.load_latest(tmp_path / "split", trainer_module.config_id(config))
+    assert saved["train_state"]["memory_splits"] == [{"step": 0, "split": 2}, {"step": 0, "split": 4}]
+    assert (summary["steps"], summary["tokens"]) == (whole["steps"], whole["tokens"])
+    for key in ("final_val_loss_fw", "final_val_loss_bw"):
+        assert summary[key] == pytest.approx(whole[key], abs=1e-5)
+
+
+def test_out_of_memory_with_one_window_per_piece_fails_in_one_line(tmp_path, tiny_data, monkeypatch):
+    out_of_memory_above(0, monkeypatch)
+    trainer = Trainer(tiny_config(), tmp_path / "run", data=tiny_data, progress=False)
+    with pytest.raises(torch.OutOfMemoryError, match=r"^out of memory at step 0 on cpu with one window of seq_len 32 "
+                       r"per piece: a smaller model, seq_len or a larger device is needed$"):
+        trainer.run()
+    assert trainer.state.microbatch_split == 16
