@@ -31,6 +31,7 @@ ROW_TYPES = {
     "params": int,
     "dtype": str,
     "world_size": int,
+    "compiled": bool,
     "fw_tokens_per_s": float,
     "fwbw_tokens_per_s": float,
     "fwbw_over_fw_step_time": float,
@@ -56,7 +57,7 @@ def timed_steps() -> dict:
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(bench.MATMUL_SIZE, "cpu", 256)
         patch.setattr(Trainer, "train_step", recording_step)
-        result = run_bench([TINY], device="cpu", dtype="fp32", steps=STEPS, warmup=WARMUP, progress=False)
+        result = run_bench([TINY], device="cpu", dtype="fp32", steps=STEPS, warmup=WARMUP, progress=False, compile=False)
     return {"result": json.loads(json.dumps(result)), "directions": directions}
 
 
@@ -92,7 +93,7 @@ def test_result_shape(result: dict) -> None:
     assert set(row) == set(ROW_TYPES)
     for key, kind in ROW_TYPES.items():
         assert isinstance(row[key], kind), key
-    assert (row["name"], row["batch"], row["dtype"], row["world_size"]) == ("tiny", 4, "fp32", 1)
+    assert (row["name"], row["batch"], row["dtype"], row["world_size"], row["compiled"]) == ("tiny", 4, "fp32", 1, False)
 
 
 def test_throughputs_consistent(result: dict) -> None:

@@ -1,5 +1,5 @@
 """torch.compile of the model's blocks: the same losses as eager, the same weights' names, on
-by default only where it measured faster (CUDA; docs/method.md#compilation)."""
+by default where it measured faster (CUDA, and long runs on CPU; docs/method.md#compilation)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,22 @@ import torch
 from conftest import read_metrics, tiny_config, without_seconds
 from safetensors.torch import load_file
 
-from fwbw.training.trainer import Trainer, compile_by_default
+from fwbw.training.trainer import (
+    COMPILE_MIN_CPU_STEPS,
+    Trainer,
+    compile_by_default,
+    expected_steps,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_compiled_by_default_on_cuda_only():
-    assert compile_by_default(torch.device("cuda", 0)) is True
-    assert compile_by_default(torch.device("cpu")) is False
+def test_compiled_by_default_on_cuda_and_for_long_runs_on_cpu(tmp_path, tiny_data):
+    assert compile_by_default(torch.device("cuda", 0), expected_steps=1) is True
+    assert compile_by_default(torch.device("cpu"), expected_steps=COMPILE_MIN_CPU_STEPS - 1) is False
+    assert compile_by_default(torch.device("cpu"), expected_steps=COMPILE_MIN_CPU_STEPS) is True
+    short = Trainer(tiny_config(train_tokens=3000), tmp_path / "short", data=tiny_data, progress=False)
+    assert expected_steps(short.config, short.budget) == 3000 / 512 and short.compiled is False
 
 
 @pytest.mark.slow

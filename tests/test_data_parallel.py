@@ -124,6 +124,8 @@ def test_torchrun_train_writes_one_run_directory_that_says_world_size_2(corpus, 
     summary = read_json(out / "summary.json")
     assert (summary["world_size"], summary["microbatch_split"], summary["status"]) == (2, 1, "done")
     assert json.loads(done.stdout)["final_val_loss_fw"] == summary["final_val_loss_fw"]
+    train_seconds = summary["seconds"] - summary["eval_seconds"]
+    assert summary["train_tokens_per_s"] == pytest.approx(summary["tokens"] / train_seconds, rel=1e-12)
     assert sorted(path.name for path in out.iterdir()) == [
         "checkpoints", "config.json", "cut.json", "metrics.jsonl", "model.safetensors", "model_config.json",
         "samples.json", "summary.json"]
@@ -274,3 +276,14 @@ def test_out_of_memory_with_one_window_per_piece_fails_in_one_line(tmp_path, tin
                        r"per piece: a smaller model, seq_len or a larger device is needed$"):
         trainer.run()
     assert trainer.state.microbatch_split == 16
+
+
+@pytest.mark.slow
+def test_bench_under_torchrun_prints_once_and_divides_by_the_world_size():
+    done = run_checked(torchrun(2, "-m", "fwbw", "bench", "--shape", "small", "--steps", "1", "--warmup", "0",
+                                "--dtype", "fp32", "--json"))
+    result = json.loads(done.stdout)  # one JSON document: rank 1 prints nothing
+    (row,) = result["configs"]
+    assert (row["world_size"], row["batch"]) == (2, 64)
+    peak = result["peak_gflops"]["fp32"]
+    assert row["mfu_fw"] == pytest.approx(row["flops_per_token"] * row["fw_tokens_per_s"] / (2 * peak * 1e9), rel=1e-12)

@@ -35,6 +35,7 @@ from fwbw.study.sweep import (
 )
 from fwbw.study.sweep_dir import SWEEP_FILE, read_sweep
 from fwbw.training.config import BW_MODES, DEVICES, TrainConfig
+from fwbw.training.data_parallel import is_main_process
 from fwbw.training.data_parallel import leave as leave_process_group
 from fwbw.training.evaluation import cut_run
 from fwbw.training.precision import DTYPE_CHOICES
@@ -280,8 +281,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fwbw.training.bench import format_table, run_bench, select_shapes
 
     result = run_bench(select_shapes(args.shape), device=args.device, dtype=args.dtype, steps=args.steps,
-                       warmup=args.warmup, progress=not args.json)
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+                       warmup=args.warmup, progress=not args.json, compile=args.compile)
+    if is_main_process():
+        print(json.dumps(result, indent=2) if args.json else format_table(result))
+    leave_process_group()
     return 0
 
 
@@ -398,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     bench.add_argument("--device", choices=DEVICES, default="auto")
     bench.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
+    add_compile_flag(bench)
     bench.set_defaults(handler=cmd_bench)
     return parser
 

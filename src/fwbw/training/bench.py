@@ -9,6 +9,7 @@ sequence length from the first step; its run directory is never written.
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import tempfile
@@ -26,8 +27,9 @@ from fwbw.model.masks import DIRECTIONS
 from fwbw.model.tasks import window_length
 from fwbw.training.allocator import tune_allocator
 from fwbw.training.config import RecipeConfig, TrainConfig
+from fwbw.training.data_parallel import from_environment
 from fwbw.training.precision import TORCH_DTYPES, resolve_device, resolve_dtype
-from fwbw.training.trainer import Trainer
+from fwbw.training.trainer import Trainer, compile_by_default
 
 MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
 MATMUL_WARMUP = 2
@@ -124,15 +126,19 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_gflops: float, world_s
     return flops_per_token * tokens_per_s / (peak_gflops * 1e9 * world_size)
 
 
-def random_data_trainer(config: TrainConfig, vocab: int, train_tokens: int, valid_tokens: int, run_dir: Path) -> Trainer:
+def random_data_trainer(
+    config: TrainConfig, vocab: int, train_tokens: int, valid_tokens: int, run_dir: Path, compile: bool | None = None
+) -> Trainer:
     """A Trainer of `config` on uniformly random token ids below `vocab` (training and validation
     splits of these lengths) instead of its corpus, which is never loaded."""
     tokens = np.random.default_rng(0).integers(0, vocab, max(train_tokens, valid_tokens), dtype=TOKEN_DTYPE)
     data = TokenData(tokens[:train_tokens], tokens[:valid_tokens], vocab, corpus="random", tokenizer="none")
-    return Trainer(config, run_dir, data=data, progress=False)
+    return Trainer(config, run_dir, data=data, progress=False, compile=compile)
 
 
-def bench_trainer(shape: BenchShape, batch: int, device: str, dtype: str, run_dir: Path) -> Trainer:
+def bench_trainer(
+    shape: BenchShape, batch: int, device: str, dtype: str, run_dir: Path, compile: bool | None = None
+) -> Trainer:
     """A Trainer of this shape on random tokens: one microbatch of `batch` windows per step, at
     the full sequence length from step 0."""
     window = window_length(shape.seq_len, task_tokens=False)
@@ -143,7 +149,7 @@ def bench_trainer(shape: BenchShape, batch: int, device: str, dtype: str, run_di
         depth=shape.depth, width=shape.width, seq_len=shape.seq_len, eval_tokens=window,
         device=device, dtype=dtype, recipe=recipe,
     )
-    return random_data_trainer(config, shape.vocab, batch * window, window, run_dir)
+    return random_data_trainer(config, shape.vocab, batch * window, window, run_dir, compile)
 
 
 def time_train_steps(trainer: Trainer, steps: int, warmup: int) -> dict[str, list[float]]:
@@ -159,7 +165,7 @@ def time_train_steps(trainer: Trainer, steps: int, warmup: int) -> dict[str, lis
 
 def bench_shape(
     shape: BenchShape, device: torch.device, dtype: str, peak_gflops: float, steps: int, warmup: int, progress: bool,
-    datasheet_gflops: float | None = None,
+    datasheet_gflops: float | None = None, compile: bool | None = None,
 ) -> dict:
     """Median fw-only and fw+bw training-step times of one model shape, as one result row. The
     batch is the global one, each rank of a data-parallel trainer training its share, so the MFU
@@ -168,7 +174,7 @@ def bench_shape(
     if progress:
         print(f"bench: {shape.name} fw and fw+bw ({dtype}, batch {batch}, {warmup}+{steps} steps)", file=sys.stderr)
     with tempfile.TemporaryDirectory() as folder:
-        trainer = bench_trainer(shape, batch, str(device), dtype, Path(folder) / "run")
+        trainer = bench_trainer(shape, batch, str(device), dtype, Path(folder) / "run", compile)
         times = time_train_steps(trainer, steps, warmup)
     step_s = {mode: statistics.median(values) for mode, values in times.items()}
     pair_ratio = statistics.median(b / f for f, b in zip(times["fw"], times["fwbw"]))
@@ -189,6 +195,7 @@ def bench_shape(
         "params": trainer.num_params,
         "dtype": dtype,
         "world_size": world_size,
+        "compiled": trainer.compiled,
         "fw_tokens_per_s": fw_tokens_per_s,
         "fwbw_tokens_per_s": fwbw_tokens_per_s,
         "fwbw_over_fw_step_time": pair_ratio,
@@ -208,8 +215,10 @@ def run_bench(
     steps: int = 6,
     warmup: int = 2,
     progress: bool = True,
+    compile: bool | None = None,
 ) -> dict:
-    """Peak matmul GFLOP/s and per-shape training throughput on one device (JSON-serialisable).
+    """Peak matmul GFLOP/s and per-shape training throughput on one device, or under torchrun on
+    each rank's device with the batch shared (JSON-serialisable). `compile`: see Trainer.
 
     mfu_fw counts the model FLOPs of the fw-only step (`training_flops_per_token`) against the
     peak matmul throughput of the dtype in use; mfu_fwbw counts both directions' tokens;
@@ -218,7 +227,8 @@ def run_bench(
     if steps < 1 or warmup < 0:
         raise ValueError(f"bench needs steps >= 1 and warmup >= 0, got steps {steps}, warmup {warmup}")
     allocator_tuned = tune_allocator()
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, from_environment(resolve_device(device).type).local_rank)
+    compile = compile_by_default(torch_device, math.inf) if compile is None else compile  # as a long run would
     resolved_dtype = resolve_dtype(dtype)
     if progress:
         print(f"bench: peak matmul on {torch_device}", file=sys.stderr)
@@ -228,7 +238,7 @@ def run_bench(
     rows = []
     for shape in STANDARD_SHAPES if shapes is None else shapes:
         rows.append(bench_shape(shape, torch_device, resolved_dtype, peaks[resolved_dtype], steps, warmup, progress,
-                                datasheet))
+                                datasheet, compile))
         if torch_device.type == "cuda":
             torch.cuda.empty_cache()
     return {
@@ -251,6 +261,7 @@ COLUMNS = (
     ("seq", "seq_len", "{}"),
     ("batch", "batch", "{}"),
     ("dtype", "dtype", "{}"),
+    ("compiled", "compiled", "{}"),
     ("fw tok/s", "fw_tokens_per_s", "{:.0f}"),
     ("fw+bw tok/s", "fwbw_tokens_per_s", "{:.0f}"),
     ("fw ms", "fw_step_ms", "{:.1f}"),

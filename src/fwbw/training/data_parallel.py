@@ -100,6 +100,11 @@ class DataParallel:
 SINGLE_PROCESS = DataParallel()
 
 
+def is_main_process() -> bool:
+    """Rank 0 of the processes torchrun started, or a plain process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def from_environment(device_type: str) -> DataParallel:
     """This process's rank among those torchrun started (WORLD_SIZE, RANK, LOCAL_RANK), joining
     their process group (NCCL on CUDA, gloo on CPU) on first use; a plain process is a world of
