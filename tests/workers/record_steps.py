@@ -10,9 +10,12 @@ from pathlib import Path
 
 import torch
 
+import fwbw.training.data_parallel as data_parallel
 import fwbw.training.trainer as trainer_module
 from fwbw.training.config import TrainConfig
 from fwbw.training.data_parallel import leave
+
+data_parallel.BUCKET_ELEMENTS = 1000  # many buckets: each block's matrices in one of their own
 
 
 class RecordingTrainer(trainer_module.Trainer):

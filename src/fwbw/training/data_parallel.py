@@ -54,13 +54,14 @@ class DataParallel:
         """Replace every parameter's gradient by its sum over ranks, in buckets of flattened grads."""
         if self.world_size == 1:
             return
-        grads = [p.grad for p in parameters if p.grad is not None]
         bucket: list[torch.Tensor] = []
-        for grad in grads:
+        elements = 0
+        for grad in (p.grad for p in parameters if p.grad is not None):
             bucket.append(grad)
-            if sum(g.numel() for g in bucket) >= BUCKET_ELEMENTS:
+            elements += grad.numel()
+            if elements >= BUCKET_ELEMENTS:
                 self._all_reduce_bucket(bucket)
-                bucket = []
+                bucket, elements = [], 0
         if bucket:
             self._all_reduce_bucket(bucket)
 
