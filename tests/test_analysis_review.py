@@ -91,7 +91,7 @@ def test_a_sample_failure_does_not_fail_a_trained_run(monkeypatch, tmp_path, cap
     class FakeTrainer:
         model, valid, device, parallel = None, None, "cpu", DataParallel()
 
-        def __init__(self, config, run_dir, progress, compile):
+        def __init__(self, config, run_dir, **options):
             self.run_dir = run_dir
 
         def run(self):

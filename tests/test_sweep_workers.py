@@ -105,7 +105,8 @@ def test_claim_is_exclusive_while_the_holder_lives(tmp_path):
     run = tmp_path / "run"
     assert run_dir_module.claim(run)
     holder = read_json(run / ".lock")
-    assert holder == {"pid": os.getpid(), "host": socket.gethostname()}
+    assert holder == {"pid": os.getpid(), "host": socket.gethostname(), "owner": holder["owner"], "lease_s": 600.0}
+    assert len(holder["owner"]) == 16
     assert not run_dir_module.claim(run)  # this process holds it and is alive
     assert read_json(run / ".lock") == holder
     run_dir_module.release(run)
@@ -126,7 +127,8 @@ def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
     run.mkdir()
     (run / ".lock").write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
     assert run_dir_module.claim(run)
-    assert read_json(run / ".lock") == {"pid": os.getpid(), "host": socket.gethostname()}
+    holder = read_json(run / ".lock")
+    assert (holder["pid"], holder["host"]) == (os.getpid(), socket.gethostname())
 
 
 def test_lock_held_on_another_host_is_respected(tmp_path):
@@ -138,13 +140,14 @@ def test_lock_held_on_another_host_is_respected(tmp_path):
     assert read_json(run / ".lock") == lock
 
 
-@pytest.mark.parametrize("hook", ["link", "rename"])
+@pytest.mark.parametrize("hook", ["link", "unlink"])
 def test_two_workers_claiming_at_once_never_both_win(tmp_path, monkeypatch, hook):
     """A second worker claims the same run at the worst moment: just before the first worker's
-    lock appears (link), or while it takes over a dead worker's lock (rename). Exactly one wins."""
+    lock appears (link), or while it takes over a dead worker's lock (unlink). Exactly one wins.
+    (tests/test_leases.py races more workers and hosts.)"""
     run = tmp_path / "run"
     run.mkdir()
-    if hook == "rename":
+    if hook == "unlink":
         (run / ".lock").write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
     real = getattr(os, hook)
     second: list[bool] = []
@@ -180,9 +183,9 @@ def test_a_run_finished_by_another_worker_after_the_status_check_is_not_run_agai
     run = tmp_path / "run"
     real_claim = run_dir_module.claim
 
-    def claim_just_after_another_worker_finished(run_dir):
+    def claim_just_after_another_worker_finished(run_dir, *args):
         run_dir_module.write_status(run_dir, "done")  # the other worker finished and released its lock
-        return real_claim(run_dir)
+        return real_claim(run_dir, *args)
 
     trained = []
     monkeypatch.setattr(sweep, "claim", claim_just_after_another_worker_finished)

@@ -14,7 +14,16 @@ from fwbw.retrieval.encoder import EMBEDS, POOLINGS
 from fwbw.retrieval.experiment import System, run_retrieval
 from fwbw.retrieval.metrics import METRICS as RETRIEVAL_METRICS
 from fwbw.retrieval.tasks import load_task
-from fwbw.study.configure import build_sweep_spec, build_train_config
+from fwbw.study.configure import build_sweep_spec, build_train_config, slurm_options
+from fwbw.study.launchers import LAUNCHERS, launch_sweep
+from fwbw.study.launchers.base import (
+    OPTION_LAUNCHERS,
+    Assignment,
+    Launch,
+    outcome_counts,
+)
+from fwbw.study.launchers.local import parse_gpus
+from fwbw.study.launchers.slurm import SLURM_MINUTES
 from fwbw.study.presets import PRESETS
 from fwbw.study.results import (
     build_results,
@@ -24,6 +33,7 @@ from fwbw.study.results import (
 )
 from fwbw.study.retrieval_sweep import DEFAULT_EMBEDS, Plan, retrieve_sweep
 from fwbw.study.samples import write_samples
+from fwbw.study.status import status_lines
 from fwbw.study.sweep import (
     TOKENS_PER_MICROBATCH_RULES,
     Execution,
@@ -39,7 +49,8 @@ from fwbw.training.data_parallel import is_main_process
 from fwbw.training.data_parallel import leave as leave_process_group
 from fwbw.training.evaluation import cut_run
 from fwbw.training.precision import DTYPE_CHOICES
-from fwbw.training.run_dir import check_run_dir, check_writable
+from fwbw.training.run_dir import LEASE_S, check_run_dir, check_writable
+from fwbw.training.trackers import TRACKERS
 from fwbw.training.trainer import Trainer
 
 DEFAULTS = TrainConfig()
@@ -123,7 +134,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = train_config_from_args(args)
-    trainer = Trainer(config, args.out, progress=not args.no_progress, restart=args.restart, compile=args.compile)
+    trainer = Trainer(config, args.out, progress=not args.no_progress, restart=args.restart, compile=args.compile,
+                      tracker=args.tracker)
     summary = trainer.run()
     if args.cut:
         cut_and_sample(trainer)
@@ -144,12 +156,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(describe_runs(spec, device_memory_gib=args.device_memory))
         return 0
     check_run_dir(args.out)
-    execution = Execution(nproc_per_run=args.nproc_per_run, compile=args.compile)
-    outcome = run_sweep(spec, args.out, shard=shard, retry_failed=args.retry_failed, progress=not args.no_progress,
-                        execution=execution)
-    counts = {status: list(outcome.values()).count(status) for status in sorted(set(outcome.values()))}
-    print(f"sweep {args.out}: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
-    return 1 if counts.get("failed") else 0
+    execution = Execution(nproc_per_run=args.nproc_per_run, compile=args.compile, tracker=args.tracker,
+                          lease_s=args.lease_minutes * 60)
+    assignment = Assignment(args.out, shard, args.retry_failed, not args.no_progress, execution)
+    outcome = launch_sweep(spec, launch_from_args(args), assignment)
+    if outcome is None:  # jobs submitted, not waited for
+        return 0
+    print(f"sweep {args.out}: {outcome_counts(outcome)}")
+    return 1 if "failed" in outcome.values() else 0
+
+
+def launch_from_args(args: argparse.Namespace) -> Launch:
+    """The launcher and its options: the flags given, and the sweep file's [slurm] table."""
+    given = {name: getattr(args, name) for name in ("launcher", *OPTION_LAUNCHERS)}
+    given["gpus"] = parse_gpus(args.gpus) if args.gpus else ()
+    return Launch(**given, slurm_options=slurm_options(args.config))
 
 
 def cmd_cut(args: argparse.Namespace) -> int:
@@ -179,6 +200,11 @@ def cmd_results(args: argparse.Namespace) -> int:
     check_results_writable(args.sweep)
     table = summary_table(write_results(args.sweep))
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    print("\n".join(status_lines(args.sweep)))
     return 0
 
 
@@ -293,6 +319,34 @@ def add_compile_flag(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the model's blocks (default: on CUDA, where it is faster; off on CPU)")
 
 
+def add_tracker_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracker", choices=TRACKERS, default="none",
+                        help="also send every eval point to TensorBoard (RUN/tensorboard), Weights & Biases (offline "
+                        "in RUN/wandb unless logged in) or MLflow (MLFLOW_TRACKING_URI, else SWEEP/mlflow.db); "
+                        "metrics.jsonl stays the record (none)")
+
+
+def add_launcher_flags(parser: argparse.ArgumentParser) -> None:
+    """`fwbw sweep`'s launchers (fwbw.study.launchers) and their options."""
+    group = parser.add_argument_group("launchers (README: Running on a cluster)")
+    add = group.add_argument
+    add("--launcher", choices=list(LAUNCHERS), default="local",
+        help="local: this machine (default); slurm: a job array of pull-workers (submitit); ray: one Ray task per run")
+    add("--workers", type=int, metavar="N",
+        help="local: N worker processes pulling runs (1: this process); ray: a local Ray of N x --cpus-per-run CPUs")
+    add("--gpus", metavar="0,1,...", help="local: one worker per GPU, pinned with CUDA_VISIBLE_DEVICES")
+    add("--gpus-per-run", type=int, metavar="N",
+        help="slurm, ray: GPUs per run (default: 1 unless the runs' device is cpu; ray: 0 on a cluster without GPUs)")
+    add("--cpus-per-run", type=int, metavar="N", help="slurm, ray: CPU cores per run (1)")
+    add("--slurm-partition", metavar="NAME")
+    add("--slurm-time", type=int, metavar="MINUTES", help=f"each job's time limit ({SLURM_MINUTES})")
+    add("--slurm-max-parallel", type=int, metavar="N",
+        help="pull-worker jobs in the array, all allowed to run at once (default: one per pending run); the "
+        "sweep file's [slurm] table adds #SBATCH options")
+    add("--wait", action="store_true", help="slurm: block until the jobs end, then rebuild the results table")
+    add("--ray-address", metavar="ADDRESS", help="ray: an existing cluster (auto, or ray://HOST:10001), else a local Ray")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fwbw", description="fw/bw causal-mask training of hlb-gpt, and what it does")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -310,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--restart", action="store_true", help="start over: remove the run --out holds first")
     train.add_argument("--cut", action="store_true", help="then the layer cut (cut.json) and samples (samples.json), as a sweep does")
     add_compile_flag(train)
+    add_tracker_flag(train)
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(handler=cmd_train)
 
@@ -333,7 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--retry-failed", action="store_true")
     sweep.add_argument("--nproc-per-run", type=int, default=1, metavar="N",
                        help="train each run with N data-parallel processes (torchrun on this machine: one per GPU)")
+    sweep.add_argument("--lease-minutes", type=float, default=LEASE_S / 60, metavar="M",
+                       help="a worker's claim on a run that has had no heartbeat for M minutes is taken over by "
+                       f"another worker, on any host ({LEASE_S / 60:g})")
     add_compile_flag(sweep)
+    add_tracker_flag(sweep)
+    add_launcher_flags(sweep)
     sweep.add_argument("--dry-run", action="store_true", help="print the runs and the compute estimate")
     sweep.add_argument("--device-memory", type=float, metavar="GIB", help="--dry-run: warn against this device memory, not this machine's")
     sweep.add_argument("--no-progress", action="store_true")
@@ -353,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     results = commands.add_parser("results", help="rebuild and summarise a sweep's results table")
     results.add_argument("sweep", type=Path)
     results.set_defaults(handler=cmd_results)
+
+    status = commands.add_parser("status", help="where each run of a sweep stands: status, host, tokens / budget, "
+                                 "last heartbeat, ETA, and the totals")
+    status.add_argument("sweep", type=Path)
+    status.set_defaults(handler=cmd_status)
 
     report = commands.add_parser("report", help="write a sweep's report: HTML, Markdown, figures and CSVs")
     report.add_argument("sweep", type=Path)

@@ -43,6 +43,7 @@ SWEEP_ALTERNATIVES: tuple[Alternative, ...] = (
     (("model_scales",), ("depths", "widths")),
     (("tokens_per_microbatch_rule",), ("recipe.tokens_per_microbatch",)),
 )
+SLURM_TABLE = "slurm"  # a sweep file's extra #SBATCH options: how its runs are launched, not what they are
 
 
 def build_train_config(file: Path | None = None, overrides: Mapping = EMPTY) -> TrainConfig:
@@ -56,13 +57,26 @@ def build_train_config(file: Path | None = None, overrides: Mapping = EMPTY) -> 
 
 def build_sweep_spec(preset: str | None = None, file: Path | None = None, overrides: Mapping = EMPTY) -> SweepSpec:
     """A sweep's spec: defaults < `preset` < `file` (TOML, YAML or JSON) < `overrides`. A file may
-    name its own preset (`preset = "paper"`), which --preset replaces."""
+    name its own preset (`preset = "paper"`), which --preset replaces, and hold a [slurm] table
+    (slurm_options), which is no part of the spec."""
     source = str(file) if file else None
     from_file = read_config_file(file) if file else {}
+    from_file.pop(SLURM_TABLE, None)
     layers = [(None, _preset_layer(preset, from_file, source)), (source, from_file), (None, overrides)]
     values, origins = merge(layers, SWEEP_ALTERNATIVES)
     with _errors_named(origins, GRID_AXIS_OF):
         return _sweep_spec(values)
+
+
+def slurm_options(file: Path | None) -> dict:
+    """The sweep file's [slurm] table: extra #SBATCH options for `fwbw sweep --launcher slurm`
+    (`account = "proj"` gives `#SBATCH --account=proj`, `exclusive = true` `#SBATCH --exclusive`);
+    {} without a file or table."""
+    table = read_config_file(file).get(SLURM_TABLE, {}) if file else {}
+    valid = isinstance(table, dict) and all(
+        isinstance(key, str) and isinstance(value, (str, int)) for key, value in table.items())
+    require(valid, f"{file}: {SLURM_TABLE}", f"must be a table of #SBATCH options (name = text, number or true), got {show(table)}")
+    return table
 
 
 SPEC_KEYS = {FILE_KEYS.get(item.name, item.name) for item in dataclasses.fields(SweepSpec)} - {"base"}

@@ -27,7 +27,7 @@ from fwbw.study.estimate import (
 )
 from fwbw.study.results import write_results
 from fwbw.study.samples import write_samples
-from fwbw.study.sweep_dir import RUNS, SWEEP_FILE, check_owner
+from fwbw.study.sweep_dir import RUNS, SWEEP_FILE, check_owner, read_sweep
 from fwbw.study.torchrun import train_in_processes
 from fwbw.training.config import TrainConfig
 from fwbw.training.evaluation import write_cut
@@ -38,7 +38,15 @@ from fwbw.training.memory import (
     given_memory,
     short_bytes,
 )
-from fwbw.training.run_dir import claim, config_id, read_status, release, write_status
+from fwbw.training.run_dir import (
+    LEASE_S,
+    claim,
+    config_id,
+    hold,
+    read_status,
+    release,
+    write_status,
+)
 from fwbw.training.trainer import Trainer
 
 # hlb-gpt's model at model_scale 1 (width 384, 8 blocks, V 50,304): the size s = 1 of the study's rule
@@ -261,13 +269,17 @@ def write_sweep_file(out: Path, spec: SweepSpec, configs: list[TrainConfig]) -> 
 @dataclass(frozen=True)
 class Execution:
     """How a sweep's runs are executed, which changes neither their results nor their ids: the
-    data-parallel processes per run, and torch.compile (None: the device's default)."""
+    data-parallel processes per run, torch.compile (None: the device's default) and the tracker
+    that also receives every eval point (fwbw.training.trackers)."""
 
     nproc_per_run: int = 1
     compile: bool | None = None
+    tracker: str = "none"
+    lease_s: float = LEASE_S  # a worker's claim on a run goes stale this long after its last heartbeat
 
     def __post_init__(self) -> None:
         require(self.nproc_per_run >= 1, "nproc_per_run", f"must be >= 1, got {self.nproc_per_run}")
+        require(self.lease_s > 0, "lease_s", f"must be > 0 seconds, got {self.lease_s:g}")
 
 
 def cut_and_sample(trainer: Trainer) -> None:
@@ -286,9 +298,9 @@ def train_and_cut(config: TrainConfig, run_dir: Path, progress: bool, execution:
     """Train the run (in this process, or in nproc_per_run processes under torchrun), then cut it
     layer by layer and write its samples."""
     if execution.nproc_per_run > 1:
-        train_in_processes(config, run_dir, execution.nproc_per_run, progress, execution.compile)
+        train_in_processes(config, run_dir, execution.nproc_per_run, progress, execution.compile, execution.tracker)
         return
-    trainer = Trainer(config, run_dir, progress=progress, compile=execution.compile)
+    trainer = Trainer(config, run_dir, progress=progress, compile=execution.compile, tracker=execution.tracker)
     trainer.run()
     cut_and_sample(trainer)
 
@@ -303,13 +315,14 @@ def run_one(
 ) -> str:
     """Train, cut and sample one run unless it is done, failed (without retry) or held by another
     worker; returns the status it ends with, or 'skipped'."""
-    if not _wants_training(run_dir, retry_failed) or not claim(run_dir):
+    if not _wants_training(run_dir, retry_failed) or not claim(run_dir, execution.lease_s):
         return "skipped"
     try:
         if not _wants_training(run_dir, retry_failed):  # finished by another worker meanwhile
             return "skipped"
         write_status(run_dir, "running")
-        train_and_cut(config, run_dir, progress, execution)
+        with hold(run_dir):
+            train_and_cut(config, run_dir, progress, execution)
         write_status(run_dir, "done")
         return "done"
     except Exception as error:  # a failed run is recorded and the sweep goes on
@@ -340,19 +353,50 @@ def run_sweep(
     progress: bool = True,
     execution: Execution = Execution(),
 ) -> dict[str, str]:
-    """Run this worker's share of the grid, each run executed as `execution` says, then rebuild
-    the results table. A directory that holds another spec's sweep is refused before anything is
-    written."""
-    configs = spec.configs()
+    """Prepare the sweep directory, then run this worker's share of the grid (work)."""
+    prepare_sweep(spec, out)
+    return work(out, shard, retry_failed, progress, execution)
+
+
+def prepare_sweep(spec: SweepSpec, out: Path) -> None:
+    """Write sweep.json, the runs every worker pulls from; a directory that holds another spec's
+    sweep is refused before anything is written."""
     out = Path(out)
     check_owner(out, spec.to_dict())
-    write_sweep_file(out, spec, configs)
+    write_sweep_file(out, spec, spec.configs())
+
+
+def sweep_runs(out: Path, shard: tuple[int, int] = (0, 1)) -> dict[str, TrainConfig]:
+    """The runs of a prepared sweep (sweep.json) in grid order, this shard's share of them."""
+    runs = read_sweep(out)["runs"]
+    mine = select_shard(list(runs), shard)
+    return {identifier: TrainConfig.from_dict(runs[identifier]) for identifier in mine}
+
+
+def pending_runs(out: Path, shard: tuple[int, int] = (0, 1), retry_failed: bool = False) -> dict[str, TrainConfig]:
+    """The runs of the shard that still want training: neither done nor (without retry) failed."""
+    runs = sweep_runs(out, shard)
+    return {identifier: config for identifier, config in runs.items()
+            if _wants_training(Path(out) / RUNS / identifier, retry_failed)}
+
+
+def work(
+    out: Path,
+    shard: tuple[int, int] = (0, 1),
+    retry_failed: bool = False,
+    progress: bool = True,
+    execution: Execution = Execution(),
+) -> dict[str, str]:
+    """One pull-worker on a prepared sweep: go through the shard's runs, training each one no
+    other worker holds or finished (run_one's claim), each executed as `execution` says, then
+    rebuild the results table. Any number of workers, on any machines sharing `out`, may work at
+    once."""
+    out = Path(out)
+    runs = sweep_runs(out, shard)
     outcome = {}
-    mine = select_shard(configs, shard)
-    for position, config in enumerate(mine, start=1):
-        identifier = run_id(config)
+    for position, (identifier, config) in enumerate(runs.items(), start=1):
         if progress:
-            print(f"[{position}/{len(mine)}] {identifier}", file=sys.stderr)
+            print(f"[{position}/{len(runs)}] {identifier}", file=sys.stderr)
         outcome[identifier] = run_one(config, out / RUNS / identifier, retry_failed, progress, execution)
     write_results(out)
     return outcome

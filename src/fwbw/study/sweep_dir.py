@@ -6,6 +6,7 @@
   retrieval/                 retrieval results (fwbw.study.retrieval_sweep): bm25/<task>/,
                              <run_id>/<task>-<embed>...-ft<N>/, <run_id>/finetuned/, cache/
   retrieval.parquet/.csv     their table, one row per result (fwbw.study.results)
+  slurm/                     job files and logs of `--launcher slurm` (fwbw.study.launchers.slurm)
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ from pathlib import Path
 
 from fwbw.files import read_json
 from fwbw.schema import ConfigError, differences
-from fwbw.training.run_dir import SHOWN_DIFFERENCES
+from fwbw.training.run_dir import RUNS as RUNS
+from fwbw.training.run_dir import SHOWN_DIFFERENCES, SWEEP_FILE
 
-RUNS = "runs"
-SWEEP_FILE = "sweep.json"
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"
 RETRIEVAL = "retrieval"
 RETRIEVAL_PARQUET = "retrieval.parquet"
 RETRIEVAL_CSV = "retrieval.csv"
+SLURM = "slurm"
 RUN_ID = re.compile(r"[A-Za-z0-9._-]+")  # a plain folder name: no separators, so never outside runs/
 
 

@@ -17,12 +17,15 @@ from fwbw.training.run_dir import CONFIG, start_run
 KEPT_LINES = 40  # of the processes' stderr, to find the error in
 
 
-def torchrun_command(nproc: int, run_dir: Path, progress: bool, compile: bool | None = None) -> list[str]:
+def torchrun_command(
+    nproc: int, run_dir: Path, progress: bool, compile: bool | None = None, tracker: str = "none"
+) -> list[str]:
     """The command that trains, cuts and samples the run whose config.json is in run_dir."""
     train = ["-m", "fwbw", "train", "--config", str(run_dir / CONFIG), "--out", str(run_dir), "--cut"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     compile_flag = [] if compile is None else ["--compile" if compile else "--no-compile"]
-    return launcher + train + compile_flag + ([] if progress else ["--no-progress"])
+    tracker_flag = [] if tracker == "none" else ["--tracker", tracker]
+    return launcher + train + compile_flag + tracker_flag + ([] if progress else ["--no-progress"])
 
 
 def failure_message(nproc: int, returncode: int, stderr_tail: list[str]) -> str:
@@ -42,12 +45,12 @@ def failure_message(nproc: int, returncode: int, stderr_tail: list[str]) -> str:
 
 
 def train_in_processes(
-    config: TrainConfig, run_dir: Path, nproc: int, progress: bool, compile: bool | None = None
+    config: TrainConfig, run_dir: Path, nproc: int, progress: bool, compile: bool | None = None, tracker: str = "none"
 ) -> None:
     """Train (then cut and sample) the run with `nproc` data-parallel processes, their stderr
     passed through; RuntimeError with the error when they fail."""
     start_run(run_dir, config)
-    command = torchrun_command(nproc, run_dir, progress, compile)
+    command = torchrun_command(nproc, run_dir, progress, compile, tracker)
     tail: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
     with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as processes:
         for line in processes.stderr:

@@ -1,5 +1,5 @@
 """A run directory's life: its layout, whether it can be written, which config it belongs to, its
-status, and the lock of the worker that trains it.
+status, and the lease of the worker that trains it.
 
   config.json          the TrainConfig: the directory belongs to this config and no other
   metrics.jsonl        one line per validation point
@@ -10,18 +10,43 @@ status, and the lock of the worker that trains it.
   cut.json             the layer-cut evaluation (fwbw.training.evaluation)
   samples.json         fw and bw continuations of held-out prompts (fwbw.study.samples)
   status.json          pending | running | done | failed, with the error (written by a sweep)
-  .lock                held by the worker running it (written in full, then hard-linked into place)
+  .lock                the claim (a lease) of the sweep worker training it: see below
+  tensorboard/, wandb/ what --tracker tensorboard / wandb write (fwbw.training.trackers)
+
+The claim is a lease: .lock holds the worker's host, pid, owner token and lease length; its
+modification time is the heartbeat, on the holder's clock. It is written in full under a private
+name and hard-linked into place (never half-written, never replacing another). While the run
+trains, `hold` moves the heartbeat every lease / 4 through the claim's open file descriptor, which
+touches only that claim's own file: a holder that lost its claim never revives it, and at its
+next heartbeat sees another owner in .lock and says so (training goes on). A claim is stale when
+its pid is dead on this host (at once), or, from another host, its heartbeat is older than its own
+lease; a live claim is never taken. Clocks of hosts may differ by seconds; leases are minutes.
+To remove a claim (a stale one, or one's own on release) a worker first takes its gate, a claim
+at .lock.<owner>.end (one worker gets it), then reads .lock again and unlinks it only if it still
+holds that owner's claim (and it is still stale). Only a gate's holder removes a claim and links
+never replace, so the claim cannot change in between; a taker then links its own claim, which a
+newcomer may beat: one worker holds the run either way. A gate left by a worker that died in
+those milliseconds is itself a stale claim. Only link, unlink and utime touch shared names, all
+atomic on NFS. An old-format claim (pid and host only) gets the default lease from its file's
+time. A worker paused longer than its lease can lose the run and learns so at its next heartbeat.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
+import sys
+import threading
+import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 from fwbw.files import atomic_write_json, read_json
 from fwbw.schema import ConfigError, differences
@@ -43,6 +68,15 @@ STATUSES = ("pending", "running", "done", "failed")
 SHOWN_DIFFERENCES = 3  # differing fields named when a directory belongs to another config
 OUT_EXAMPLE = "runs/my-run"
 RESTART_HINT = "--restart starts it over, or give another --out"
+LEASE_S = 600.0  # default lease: a claim not renewed for this long is stale (Execution.lease_s)
+RENEWALS_PER_LEASE = 4  # heartbeats per lease: a late one or two do not lose the run
+CLAIM_ATTEMPTS = 3  # links tried: again after a stale claim was ended or the claim vanished
+OWNER_HEX = 16  # hex digits of an owner token
+OWNER = re.compile(r"[0-9a-f]+")  # an owner token: safe in a gate's file name
+GATE = ".end"  # .lock.<owner>.end: the gate of the claim of <owner>
+# a sweep's layout (fwbw.study.sweep_dir), here so that a run can tell it is one of a sweep's runs
+RUNS = "runs"  # SWEEP/runs/<run_id>/ are its run directories
+SWEEP_FILE = "sweep.json"
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -170,7 +204,7 @@ def clear_outputs(run_dir: Path) -> None:
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
 
 
-# --- status and lock (sweeps) ---------------------------------------------------------------
+# --- status and lease (sweeps) --------------------------------------------------------------
 
 
 def read_status(run_dir: Path, corrupt_is_pending: bool = True) -> dict:
@@ -195,58 +229,215 @@ def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
     atomic_write_json(Path(run_dir) / STATUS, {"status": status, "error": error})
 
 
-def _lock_holder_alive(lock: Path) -> bool:
+@dataclass(frozen=True)
+class Worker:
+    """Who claims runs and judges claims, on which clock: this host and process by default (tests
+    simulate other hosts and clocks)."""
+
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    clock: Callable[[], float] = time.time
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim as read from its file. `identity` is its owner token; a claim of the old format
+    (pid and host only) or an unreadable one (host None) is named by a hash of its bytes."""
+
+    identity: str
+    host: str | None
+    pid: int | None
+    lease_s: float
+    heartbeat: float  # the file's modification time, on its holder's clock
+
+    def age(self, judge: Worker) -> float:
+        return judge.clock() - self.heartbeat
+
+    def is_stale(self, judge: Worker) -> bool:
+        """On the holder's host its pid decides, at once; elsewhere its heartbeat, older than its
+        own lease. An unreadable claim is stale."""
+        if self.host is None:
+            return True
+        if self.host == judge.host:
+            return not _pid_alive(self.pid)
+        return self.age(judge) > self.lease_s
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        holder = json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return False  # unreadable or half-written by a worker that died while writing it
-    if holder.get("host") != socket.gethostname():
-        return True  # another machine's worker: we cannot tell, so respect the lock
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except (ProcessLookupError, ValueError, KeyError):
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # another user's process
         return True
     return True
 
 
-def claim(run_dir: Path) -> bool:
-    """Atomically take the run's lock; a lock left by a dead process on this host is taken over.
-
-    The lock is written in full under a private name and hard-linked into place, so it is never
-    seen empty; a stale lock is first renamed away, which only one worker can do."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / LOCK
-    owner = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    mine = run_dir / f"{LOCK}.{owner}"
-    mine.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+def read_claim(path: Path) -> Claim | None:
+    """The claim in `path` (a run's .lock, or a gate), None if there is none; its bytes and its
+    heartbeat are read from one open file, so that they belong to the same claim."""
     try:
-        for _ in range(3):
-            try:
-                os.link(mine, lock)
-                return True
-            except FileExistsError:
-                if _lock_holder_alive(lock) or not _move_stale_lock(lock, run_dir / f"{LOCK}.stale.{owner}"):
-                    return False
-        return False
-    finally:
-        mine.unlink(missing_ok=True)
-
-
-def _move_stale_lock(lock: Path, parking: Path) -> bool:
-    """Rename a dead worker's lock away; if it turns out to be live (another worker replaced
-    it meanwhile), put it back and report failure."""
-    try:
-        os.rename(lock, parking)
+        handle = open(path, "rb")
     except FileNotFoundError:
-        return True  # someone else removed it: try to take the lock again
-    if _lock_holder_alive(parking):
-        os.rename(parking, lock)
-        return False
-    parking.unlink(missing_ok=True)
-    return True
+        return None
+    with handle:
+        heartbeat = os.fstat(handle.fileno()).st_mtime
+        data = handle.read()
+    try:
+        record = json.loads(data)
+        host, pid, lease_s = str(record["host"]), int(record["pid"]), float(record.get("lease_s", LEASE_S))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return Claim(_hashed(data), None, None, 0.0, heartbeat)
+    owner = record.get("owner")
+    identity = owner if isinstance(owner, str) and OWNER.fullmatch(owner) else _hashed(data)
+    return Claim(identity, host, pid, lease_s, heartbeat)
+
+
+def _hashed(data: bytes) -> str:
+    return "h" + hashlib.sha256(data).hexdigest()[:OWNER_HEX]
+
+
+def _link_new(path: Path, content: bytes, now: float) -> int | None:
+    """Write a claim in full under a private name, its heartbeat `now`, and hard-link it to `path`:
+    an open descriptor of its file, or None if `path` is taken."""
+    private = path.with_name(f"{path.name}.{uuid.uuid4().hex[:OWNER_HEX]}.new")
+    private.write_bytes(content)
+    fd = os.open(private, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # on NFS: in the file before another host can open it
+        os.utime(fd, (now, now))
+        os.link(private, path)
+    except FileExistsError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        private.unlink(missing_ok=True)
+    return fd
+
+
+def _take(path: Path, content: bytes, worker: Worker) -> int | None:
+    """Put `worker`'s claim (`content`) at `path`, ending a stale claim found there first: an open
+    descriptor of its file, or None while a live claim holds `path`."""
+    for _ in range(CLAIM_ATTEMPTS):
+        fd = _link_new(path, content, worker.clock())
+        if fd is not None:
+            return fd
+        found = read_claim(path)
+        if found is None:
+            continue  # released meanwhile: link again
+        if not found.is_stale(worker):
+            return None
+        _end(path, found.identity, content, worker, only_stale=True)
+    return None
+
+
+def _end(path: Path, identity: str, content: bytes, worker: Worker, only_stale: bool) -> None:
+    """Remove the claim `identity` from `path`, if this worker takes its gate (a claim at
+    PATH.<identity>.end) and `path` still holds that claim (still stale, with `only_stale`).
+    Whoever removes a claim holds its gate, and links never replace a file, so between that
+    check and the removal no other worker can change `path`."""
+    gate = path.with_name(f"{path.name}.{identity}{GATE}")
+    fd = _take(gate, content, worker)
+    if fd is None:
+        return  # another worker is ending it
+    os.close(fd)
+    try:
+        current = read_claim(path)
+        if current is not None and current.identity == identity and (current.is_stale(worker) or not only_stale):
+            path.unlink(missing_ok=True)
+    finally:
+        gate.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claim this process holds. Its file stays open: the heartbeat is renewed through the open
+    descriptor, so it only ever touches this claim's own file, never one that replaced it."""
+
+    path: Path
+    identity: str
+    content: bytes
+    worker: Worker
+    lease_s: float
+    fd: int
+
+    def renew(self) -> bool:
+        """Move the heartbeat to now; False once another worker holds the run instead."""
+        now = self.worker.clock()
+        os.utime(self.fd, (now, now))
+        current = read_claim(self.path)
+        return current is not None and current.identity == self.identity
+
+    def release(self) -> None:
+        """Remove the claim, unless another worker has taken it over."""
+        try:
+            _end(self.path, self.identity, self.content, self.worker, only_stale=False)
+        finally:
+            os.close(self.fd)
+
+    def keep_alive(self, stop: threading.Event) -> None:
+        """Renew RENEWALS_PER_LEASE times per lease until `stop`; a lost lease is said once (the
+        run goes on: its files may then be written by both workers)."""
+        while not stop.wait(self.lease_s / RENEWALS_PER_LEASE):
+            try:
+                if not self.renew():
+                    print(f"{self.path.parent}: lease lost: {_holder_text(read_claim(self.path))} "
+                          "holds the run now; this worker trains on", file=sys.stderr, flush=True)
+                    return
+            except OSError as error:
+                print(f"{self.path.parent}: heartbeat not written: {error}", file=sys.stderr, flush=True)
+
+
+def _holder_text(claim: Claim | None) -> str:
+    return "nobody" if claim is None else f"{claim.host} (pid {claim.pid})"
+
+
+def take_lease(run_dir: Path, lease_s: float = LEASE_S, worker: Worker | None = None) -> Lease | None:
+    """Claim the run for `worker` (this process by default) with a lease of `lease_s` seconds,
+    taking over a stale claim; None while a live one holds it."""
+    worker = worker or Worker()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    owner = uuid.uuid4().hex[:OWNER_HEX]
+    content = json.dumps({"host": worker.host, "pid": worker.pid, "owner": owner, "lease_s": lease_s}).encode()
+    fd = _take(run_dir / LOCK, content, worker)
+    return None if fd is None else Lease(run_dir / LOCK, owner, content, worker, lease_s, fd)
+
+
+_HELD: dict[str, Lease] = {}  # this process's leases by run directory: claim, hold, release
+
+
+def claim(run_dir: Path, lease_s: float = LEASE_S, worker: Worker | None = None) -> bool:
+    """Take the run's lease (take_lease) and keep it for hold and release; True if taken."""
+    lease = take_lease(run_dir, lease_s, worker)
+    if lease is not None:
+        _HELD[os.path.abspath(run_dir)] = lease
+    return lease is not None
+
+
+@contextlib.contextmanager
+def hold(run_dir: Path) -> Iterator[None]:
+    """Keep this process's lease on the run alive (a heartbeat thread) while the block runs; without
+    a lease, nothing."""
+    lease = _HELD.get(os.path.abspath(run_dir))
+    if lease is None:
+        yield
+        return
+    stop = threading.Event()
+    heartbeat = threading.Thread(target=lease.keep_alive, args=(stop,), name=f"lease {run_dir}", daemon=True)
+    heartbeat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        heartbeat.join()
 
 
 def release(run_dir: Path) -> None:
-    (Path(run_dir) / LOCK).unlink(missing_ok=True)
+    """Give up this process's lease on the run, if it holds one."""
+    lease = _HELD.pop(os.path.abspath(run_dir), None)
+    if lease is not None:
+        lease.release()

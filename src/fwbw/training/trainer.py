@@ -45,6 +45,7 @@ from fwbw.training.run_dir import (
     start_run,
 )
 from fwbw.training.run_setup import RunSetup
+from fwbw.training.trackers import EvalPoints, check_tracker
 
 P_BW_FLOOR = 0.01  # adaptive p_bw never drops below this (the study's clamp)
 COMPILE_MIN_CPU_STEPS = 1000  # see compile_by_default
@@ -76,6 +77,11 @@ class TrainState:
     metrics: list[dict] = field(default_factory=list)
     microbatch_split: int = 1  # each microbatch is trained in this many pieces (doubled on out of memory)
     memory_splits: list[dict] = field(default_factory=list)  # {step, split} at every doubling
+
+    @property
+    def training_seconds(self) -> float:
+        """Of the run so far, evaluation left out."""
+        return self.seconds - self.eval_seconds
 
 
 def adapted_p_bw(fw_loss: float, bw_loss: float) -> float:
@@ -129,11 +135,13 @@ class Trainer(RunSetup):
 
     def __init__(
         self, config: TrainConfig, run_dir: Path, data: TokenData | None = None, progress: bool = True,
-        restart: bool = False, compile: bool | None = None,
+        restart: bool = False, compile: bool | None = None, tracker: str = "none",
     ):
         """`restart`: start over, removing the files of the run `run_dir` holds (see run_dir.start_run).
-        `compile`: torch.compile the model's blocks (None: compile_by_default on the run's device)."""
+        `compile`: torch.compile the model's blocks (None: compile_by_default on the run's device).
+        `tracker`: where rank 0 also sends every eval point (fwbw.training.trackers.TRACKERS)."""
         check_run_dir(run_dir)
+        check_tracker(tracker)
         check_owner(run_dir, config, restart)
         tune_allocator()
         parallel = from_environment(resolve_device(config.device).type)
@@ -141,6 +149,7 @@ class Trainer(RunSetup):
         super().__init__(config, data, progress and parallel.is_main, parallel)
         self.run_dir = Path(run_dir)
         self.restart = restart
+        self.tracker_name = tracker if parallel.is_main else "none"
         self.show_progress = progress and parallel.is_main
         self.num_params = self.model.num_params()
         self.optimizer, self.scheduler = build_optimizer(self.model, config.recipe)
@@ -300,6 +309,7 @@ class Trainer(RunSetup):
         return self.state.tokens >= (self.state.evals_done + 1) * self._eval_interval_tokens()
 
     def _evaluate(self) -> dict:
+        training_seconds = self.state.training_seconds
         started = time.perf_counter()
         metrics = evaluate(self.model, self.valid, eval_batch_size(self.valid), self.precision(), self.parallel)
         if self.train_eval is not None:
@@ -321,6 +331,7 @@ class Trainer(RunSetup):
         self.state.evals_done = int(self.state.tokens // self._eval_interval_tokens())
         self.state.loss_sum, self.state.loss_steps = 0.0, 0
         self._write_metrics()
+        self.eval_points.log(record, self.optimizer, training_seconds)
         return record
 
     def _status_line(self, loss: float) -> str:
@@ -338,6 +349,8 @@ class Trainer(RunSetup):
         self.parallel.barrier()
         self._resume()
         self.parallel.broadcast_parameters(self.model)
+        self.eval_points = EvalPoints(self.tracker_name, self.run_dir, self.state.step, self.state.tokens,
+                                      self.state.training_seconds)
         try:
             self._train_to_budget()
             if not self.state.metrics or self.state.metrics[-1]["step"] != self.state.step:
@@ -345,6 +358,8 @@ class Trainer(RunSetup):
             return self._finish()
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted at step {self.state.step}; rerun the same command to resume") from None
+        finally:
+            self.eval_points.close()
 
     def _train_to_budget(self) -> None:
         bar = tqdm(

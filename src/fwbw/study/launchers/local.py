@@ -1,0 +1,93 @@
+"""The local launcher: a sweep's runs on this machine, in this process (one worker, the default),
+or in several worker processes (--workers N, or --gpus 0,1,...: one per GPU, pinned with
+CUDA_VISIBLE_DEVICES), each pulling runs from the sweep directory
+(fwbw.study.launchers.worker). It returns when every worker has ended."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+from fwbw.files import read_json
+from fwbw.schema import require
+from fwbw.study.launchers.base import (
+    Assignment,
+    Launch,
+    check_none_lost,
+    merge_outcomes,
+    outcome_counts,
+)
+from fwbw.study.launchers.worker import worker_command
+from fwbw.study.results import write_results
+
+
+def parse_gpus(text: str) -> tuple[str, ...]:
+    """'0,1' -> ('0', '1'): CUDA device ids (or UUIDs), each once."""
+    gpus = tuple(text.split(","))
+    valid = all(gpu and gpu == gpu.strip() for gpu in gpus) and len(set(gpus)) == len(gpus)
+    require(valid, "gpus", f"expected distinct device ids such as 0,1, got {text!r}")
+    return gpus
+
+
+def check(options: Launch) -> None:
+    """This machine can always run the local launcher."""
+
+
+def launch(assignment: Assignment, options: Launch) -> dict[str, str]:
+    """Train the pending runs with the workers `options` asks for (never more than there are
+    pending runs), then rebuild the results table; run id -> status ('skipped': no worker
+    trained it)."""
+    slots = list(options.gpus) or [None] * (options.workers or 1)  # a GPU to pin each worker to, or None
+    slots = slots[: len(assignment.pending())]
+    if not slots or slots == [None]:  # nothing to train, or one unpinned worker: this process
+        return assignment.work()
+    return run_workers(assignment, slots)
+
+
+def run_workers(assignment: Assignment, gpus: list[str | None]) -> dict[str, str]:
+    """One worker process per entry of `gpus` (pinned to it, unless None), their output passed
+    through; each worker's counts printed, and their outcomes merged."""
+    with tempfile.TemporaryDirectory(prefix="fwbw-workers-") as folder:
+        files = [Path(folder) / f"worker{index}.json" for index in range(len(gpus))]
+        processes = [
+            subprocess.Popen(worker_command(assignment, file), env=worker_env(gpu, len(gpus)))
+            for gpu, file in zip(gpus, files)
+        ]
+        wait_for_all(processes)
+        outcomes = [read_json(file) if file.is_file() else None for file in files]
+    write_results(assignment.out)
+    for index, (gpu, outcome) in enumerate(zip(gpus, outcomes)):
+        if outcome is not None:
+            print(f"worker {index}{'' if gpu is None else f' (GPU {gpu})'}: {outcome_counts(outcome)}")
+    lost = [f"worker {index}: exit code {process.returncode}"
+            for index, (process, outcome) in enumerate(zip(processes, outcomes)) if outcome is None]
+    check_none_lost(lost, "worker", "its error is printed above")
+    return merge_outcomes(outcome for outcome in outcomes if outcome is not None)
+
+
+def worker_env(gpu: str | None, workers: int) -> dict[str, str]:
+    """This process's environment for one of `workers` workers: pinned to `gpu`, with this
+    machine's cores shared among the workers (OMP_NUM_THREADS, unless it is set)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def wait_for_all(processes: list[subprocess.Popen]) -> None:
+    """Wait for every process; on Ctrl-C, interrupt those still running and wait for them too
+    (a run they held is resumed by the next worker that claims it)."""
+    try:
+        for process in processes:
+            process.wait()
+    except KeyboardInterrupt:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        for process in processes:
+            process.wait()
+        raise

@@ -1,0 +1,217 @@
+"""Experiment trackers (`--tracker`): rank 0 also sends every eval point of a run to TensorBoard,
+Weights & Biases or MLflow; metrics.jsonl stays the source of truth. One tracker run per fwbw run,
+named by its run id (the run directory's name) and grouped by the folder the run belongs to (its
+sweep, see tracking_home). What goes where:
+
+  tensorboard  event files in RUN/tensorboard/
+  wandb        online when W&B credentials are configured (WANDB_API_KEY, `wandb login`), else
+               offline in RUN/wandb/ (`wandb sync RUN/wandb/offline-run-*` uploads it later);
+               WANDB_MODE overrides both, WANDB_PROJECT the project (fwbw)
+  mlflow       MLFLOW_TRACKING_URI, else the SQLite store HOME/mlflow.db (artifacts in
+               HOME/mlflow-artifacts/), in the experiment named after HOME
+
+A run that resumes from a checkpoint continues its tracker run: TensorBoard hides the points the
+interrupted attempt logged after that checkpoint (they are logged again), W&B continues the run
+of the same id, MLflow the newest run tagged with the run directory's key, skipping the steps it
+already holds. A run started from scratch is a new MLflow run, and the same W&B run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import os
+import time
+from pathlib import Path
+
+from fwbw.schema import ConfigError
+from fwbw.training.run_dir import RUNS, SWEEP_FILE
+
+TENSORBOARD_DIR = "tensorboard"
+MLFLOW_STORE = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlflow-artifacts"
+MLFLOW_LOCK = ".mlflow.lock"  # held while a worker sets up its MLflow run
+WANDB_PROJECT = "fwbw"
+RUN_KEY_TAG = "fwbw_run_key"  # MLflow: the tag that finds a resumed run's MLflow run
+LR_PREFIX = "lr/"  # lr/<param group> (fwbw.training.recipe.GROUPS)
+TOKENS_PER_S = "train_tokens_per_s"  # training tokens per second since the previous eval point
+
+
+def tracking_home(run_dir: Path) -> Path:
+    """The folder a run belongs to: its sweep for a sweep's run (SWEEP/runs/RUN next to
+    SWEEP/sweep.json), else the folder that holds the run directory."""
+    run_dir = Path(run_dir).resolve()
+    sweep = run_dir.parent.parent
+    return sweep if run_dir.parent.name == RUNS and (sweep / SWEEP_FILE).is_file() else run_dir.parent
+
+
+def run_key(run_dir: Path) -> str:
+    """Stable across reruns and unique to the run directory: the W&B run id, the MLflow tag."""
+    return hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
+class Tracker:
+    """Where eval points go besides metrics.jsonl; this one ('none') drops them."""
+
+    extra: str | None = None  # the pyproject extra that installs the backend's library
+    library: str = ""  # the module it imports
+
+    def __init__(self, run_dir: Path, resumed_step: int):
+        pass
+
+    @classmethod
+    def import_library(cls):
+        """The backend's library, or RuntimeError naming the extra that installs it."""
+        try:
+            return importlib.import_module(cls.library)
+        except ImportError:
+            extra = cls.extra
+            raise RuntimeError(f"--tracker {extra} needs the '{extra}' extra: pip install 'fwbw[{extra}]'") from None
+
+    def log(self, record: dict[str, float], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardTracker(Tracker):
+    extra, library = "tensorboard", "torch.utils.tensorboard"
+
+    def __init__(self, run_dir: Path, resumed_step: int):
+        # purge_step: TensorBoard hides what an earlier attempt logged after the resumed checkpoint
+        writer = self.import_library().SummaryWriter
+        self.writer = writer(Path(run_dir) / TENSORBOARD_DIR, purge_step=resumed_step + 1)
+
+    def log(self, record: dict[str, float], step: int) -> None:
+        for key, value in record.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker(Tracker):
+    extra, library = "wandb", "wandb"
+
+    def __init__(self, run_dir: Path, resumed_step: int):
+        wandb = self.import_library()
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), id=run_key(run_dir), resume="allow",
+            name=Path(run_dir).name, group=tracking_home(run_dir).name, dir=run_dir, mode=wandb_mode(wandb),
+        )
+
+    def log(self, record: dict[str, float], step: int) -> None:
+        self.run.log(record, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def wandb_mode(wandb) -> str | None:
+    """None (W&B follows WANDB_MODE) when the user set it, else online if W&B credentials are
+    configured (checked without a prompt or the network), else offline."""
+    if os.environ.get("WANDB_MODE"):
+        return None
+    return "online" if wandb.login(prompt=False, verify=False) else "offline"
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path):
+    """Held by one process at a time (of this host, and of hosts whose shared filesystem has locks)."""
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+class MlflowTracker(Tracker):
+    extra, library = "mlflow", "mlflow"
+
+    def __init__(self, run_dir: Path, resumed_step: int):
+        mlflow = self.import_library()
+        self.metric = mlflow.entities.Metric
+        home = tracking_home(run_dir)
+        given_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        # one worker of a sweep at a time: creating the SQLite store or the experiment at once fails
+        with exclusive(home / MLFLOW_LOCK):
+            self.client = mlflow.tracking.MlflowClient(given_uri or f"sqlite:///{home / MLFLOW_STORE}")
+            experiment = self._experiment(home.name, None if given_uri else (home / MLFLOW_ARTIFACTS).as_uri())
+            self.run_id = self._run(experiment, Path(run_dir), resumed_step)
+        logged = self.client.get_metric_history(self.run_id, "tokens")  # a value of every eval point's record
+        self.logged_to = max((point.step for point in logged), default=-1)
+
+    def _experiment(self, name: str, artifacts: str | None) -> str:
+        found = self.client.get_experiment_by_name(name)
+        return found.experiment_id if found else self.client.create_experiment(name, artifact_location=artifacts)
+
+    def _run(self, experiment: str, run_dir: Path, resumed_step: int) -> str:
+        """The newest MLflow run of the run directory if the run resumed from a checkpoint, else a new one."""
+        key = run_key(run_dir)
+        earlier = self.client.search_runs(
+            [experiment], f"tags.{RUN_KEY_TAG} = '{key}'", order_by=["attributes.start_time DESC"], max_results=1,
+        ) if resumed_step else []
+        if not earlier:
+            return self.client.create_run(experiment, run_name=run_dir.name, tags={RUN_KEY_TAG: key}).info.run_id
+        self.client.update_run(earlier[0].info.run_id, status="RUNNING")
+        return earlier[0].info.run_id
+
+    def log(self, record: dict[str, float], step: int) -> None:
+        if step <= self.logged_to:  # logged before the run was interrupted
+            return
+        now = int(time.time() * 1000)
+        metrics = [self.metric(key, float(value), now, step) for key, value in record.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+BACKENDS: dict[str, type[Tracker]] = {
+    "none": Tracker, "tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker,
+}
+TRACKERS = tuple(BACKENDS)
+
+
+def check_tracker(name: str) -> None:
+    """Fail before any work on an unknown tracker or one whose library is not installed."""
+    if name not in BACKENDS:
+        raise ConfigError(f"tracker: must be one of {', '.join(TRACKERS)}, got {name!r}")
+    if BACKENDS[name].extra is not None:
+        BACKENDS[name].import_library()
+
+
+def open_tracker(name: str, run_dir: Path, resumed_step: int = 0) -> Tracker:
+    """The tracker `name` for the run in `run_dir`, which resumed from a checkpoint at
+    `resumed_step` (0: started from scratch)."""
+    check_tracker(name)
+    return BACKENDS[name](run_dir, resumed_step)
+
+
+class EvalPoints:
+    """Sends each eval point of a run to its tracker, opened at the first point (a finished run's
+    rerun opens none): the record's values but its step, the learning rate of every optimizer param
+    group, and the training tokens/s since the previous point (or since the run resumed)."""
+
+    def __init__(self, tracker: str, run_dir: Path, resumed_step: int, tokens: int, training_seconds: float):
+        self.name, self.run_dir, self.resumed_step = tracker, run_dir, resumed_step
+        self.tracker: Tracker | None = None
+        self.previous = (tokens, training_seconds)
+
+    def log(self, record: dict, optimizer, training_seconds: float) -> None:
+        """`training_seconds`: of the whole run until this point, evaluation left out."""
+        tokens, seconds = self.previous
+        values = {key: value for key, value in record.items() if key != "step"}
+        values.update({LR_PREFIX + group["name"]: group["lr"] for group in optimizer.param_groups})
+        if training_seconds > seconds:
+            values[TOKENS_PER_S] = (record["tokens"] - tokens) / (training_seconds - seconds)
+        self.previous = (record["tokens"], training_seconds)
+        if self.tracker is None:
+            self.tracker = open_tracker(self.name, self.run_dir, self.resumed_step)
+        self.tracker.log(values, record["step"])
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()

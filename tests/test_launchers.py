@@ -1,0 +1,376 @@
+"""Launchers (`fwbw sweep --launcher local|slurm|ray`): every one trains each run of a tiny grid
+exactly once, through the same run claims, into the same results table as the in-process loop;
+the SLURM path runs through submitit's local executor, and fails at once without SLURM."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import (
+    KEY,
+    Corpus,
+    assert_no_duplicate_rows,
+    assert_steps_strictly_increase,
+    base_config,
+    finish,
+    run_dirs,
+    start,
+    sweep_command,
+)
+
+from fwbw import cli
+from fwbw.schema import ConfigError
+from fwbw.study import configure, sweep_dir
+from fwbw.study.launchers import local, slurm
+from fwbw.study.launchers.base import Assignment, Launch, merge_outcomes, outcome_counts
+from fwbw.study.sweep import SweepSpec, prepare_sweep, run_id, work
+from fwbw.training import run_dir as run_dir_module
+
+pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
+
+GRID_RUNS = 4  # sweep_command's grid: depth 1 x widths 16, 32 x p_bw 0, 0.5 x one seed
+TRAIN_TOKENS = ("--train-tokens", "4096")
+
+
+def grid_argv(corpus: Corpus, out: Path, *flags: str) -> list[str]:
+    """`fwbw sweep` arguments (without the interpreter) of the tiny grid."""
+    return sweep_command(corpus, out, *TRAIN_TOKENS, *flags)[3:]
+
+
+def grid_spec(corpus: Corpus) -> SweepSpec:
+    return cli.sweep_spec_from_args(cli.build_parser().parse_args(grid_argv(corpus, Path("unused"))))
+
+
+def comparable(table: pd.DataFrame) -> pd.DataFrame:
+    """The results table without its timings, in a fixed row order."""
+    return table.drop(columns=["seconds"]).sort_values(KEY, na_position="first").reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def in_process_table(tmp_path_factory, corpus, cache_env, one_thread) -> pd.DataFrame:
+    """The tiny grid's results table from the in-process loop (`--launcher local`, one worker)."""
+    out = tmp_path_factory.mktemp("in-process") / "grid"
+    assert cli.main(grid_argv(corpus, out)) == 0
+    return comparable(pd.read_parquet(out / sweep_dir.RESULTS_PARQUET))
+
+
+def assert_each_run_trained_once(out: Path, in_process_table: pd.DataFrame) -> None:
+    runs = run_dirs(out)
+    assert len(runs) == GRID_RUNS
+    for run in runs.values():
+        assert run_dir_module.read_status(run) == {"status": "done", "error": None}
+        assert_steps_strictly_increase(run)  # a second training would append a second series
+        assert not [path.name for path in run.iterdir() if path.name.startswith(run_dir_module.LOCK)], "claim left"
+    table = pd.read_parquet(out / sweep_dir.RESULTS_PARQUET)
+    assert_no_duplicate_rows(table)
+    pd.testing.assert_frame_equal(comparable(table), in_process_table)
+
+
+def last_line(output: str) -> str:
+    return output.strip().splitlines()[-1]
+
+
+# --- options ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(launcher="local", slurm_partition="gpu"), "--slurm-partition: only with --launcher slurm"),
+    (dict(launcher="local", wait=True), "--wait: only with --launcher slurm"),
+    (dict(launcher="local", ray_address="auto"), "--ray-address: only with --launcher ray"),
+    (dict(launcher="local", gpus_per_run=0), "--gpus-per-run: only with --launcher slurm or ray"),
+    (dict(launcher="slurm", workers=2), "--workers: only with --launcher local or ray"),
+    (dict(launcher="ray", gpus=("0",)), "--gpus: only with --launcher local"),
+    (dict(launcher="local", workers=2, gpus=("0", "1")), "--workers: give --workers or --gpus"),
+    (dict(launcher="ray", workers=2, ray_address="auto"), "--workers: sizes a local Ray"),
+    (dict(launcher="local", workers=0), "--workers: must be >= 1, got 0"),
+    (dict(launcher="slurm", slurm_time=0), "--slurm-time: must be >= 1, got 0"),
+    (dict(launcher="ray", gpus_per_run=-1), "--gpus-per-run: must be >= 0, got -1"),
+    (dict(launcher="mpi"), "launcher: must be one of"),
+])
+def test_launch_options_are_checked_naming_the_flag(options, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        Launch(**options)
+
+
+def test_launch_options_each_launcher_takes_are_accepted():
+    Launch(launcher="local", workers=2)
+    Launch(launcher="local", gpus=("0", "1"))
+    Launch(launcher="ray", workers=2, gpus_per_run=0, cpus_per_run=2)
+    Launch(launcher="slurm", gpus_per_run=1, cpus_per_run=4, slurm_partition="gpu", slurm_time=60,
+           slurm_max_parallel=8, wait=True)
+
+
+def test_gpus_per_run_default_to_one_where_runs_can_use_them(corpus):
+    cpu, auto = base_config(corpus), base_config(corpus, device="auto")
+    assert Launch("ray").run_gpus([cpu]) == 0
+    assert Launch("ray").run_gpus([cpu, auto]) == 1
+    assert Launch("ray").run_gpus([auto], gpus_available=False) == 0
+    assert Launch("ray", gpus_per_run=2).run_gpus([cpu], gpus_available=False) == 2
+
+
+@pytest.mark.parametrize("text, gpus", [("0", ("0",)), ("0,1,3", ("0", "1", "3")), ("GPU-a1,GPU-b2", ("GPU-a1", "GPU-b2"))])
+def test_parse_gpus_accepts_device_ids(text, gpus):
+    assert local.parse_gpus(text) == gpus
+
+
+@pytest.mark.parametrize("text", ["", "0,", ",1", "0,0", "0, 1"])
+def test_parse_gpus_refuses_empty_or_repeated_ids(text):
+    with pytest.raises(ConfigError, match=r"^gpus: expected distinct device ids"):
+        local.parse_gpus(text)
+
+
+def test_outcomes_merge_to_the_status_of_the_worker_that_trained_each_run():
+    first = {"a": "done", "b": "skipped", "c": "skipped", "d": "skipped"}
+    second = {"a": "skipped", "b": "failed", "c": "skipped", "d": "done"}
+    merged = merge_outcomes([first, second])
+    assert merged == {"a": "done", "b": "failed", "c": "skipped", "d": "done"}
+    assert outcome_counts(merged) == "2 done, 1 failed, 1 skipped"
+    assert outcome_counts({}) == "no runs"
+
+
+def test_worker_command_round_trips_the_assignment(tmp_path):
+    from fwbw.study.launchers import worker
+    from fwbw.study.sweep import Execution
+
+    assignment = Assignment(tmp_path / "grid", (1, 3), True, False, Execution(nproc_per_run=2, compile=False))
+    command = worker.worker_command(assignment, tmp_path / "outcome.json")
+    assert command[:3] == [sys.executable, "-m", "fwbw.study.launchers"]
+    args = worker.build_parser().parse_args(command[3:])
+    assert (args.out, args.shard, args.retry_failed, args.no_progress) == (tmp_path / "grid", "1/3", True, True)
+    assert Execution(**args.execution) == assignment.execution
+    assert args.outcome == tmp_path / "outcome.json"
+
+
+def prepared_grid(corpus: Corpus, out: Path) -> SweepSpec:
+    spec = grid_spec(corpus)
+    prepare_sweep(spec, out)
+    return spec
+
+
+def fake_workers(monkeypatch, script: str) -> None:
+    """Worker processes that run `script` (Python; sys.argv[1] is the outcome file) instead of training."""
+    monkeypatch.setattr(local, "worker_command", lambda assignment, outcome: [sys.executable, "-c", script, str(outcome)])
+
+
+def test_gpus_start_one_worker_per_gpu_pinned_to_it(tmp_path, corpus, monkeypatch, capsys):
+    prepared_grid(corpus, tmp_path / "grid")
+    fake_workers(monkeypatch, "import json, os, sys; "
+                 "json.dump({'on-' + os.environ['CUDA_VISIBLE_DEVICES']: 'done'}, open(sys.argv[1], 'w'))")
+    outcome = local.launch(Assignment(tmp_path / "grid", progress=False), Launch("local", gpus=("3", "5")))
+    assert outcome == {"on-3": "done", "on-5": "done"}
+    assert capsys.readouterr().out == "worker 0 (GPU 3): 1 done\nworker 1 (GPU 5): 1 done\n"
+
+
+def test_a_worker_that_dies_is_reported_after_the_others_finished(tmp_path, corpus, monkeypatch, capsys):
+    out = tmp_path / "grid"
+    prepared_grid(corpus, out)
+    fake_workers(monkeypatch, "import json, sys, pathlib; path = pathlib.Path(sys.argv[1]); "
+                 "json.dump({}, path.open('w')) if path.name == 'worker0.json' else sys.exit(3)")
+    with pytest.raises(RuntimeError) as error:
+        local.launch(Assignment(out, progress=False), Launch("local", workers=2))
+    assert str(error.value) == ("1 worker ended without finishing (worker 1: exit code 3; its error is printed above): "
+                                "rerun the sweep to finish their runs")
+    assert capsys.readouterr().out == "worker 0: no runs\n"
+    assert (out / sweep_dir.RESULTS_PARQUET).is_file()  # the table is rebuilt before the error
+
+
+def test_workers_never_outnumber_the_pending_runs(tmp_path, corpus, monkeypatch, capsys):
+    prepared_grid(corpus, tmp_path / "grid")
+    fake_workers(monkeypatch, "import json, sys; json.dump({}, open(sys.argv[1], 'w'))")
+    local.launch(Assignment(tmp_path / "grid", progress=False), Launch("local", workers=9))
+    assert capsys.readouterr().out.count("worker ") == GRID_RUNS
+
+
+def test_worker_env_shares_the_cores_unless_told(monkeypatch):
+    for name in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert local.worker_env(None, 4)["OMP_NUM_THREADS"] == "4"
+    assert local.worker_env(None, 32)["OMP_NUM_THREADS"] == "1"
+    assert "CUDA_VISIBLE_DEVICES" not in local.worker_env(None, 4)
+    assert local.worker_env("2", 4)["CUDA_VISIBLE_DEVICES"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert local.worker_env(None, 4)["OMP_NUM_THREADS"] == "3"
+
+
+class FakeJob:
+    def __init__(self, job_id: str, outcome: dict | None):
+        self.job_id, self.outcome = job_id, outcome
+
+    def result(self) -> dict:
+        if self.outcome is None:
+            import submitit
+
+            raise submitit.core.utils.FailedJobError(f"job {self.job_id} failed\nwith a long traceback")
+        return self.outcome
+
+
+def test_a_slurm_job_that_dies_is_reported_after_waiting_for_the_others(tmp_path, corpus, capsys):
+    out = tmp_path / "grid"
+    prepared_grid(corpus, out)
+    jobs = [FakeJob("7_0", {"a": "done", "b": "skipped"}), FakeJob("7_1", None), FakeJob("7_2", {"a": "skipped", "b": "done"})]
+    with pytest.raises(RuntimeError) as error:
+        slurm.wait_for(jobs, out)
+    assert str(error.value) == (f"1 SLURM job ended without finishing (7_1; their logs are in {out / 'slurm'}): "
+                                "rerun the sweep to finish their runs")
+    assert capsys.readouterr().out == "job 7_0: 1 done, 1 skipped\njob 7_2: 1 done, 1 skipped\n"
+    assert slurm.wait_for([jobs[0], jobs[2]], out) == {"a": "done", "b": "done"}
+
+
+# --- the sweep file's [slurm] table ------------------------------------------------------------
+
+
+def test_the_sweep_files_slurm_table_gives_sbatch_options_and_leaves_the_spec_alone(tmp_path, corpus):
+    plain = tmp_path / "plain.toml"
+    plain.write_text("depths = [1]\nwidths = [16]\n")
+    with_table = tmp_path / "cluster.toml"
+    with_table.write_text(plain.read_text() + '[slurm]\naccount = "proj"\nexclusive = true\nmem = "32G"\n')
+    assert configure.slurm_options(with_table) == {"account": "proj", "exclusive": True, "mem": "32G"}
+    assert configure.slurm_options(plain) == {}
+    assert configure.slurm_options(None) == {}
+    assert configure.build_sweep_spec(file=with_table) == configure.build_sweep_spec(file=plain)
+
+
+@pytest.mark.parametrize("table", ['slurm = ["account"]', "[slurm]\nmem = 1.5", "[slurm]\nx = { y = 1 }"])
+def test_a_slurm_table_that_is_no_table_of_options_is_refused_naming_the_file(tmp_path, table):
+    path = tmp_path / "cluster.toml"
+    path.write_text(f"depths = [1]\n{table}\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: slurm: must be a table of #SBATCH options"):
+        configure.slurm_options(path)
+
+
+# --- slurm without SLURM, and a missing extra ----------------------------------------------------
+
+
+def fake_command(folder: Path, name: str, script: str) -> None:
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_slurm_without_sbatch_fails_at_once_in_one_line_training_nothing(tmp_path, corpus, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no sbatch here
+    out = tmp_path / "grid"
+    assert cli.main(grid_argv(corpus, out, "--launcher", "slurm")) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == ("fwbw sweep: error: --launcher slurm: no sbatch on PATH, so this machine cannot submit SLURM "
+                     "jobs (--launcher local or ray train here)")
+    assert not (out / sweep_dir.RUNS).exists() and not (out / sweep_dir.SWEEP_FILE).exists()
+
+
+@pytest.mark.parametrize("launcher, module", [("ray", "ray"), ("slurm", "submitit")])
+def test_a_missing_extra_is_one_line_naming_it_before_any_work(launcher, module, tmp_path, corpus, monkeypatch, capsys):
+    fake_command(tmp_path / "bin", "sbatch", "exit 1")  # SLURM present: the missing library is the problem
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    out = tmp_path / "grid"
+    assert cli.main(grid_argv(corpus, out, "--launcher", launcher)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"fwbw sweep: error: --launcher {launcher} needs the '{launcher}' extra: pip install 'fwbw[{launcher}]'"
+    assert not out.exists()
+
+
+def test_slurm_submits_one_job_array_of_pull_workers_with_the_options(tmp_path, corpus, monkeypatch, capsys):
+    """A fake sbatch (and srun) stand in for SLURM: the array is submitted with the flags' resources
+    and the sweep file's #SBATCH options, and the command returns at once, training nothing."""
+    bin_folder, script_copy = tmp_path / "bin", tmp_path / "submitted.sh"
+    fake_command(bin_folder, "sbatch", f'cp "$1" {script_copy}\necho "Submitted batch job 4242"')
+    fake_command(bin_folder, "srun", "exit 1")
+    monkeypatch.setenv("PATH", f"{bin_folder}{os.pathsep}{os.environ['PATH']}")
+    sweep_file = tmp_path / "cluster.toml"
+    sweep_file.write_text(corpus.recipe_toml.read_text() + '[slurm]\naccount = "proj"\nexclusive = true\n')
+    out = tmp_path / "grid"
+    argv = grid_argv(corpus, out, "--launcher", "slurm", "--config", str(sweep_file), "--slurm-partition", "gpu",
+                     "--slurm-time", "90", "--slurm-max-parallel", "3", "--cpus-per-run", "4", "--gpus-per-run", "2")
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == (f"submitted 3 pull-worker jobs for {GRID_RUNS} pending runs: 4242_0 4242_1 4242_2 "
+                       f"(logs in {out / sweep_dir.SLURM})")
+    directives = {line for line in script_copy.read_text().splitlines() if line.startswith("#SBATCH")}
+    expected = {"--partition=gpu", "--time=90", "--cpus-per-task=4", "--gpus-per-node=2", "--array=0-2%3",
+                "--account=proj", "--exclusive", "--job-name=fwbw-grid"}
+    assert {f"#SBATCH {option}" for option in expected} <= directives
+    assert not (out / sweep_dir.RUNS).exists()  # submitted, nothing trained here
+    assert set(configure.read_config_file(out / sweep_dir.SWEEP_FILE)["runs"]) == {
+        run_id(config) for config in grid_spec(corpus).configs()}
+
+
+# --- whole grids under each launcher -------------------------------------------------------------
+
+
+def worker_counts(output: str) -> list[dict[str, int]]:
+    """{'done': 2, 'skipped': 2} for each line 'worker i: 2 done, 2 skipped'."""
+    lines = re.findall(r"^worker \d+: (.*)$", output, flags=re.MULTILINE)
+    return [{status: int(n) for n, status in (part.split() for part in line.split(", "))} for line in lines]
+
+
+@pytest.mark.slow
+def test_two_local_workers_train_each_run_once_into_the_in_process_table(tmp_path, corpus, in_process_table):
+    out = tmp_path / "grid"
+    command = sweep_command(corpus, out, *TRAIN_TOKENS, "--launcher", "local", "--workers", "2")
+    output = finish(start(command, tmp_path / "local.log"), tmp_path / "local.log")
+    counts = worker_counts(output)
+    assert len(counts) == 2, output
+    assert sum(count.get("done", 0) for count in counts) == GRID_RUNS, output  # no run trained by both
+    assert last_line(output) == f"sweep {out}: {GRID_RUNS} done"
+    assert_each_run_trained_once(out, in_process_table)
+
+
+@pytest.mark.slow
+def test_ray_trains_each_run_once_into_the_in_process_table(tmp_path, corpus, in_process_table):
+    out = tmp_path / "grid"
+    command = sweep_command(corpus, out, *TRAIN_TOKENS, "--launcher", "ray", "--workers", "2")
+    output = finish(start(command, tmp_path / "ray.log"), tmp_path / "ray.log")
+    assert last_line(output) == f"sweep {out}: {GRID_RUNS} done", output
+    assert_each_run_trained_once(out, in_process_table)
+
+
+@pytest.mark.slow
+def test_submitit_local_executor_runs_the_pull_workers(tmp_path, corpus, in_process_table, monkeypatch, capsys):
+    """The SLURM launcher's own jobs, run by submitit's local executor: two pull-workers share four
+    runs, and --wait merges their outcomes and rebuilds the table."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "grid"
+    prepare_sweep(grid_spec(corpus), out)
+    options = Launch("slurm", slurm_max_parallel=2, wait=True)
+    outcome = slurm.launch(Assignment(out, progress=False), options, cluster="local")
+    assert outcome == dict.fromkeys(run_dirs(out), "done")
+    printed = capsys.readouterr().out
+    done = [int(n) for n in re.findall(r"^job \S+: (\d+) done", printed, flags=re.MULTILINE)]
+    assert len(done) == 2 and sum(done) == GRID_RUNS, printed
+    assert list((out / sweep_dir.SLURM).glob("*_log.out")), "no job logs in SWEEP/slurm"
+    assert_each_run_trained_once(out, in_process_table)
+
+
+@pytest.mark.slow
+def test_launchers_mix_and_a_rerun_finishes_what_is_left(tmp_path, corpus, in_process_table, monkeypatch, capsys):
+    """One run trained in-process, the rest by submitit jobs submitted without waiting, then a
+    rerun with two local workers finds nothing left to train."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out, spec = tmp_path / "grid", grid_spec(corpus)
+    prepare_sweep(spec, out)
+    first = work(out, shard=(0, GRID_RUNS), progress=False)
+    assert list(first.values()) == ["done"]
+
+    submitted, real_submit = [], slurm.submit
+
+    def submit_and_keep_the_jobs(*args):
+        submitted.extend(real_submit(*args))
+        return submitted
+
+    monkeypatch.setattr(slurm, "submit", submit_and_keep_the_jobs)
+    assert slurm.launch(Assignment(out, progress=False), Launch("slurm"), cluster="local") is None  # not waiting
+    assert capsys.readouterr().out.startswith(f"submitted {GRID_RUNS - 1} pull-worker jobs for {GRID_RUNS - 1} pending runs: ")
+    expected = dict.fromkeys(map(run_id, spec.configs()), "done") | dict.fromkeys(first, "skipped")
+    assert merge_outcomes(job.result() for job in submitted) == expected
+
+    assert cli.main(grid_argv(corpus, out, "--launcher", "local", "--workers", "2")) == 0
+    assert last_line(capsys.readouterr().out) == f"sweep {out}: {GRID_RUNS} skipped"
+    assert_each_run_trained_once(out, in_process_table)
