@@ -21,11 +21,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib
 import os
 import time
 from pathlib import Path
 
+from fwbw.extras import import_extra
 from fwbw.schema import ConfigError
 from fwbw.training.run_dir import RUNS, SWEEP_FILE
 
@@ -64,11 +64,7 @@ class Tracker:
     @classmethod
     def import_library(cls):
         """The backend's library, or RuntimeError naming the extra that installs it."""
-        try:
-            return importlib.import_module(cls.library)
-        except ImportError:
-            extra = cls.extra
-            raise RuntimeError(f"--tracker {extra} needs the '{extra}' extra: pip install 'fwbw[{extra}]'") from None
+        return import_extra(cls.library, cls.extra, f"--tracker {cls.extra}")
 
     def log(self, record: dict[str, float], step: int) -> None:
         pass

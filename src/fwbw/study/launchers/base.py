@@ -4,11 +4,9 @@ several workers' outcomes become the sweep's."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from types import ModuleType
 
 from fwbw.schema import ConfigError, require
 from fwbw.study.estimate import plural
@@ -129,10 +127,4 @@ def check_none_lost(lost: list[str], what: str, where: str) -> None:
                            "rerun the sweep to finish their runs")
 
 
-def import_extra(module: str, extra: str) -> ModuleType:
-    """The optional dependency `module`, or a one-line RuntimeError naming the extra to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise RuntimeError(f"--launcher {extra} needs the '{extra}' extra: pip install 'fwbw[{extra}]'") from None
 

@@ -10,7 +10,8 @@ import logging
 import sys
 from types import ModuleType
 
-from fwbw.study.launchers.base import Assignment, Launch, check_none_lost, import_extra
+from fwbw.extras import import_extra
+from fwbw.study.launchers.base import Assignment, Launch, check_none_lost
 from fwbw.study.results import write_results
 from fwbw.study.sweep import sweep_runs
 from fwbw.training.config import TrainConfig
@@ -20,7 +21,7 @@ LOCAL_RAY = "local"  # ray.init's address for a new local instance (not one alre
 
 
 def check(options: Launch) -> None:
-    import_extra("ray", "ray")
+    import_extra("ray", "ray", "--launcher ray")
 
 
 def launch(assignment: Assignment, options: Launch) -> dict[str, str]:
@@ -29,7 +30,7 @@ def launch(assignment: Assignment, options: Launch) -> dict[str, str]:
     outcome = dict.fromkeys(sweep_runs(assignment.out, assignment.shard), "skipped")
     pending, lost = assignment.pending(), []
     if pending:
-        ray = import_extra("ray", "ray")
+        ray = import_extra("ray", "ray", "--launcher ray")
         start_ray(ray, options)
         try:
             statuses, lost = run_tasks(ray, assignment, pending, options)

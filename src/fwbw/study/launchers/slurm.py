@@ -11,12 +11,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from fwbw.extras import import_extra
 from fwbw.study.estimate import plural
 from fwbw.study.launchers.base import (
     Assignment,
     Launch,
     check_none_lost,
-    import_extra,
     merge_outcomes,
     outcome_counts,
 )
@@ -33,7 +33,7 @@ def check(options: Launch) -> None:
     if shutil.which(SBATCH) is None:
         raise RuntimeError(f"--launcher slurm: no {SBATCH} on PATH, so this machine cannot submit SLURM jobs "
                            "(--launcher local or ray train here)")
-    import_extra("submitit", "slurm")
+    import_extra("submitit", "slurm", "--launcher slurm")
 
 
 def launch(assignment: Assignment, options: Launch, cluster: str = "slurm") -> dict[str, str] | None:
@@ -53,7 +53,7 @@ def launch(assignment: Assignment, options: Launch, cluster: str = "slurm") -> d
 
 def slurm_executor(out: Path, options: Launch, pending: list[TrainConfig], count: int, cluster: str = "slurm"):
     """A submitit executor for `count` pull-workers with the resources `options` asks for."""
-    submitit = import_extra("submitit", "slurm")
+    submitit = import_extra("submitit", "slurm", "--launcher slurm")
     executor = submitit.AutoExecutor(folder=out / SLURM, cluster=cluster)
     executor.update_parameters(
         name=f"fwbw-{out.name}",
@@ -69,7 +69,7 @@ def slurm_executor(out: Path, options: Launch, pending: list[TrainConfig], count
 
 def submit(executor, assignment: Assignment, count: int) -> list:
     """`count` jobs, each a pull-worker on `assignment` (Assignment.work)."""
-    submitit = import_extra("submitit", "slurm")
+    submitit = import_extra("submitit", "slurm", "--launcher slurm")
     try:
         return executor.map_array(Assignment.work, [assignment] * count)
     except submitit.core.utils.FailedSubmissionError as error:
@@ -79,7 +79,7 @@ def submit(executor, assignment: Assignment, count: int) -> list:
 def wait_for(jobs: list, out: Path) -> dict[str, str]:
     """Block until every job has ended, rebuild the results table, print each job's counts, and
     merge their outcomes; RuntimeError naming the jobs that died."""
-    submitit = import_extra("submitit", "slurm")
+    submitit = import_extra("submitit", "slurm", "--launcher slurm")
     outcomes, lost = [], []
     for job in jobs:
         try:
