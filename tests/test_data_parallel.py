@@ -125,7 +125,7 @@ def test_torchrun_train_writes_one_run_directory_that_says_world_size_2(corpus, 
     assert (summary["world_size"], summary["microbatch_split"], summary["status"]) == (2, 1, "done")
     assert json.loads(done.stdout)["final_val_loss_fw"] == summary["final_val_loss_fw"]
     train_seconds = summary["seconds"] - summary["eval_seconds"]
-    assert summary["train_tokens_per_s"] == pytest.approx(summary["tokens"] / train_seconds, rel=1e-12)
+    assert summary["mean_train_tokens_per_s"] == pytest.approx(summary["tokens"] / train_seconds, rel=1e-12)
     assert sorted(path.name for path in out.iterdir()) == [
         "checkpoints", "config.json", "cut.json", "metrics.jsonl", "model.safetensors", "model_config.json",
         "samples.json", "summary.json"]

@@ -31,6 +31,7 @@ from fwbw.study.launchers import local, slurm
 from fwbw.study.launchers.base import Assignment, Launch, merge_outcomes, outcome_counts
 from fwbw.study.sweep import SweepSpec, prepare_sweep, run_id, work
 from fwbw.training import run_dir as run_dir_module
+from fwbw.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
 
@@ -112,6 +113,19 @@ def test_gpus_per_run_default_to_one_where_runs_can_use_them(corpus):
     assert Launch("ray").run_gpus([cpu, auto]) == 1
     assert Launch("ray").run_gpus([auto], gpus_available=False) == 0
     assert Launch("ray", gpus_per_run=2).run_gpus([cpu], gpus_available=False) == 2
+
+
+def test_a_run_of_several_processes_gets_a_gpu_for_each():
+    auto = TrainConfig()
+    assert Launch("slurm").run_gpus([auto], nproc_per_run=4) == 4
+    assert Launch("slurm").run_gpus([TrainConfig(device="cpu")], nproc_per_run=4) == 0
+    assert Launch("slurm", gpus_per_run=8).run_gpus([auto], nproc_per_run=4) == 8
+    with pytest.raises(ConfigError, match=r"^--gpus-per-run: 2 GPUs cannot hold the 4 processes of a run"):
+        Launch("slurm", gpus_per_run=2).run_gpus([auto], nproc_per_run=4)
+    assert local.gpu_groups(("0", "1", "2", "3"), 2) == ["0,1", "2,3"]
+    assert local.gpu_groups(("0", "1"), 1) == ["0", "1"]
+    with pytest.raises(ConfigError, match=r"^gpus: 3 GPUs do not split into groups of 2"):
+        local.gpu_groups(("0", "1", "2"), 2)
 
 
 @pytest.mark.parametrize("text, gpus", [("0", ("0",)), ("0,1,3", ("0", "1", "3")), ("GPU-a1,GPU-b2", ("GPU-a1", "GPU-b2"))])

@@ -326,10 +326,12 @@ def test_hold_renews_the_heartbeat_while_the_block_runs_and_stops_after(tmp_path
 def test_a_holder_says_once_that_it_lost_its_lease(tmp_path, capsys):
     run = tmp_path / "run"
     assert run_dir.claim(run, 0.2, at("a", T0))
-    with run_dir.hold(run):
+    with run_dir.hold(run) as lease_lost:
+        assert not lease_lost.is_set()
         taker = take_lease(run, LEASE, at("b", T0 + 1))
-        lost = f"{run}: lease lost: b (pid {os.getpid()}) holds the run now; this worker trains on\n"
+        lost = f"{run}: lease lost: b (pid {os.getpid()}) holds the run now; this worker stops training it\n"
         assert wait_for(lambda: lost in capsys.readouterr().err)
+        assert lease_lost.is_set()
         time.sleep(0.15)
     assert capsys.readouterr().err == ""
     run_dir.release(run)
@@ -351,7 +353,7 @@ def test_run_one_holds_the_run_under_the_executions_lease(tmp_path, corpus, monk
     run = tmp_path / "run"
     seen = []
 
-    def train_and_cut(config, run_dir_, progress, execution):
+    def train_and_cut(config, run_dir_, progress, execution, stop):
         seen.append((read_json(run_dir_ / LOCK)["lease_s"], threading.active_count()))
 
     monkeypatch.setattr(sweep, "train_and_cut", train_and_cut)
@@ -369,3 +371,26 @@ def test_a_lease_must_be_positive(tmp_path, capsys):
     assert cli.main(["sweep", "--lease-minutes", "0", "--out", str(tmp_path / "grid"), "--no-progress"]) == 2
     assert capsys.readouterr().err == "fwbw sweep: error: lease_s: must be > 0 seconds, got 0\n"
     assert not (tmp_path / "grid").exists()
+
+
+def test_a_worker_that_lost_its_lease_stops_training_and_leaves_the_status_to_the_new_holder(tmp_path, corpus,
+                                                                                                monkeypatch):
+    """The heartbeat finds another owner: the trainer stops at its next step, and run_one writes
+    no status over the new holder's."""
+    run = tmp_path / "run"
+    steps = []
+
+    class TakenOver(sweep.Trainer):
+        def train_step(self, directions=None):
+            steps.append(self.state.step)
+            if self.state.step == 2:  # another host takes the run over, and the heartbeat sees it
+                (run / LOCK).unlink()
+                take_lease(run, LEASE, at("b", T0))
+                self.stop.set()
+            return super().train_step(directions)
+
+    monkeypatch.setattr(sweep, "Trainer", TakenOver)
+    assert sweep.run_one(base_config(corpus), run, retry_failed=False, progress=False) == "lost"
+    assert steps == [0, 1, 2]
+    assert read_json(run / "status.json")["status"] == "running"  # as the new holder found it
+    assert holder(run)[1] == "b"

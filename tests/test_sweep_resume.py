@@ -49,7 +49,8 @@ def assert_sweeps_equal(resumed: Path, whole: Path) -> None:
     for name, run in resumed_runs.items():
         assert without_seconds(read_metrics(run)) == without_seconds(read_metrics(whole_runs[name])), name
         assert read_json(run / "cut.json") == read_json(whole_runs[name] / "cut.json"), name
-        drop = lambda summary: {k: v for k, v in summary.items() if k not in ("seconds", "eval_seconds", "train_tokens_per_s")}
+        timings = ("seconds", "eval_seconds", "mean_train_tokens_per_s")
+        drop = lambda summary: {k: v for k, v in summary.items() if k not in timings}
         assert drop(read_json(run / "summary.json")) == drop(read_json(whole_runs[name] / "summary.json")), name
     tables = [
         pd.read_parquet(Path(out) / "results.parquet").drop(columns="seconds").sort_values(KEY).reset_index(drop=True)

@@ -171,7 +171,7 @@ def test_run_one_skips_a_run_another_worker_holds(tmp_path, corpus, monkeypatch)
     run.mkdir()
     (run / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
     trained = []
-    monkeypatch.setattr(sweep, "train_and_cut", lambda config, run_dir, progress, execution: trained.append(run_dir))
+    monkeypatch.setattr(sweep, "train_and_cut", lambda config, run_dir, progress, execution, stop: trained.append(run_dir))
     assert sweep.run_one(base_config(corpus), run, retry_failed=False, progress=False) == "skipped"
     assert trained == []
     assert run_dir_module.read_status(run)["status"] == "pending"
@@ -189,7 +189,7 @@ def test_a_run_finished_by_another_worker_after_the_status_check_is_not_run_agai
 
     trained = []
     monkeypatch.setattr(sweep, "claim", claim_just_after_another_worker_finished)
-    monkeypatch.setattr(sweep, "train_and_cut", lambda config, run_dir, progress, execution: trained.append(run_dir))
+    monkeypatch.setattr(sweep, "train_and_cut", lambda config, run_dir, progress, execution, stop: trained.append(run_dir))
     outcome = sweep.run_one(base_config(corpus), run, retry_failed=False, progress=False)
     assert trained == [], "a finished run was trained again"
     assert outcome == "skipped"
@@ -226,10 +226,10 @@ def test_a_failed_run_is_recorded_and_retried_only_when_asked(tmp_path, corpus, 
     bad = ids[0]  # the first run fails: the sweep must go on to the second
     real_train_and_cut = sweep.train_and_cut
 
-    def failing_for_one_run(config, run_dir, progress, execution):
+    def failing_for_one_run(config, run_dir, progress, execution, stop):
         if run_dir.name == bad:
             raise RuntimeError("boom: simulated out-of-memory")
-        return real_train_and_cut(config, run_dir, progress, execution)
+        return real_train_and_cut(config, run_dir, progress, execution, stop)
 
     out = tmp_path / "grid"
     with monkeypatch.context() as patch:
@@ -266,7 +266,7 @@ def test_a_failed_run_is_recorded_and_retried_only_when_asked(tmp_path, corpus, 
 
 
 def test_cli_sweep_exits_1_when_a_run_failed(tmp_path, corpus, monkeypatch, capsys):
-    def failing(config, run_dir, progress, execution):
+    def failing(config, run_dir, progress, execution, stop):
         raise ValueError("bad luck")
 
     monkeypatch.setattr(sweep, "train_and_cut", failing)

@@ -9,9 +9,11 @@ import dataclasses
 import math
 import os
 import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from fwbw.data.tokenizer import vocab_size_of
 from fwbw.files import atomic_write_json
@@ -40,6 +42,7 @@ from fwbw.training.memory import (
 )
 from fwbw.training.run_dir import (
     LEASE_S,
+    LeaseLost,
     claim,
     config_id,
     hold,
@@ -49,6 +52,7 @@ from fwbw.training.run_dir import (
 )
 from fwbw.training.trainer import Trainer
 
+T = TypeVar("T")
 # hlb-gpt's model at model_scale 1 (width 384, 8 blocks, V 50,304): the size s = 1 of the study's rule
 REFERENCE_PARAMS = 46_009_736
 TOKENS_PER_MICROBATCH_RULES = ("study",)
@@ -219,9 +223,10 @@ def run_id(config: TrainConfig) -> str:
     return f"{settings}-s{config.seed}-{config_id(config)[:8]}"
 
 
-def select_shard(configs: list[TrainConfig], shard: tuple[int, int]) -> list[TrainConfig]:
+def select_shard(items: list[T], shard: tuple[int, int]) -> list[T]:
+    """Every n-th item starting at the i-th, for shard (i, n)."""
     index, count = shard
-    return [config for position, config in enumerate(configs) if position % count == index]
+    return [item for position, item in enumerate(items) if position % count == index]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -294,13 +299,18 @@ def cut_and_sample(trainer: Trainer) -> None:
         print(f"{trainer.run_dir.name}: no samples.json: {error}", flush=True)
 
 
-def train_and_cut(config: TrainConfig, run_dir: Path, progress: bool, execution: Execution = Execution()) -> None:
+def train_and_cut(
+    config: TrainConfig, run_dir: Path, progress: bool, execution: Execution = Execution(),
+    stop: threading.Event | None = None,
+) -> None:
     """Train the run (in this process, or in nproc_per_run processes under torchrun), then cut it
-    layer by layer and write its samples."""
+    layer by layer and write its samples; LeaseLost once `stop` is set."""
     if execution.nproc_per_run > 1:
-        train_in_processes(config, run_dir, execution.nproc_per_run, progress, execution.compile, execution.tracker)
+        train_in_processes(config, run_dir, execution.nproc_per_run, progress, execution.compile, execution.tracker,
+                           stop)
         return
-    trainer = Trainer(config, run_dir, progress=progress, compile=execution.compile, tracker=execution.tracker)
+    trainer = Trainer(config, run_dir, progress=progress, compile=execution.compile, tracker=execution.tracker,
+                      stop=stop)
     trainer.run()
     cut_and_sample(trainer)
 
@@ -321,10 +331,12 @@ def run_one(
         if not _wants_training(run_dir, retry_failed):  # finished by another worker meanwhile
             return "skipped"
         write_status(run_dir, "running")
-        with hold(run_dir):
-            train_and_cut(config, run_dir, progress, execution)
+        with hold(run_dir) as lost:
+            train_and_cut(config, run_dir, progress, execution, lost)
         write_status(run_dir, "done")
         return "done"
+    except LeaseLost:  # the run is another worker's now: its status is that worker's to write
+        return "lost"
     except Exception as error:  # a failed run is recorded and the sweep goes on
         _record_failure(run_dir, error)
         return "failed"

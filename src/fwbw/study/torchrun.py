@@ -9,10 +9,11 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from fwbw.training.config import TrainConfig
-from fwbw.training.run_dir import CONFIG, start_run
+from fwbw.training.run_dir import CONFIG, LeaseLost, start_run
 
 KEPT_LINES = 40  # of the processes' stderr, to find the error in
 
@@ -45,16 +46,23 @@ def failure_message(nproc: int, returncode: int, stderr_tail: list[str]) -> str:
 
 
 def train_in_processes(
-    config: TrainConfig, run_dir: Path, nproc: int, progress: bool, compile: bool | None = None, tracker: str = "none"
+    config: TrainConfig, run_dir: Path, nproc: int, progress: bool, compile: bool | None = None, tracker: str = "none",
+    stop: threading.Event | None = None,
 ) -> None:
     """Train (then cut and sample) the run with `nproc` data-parallel processes, their stderr
-    passed through; RuntimeError with the error when they fail."""
+    passed through as it comes (progress bars included); RuntimeError with the error when they
+    fail; once `stop` is set, the processes are stopped and LeaseLost raised."""
     start_run(run_dir, config)
     command = torchrun_command(nproc, run_dir, progress, compile, tracker)
     tail: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
-    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as processes:
-        for line in processes.stderr:
-            sys.stderr.write(line)
-            tail.append(line.rstrip("\n"))
+    with subprocess.Popen(command, stderr=subprocess.PIPE) as processes:
+        for line in processes.stderr:  # bytes split at newlines only: a bar's carriage returns pass through
+            sys.stderr.buffer.write(line)
+            sys.stderr.buffer.flush()
+            tail.append(line.decode(errors="replace").rstrip("\n"))
+            if stop is not None and stop.is_set():
+                processes.terminate()
+    if stop is not None and stop.is_set():
+        raise LeaseLost(f"{run_dir}: another worker holds the run now")
     if processes.returncode != 0:
         raise RuntimeError(failure_message(nproc, processes.returncode, list(tail)))

@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 
 BUCKET_ELEMENTS = 2**24  # gradients all-reduced 64 MB (fp32) at a time
-# how long a rank waits in a collective for the others (a dead rank is normally noticed by
-# torchrun, which stops the others, far sooner)
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+# how long a rank waits in a collective for the others: long enough for rank 0 to download and
+# tokenize a corpus while the others wait for it (RunSetup); a dead rank is noticed by torchrun,
+# which stops the others, far sooner
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 
 @dataclass(frozen=True)

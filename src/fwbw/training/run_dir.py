@@ -378,17 +378,21 @@ class Lease:
         finally:
             os.close(self.fd)
 
-    def keep_alive(self, stop: threading.Event) -> None:
-        """Renew RENEWALS_PER_LEASE times per lease until `stop`; a lost lease is said once (the
-        run goes on: its files may then be written by both workers)."""
+    def keep_alive(self, stop: threading.Event, lost: threading.Event) -> None:
+        """Renew RENEWALS_PER_LEASE times per lease until `stop`; once another worker holds the
+        run, set `lost` (the training stops at its next step) and say so."""
         while not stop.wait(self.lease_s / RENEWALS_PER_LEASE):
             try:
-                if not self.renew():
-                    print(f"{self.path.parent}: lease lost: {_holder_text(read_claim(self.path))} "
-                          "holds the run now; this worker trains on", file=sys.stderr, flush=True)
-                    return
-            except OSError as error:
+                still_held = self.renew()
+            except OSError as error:  # e.g. ESTALE once another host removed the claim
                 print(f"{self.path.parent}: heartbeat not written: {error}", file=sys.stderr, flush=True)
+                current = read_claim(self.path)
+                still_held = current is not None and current.identity == self.identity
+            if not still_held:
+                print(f"{self.path.parent}: lease lost: {_holder_text(read_claim(self.path))} "
+                      "holds the run now; this worker stops training it", file=sys.stderr, flush=True)
+                lost.set()
+                return
 
 
 def _holder_text(claim: Claim | None) -> str:
@@ -418,19 +422,24 @@ def claim(run_dir: Path, lease_s: float = LEASE_S, worker: Worker | None = None)
     return lease is not None
 
 
+class LeaseLost(RuntimeError):
+    """Another worker took over the run while this one trained it (its heartbeat was late)."""
+
+
 @contextlib.contextmanager
-def hold(run_dir: Path) -> Iterator[None]:
-    """Keep this process's lease on the run alive (a heartbeat thread) while the block runs; without
-    a lease, nothing."""
+def hold(run_dir: Path) -> Iterator[threading.Event]:
+    """Keep this process's lease on the run alive (a heartbeat thread) while the block runs; the
+    event it yields is set once the lease is lost (without a lease, never)."""
+    lost = threading.Event()
     lease = _HELD.get(os.path.abspath(run_dir))
     if lease is None:
-        yield
+        yield lost
         return
     stop = threading.Event()
-    heartbeat = threading.Thread(target=lease.keep_alive, args=(stop,), name=f"lease {run_dir}", daemon=True)
+    heartbeat = threading.Thread(target=lease.keep_alive, args=(stop, lost), name=f"lease {run_dir}", daemon=True)
     heartbeat.start()
     try:
-        yield
+        yield lost
     finally:
         stop.set()
         heartbeat.join()

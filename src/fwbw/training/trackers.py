@@ -187,14 +187,20 @@ def open_tracker(name: str, run_dir: Path, resumed_step: int = 0) -> Tracker:
 
 
 class EvalPoints:
-    """Sends each eval point of a run to its tracker, opened at the first point (a finished run's
-    rerun opens none): the record's values but its step, the learning rate of every optimizer param
+    """Sends each eval point of a run to its tracker, opened before training or at the first point
+    (a finished run's rerun opens none): the record's values but its step, the learning rate of every optimizer param
     group, and the training tokens/s since the previous point (or since the run resumed)."""
 
     def __init__(self, tracker: str, run_dir: Path, resumed_step: int, tokens: int, training_seconds: float):
         self.name, self.run_dir, self.resumed_step = tracker, run_dir, resumed_step
         self.tracker: Tracker | None = None
         self.previous = (tokens, training_seconds)
+
+    def open(self) -> None:
+        """Open the tracker now (before training: a tracker that cannot start fails the run at
+        once, not at its first eval point)."""
+        if self.tracker is None:
+            self.tracker = open_tracker(self.name, self.run_dir, self.resumed_step)
 
     def log(self, record: dict, optimizer, training_seconds: float) -> None:
         """`training_seconds`: of the whole run until this point, evaluation left out."""
@@ -204,8 +210,7 @@ class EvalPoints:
         if training_seconds > seconds:
             values[TOKENS_PER_S] = (record["tokens"] - tokens) / (training_seconds - seconds)
         self.previous = (record["tokens"], training_seconds)
-        if self.tracker is None:
-            self.tracker = open_tracker(self.name, self.run_dir, self.resumed_step)
+        self.open()
         self.tracker.log(values, record["step"])
 
     def close(self) -> None:

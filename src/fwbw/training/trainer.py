@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from fwbw.training.recipe import (
 from fwbw.training.run_dir import (
     METRICS,
     SUMMARY,
+    LeaseLost,
     check_owner,
     check_run_dir,
     clear_outputs,
@@ -135,11 +137,12 @@ class Trainer(RunSetup):
 
     def __init__(
         self, config: TrainConfig, run_dir: Path, data: TokenData | None = None, progress: bool = True,
-        restart: bool = False, compile: bool | None = None, tracker: str = "none",
+        restart: bool = False, compile: bool | None = None, tracker: str = "none", stop: threading.Event | None = None,
     ):
         """`restart`: start over, removing the files of the run `run_dir` holds (see run_dir.start_run).
         `compile`: torch.compile the model's blocks (None: compile_by_default on the run's device).
-        `tracker`: where rank 0 also sends every eval point (fwbw.training.trackers.TRACKERS)."""
+        `tracker`: where rank 0 also sends every eval point (fwbw.training.trackers.TRACKERS).
+        `stop`: once set (the sweep worker lost its lease on the run), the next step raises LeaseLost."""
         check_run_dir(run_dir)
         check_tracker(tracker)
         check_owner(run_dir, config, restart)
@@ -149,6 +152,7 @@ class Trainer(RunSetup):
         super().__init__(config, data, progress and parallel.is_main, parallel)
         self.run_dir = Path(run_dir)
         self.restart = restart
+        self.stop = stop
         self.tracker_name = tracker if parallel.is_main else "none"
         self.show_progress = progress and parallel.is_main
         self.num_params = self.model.num_params()
@@ -352,6 +356,8 @@ class Trainer(RunSetup):
         self.eval_points = EvalPoints(self.tracker_name, self.run_dir, self.state.step, self.state.tokens,
                                       self.state.training_seconds)
         try:
+            if self.state.tokens < self.budget:
+                self.eval_points.open()
             self._train_to_budget()
             if not self.state.metrics or self.state.metrics[-1]["step"] != self.state.step:
                 self._evaluate()
@@ -370,6 +376,8 @@ class Trainer(RunSetup):
         last_checkpoint = self.state.step
         try:
             while self.state.tokens < self.budget:
+                if self.stop is not None and self.stop.is_set():
+                    raise LeaseLost(f"{self.run_dir}: another worker holds the run now; stopped at step {self.state.step}")
                 before = self.state.tokens
                 loss = self.train_step()
                 self.state.loss_sum += loss
@@ -399,7 +407,7 @@ class Trainer(RunSetup):
             "seconds": self.state.seconds,
             "eval_seconds": self.state.eval_seconds,
             # of the whole run, all ranks together
-            "train_tokens_per_s": self.state.tokens / max(self.state.seconds - self.state.eval_seconds, 1e-9),
+            "mean_train_tokens_per_s": self.state.tokens / max(self.state.training_seconds, 1e-9),
             "device": str(self.device),
             "dtype": self.dtype,
             "world_size": self.parallel.world_size,

@@ -62,12 +62,15 @@ class Launch:
         require(not (self.workers and self.ray_address), flag("workers"),
                 "sizes a local Ray; the cluster at --ray-address has its own resources")
 
-    def run_gpus(self, configs: Iterable[TrainConfig], gpus_available: bool = True) -> int:
-        """GPUs per run: --gpus-per-run, else one when there are GPUs and a run may use them (its
-        device is not cpu)."""
-        if self.gpus_per_run is not None:
-            return self.gpus_per_run
-        return int(gpus_available and any(config.device != "cpu" for config in configs))
+    def run_gpus(self, configs: Iterable[TrainConfig], gpus_available: bool = True, nproc_per_run: int = 1) -> int:
+        """GPUs per run: --gpus-per-run, else one per process of a run (--nproc-per-run) when
+        there are GPUs and a run may use them (its device is not cpu). Fewer GPUs than processes
+        are refused: each rank of a run needs its own."""
+        if self.gpus_per_run is None:
+            return nproc_per_run * int(gpus_available and any(config.device != "cpu" for config in configs))
+        require(self.gpus_per_run in (0, nproc_per_run) or self.gpus_per_run > nproc_per_run, flag("gpus_per_run"),
+                f"{self.gpus_per_run} GPUs cannot hold the {nproc_per_run} processes of a run (--nproc-per-run)")
+        return self.gpus_per_run
 
     @property
     def run_cpus(self) -> int:

@@ -11,6 +11,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 from fwbw.files import read_json
 from fwbw.schema import require
 from fwbw.study.launchers.base import (
@@ -40,20 +42,30 @@ def launch(assignment: Assignment, options: Launch) -> dict[str, str]:
     """Train the pending runs with the workers `options` asks for (never more than there are
     pending runs), then rebuild the results table; run id -> status ('skipped': no worker
     trained it)."""
-    slots = list(options.gpus) or [None] * (options.workers or 1)  # a GPU to pin each worker to, or None
+    nproc = assignment.execution.nproc_per_run
+    require(nproc == 1 or (options.workers or 1) == 1 or not torch.cuda.is_available(), "workers",
+            "with --nproc-per-run on GPUs, give --gpus to pin each worker's processes to GPUs of its own")
+    slots = gpu_groups(options.gpus, nproc) or [None] * (options.workers or 1)  # the GPUs to pin each worker to
     slots = slots[: len(assignment.pending())]
     if not slots or slots == [None]:  # nothing to train, or one unpinned worker: this process
         return assignment.work()
-    return run_workers(assignment, slots)
+    return run_workers(assignment, slots, nproc)
 
 
-def run_workers(assignment: Assignment, gpus: list[str | None]) -> dict[str, str]:
-    """One worker process per entry of `gpus` (pinned to it, unless None), their output passed
-    through; each worker's counts printed, and their outcomes merged."""
+def gpu_groups(gpus: tuple[str, ...], nproc_per_run: int) -> list[str]:
+    """The GPUs of each worker: nproc_per_run of them each ('0,1', '2,3'), a run's ranks on its own."""
+    require(len(gpus) % nproc_per_run == 0, "gpus",
+            f"{len(gpus)} GPUs do not split into groups of {nproc_per_run} (--nproc-per-run), one group per worker")
+    return [",".join(gpus[start:start + nproc_per_run]) for start in range(0, len(gpus), nproc_per_run)]
+
+
+def run_workers(assignment: Assignment, gpus: list[str | None], nproc_per_run: int = 1) -> dict[str, str]:
+    """One worker process per entry of `gpus` (pinned to those GPUs, unless None), their output
+    passed through; each worker's counts printed, and their outcomes merged."""
     with tempfile.TemporaryDirectory(prefix="fwbw-workers-") as folder:
         files = [Path(folder) / f"worker{index}.json" for index in range(len(gpus))]
         processes = [
-            subprocess.Popen(worker_command(assignment, file), env=worker_env(gpu, len(gpus)))
+            subprocess.Popen(worker_command(assignment, file), env=worker_env(gpu, len(gpus) * nproc_per_run))
             for gpu, file in zip(gpus, files)
         ]
         wait_for_all(processes)
@@ -68,11 +80,12 @@ def run_workers(assignment: Assignment, gpus: list[str | None]) -> dict[str, str
     return merge_outcomes(outcome for outcome in outcomes if outcome is not None)
 
 
-def worker_env(gpu: str | None, workers: int) -> dict[str, str]:
-    """This process's environment for one of `workers` workers: pinned to `gpu`, with this
-    machine's cores shared among the workers (OMP_NUM_THREADS, unless it is set)."""
+def worker_env(gpu: str | None, processes: int) -> dict[str, str]:
+    """This process's environment for a worker among `processes` training processes: pinned to
+    `gpu` (one or more ids), with this machine's cores shared among the processes
+    (OMP_NUM_THREADS, unless it is set)."""
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     return env

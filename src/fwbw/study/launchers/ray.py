@@ -57,7 +57,7 @@ def run_tasks(
     """One task per pending run, all submitted at once (Ray runs as many as the resources allow);
     the statuses they return, and the runs whose task died (a lost worker, an import error)."""
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    task = ray.remote(num_cpus=options.run_cpus, num_gpus=options.run_gpus(pending.values(), has_gpus))(Assignment.run)
+    task = ray.remote(num_cpus=options.run_cpus, num_gpus=options.run_gpus(pending.values(), has_gpus, assignment.execution.nproc_per_run))(Assignment.run)
     waiting = {task.remote(assignment, identifier, config): identifier for identifier, config in pending.items()}
     statuses, lost = {}, []
     while waiting:

@@ -44,21 +44,25 @@ def launch(assignment: Assignment, options: Launch, cluster: str = "slurm") -> d
     if not pending:
         return assignment.work()
     count = min(len(pending), options.slurm_max_parallel or len(pending))
-    executor = slurm_executor(Path(assignment.out), options, list(pending.values()), count, cluster)
+    executor = slurm_executor(Path(assignment.out), options, list(pending.values()), count, cluster,
+                              assignment.execution.nproc_per_run)
     jobs = submit(executor, assignment, count)
     print(f"submitted {plural(count, 'pull-worker job')} for {plural(len(pending), 'pending run')}: "
           f"{' '.join(job.job_id for job in jobs)} (logs in {executor.folder})")
     return wait_for(jobs, Path(assignment.out)) if options.wait else None
 
 
-def slurm_executor(out: Path, options: Launch, pending: list[TrainConfig], count: int, cluster: str = "slurm"):
-    """A submitit executor for `count` pull-workers with the resources `options` asks for."""
+def slurm_executor(
+    out: Path, options: Launch, pending: list[TrainConfig], count: int, cluster: str = "slurm", nproc_per_run: int = 1
+):
+    """A submitit executor for `count` pull-workers with the resources `options` asks for (the
+    GPUs of a job: one per process of a run)."""
     submitit = import_extra("submitit", "slurm", "--launcher slurm")
     executor = submitit.AutoExecutor(folder=out / SLURM, cluster=cluster)
     executor.update_parameters(
         name=f"fwbw-{out.name}",
         timeout_min=options.slurm_time or SLURM_MINUTES,
-        gpus_per_node=options.run_gpus(pending),
+        gpus_per_node=options.run_gpus(pending, nproc_per_run=nproc_per_run),
         cpus_per_task=options.run_cpus,
         slurm_partition=options.slurm_partition,
         slurm_array_parallelism=count,
