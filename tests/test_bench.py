@@ -85,6 +85,7 @@ def test_result_shape(result: dict) -> None:
     assert result["device"] == "cpu"
     assert isinstance(result["torch"], str)
     assert isinstance(result["threads"], int) and result["threads"] >= 1
+    assert result["world_size"] == 1
     assert isinstance(result["allocator_tuned"], bool)
     assert set(result["peak_gflops"]) == {"fp32", "bf16"}
     assert result["device_name"] is None and result["datasheet_peak_gflops"] is None
@@ -120,7 +121,7 @@ def test_format_table_with_a_datasheet_peak(result: dict) -> None:
     gpu = {**result, "device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3", "datasheet_peak_gflops": 989e3,
            "configs": [row]}
     lines = format_table(gpu).splitlines()
-    assert lines[0].startswith("device cuda:0 (NVIDIA H100 80GB HBM3)  torch ")
+    assert lines[0].startswith("device cuda:0 (NVIDIA H100 80GB HBM3)  processes 1  torch ")
     assert lines[1].endswith("  datasheet bf16 989000")
     assert lines[3].split()[-2:] == ["25.0%", "12.5%"]
 
@@ -130,6 +131,11 @@ def test_select_shapes() -> None:
     assert [s.name for s in select_shapes(["hlb-default", "small"])] == ["hlb-default", "small"]
     with pytest.raises(ValueError, match="^unknown bench shape\\(s\\) nope; known: small, hlb-default$"):
         select_shapes(["small", "nope"])
+
+
+def test_compiling_needs_a_warmup_step_not_to_time_the_compilation() -> None:
+    with pytest.raises(ValueError, match=r"^bench --warmup 0 with --compile would time the compilation"):
+        run_bench([TINY], warmup=0, progress=False, compile=True)
 
 
 def test_rejects_bad_steps() -> None:

@@ -196,6 +196,29 @@ def test_a_dead_rank_fails_the_sweep_run_with_its_error_and_a_rerun_resumes(corp
     assert_steps_strictly_increase(run_dir)
 
 
+@pytest.mark.slow
+def test_a_terminated_sweep_leaves_no_training_processes_behind(corpus, tmp_path):
+    """SIGTERM to `fwbw sweep --nproc-per-run 2` stops torchrun and both ranks before it ends (and
+    SIGKILL would too: they die with their parent)."""
+    out = tmp_path / "sweep"
+    command = sweep_command(corpus, out, "--nproc-per-run", "2", "--no-progress")
+    command[command.index("--widths") + 1: command.index("--p-bw")] = ["32"]
+    command[command.index("--p-bw") + 1: command.index("--seeds")] = ["0.5"]
+    command += ["--depths", "2", "--train-tokens", "400000", "--checkpoint-every", "10", "--tokens-per-microbatch", "224"]
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (run_dir,) = wait_for_run_dir(out, process)
+    wait_for_checkpoint(run_dir, process)
+    assert rank_pid(run_dir, local_rank=0) and rank_pid(run_dir, local_rank=1)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=SUBPROCESS_TIMEOUT)
+    deadline = time.monotonic() + 30
+    while rank_pid(run_dir, 0) or rank_pid(run_dir, 1):
+        assert time.monotonic() < deadline, "a rank outlived the sweep"
+        time.sleep(0.1)
+    assert process.returncode == 130
+    assert not (run_dir / "summary.json").exists()
+
+
 def wait_for_run_dir(out: Path, process: subprocess.Popen) -> list[Path]:
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT
     while not (out / "runs").is_dir() or not list((out / "runs").iterdir()):
@@ -227,12 +250,14 @@ def test_more_ranks_than_windows_per_microbatch_is_refused_in_one_line(tiny_conf
 
 
 def test_a_failed_torchrun_is_reported_by_the_error_a_rank_printed_or_the_rank_that_died():
-    report = ["fwbw train: error: out: /x holds the run of another config", "torchrun noise"]
-    assert failure_message(2, 1, report) == "out: /x holds the run of another config"
+    errors = ["fwbw train: error: out: /x holds the run of another config", "fwbw train: error: later"]
+    assert failure_message(3, 1, errors, ["torchrun's report"] * 80) == "out: /x holds the run of another config"
     died = ["Root Cause (first observed failure):", "[0]:", "  rank      : 1 (local_rank: 1)",
             "  exitcode  : -9 (pid: 14819)  (SIGKILL)"]
-    assert failure_message(2, 1, died) == "rank 1 of 2 under torchrun died (exit code -9: SIGKILL) without an error"
-    assert failure_message(4, 1, ["?"]) == "4 training processes under torchrun failed (exit code 1) without an error"
+    assert failure_message(2, 1, [], died) == "rank 1 of 2 under torchrun died (exit code -9: SIGKILL) without an error"
+    consequence = ["fwbw train: error: [gloo/pair.cc:537] Read error: Connection reset by peer"]
+    assert failure_message(2, 1, consequence, died) == failure_message(2, 1, [], died)
+    assert failure_message(4, 1, [], ["?"]) == "4 training processes under torchrun failed (exit code 1) without an error"
 
 
 # --- out of memory ---------------------------------------------------------------------------

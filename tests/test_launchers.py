@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from conftest import (
     KEY,
+    TOKENIZER,
     Corpus,
     assert_no_duplicate_rows,
     assert_steps_strictly_increase,
@@ -133,10 +134,35 @@ def test_parse_gpus_accepts_device_ids(text, gpus):
     assert local.parse_gpus(text) == gpus
 
 
-@pytest.mark.parametrize("text", ["", "0,", ",1", "0,0", "0, 1"])
-def test_parse_gpus_refuses_empty_or_repeated_ids(text):
-    with pytest.raises(ConfigError, match=r"^gpus: expected distinct device ids"):
+@pytest.mark.parametrize("text", ["", "0,", ",1", "0,0", "0, 1", "a,b", "-1"])
+def test_parse_gpus_refuses_empty_repeated_or_unknown_ids(text):
+    with pytest.raises(ConfigError, match=r"^gpus: expected distinct device indices"):
         local.parse_gpus(text)
+
+
+def test_gpus_must_be_this_machines():
+    local.check_gpus(("0", "1", "GPU-a1"), device_count=2)
+    with pytest.raises(ConfigError, match=r"^gpus: this machine has 0 CUDA devices; no device 0, 1$"):
+        local.check_gpus(("0", "1"), device_count=0)
+
+
+def test_a_sweep_whose_runs_cannot_be_shared_among_its_processes_is_refused_before_anything_is_written(
+        tmp_path, corpus, capsys):
+    out = tmp_path / "grid"
+    command = ["sweep", "--data", corpus.spec, "--tokenizer", TOKENIZER, "--depths", "1", "--widths", "16",
+               "--p-bw", "0", "--seeds", "1", "--seq-len", "64", "--tokens-per-microbatch", "128",
+               "--nproc-per-run", "3", "--out", str(out), "--no-progress"]
+    assert cli.main(command) == 2
+    assert capsys.readouterr().err == ("fwbw sweep: error: recipe.tokens_per_microbatch: 128 tokens make 2 windows of "
+                                       "seq_len 64 per microbatch, fewer than the 3 ranks (each needs one)\n")
+    assert not out.exists()
+
+
+def test_a_sweep_under_torchrun_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["sweep", "--out", str(tmp_path / "grid"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("fwbw sweep: error: a sweep is not started by torchrun: give it --nproc")
+    assert not (tmp_path / "grid").exists()
 
 
 def test_outcomes_merge_to_the_status_of_the_worker_that_trained_each_run():

@@ -95,6 +95,8 @@ def test_a_claim_decides_over_a_running_or_failed_status(tmp_path):
 def test_status_refuses_a_directory_that_holds_no_sweep(tmp_path, capsys):
     assert cli.main(["status", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"fwbw status: error: {tmp_path} is not a sweep directory (no sweep.json)\n"
+    assert cli.main(["status", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err == f"fwbw status: error: {tmp_path / 'missing'}: no such directory\n"
 
 
 def capture_status_at_the_first_eval_of_the_second_run(out: Path, monkeypatch) -> list:

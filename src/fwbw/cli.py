@@ -14,6 +14,7 @@ from fwbw.retrieval.encoder import EMBEDS, POOLINGS
 from fwbw.retrieval.experiment import System, run_retrieval
 from fwbw.retrieval.metrics import METRICS as RETRIEVAL_METRICS
 from fwbw.retrieval.tasks import load_task
+from fwbw.study.children import terminate_on_sigterm
 from fwbw.study.configure import build_sweep_spec, build_train_config, slurm_options
 from fwbw.study.launchers import LAUNCHERS, launch_sweep
 from fwbw.study.launchers.base import (
@@ -150,6 +151,9 @@ def sweep_spec_from_args(args: argparse.Namespace) -> SweepSpec:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("a sweep is not started by torchrun: give it --nproc-per-run N to train each run on N processes")
+    terminate_on_sigterm()  # a killed sweep stops its workers and torchrun processes first
     spec = sweep_spec_from_args(args)
     shard = parse_shard(args.shard)
     if args.dry_run:

@@ -31,6 +31,8 @@ RUN_ID = re.compile(r"[A-Za-z0-9._-]+")  # a plain folder name: no separators, s
 def read_sweep(sweep_dir: Path) -> dict:
     """sweep.json, its run ids checked to be plain folder names inside runs/."""
     path = Path(sweep_dir) / SWEEP_FILE
+    if not Path(sweep_dir).exists():
+        raise ValueError(f"{sweep_dir}: no such directory")
     if not path.is_file():
         raise ValueError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE})")
     sweep = read_json(path)

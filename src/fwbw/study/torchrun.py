@@ -12,10 +12,12 @@ import sys
 import threading
 from pathlib import Path
 
+from fwbw.study.children import die_with_parent
 from fwbw.training.config import TrainConfig
-from fwbw.training.run_dir import CONFIG, LeaseLost, start_run
+from fwbw.training.run_dir import CONFIG, CUT, SUMMARY, LeaseLost, start_run
 
-KEPT_LINES = 40  # of the processes' stderr, to find the error in
+KEPT_LINES = 80  # of the processes' stderr, for torchrun's report of the rank that died
+ERROR_MARK = ": error: "  # in the one-line error a failed rank prints (fwbw.cli)
 
 
 def torchrun_command(
@@ -29,19 +31,19 @@ def torchrun_command(
     return launcher + train + compile_flag + tracker_flag + ([] if progress else ["--no-progress"])
 
 
-def failure_message(nproc: int, returncode: int, stderr_tail: list[str]) -> str:
-    """The processes' own one-line error if one printed it, else the first rank that died as
-    torchrun reports it (its "Root Cause" section), else torchrun's exit code."""
-    errors = [line.split(": error: ", 1)[1] for line in stderr_tail if ": error: " in line]
-    if errors:
-        return errors[-1]
+def failure_message(nproc: int, returncode: int, errors: list[str], stderr_tail: list[str]) -> str:
+    """Why the processes failed: the first rank that died, as torchrun reports it (its "Root
+    Cause" section in `stderr_tail`), when a signal killed it (it printed nothing; the others'
+    errors are its consequences); else the first one-line error a rank printed (`errors`: its
+    lines); else torchrun's exit code."""
     report = "\n".join(stderr_tail)
     root = report[report.find("Root Cause"):] if "Root Cause" in report else ""
     rank, exit_code = (re.search(rf"{field}\s*:\s*(-?\d+)", root) for field in ("rank", "exitcode"))
-    if rank and exit_code:
-        code = int(exit_code[1])
-        how = f"exit code {code}" + (f": {signal.Signals(-code).name}" if -code in signal.valid_signals() else "")
-        return f"rank {rank[1]} of {nproc} under torchrun died ({how}) without an error"
+    if rank and exit_code and int(exit_code[1]) < 0 and -int(exit_code[1]) in signal.valid_signals():
+        name = signal.Signals(-int(exit_code[1])).name
+        return f"rank {rank[1]} of {nproc} under torchrun died (exit code {exit_code[1]}: {name}) without an error"
+    if errors:
+        return errors[0].split(ERROR_MARK, 1)[1]
     return f"{nproc} training processes under torchrun failed (exit code {returncode}) without an error"
 
 
@@ -55,14 +57,28 @@ def train_in_processes(
     start_run(run_dir, config)
     command = torchrun_command(nproc, run_dir, progress, compile, tracker)
     tail: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
-    with subprocess.Popen(command, stderr=subprocess.PIPE) as processes:
-        for line in processes.stderr:  # bytes split at newlines only: a bar's carriage returns pass through
-            sys.stderr.buffer.write(line)
-            sys.stderr.buffer.flush()
-            tail.append(line.decode(errors="replace").rstrip("\n"))
-            if stop is not None and stop.is_set():
-                processes.terminate()
+    errors: list[str] = []
+    with subprocess.Popen(command, stderr=subprocess.PIPE, preexec_fn=die_with_parent) as processes:
+        try:
+            for line in processes.stderr:  # bytes split at newlines only: a bar's carriage returns pass through
+                sys.stderr.buffer.write(line)
+                sys.stderr.buffer.flush()
+                text = line.decode(errors="replace").rstrip("\n")
+                tail.append(text)
+                errors += [text] if ERROR_MARK in text else []
+                if stop is not None and stop.is_set():
+                    processes.terminate()
+        except BaseException:  # Ctrl-C or SIGTERM to the sweep: torchrun passes it on to the ranks
+            processes.terminate()
+            processes.wait()
+            raise
     if stop is not None and stop.is_set():
         raise LeaseLost(f"{run_dir}: another worker holds the run now")
-    if processes.returncode != 0:
-        raise RuntimeError(failure_message(nproc, processes.returncode, list(tail)))
+    if processes.returncode != 0 and not finished(run_dir):
+        raise RuntimeError(failure_message(nproc, processes.returncode, errors, list(tail)))
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether the run was trained and cut: a process that fails as it exits (a C++ thread of the
+    process group aborting, seen rarely) does not fail a run whose results are written."""
+    return (run_dir / SUMMARY).is_file() and (run_dir / CUT).is_file()

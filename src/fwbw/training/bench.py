@@ -227,8 +227,11 @@ def run_bench(
     if steps < 1 or warmup < 0:
         raise ValueError(f"bench needs steps >= 1 and warmup >= 0, got steps {steps}, warmup {warmup}")
     allocator_tuned = tune_allocator()
-    torch_device = resolve_device(device, from_environment(resolve_device(device).type).local_rank)
+    parallel = from_environment(resolve_device(device).type)
+    torch_device = resolve_device(device, parallel.local_rank)
     compile = compile_by_default(torch_device, math.inf) if compile is None else compile  # as a long run would
+    if compile and warmup < 1:
+        raise ValueError("bench --warmup 0 with --compile would time the compilation: give --warmup 1 or more")
     resolved_dtype = resolve_dtype(dtype)
     if progress:
         print(f"bench: peak matmul on {torch_device}", file=sys.stderr)
@@ -245,6 +248,7 @@ def run_bench(
         "device": str(torch_device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "world_size": parallel.world_size,
         "allocator_tuned": allocator_tuned,
         "device_name": device_name,
         "peak_gflops": peaks,
@@ -284,7 +288,8 @@ def format_table(result: dict) -> str:
     datasheet = result["datasheet_peak_gflops"]
     name = f" ({result['device_name']})" if result["device_name"] else ""
     header = [
-        f"device {result['device']}{name}  torch {result['torch']}  threads {result['threads']}  malloc {allocator}",
+        f"device {result['device']}{name}  processes {result['world_size']}  torch {result['torch']}"
+        f"  threads {result['threads']}  malloc {allocator}",
         f"peak matmul GFLOP/s: fp32 {peaks['fp32']:.0f}  bf16 {peaks['bf16']:.0f}"
         + ("" if datasheet is None else f"  datasheet bf16 {datasheet:.0f}"),
     ]

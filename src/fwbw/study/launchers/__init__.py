@@ -16,15 +16,19 @@ from pathlib import Path
 from fwbw.study.launchers import local, ray, slurm
 from fwbw.study.launchers.base import LAUNCHER_NAMES, Assignment, Launch
 from fwbw.study.sweep import SweepSpec, prepare_sweep
+from fwbw.training.trainer import check_shares
 
 LAUNCHERS = dict(zip(LAUNCHER_NAMES, (local, slurm, ray)))  # each module has check(options), launch(assignment, options)
 
 
 def launch_sweep(spec: SweepSpec, options: Launch, assignment: Assignment) -> dict[str, str] | None:
-    """Check that the launcher can work here, before anything is written; prepare the sweep in
+    """Check that the launcher can work here and that every run can be shared among its processes,
+    before anything is written; prepare the sweep in
     assignment.out; launch it, naming the sweep by its absolute path (workers of a cluster start in
     other directories). Run id -> status, or None for jobs submitted and not waited for."""
     launcher = LAUNCHERS[options.launcher]
     launcher.check(options)
+    for config in spec.configs():
+        check_shares(config, assignment.execution.nproc_per_run)
     prepare_sweep(spec, assignment.out)
     return launcher.launch(dataclasses.replace(assignment, out=Path(assignment.out).absolute()), options)

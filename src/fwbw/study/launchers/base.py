@@ -72,9 +72,9 @@ class Launch:
                 f"{self.gpus_per_run} GPUs cannot hold the {nproc_per_run} processes of a run (--nproc-per-run)")
         return self.gpus_per_run
 
-    @property
-    def run_cpus(self) -> int:
-        return self.cpus_per_run or 1
+    def run_cpus(self, nproc_per_run: int = 1) -> int:
+        """CPUs per run: --cpus-per-run, else one per process of a run."""
+        return self.cpus_per_run or nproc_per_run
 
 
 def flag(option: str) -> str:

@@ -15,6 +15,7 @@ import torch
 
 from fwbw.files import read_json
 from fwbw.schema import require
+from fwbw.study.children import die_with_parent
 from fwbw.study.launchers.base import (
     Assignment,
     Launch,
@@ -27,15 +28,23 @@ from fwbw.study.results import write_results
 
 
 def parse_gpus(text: str) -> tuple[str, ...]:
-    """'0,1' -> ('0', '1'): CUDA device ids (or UUIDs), each once."""
+    """'0,1' -> ('0', '1'): CUDA device indices (or GPU-/MIG- UUIDs), each once."""
     gpus = tuple(text.split(","))
-    valid = all(gpu and gpu == gpu.strip() for gpu in gpus) and len(set(gpus)) == len(gpus)
-    require(valid, "gpus", f"expected distinct device ids such as 0,1, got {text!r}")
+    valid = all(gpu.isdigit() or gpu.startswith(("GPU-", "MIG-")) for gpu in gpus) and len(set(gpus)) == len(gpus)
+    require(valid, "gpus", f"expected distinct device indices such as 0,1 (or GPU UUIDs), got {text!r}")
     return gpus
 
 
+def check_gpus(gpus: tuple[str, ...], device_count: int) -> None:
+    """Every index names a CUDA device of this machine (there are `device_count`)."""
+    missing = [gpu for gpu in gpus if gpu.isdigit() and int(gpu) >= device_count]
+    require(not missing, "gpus", f"this machine has {device_count} CUDA devices; no device {', '.join(missing)}")
+
+
 def check(options: Launch) -> None:
-    """This machine can always run the local launcher."""
+    """The GPUs to pin workers to are this machine's."""
+    if options.gpus:
+        check_gpus(options.gpus, torch.cuda.device_count())
 
 
 def launch(assignment: Assignment, options: Launch) -> dict[str, str]:
@@ -65,7 +74,8 @@ def run_workers(assignment: Assignment, gpus: list[str | None], nproc_per_run: i
     with tempfile.TemporaryDirectory(prefix="fwbw-workers-") as folder:
         files = [Path(folder) / f"worker{index}.json" for index in range(len(gpus))]
         processes = [
-            subprocess.Popen(worker_command(assignment, file), env=worker_env(gpu, len(gpus) * nproc_per_run))
+            subprocess.Popen(worker_command(assignment, file), env=worker_env(gpu, len(gpus) * nproc_per_run),
+                             preexec_fn=die_with_parent)
             for gpu, file in zip(gpus, files)
         ]
         wait_for_all(processes)

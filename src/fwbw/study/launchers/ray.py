@@ -31,7 +31,7 @@ def launch(assignment: Assignment, options: Launch) -> dict[str, str]:
     pending, lost = assignment.pending(), []
     if pending:
         ray = import_extra("ray", "ray", "--launcher ray")
-        start_ray(ray, options)
+        start_ray(ray, options, assignment.execution.nproc_per_run)
         try:
             statuses, lost = run_tasks(ray, assignment, pending, options)
         finally:
@@ -42,11 +42,11 @@ def launch(assignment: Assignment, options: Launch) -> dict[str, str]:
     return outcome
 
 
-def start_ray(ray: ModuleType, options: Launch) -> None:
+def start_ray(ray: ModuleType, options: Launch, nproc_per_run: int = 1) -> None:
     if options.ray_address:
         ray.init(address=options.ray_address, logging_level=logging.WARNING)
         return
-    cpus = options.workers * options.run_cpus if options.workers else None
+    cpus = options.workers * options.run_cpus(nproc_per_run) if options.workers else None
     ray.init(address=LOCAL_RAY, num_cpus=cpus, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False,
              logging_level=logging.WARNING)
 
@@ -57,7 +57,9 @@ def run_tasks(
     """One task per pending run, all submitted at once (Ray runs as many as the resources allow);
     the statuses they return, and the runs whose task died (a lost worker, an import error)."""
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    task = ray.remote(num_cpus=options.run_cpus, num_gpus=options.run_gpus(pending.values(), has_gpus, assignment.execution.nproc_per_run))(Assignment.run)
+    nproc = assignment.execution.nproc_per_run
+    task = ray.remote(num_cpus=options.run_cpus(nproc), num_gpus=options.run_gpus(pending.values(), has_gpus, nproc))
+    task = task(Assignment.run)
     waiting = {task.remote(assignment, identifier, config): identifier for identifier, config in pending.items()}
     statuses, lost = {}, []
     while waiting:

@@ -63,7 +63,7 @@ def slurm_executor(
         name=f"fwbw-{out.name}",
         timeout_min=options.slurm_time or SLURM_MINUTES,
         gpus_per_node=options.run_gpus(pending, nproc_per_run=nproc_per_run),
-        cpus_per_task=options.run_cpus,
+        cpus_per_task=options.run_cpus(nproc_per_run),
         slurm_partition=options.slurm_partition,
         slurm_array_parallelism=count,
         slurm_additional_parameters=dict(options.slurm_options) or None,
