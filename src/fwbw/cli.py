@@ -157,7 +157,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = sweep_spec_from_args(args)
     shard = parse_shard(args.shard)
     if args.dry_run:
-        print(describe_runs(spec, device_memory_gib=args.device_memory))
+        print(describe_runs(spec, device_memory_gib=args.device_memory, nproc_per_run=args.nproc_per_run))
         return 0
     check_run_dir(args.out)
     execution = Execution(nproc_per_run=args.nproc_per_run, compile=args.compile, tracker=args.tracker,

@@ -166,11 +166,14 @@ def short_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def describe_runs(spec: SweepSpec, time_shape: ShapeTimer | None = None, device_memory_gib: float | None = None) -> str:
-    """The run list with parameter counts, estimated peak memory, a compute estimate and the
-    expected wall time on this machine, each run shape timed by `time_shape` (default: a
-    MachineTimer) (--dry-run). A warning line follows the runs whose peak exceeds their device's
-    memory, or `device_memory_gib` if given."""
+def describe_runs(
+    spec: SweepSpec, time_shape: ShapeTimer | None = None, device_memory_gib: float | None = None,
+    nproc_per_run: int = 1,
+) -> str:
+    """The run list with parameter counts, estimated peak memory (of each of nproc_per_run
+    processes), a compute estimate and the expected wall time on this machine in one process, each
+    run shape timed by `time_shape` (default: a MachineTimer) (--dry-run). A warning line follows
+    the runs whose peak exceeds their device's memory, or `device_memory_gib` if given."""
     given_limit = None if device_memory_gib is None else given_memory(device_memory_gib)
     configs = spec.configs()
     times = SweepTimes(configs, time_shape or MachineTimer())
@@ -182,7 +185,7 @@ def describe_runs(spec: SweepSpec, time_shape: ShapeTimer | None = None, device_
         tasks = 1 + config.p_bw if config.bw_mode == "add" else 1
         flops = training_flops_per_token(model, config.seq_len) * tokens * tasks
         total += flops
-        peaks.append(estimate_memory(config, vocab_size).total)
+        peaks.append(estimate_memory(config, vocab_size, nproc_per_run).total)
         lines.append(
             f"{run_id(config):<48} params {short_count(count_params(model)):>6}  tokens {short_count(tokens):>6}  "
             f"tokens/microbatch {config.recipe.tokens_per_microbatch:6d}  mem {short_bytes(peaks[-1]):>9}  "
@@ -190,6 +193,8 @@ def describe_runs(spec: SweepSpec, time_shape: ShapeTimer | None = None, device_
             + times.run_text(config, tokens, estimated_split_tokens(config))
         )
     lines += memory_warnings(configs, peaks, given_limit)
+    if nproc_per_run > 1:
+        lines.append(f"mem: of each of the {nproc_per_run} processes of a run (--nproc-per-run), its share of the batch")
     seconds_h100 = total / (0.4 * 989e12)
     lines.append(f"{len(configs)} runs, {total:.2e} training FLOP: ~{short_duration(seconds_h100)} on one H100 at 40% MFU (bf16)")
     lines.append(times.total_line())
