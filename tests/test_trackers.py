@@ -274,6 +274,26 @@ def test_eval_points_carry_the_record_learning_rates_and_training_tokens_per_sec
     ]
 
 
+class FailingAtSecondPoint(Recording):
+    def log(self, record: dict, step: int) -> None:
+        if self.points:
+            raise ConnectionError("tracking server gone")
+        super().log(record, step)
+
+
+def test_a_tracker_that_fails_after_it_started_is_said_once_and_dropped(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(trackers.BACKENDS, "none", FailingAtSecondPoint)
+    monkeypatch.setattr(Recording, "opened", [])
+    points = EvalPoints("none", tmp_path, resumed_step=0, tokens=0, training_seconds=0.0)
+    for step in (2, 4, 6):
+        points.log({"step": step, "tokens": 100 * step, "fw_loss": 1.0}, Optimizer(), training_seconds=float(step))
+    points.close()
+    [(tracker, _, _)] = Recording.opened
+    assert [step for step, _ in tracker.points] == [2] and tracker.closed is False  # nothing sent after the failure
+    assert capsys.readouterr().err == (f"{tmp_path}: --tracker none failed, the run goes on without it (metrics.jsonl "
+                                       "has every point): ConnectionError: tracking server gone\n")
+
+
 def test_a_run_belongs_to_its_sweep_else_to_the_folder_that_holds_it(tmp_path):
     sweep = tmp_path / "grid"
     (sweep / "runs" / "d1").mkdir(parents=True)

@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -188,12 +189,15 @@ def open_tracker(name: str, run_dir: Path, resumed_step: int = 0) -> Tracker:
 
 class EvalPoints:
     """Sends each eval point of a run to its tracker, opened before training or at the first point
-    (a finished run's rerun opens none): the record's values but its step, the learning rate of every optimizer param
-    group, and the training tokens/s since the previous point (or since the run resumed)."""
+    (a finished run's rerun opens none): the record's values but its step, the learning rate of
+    every optimizer param group, and the training tokens/s since the previous point (or since the
+    run resumed). A tracker that fails once it has started (a server gone away) is said once and
+    dropped: metrics.jsonl is the record, and a run is not lost for its tracker."""
 
     def __init__(self, tracker: str, run_dir: Path, resumed_step: int, tokens: int, training_seconds: float):
         self.name, self.run_dir, self.resumed_step = tracker, run_dir, resumed_step
         self.tracker: Tracker | None = None
+        self.failed = False
         self.previous = (tokens, training_seconds)
 
     def open(self) -> None:
@@ -211,8 +215,18 @@ class EvalPoints:
             values[TOKENS_PER_S] = (record["tokens"] - tokens) / (training_seconds - seconds)
         self.previous = (record["tokens"], training_seconds)
         self.open()
-        self.tracker.log(values, record["step"])
+        self._call(self.tracker.log, values, record["step"])
 
     def close(self) -> None:
         if self.tracker is not None:
-            self.tracker.close()
+            self._call(self.tracker.close)
+
+    def _call(self, method, *args) -> None:
+        if self.failed:
+            return
+        try:
+            method(*args)
+        except Exception as error:  # any backend's own errors
+            self.failed = True
+            print(f"{self.run_dir}: --tracker {self.name} failed, the run goes on without it (metrics.jsonl has "
+                  f"every point): {type(error).__name__}: {error}", file=sys.stderr, flush=True)
