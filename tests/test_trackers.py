@@ -163,8 +163,9 @@ def test_an_offline_wandb_run_holds_the_losses_named_by_run_id_and_grouped_by_fo
     run = tmp_path / "grid" / "run"
     train(train_flags, run, "wandb")
     [offline] = wandb_offline_runs(run)
-    assert (offline["id"], offline["name"], offline["group"], offline["project"]) == (
-        trackers.run_key(run), "run", "grid", trackers.WANDB_PROJECT)
+    assert (offline["name"], offline["group"], offline["project"]) == ("run", "grid", trackers.WANDB_PROJECT)
+    assert offline["id"] == (run / "wandb" / trackers.WANDB_ID_FILE).read_text()
+    assert offline["id"].startswith(trackers.run_key(run) + "-")
     for key, by_step in losses(read_metrics(run)).items():
         assert {step: row[key] for step, row in offline["history"].items()} == by_step
 
@@ -173,7 +174,7 @@ def test_a_resumed_run_continues_its_wandb_run_with_the_points_after_the_checkpo
     run = tmp_path / "run"
     train_with_ctrl_c_then_resume(train_flags, run, "wandb", monkeypatch)
     interrupted, resumed = wandb_offline_runs(run)
-    assert interrupted["id"] == resumed["id"] == trackers.run_key(run)
+    assert interrupted["id"] == resumed["id"] and interrupted["id"].startswith(trackers.run_key(run))
     steps = [record["step"] for record in read_metrics(run)]
     assert list(interrupted["history"]) == [step for step in steps if step < CRASH_STEP]
     assert list(resumed["history"]) == [step for step in steps if step > RESUMED_STEP]
@@ -281,6 +282,16 @@ class FailingAtSecondPoint(Recording):
         super().log(record, step)
 
 
+def test_each_attempt_from_scratch_gets_its_own_wandb_run_and_a_resumed_one_continues_it(tmp_path):
+    """W&B drops points below a run's latest step: a restart under the old id would lose them."""
+    run = tmp_path / "run"
+    first = trackers.wandb_run_id(run, resumed_step=0)
+    assert trackers.wandb_run_id(run, resumed_step=40) == first
+    restarted = trackers.wandb_run_id(run, resumed_step=0)
+    assert restarted != first and restarted.startswith(trackers.run_key(run) + "-")
+    assert trackers.wandb_run_id(run, resumed_step=8) == restarted
+
+
 def test_a_tracker_that_fails_after_it_started_is_said_once_and_dropped(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(trackers.BACKENDS, "none", FailingAtSecondPoint)
     monkeypatch.setattr(Recording, "opened", [])
@@ -333,7 +344,8 @@ def test_a_sweep_has_one_wandb_run_per_run_named_by_its_id_and_grouped_by_the_sw
     assert len(runs) == 2
     for name, run in runs.items():
         [offline] = wandb_offline_runs(run)
-        assert (offline["name"], offline["group"], offline["id"]) == (name, "grid", trackers.run_key(run))
+        assert (offline["name"], offline["group"]) == (name, "grid")
+        assert offline["id"].startswith(trackers.run_key(run) + "-")
         assert {step: row["bw_loss"] for step, row in offline["history"].items()} == losses(read_metrics(run))["bw_loss"]
 
 

@@ -24,9 +24,11 @@ import hashlib
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from fwbw.extras import import_extra
+from fwbw.files import atomic_write_text
 from fwbw.schema import ConfigError
 from fwbw.training.run_dir import RUNS, SWEEP_FILE
 
@@ -35,6 +37,9 @@ MLFLOW_STORE = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlflow-artifacts"
 MLFLOW_LOCK = ".mlflow.lock"  # held while a worker sets up its MLflow run
 WANDB_PROJECT = "fwbw"
+WANDB_DIR = "wandb"  # W&B's own folder in the run directory (dir=RUN)
+WANDB_ID_FILE = "fwbw_run_id"  # the current attempt's W&B run id, in WANDB_DIR
+ATTEMPT_HEX = 6  # hex digits telling attempts at a run apart in its W&B id
 RUN_KEY_TAG = "fwbw_run_key"  # MLflow: the tag that finds a resumed run's MLflow run
 LR_PREFIX = "lr/"  # lr/<param group> (fwbw.training.recipe.GROUPS)
 TOKENS_PER_S = "train_tokens_per_s"  # training tokens per second since the previous eval point
@@ -97,7 +102,8 @@ class WandbTracker(Tracker):
     def __init__(self, run_dir: Path, resumed_step: int):
         wandb = self.import_library()
         self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), id=run_key(run_dir), resume="allow",
+            project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), id=wandb_run_id(run_dir, resumed_step),
+            resume="allow",
             name=Path(run_dir).name, group=tracking_home(run_dir).name, dir=run_dir, mode=wandb_mode(wandb),
         )
 
@@ -106,6 +112,19 @@ class WandbTracker(Tracker):
 
     def close(self) -> None:
         self.run.finish()
+
+
+def wandb_run_id(run_dir: Path, resumed_step: int) -> str:
+    """The W&B run id of this attempt at the run: a resumed attempt continues the id of the attempt
+    whose checkpoint it resumed (kept in RUN/wandb/WANDB_ID_FILE); one that starts from scratch gets
+    a new id, since W&B drops the points of a run below its latest step."""
+    path = Path(run_dir) / WANDB_DIR / WANDB_ID_FILE
+    if resumed_step > 0 and path.is_file():
+        return path.read_text().strip()
+    identity = f"{run_key(run_dir)}-{uuid.uuid4().hex[:ATTEMPT_HEX]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, identity)
+    return identity
 
 
 def wandb_mode(wandb) -> str | None:
