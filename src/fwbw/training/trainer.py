@@ -267,11 +267,11 @@ class Trainer(RunSetup):
         then sum to the global batch's); the per-direction loss sums of this rank's shares."""
         loss_sums = torch.zeros(len(directions), dtype=torch.float64)
         for windows in batches:
-            counted = windows.to(self.device)
-            share = self.parallel.share(windows)
+            on_device = windows.to(self.device)  # once: the share and its pieces are views of it
+            share = self.parallel.share(on_device)
             for piece in share.split(math.ceil(len(share) / self.state.microbatch_split)):
                 with self.precision():
-                    stats = task_stats(self.model, piece.to(self.device), directions, accuracy=False, counted_windows=counted)
+                    stats = task_stats(self.model, piece, directions, accuracy=False, counted_windows=on_device)
                     losses = torch.stack([stats[d][0] for d in directions])
                 weight = len(piece) / len(windows)
                 (losses.sum() * weight / len(batches)).backward()
