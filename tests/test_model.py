@@ -1,8 +1,9 @@
-"""The hlb-gpt v0.4.1 model (docs/method.md#the-model): flip identity, truncation, heads, shapes, init,
-config checks."""
+"""The hlb-gpt v0.4.1 model (docs/method.md#the-model): flip identity, truncation, heads, dropout,
+shapes, init, config checks."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -12,9 +13,11 @@ from torch import nn
 
 import fwbw.schema
 from fwbw import ModelConfig, build_model
-from fwbw.model.hlb_gpt import count_params
+from fwbw.model.hlb_gpt import count_params, residual_dropout
 from fwbw.model.masks import mask_and_distance
+from fwbw.training.checkpoint import load_model, save_model
 from fwbw.training.config import TrainConfig
+from fwbw.training.run_dir import MODEL_CONFIG
 
 VOCAB = 50
 MAX_LEN = 33
@@ -60,8 +63,13 @@ def manual_forward(model, tokens: torch.Tensor, direction: str, num_blocks: int,
 
 
 def per_head_block(block, x: torch.Tensor, allowed: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-    """LatentAttentionBlock.forward spelled out, attention run head by head as hlb-gpt's single
-    head: SDPA on [B, T, channels] slices of q, k (qk / h each) and the value (width / h each)."""
+    """LatentAttentionBlock.forward spelled out (eval mode): x plus its residual branch."""
+    return x + per_head_branch(block, x, allowed, dist)
+
+
+def per_head_branch(block, x: torch.Tensor, allowed: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """A block's residual branch, attention run head by head as hlb-gpt's single head: SDPA on
+    [B, T, channels] slices of q, k (qk / h each) and the value (width / h each)."""
     bias = torch.where(allowed, F.softplus(block.position_bias_mult) * dist, float("-inf"))
     qk, expand = block.qk_dim, block.expand_dim
     query, key, linear, pre_gelu = F.linear(block.norm(x), block.expand).split((qk, qk, expand, expand), dim=-1)
@@ -72,7 +80,7 @@ def per_head_block(block, x: torch.Tensor, allowed: torch.Tensor, dist: torch.Te
         F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         for q, k, v in zip(query.chunk(heads, dim=-1), key.chunk(heads, dim=-1), value.chunk(heads, dim=-1))
     ]
-    return x + F.linear(torch.cat([local, *outputs], dim=-1), block.project)
+    return F.linear(torch.cat([local, *outputs], dim=-1), block.project)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +260,82 @@ def test_train_config_passes_num_heads_to_the_model():
 
 
 # ---------------------------------------------------------------------------------------------
+# dropout: nanoGPT's residual dropout, in training mode only
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dropout_in_eval_mode_gives_the_dropout_free_models_outputs_bit_for_bit():
+    plain, dropped = tiny_model(seed=30), tiny_model(seed=30, dropout=0.5)
+    tokens = random_tokens(2, 16, VOCAB, seed=30)
+    with torch.no_grad():
+        for direction in ("fw", "bw"):
+            assert torch.equal(dropped(tokens, direction), plain(tokens, direction))
+
+
+def test_bw_equals_fw_on_reversed_input_with_dropout_in_eval_mode():
+    model = tiny_model(seed=31, dropout=0.5)
+    randomize_position_bias(model, seed=31)
+    tokens = random_tokens(3, 16, VOCAB, seed=31)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, "bw"), model(tokens.flip(1), "fw").flip(1), rtol=0, atol=1e-5)
+
+
+def test_train_mode_drops_the_embedding_and_each_blocks_branch_before_the_residual_sum():
+    model = tiny_model(seed=32, dropout=0.5).train()
+    randomize_position_bias(model, seed=32)
+    tokens = random_tokens(2, 16, VOCAB, seed=32)
+    allowed, dist = mask_and_distance(16, "fw", "causal", max_seq_len=MAX_LEN)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        actual = model(tokens)
+        torch.manual_seed(0)
+        x = F.dropout(model.embedding(tokens), 0.5)
+        for block in model.blocks:
+            x = x + F.dropout(per_head_branch(block, x, allowed, dist), 0.5)
+        assert torch.equal(actual, model.output(model.norm(x)))
+        assert (actual - model.eval()(tokens)).abs().max() > 1e-3
+
+
+def test_residual_dropout_zeroes_or_rescales_each_entry_in_training_mode_only():
+    x = torch.rand(1000) + 1.0
+    torch.manual_seed(0)
+    dropped = residual_dropout(x, 0.25, training=True)
+    kept = dropped != 0
+    assert 150 < (~kept).sum() < 350
+    torch.testing.assert_close(dropped[kept], x[kept] / 0.75, rtol=1e-6, atol=0)
+    assert residual_dropout(x, 0.25, training=False) is x
+    assert residual_dropout(x, 0.0, training=True) is x
+
+
+@pytest.mark.parametrize(
+    ("dropout", "mode", "draws"), [(0.0, "train", False), (0.5, "eval", False), (0.5, "train", True)]
+)
+def test_random_numbers_are_drawn_only_by_dropout_in_training_mode(dropout, mode, draws):
+    model = getattr(tiny_model(seed=33, dropout=dropout), mode)()
+    tokens = random_tokens(2, 16, VOCAB, seed=33)
+    state = torch.get_rng_state()
+    model.hidden(tokens, "fw").sum().backward()
+    assert torch.equal(torch.get_rng_state(), state) != draws
+
+
+def test_truncated_keeps_the_dropout():
+    short = tiny_model(seed=34, dropout=0.5).truncated(2)
+    assert short.config.dropout == 0.5
+    assert [block.dropout for block in short.blocks] == [0.5, 0.5]
+
+
+def test_a_model_config_written_before_dropout_loads_with_none(tmp_path):
+    model = tiny_model(seed=35)
+    save_model(tmp_path, model)
+    written = json.loads((tmp_path / MODEL_CONFIG).read_text())
+    del written["dropout"]
+    (tmp_path / MODEL_CONFIG).write_text(json.dumps(written))
+    loaded = load_model(tmp_path)
+    assert loaded.config == model.config
+    assert loaded.config.dropout == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
 # 7. shapes and init (docs/method.md#the-model)
 # ---------------------------------------------------------------------------------------------
 
@@ -415,6 +499,9 @@ def test_forward_default_direction_is_fw_and_output_is_finite():
         ("num_heads", dict(num_heads=0)),
         ("num_heads", dict(num_heads=3)),  # width 32: q/k width 4
         ("num_heads", dict(num_heads=8)),
+        ("dropout", dict(dropout=-0.1)),
+        ("dropout", dict(dropout=1.0)),
+        ("dropout", dict(dropout=float("nan"))),
     ],
 )
 def test_model_config_rejects_bad_values_naming_the_field(field, overrides):
@@ -432,3 +519,5 @@ def test_model_config_accepts_the_valid_edge_values():
     assert tiny_config(num_heads=4).num_heads == 4  # q/k width 4, width 32
     assert tiny_config().bw_mask == "causal"
     assert tiny_config().task_tokens is False
+    assert tiny_config().dropout == 0.0
+    assert tiny_config(dropout=0.99).dropout == 0.99

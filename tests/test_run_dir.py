@@ -14,7 +14,10 @@ from conftest import read_json, read_metrics, tiny_config, without_seconds
 from fwbw.cli import main
 from fwbw.files import read_jsonl
 from fwbw.schema import ConfigError
+from fwbw.study.configure import build_sweep_spec
+from fwbw.study.sweep import run_id
 from fwbw.training import checkpoint, run_dir
+from fwbw.training.config import LATER_FIELDS
 from fwbw.training.trainer import CHECKPOINT_KEYS, Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,11 +51,30 @@ def test_a_finished_run_holds_exactly_the_declared_files(tmp_path, tiny_data):
     assert checkpoint_owners(run) == {run_dir.config_id(config)}
 
 
-def test_config_id_is_the_hash_of_the_config_dict():
+def test_config_id_is_the_hash_of_the_config_dict_without_later_fields_at_their_old_values():
     config = tiny_config()
-    expected = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+    earlier = {key: value for key, value in config.to_dict().items() if key not in LATER_FIELDS}
+    expected = hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()
     assert run_dir.config_id(config) == expected
     assert run_dir.config_id(tiny_config(seed=7)) != expected
+    assert run_dir.config_id(tiny_config(train_fraction=0.5)) != expected
+
+
+def test_a_published_run_keeps_its_id():
+    """d2-w128-p0.25-s101-bc7c6cc9 of the data-constrained sweep (docs/results/data-constrained)."""
+    spec = build_sweep_spec("data-constrained")
+    assert "d2-w128-p0.25-s101-bc7c6cc9" in {run_id(config) for config in spec.configs()}
+
+
+def test_a_config_json_without_the_later_fields_belongs_to_the_same_run(tmp_path):
+    config = tiny_config()
+    run = tmp_path / "run"
+    run.mkdir()
+    earlier = {key: value for key, value in config.to_dict().items() if key not in LATER_FIELDS}
+    (run / run_dir.CONFIG).write_text(json.dumps(earlier))
+    run_dir.check_owner(run, config)
+    with pytest.raises(ConfigError, match="train_fraction"):
+        run_dir.check_owner(run, tiny_config(train_fraction=0.5))
 
 
 @pytest.fixture

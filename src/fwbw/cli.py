@@ -45,7 +45,7 @@ from fwbw.study.sweep import (
     run_sweep,
 )
 from fwbw.study.sweep_dir import SWEEP_FILE, read_sweep
-from fwbw.training.config import BW_MODES, DEVICES, TrainConfig
+from fwbw.training.config import BW_MODES, DEVICES, WD_LOSSES, TrainConfig
 from fwbw.training.data_parallel import is_main_process
 from fwbw.training.data_parallel import leave as leave_process_group
 from fwbw.training.evaluation import cut_run
@@ -91,7 +91,7 @@ class NegatedBooleanAction(argparse.BooleanOptionalAction):
 def add_train_flags(flags: ConfigFlags) -> None:
     """Flags of every command that trains, named after TrainConfig fields."""
     add = flags.add
-    add("--data", help=f"wiki-sample | wikitext-2 | wikitext-103 | text:DIR ({DEFAULTS.data})")
+    add("--data", help=f"wiki-sample | wiki-sample-v2 (with a test split) | wikitext-2 | wikitext-103 | text:DIR ({DEFAULTS.data})")
     add("--tokenizer", help=f"gpt2 | bpe:N ({DEFAULTS.tokenizer})")
     add("--seq-len", type=int, help=f"maximum sequence length ({DEFAULTS.seq_len})")
     add("--num-heads", type=int, help=f"attention heads splitting query, key and value ({DEFAULTS.num_heads}: hlb-gpt)")
@@ -114,6 +114,20 @@ def add_train_flags(flags: ConfigFlags) -> None:
         help="one microbatch per step (no gradient-norm-driven accumulation)")
     add("--device", choices=DEVICES, help="(auto)")
     add("--dtype", choices=DTYPE_CHOICES, help="(auto: bf16 autocast)")
+    add("--threads", type=int, metavar="N", help="torch's CPU threads (torch's default)")
+    add("--lr-scale", dest="recipe.lr_scale", type=float, help=f"multiplies every learning rate ({DEFAULTS.recipe.lr_scale:g})")
+    add("--train-fraction", type=float, metavar="F",
+        help="train on a nested share F of the training documents (1): the same --subset-seed gives nested shares")
+    add("--subset-seed", type=int, help=f"which documents --train-fraction keeps ({DEFAULTS.subset_seed})")
+    add("--replay", action=argparse.BooleanOptionalAction,
+        help="every step also trains fw on windows trained on before, added like bw (the same compute as p_bw 1)")
+    add("--dropout", type=float, help=f"residual dropout ({DEFAULTS.dropout:g})")
+    add("--wd-loss", choices=WD_LOSSES, help="the loss the dynamic weight decay reads: the step's mean task loss, or fw (tasks)")
+    add("--wd-constant", type=float, metavar="WD", help="a fixed weight decay instead of the dynamic one")
+    add("--wd-scale", type=float, help=f"multiplies the weight decay ({DEFAULTS.wd_scale:g})")
+    add("--eval-ema", type=float, metavar="DECAY", help="evaluate (and select) an EMA of the weights with this decay")
+    add("--patience", type=int, metavar="N", help="stop after N evaluations without a lower validation fw loss (off)")
+    add("--eval-bw", action=argparse.BooleanOptionalAction, help="evaluate the bw task (default: when the run trains it)")
 
 
 def overrides(args: argparse.Namespace) -> dict:

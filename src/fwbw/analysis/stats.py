@@ -46,11 +46,12 @@ from fwbw.model.hlb_gpt import count_params, training_flops_per_token
 from fwbw.model.masks import DIRECTIONS
 from fwbw.study.results import COLUMNS, CUT_PHASE, EVAL_PHASE, PROBE_COLUMNS
 from fwbw.training.evaluation import EVAL_METRICS
+from fwbw.training.config import LATER_FIELDS
 from fwbw.training.probes import probe_keys
 from fwbw.training.trainer import TrainingDiverged
 
 # what every compared run shares
-CONTEXT = ["data", "tokenizer", "seq_len", "epochs", "train_tokens", "eval_tokens", "dtype", "recipe_id"]
+CONTEXT = ["data", "tokenizer", "seq_len", "epochs", "train_tokens", "eval_tokens", "dtype", "recipe_id", *LATER_FIELDS]
 SIZE = ["depth", "width", "model_scale"]  # model_scale: hlb-gpt's sizing, missing (NaN) for depth x width runs
 VARIANT = ["bw_mode", "bw_mask", "task_tokens", "num_heads", "adaptive_p_bw"]
 BASELINE_VARIANT = ["task_tokens", "num_heads"]  # what a p_bw = 0 baseline shares with its arm; the rest acts on bw steps only
@@ -101,6 +102,11 @@ MASK_SUMMARY_COLUMNS = ["bw_mask", "runs", "bw_fw_loss_ratio", "leaks_labels", "
 # ----------------------------------------------------------------------------- runs and points
 
 def check_columns(df: pd.DataFrame) -> None:
+    """Refuse a table without the results columns; a table written before the later config
+    fields gets them here, at the values its runs had (LATER_FIELDS)."""
+    for column, value in LATER_FIELDS.items():
+        if column not in df.columns:
+            df[column] = value
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"results table lacks columns: {', '.join(missing)}")

@@ -10,24 +10,50 @@ from fwbw.model.tasks import window_length
 
 class WindowSampler:
     """Draws random windows from a token stream, as hlb-gpt does, from its own seeded generator
-    so that a resumed run draws exactly the windows an uninterrupted one would."""
+    so that a resumed run draws exactly the windows an uninterrupted one would. With `remember`,
+    it keeps the start of every window drawn, for `replay`."""
 
-    def __init__(self, tokens: np.ndarray, seed: int):
+    def __init__(self, tokens: np.ndarray, seed: int, remember: bool = False):
         self.tokens = tokens
         self.generator = torch.Generator().manual_seed(seed)
+        self.remember = remember
+        self.starts: list[torch.Tensor] = []  # of each draw, while remembering
 
     def sample(self, batch_size: int, length: int) -> torch.Tensor:
+        self._check_length(length)
+        starts = torch.randint(0, len(self.tokens) - length + 1, (batch_size,), generator=self.generator)
+        if self.remember:
+            self.starts.append(starts)
+        return self._windows(starts, length)
+
+    def replay(self, batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
+        """`batch_size` windows of `length` at starts drawn uniformly from the windows drawn so far
+        (shifted left where a longer window would run past the end): data trained on before."""
+        self._check_length(length)
+        if not self.starts:
+            raise RuntimeError("nothing to replay: no window has been drawn yet")
+        seen = torch.cat(self.starts)
+        picked = seen[torch.randint(0, len(seen), (batch_size,), generator=generator)]
+        return self._windows(picked.clamp(max=len(self.tokens) - length), length)
+
+    def _check_length(self, length: int) -> None:
         if length > len(self.tokens):
             raise ValueError(f"window length {length} exceeds the {len(self.tokens)} training tokens")
-        starts = torch.randint(0, len(self.tokens) - length + 1, (batch_size,), generator=self.generator)
+
+    def _windows(self, starts: torch.Tensor, length: int) -> torch.Tensor:
         rows = [np.asarray(self.tokens[s : s + length], dtype=np.int64) for s in starts.tolist()]
         return torch.from_numpy(np.stack(rows))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state()}
+        state = {"generator": self.generator.get_state()}
+        if self.remember:
+            state["starts"] = torch.cat(self.starts) if self.starts else torch.zeros(0, dtype=torch.int64)
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
+        if self.remember:
+            self.starts = [state["starts"].to(torch.int64)]
 
 
 def validation_windows(tokens: np.ndarray, length: int, max_tokens: int) -> torch.Tensor:
@@ -46,10 +72,24 @@ def validation_set(config, tokens: np.ndarray) -> torch.Tensor:
 
 
 def train_eval_set(config, tokens: np.ndarray) -> torch.Tensor | None:
-    """The fixed windows from the start of the training split that a run (a TrainConfig) also
-    evaluates, to measure how far its training loss has fallen below its validation loss; None
-    when config.train_eval_tokens is 0. Training draws random windows from the whole split, so
-    these tokens are trained on as often as any others."""
+    """The fixed training-split windows that a run (a TrainConfig) also evaluates, to measure how
+    far its training loss has fallen below its validation loss; None when config.train_eval_tokens
+    is 0. They are evenly_spaced_windows over the whole split (a subset's, if the run trains on
+    one): training draws random windows from all of it, so these tokens are trained on as often as
+    any others, and they sample the whole split rather than its first documents."""
     if config.train_eval_tokens == 0:
         return None
-    return validation_windows(tokens, window_length(config.seq_len, config.task_tokens), config.train_eval_tokens)
+    return evenly_spaced_windows(tokens, window_length(config.seq_len, config.task_tokens), config.train_eval_tokens)
+
+
+def evenly_spaced_windows(tokens: np.ndarray, length: int, max_tokens: int) -> torch.Tensor:
+    """count = min(len(tokens), max_tokens) // length windows, window i starting at
+    round(i * (len(tokens) - length) / max(1, count - 1)) (halves to even, as Python rounds): the
+    first at the start of the stream, the last (if count > 1) ending at its end, evenly spaced to
+    within a token. They never overlap, because count * length <= len(tokens)."""
+    count = min(len(tokens), max_tokens) // length
+    if count == 0:
+        raise ValueError(f"training split has {len(tokens)} tokens, fewer than one window of {length}")
+    starts = np.rint(np.arange(count) * (len(tokens) - length) / max(1, count - 1)).astype(np.int64)
+    rows = [np.asarray(tokens[start : start + length], dtype=np.int64) for start in starts]
+    return torch.from_numpy(np.stack(rows))

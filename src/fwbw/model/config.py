@@ -28,7 +28,8 @@ def check_attention_shape(width: int, num_heads: int, qk_dim_div: int = QK_DIM_D
 class ModelConfig:
     """hlb-gpt v0.4.1 (docs/method.md#the-model). With task_tokens the vocabulary grows by two:
     the fw token (id vocab_size) and the bw token (id vocab_size + 1). num_heads splits the
-    attention as the study's code could (1: hlb-gpt's single head)."""
+    attention as the study's code could (1: hlb-gpt's single head). dropout is the probability of
+    residual dropout in training mode (0: hlb-gpt, none)."""
 
     vocab_size: int
     depth: int
@@ -39,6 +40,7 @@ class ModelConfig:
     qk_dim_div: int = QK_DIM_DIV
     expand_factor: int = 2
     num_heads: int = 1
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         require(self.vocab_size >= 2, "vocab_size", f"must be >= 2, got {self.vocab_size}")
@@ -47,6 +49,7 @@ class ModelConfig:
         check_attention_shape(self.width, self.num_heads, self.qk_dim_div)
         require(self.expand_factor >= 2, "expand_factor", f"must be >= 2, got {self.expand_factor}")
         require(self.max_seq_len >= 2, "max_seq_len", f"must be >= 2, got {self.max_seq_len}")
+        require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
         require(self.bw_mask in BW_MASKS, "bw_mask", f"must be one of {BW_MASKS}, got {self.bw_mask!r}")
 
     @property

@@ -19,6 +19,12 @@ from fwbw.model.config import ModelConfig
 from fwbw.model.masks import mask_and_distance
 
 
+def residual_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """nanoGPT's residual dropout: `x` dropped with probability p in training mode. At p = 0 or in
+    eval mode dropout is not called at all, so it draws no random numbers."""
+    return F.dropout(x, p) if training and p > 0 else x
+
+
 class LatentAttentionBlock(nn.Module):
     """Pre-norm residual block: one fused projection feeds a GEGLU whose output is split into a
     local (MLP-like) half and the value of the attention; both are projected back. With
@@ -32,6 +38,7 @@ class LatentAttentionBlock(nn.Module):
         self.qk_dim = config.qk_dim
         self.expand_dim = width * config.expand_factor
         self.value_dim = width
+        self.dropout = config.dropout
         self.norm = nn.LayerNorm(width, bias=False)
         fused_out = 2 * self.qk_dim + 2 * self.expand_dim
         self.expand = nn.Parameter(
@@ -58,7 +65,8 @@ class LatentAttentionBlock(nn.Module):
             self._heads(query), self._heads(key), self._heads(value), attn_mask=bias.to(query.dtype)
         )
         attention = attention.transpose(-3, -2).flatten(-2)  # [B, h, T, c] -> [B, T, h * c]
-        return x + F.linear(torch.cat([local, attention], dim=-1), self.project)
+        branch = F.linear(torch.cat([local, attention], dim=-1), self.project)
+        return x + residual_dropout(branch, self.dropout, self.training)
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -124,6 +132,7 @@ class HlbGpt(nn.Module):
             seq_len, direction, self.config.bw_mask, max_seq_len=self.config.max_seq_len, device=tokens.device
         )
         x = self.embed(tokens, embedding_groups, tokens if counted is None else counted)
+        x = residual_dropout(x, self.config.dropout, self.training)
         for block in self.blocks:
             x = block(x, allowed, dist)
         return self.norm(x)

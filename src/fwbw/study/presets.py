@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 from fwbw.schema import ConfigError
+from fwbw.training.config import RecipeConfig as RecipeDefaults
 
 PRESETS: dict[str, Callable[[], dict]] = {}
 
@@ -89,6 +90,77 @@ def data_constrained() -> dict:
         "train_eval_tokens": 32_768,
         "recipe": {"tokens_per_microbatch": 2048, "dynamic_microbatch": False},
     }
+
+
+# data-efficiency (docs/analysis-plan.md): one model, the nested training shares and arms it compares
+EFFICIENCY_FRACTION = 0.25  # the share of the training articles where bw training is studied
+EFFICIENCY_FRACTIONS = (0.125, 0.5, 1.0)  # the fw-only curve's other points (with EFFICIENCY_FRACTION)
+EFFICIENCY_DOSES = (0.1, 0.5, 1.0)  # p_bw beside the grid's 0 and 0.25
+EFFICIENCY_SEEDS = 8  # chosen from the pilot's SD (docs/analysis-plan.md)
+EFFICIENCY_FIRST_SEED = 100
+PILOT_FIRST_SEED = 900  # the pilot's seeds, never reused by the main sweep
+WEIGHT_DECAY = 2e-5  # every arm's: the dynamic rule's value near the fw-only run's best (fw loss ~4.4)
+
+
+def efficiency_base() -> dict:
+    """What every data-efficiency run shares: depth 2 / width 128 (0.73M parameters), bpe:2048 on
+    wiki-sample-v2 (80/10/10 train/valid/test), one fixed 2048-token microbatch per step, a cap of
+    32 epochs of its share, the EMA of the weights (decay 0.99) evaluated every half epoch and
+    stopped after 4 evaluations without a lower validation fw loss; one fixed weight decay; pinned
+    numerics (bf16 autocast, one thread, not compiled)."""
+    return {
+        "depths": [2],
+        "widths": [128],
+        "data": "wiki-sample-v2",
+        "tokenizer": "bpe:2048",
+        "seq_len": 128,
+        "bw_mode": "add",
+        "train_fraction": EFFICIENCY_FRACTION,
+        "epochs": 32.0,
+        "eval_every_epochs": 0.5,
+        "eval_tokens": 24_576,
+        "train_eval_tokens": 12_288,
+        "eval_ema": 0.99,
+        "patience": 4,
+        "eval_bw": False,
+        "wd_constant": WEIGHT_DECAY,
+        "dtype": "bf16",
+        "threads": 1,
+        "compile": False,
+        "recipe": {"tokens_per_microbatch": 2048, "dynamic_microbatch": False},
+    }
+
+
+def efficiency_arms() -> list[dict]:
+    """The arms beyond the primary contrast, in the plan's priority order: the fw-only curve over
+    unique data, Q2 (one pass over all the data: fw+bw, fw+replay, fw), the dose, the controls."""
+    one_pass = {"train_fraction": 1.0, "epochs": 1.0, "eval_every_epochs": 0.125, "patience": None}
+    lr_scale = RecipeDefaults.lr_scale
+    return [
+        *({"train_fraction": fraction, "p_bw": 0.0} for fraction in EFFICIENCY_FRACTIONS),
+        {**one_pass, "p_bw": 1.0}, {**one_pass, "p_bw": 0.0, "replay": True}, {**one_pass, "p_bw": 0.0},
+        *({"p_bw": dose} for dose in EFFICIENCY_DOSES),
+        *({"p_bw": p_bw, "recipe": {"lr_scale": lr_scale * factor}} for factor in (0.5, 2.0) for p_bw in (0.0, 0.25)),
+        {"p_bw": 0.0, "dropout": 0.1},
+        {"p_bw": 0.0, "wd_scale": 10.0},
+    ]
+
+
+@preset("data-efficiency")
+def data_efficiency() -> dict:
+    """Does bw training lower the best fw loss on held-out text, and what is it worth in unique
+    data (issue 18, docs/analysis-plan.md)? The grid is the primary contrast, p_bw 0.25 vs 0 on a
+    quarter of the training articles; the extra runs are the other arms, every one for every seed."""
+    seeds = range(EFFICIENCY_FIRST_SEED, EFFICIENCY_FIRST_SEED + EFFICIENCY_SEEDS)
+    base = efficiency_base()
+    runs = [{**arm, "seed": seed} for arm in efficiency_arms() for seed in seeds]
+    return {**base, "p_bw": [0.0, 0.25], "seeds": EFFICIENCY_SEEDS, "seed": EFFICIENCY_FIRST_SEED, "extra_runs": runs}
+
+
+@preset("data-efficiency-pilot")
+def data_efficiency_pilot() -> dict:
+    """The pilot of data-efficiency, used only to measure the SD of the primary contrast."""
+    return {**efficiency_base(), "p_bw": [0.0, 0.25], "seeds": 3, "seed": PILOT_FIRST_SEED}
 
 
 @preset("demo")

@@ -25,6 +25,7 @@ from fwbw.retrieval.run_files import METRICS_FILE
 from fwbw.study.sweep_dir import (
     RESULTS_CSV,
     RESULTS_PARQUET,
+    RUNS_CSV,
     RETRIEVAL,
     RETRIEVAL_CSV,
     RETRIEVAL_PARQUET,
@@ -33,6 +34,7 @@ from fwbw.study.sweep_dir import (
 )
 from fwbw.training.evaluation import EVAL_METRICS
 from fwbw.training.probes import PROBE_KEYS
+from fwbw.training.config import LATER_FIELDS
 from fwbw.training.run_dir import CUT, METRICS, MODEL_CONFIG, SUMMARY, read_status
 
 EVAL_PHASE, CUT_PHASE = "train-eval", "cut"  # the `phase` of validation and of layer-cut rows
@@ -41,7 +43,13 @@ PROBE_COLUMNS = PROBE_KEYS  # a trained run's leak probes of each task, through 
 # a run's config fields, one column each
 CONFIG_COLUMNS = ["data", "tokenizer", "depth", "width", "model_scale", "num_heads", "seq_len", "p_bw", "adaptive_p_bw",
                   "bw_mode", "bw_mask", "task_tokens", "epochs", "train_tokens", "eval_tokens", "dtype", "eval_every_epochs",
-                  "seed"]
+                  "seed", *LATER_FIELDS]
+# what determines a run's numbers beyond its config (fwbw.provenance), from its summary.json
+PROVENANCE_COLUMNS = ["fwbw_version", "git_commit", "git_dirty", "torch_version", "device_name", "resolved_threads", "compiled"]
+# the runs table's measures of each finished run (summary.json): early stopping's choice and the test split's scores
+RUN_MEASURES = ["unique_tokens", "steps", "tokens", "best_step", "best_epoch", "best_val_fw_loss", "best_train_split_fw_loss",
+                "stopped_early", "censored", "final_val_loss_fw", "test_fw_loss", "test_fw_loss_final", "test_tokens",
+                "eval_seconds", "seconds"]
 RECIPE_ID_LENGTH = 8  # hex digits of the recipe's sha256 kept in `recipe_id`
 COLUMNS = [
     "run_id", *CONFIG_COLUMNS, "recipe_id", "num_params", "step", "tokens", "epoch", "seconds", "direction", "loss", "acc", "ppl",
@@ -82,13 +90,13 @@ def run_rows(identifier: str, config: dict, run_dir: Path) -> list[dict]:
         {**settings, **_point(point), "direction": d, **{m: point[f"{d}_{m}"] for m in EVAL_METRICS},
          "phase": EVAL_PHASE, "blocks_remaining": config["depth"]}
         for point in metrics
-        for d in DIRECTIONS
+        for d in DIRECTIONS if f"{d}_loss" in point
     ]
     rows += [
         {**settings, **_point(point), "direction": d, **{m: point[f"train_{d}_{m}"] for m in EVAL_METRICS},
          "phase": TRAIN_SPLIT_PHASE, "blocks_remaining": config["depth"]}
-        for point in metrics if f"train_{DIRECTIONS[0]}_loss" in point
-        for d in DIRECTIONS
+        for point in metrics
+        for d in DIRECTIONS if f"train_{d}_loss" in point
     ]
     cut = _read_if_written(run_dir / CUT, read_json, []) if metrics else []
     rows += [
@@ -132,8 +140,27 @@ def build_results(sweep_dir: Path) -> pd.DataFrame:
 
 
 def _run_settings(identifier: str, config: dict) -> dict:
-    return {"run_id": identifier, **{column: config[column] for column in CONFIG_COLUMNS},
+    """A run's id and config columns (a config.json from before a later field holds its LATER_FIELDS value)."""
+    return {"run_id": identifier, **{column: config.get(column, LATER_FIELDS.get(column)) for column in CONFIG_COLUMNS},
             "recipe_id": recipe_id(config["recipe"])}
+
+
+def run_summary_row(identifier: str, config: dict, run_dir: Path) -> dict:
+    """One run's row of the runs table: config, lr_scale, status, measures and provenance."""
+    summary = _read_if_written(run_dir / SUMMARY, read_json, {})
+    provenance = {**summary, "resolved_threads": summary.get("threads")}
+    return {**_run_settings(identifier, config), "lr_scale": config["recipe"]["lr_scale"],
+            "status": read_status(run_dir, corrupt_is_pending=False)["status"], "num_params": summary.get("num_params"),
+            **{column: summary.get(column) for column in RUN_MEASURES},
+            **{column: provenance.get(column) for column in PROVENANCE_COLUMNS}}
+
+
+def build_runs(sweep_dir: Path) -> pd.DataFrame:
+    """The runs table: one row per run of the sweep (runs.csv)."""
+    rows = [run_summary_row(identifier, config, Path(sweep_dir) / RUNS / identifier)
+            for identifier, config in read_sweep(sweep_dir)["runs"].items()]
+    return pd.DataFrame(rows).reindex(columns=["run_id", *CONFIG_COLUMNS, "recipe_id", "lr_scale", "status", "num_params",
+                                               *RUN_MEASURES, *PROVENANCE_COLUMNS])
 
 
 def retrieval_rows(sweep_dir: Path) -> list[dict]:
@@ -165,6 +192,8 @@ def write_results(sweep_dir: Path) -> pd.DataFrame:
     sweep_dir = Path(sweep_dir)
     atomic_write(sweep_dir / RESULTS_PARQUET, lambda tmp: table.to_parquet(tmp, index=False))
     atomic_write(sweep_dir / RESULTS_CSV, lambda tmp: table.to_csv(tmp, index=False))
+    runs = build_runs(sweep_dir)
+    atomic_write(sweep_dir / RUNS_CSV, lambda tmp: runs.to_csv(tmp, index=False))
     retrieval = build_retrieval_results(sweep_dir)
     for name, write in ((RETRIEVAL_PARQUET, retrieval.to_parquet), (RETRIEVAL_CSV, retrieval.to_csv)):
         if retrieval.empty:

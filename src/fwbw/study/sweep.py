@@ -224,7 +224,9 @@ def run_id(config: TrainConfig) -> str:
     heads = "" if config.num_heads == TrainConfig.num_heads else f"-h{config.num_heads}"
     adaptive = "-adapt" if config.adaptive_p_bw else ""
     mask = "" if config.bw_mask == TrainConfig.bw_mask else f"-{config.bw_mask}"
-    settings = f"d{config.depth}-w{config.width}{scale}{heads}-p{config.p_bw:g}{adaptive}{mask}"
+    data = "" if config.train_fraction == TrainConfig.train_fraction else f"-f{config.train_fraction:g}"
+    replay = "-replay" if config.replay else ""
+    settings = f"d{config.depth}-w{config.width}{scale}{heads}{data}-p{config.p_bw:g}{replay}{adaptive}{mask}"
     return f"{settings}-s{config.seed}-{config_id(config)[:8]}"
 
 

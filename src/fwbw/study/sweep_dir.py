@@ -21,6 +21,7 @@ from fwbw.training.run_dir import SHOWN_DIFFERENCES, SWEEP_FILE
 
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"
+RUNS_CSV = "runs.csv"  # one row per run: its config, selection, test scores and provenance
 RETRIEVAL = "retrieval"
 RETRIEVAL_PARQUET = "retrieval.parquet"
 RETRIEVAL_CSV = "retrieval.csv"

@@ -158,9 +158,14 @@ def load_latest(run_dir: Path, config_id: str, keys: tuple[str, ...] = (), warn=
 def save_model(run_dir: Path, model: HlbGpt) -> None:
     """The trained weights and their shape, for `load_model` (cut, analysis, sampling)."""
     run_dir = Path(run_dir)
-    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     atomic_write_json(run_dir / MODEL_CONFIG, dataclasses.asdict(model.config))
-    atomic_write(run_dir / MODEL_WEIGHTS, lambda tmp: _save_tensors(weights, tmp))
+    save_weights(run_dir / MODEL_WEIGHTS, model.state_dict())
+
+
+def save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
+    """A state dict as safetensors (e.g. the weights early stopping selected)."""
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()}
+    atomic_write(Path(path), lambda tmp: _save_tensors(tensors, tmp))
 
 
 def load_weights(run_dir: Path, model: HlbGpt) -> HlbGpt:

@@ -5,6 +5,7 @@ and can be rebuilt from that file alone."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from fwbw.schema import ConfigError, check_fields, from_mapping, require, typed
 from fwbw.training.precision import DTYPE_CHOICES
 
 BW_MODES = ("add", "either")
+WD_LOSSES = ("tasks", "fw")  # which loss the dynamic weight decay reads: the step's mean task loss, or its fw loss
 DEVICES = ("auto", "cpu", "cuda")
 # two ways to size a model: hlb-gpt's model_scale, or depth and width. A layer of values that gives
 # one replaces what the layers below it gave of the other.
@@ -108,6 +110,20 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    # --- added after the first published sweeps: left out of a config's identity (run ids,
+    # checkpoint stamps) while at the value in LATER_FIELDS, so those runs keep their ids
+    train_fraction: float = 1.0  # the nested share of the training documents trained on (fwbw.data.corpora)
+    subset_seed: int = 0  # which documents make that share (its own seed, not the training seed)
+    replay: bool = False  # every step also trains fw on windows trained on before (added like bw)
+    dropout: float = 0.0  # residual dropout (fwbw.model.hlb_gpt)
+    wd_loss: str = "tasks"  # the loss the dynamic weight decay reads (WD_LOSSES)
+    wd_constant: float | None = None  # a fixed weight decay instead of the dynamic one
+    wd_scale: float = 1.0  # multiplies the weight decay, dynamic or fixed
+    eval_ema: float | None = None  # evaluate an exponential moving average of the weights with this decay
+    patience: int | None = None  # stop after this many evaluations without a lower validation fw loss
+    eval_bw: bool | None = None  # evaluate the bw task (None: only when the run trains it)
+    compile: bool | None = None  # torch.compile the blocks (None: fwbw.training.trainer.compile_by_default)
+    threads: int | None = None  # torch's CPU threads (None: torch's default)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -134,6 +150,28 @@ class TrainConfig:
         require(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", f"must be >= 1, got {self.checkpoint_every_steps}")
         require(self.device in DEVICES, "device", f"must be one of {DEVICES}, got {self.device!r}")
         require(self.dtype in DTYPE_CHOICES, "dtype", f"must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        self._check_later_fields()
+
+    def _check_later_fields(self) -> None:
+        require(0 < self.train_fraction <= 1, "train_fraction", f"must be in (0, 1], got {self.train_fraction}")
+        require(self.subset_seed >= 0, "subset_seed", f"must be >= 0, got {self.subset_seed}")
+        require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(self.wd_loss in WD_LOSSES, "wd_loss", f"must be one of {WD_LOSSES}, got {self.wd_loss!r}")
+        require(self.wd_constant is None or self.wd_loss == "tasks", "wd_loss", "has no effect with a wd_constant",
+                related=("wd_constant",))
+        require(self.wd_constant is None or 0 <= self.wd_constant < math.inf, "wd_constant",
+                f"must be >= 0 and finite, got {self.wd_constant}")
+        require(0 <= self.wd_scale < math.inf, "wd_scale", f"must be >= 0 and finite, got {self.wd_scale}")
+        require(self.eval_ema is None or 0 < self.eval_ema < 1, "eval_ema", f"must be in (0, 1), got {self.eval_ema}")
+        require(self.patience is None or self.patience >= 1, "patience", f"must be >= 1 evaluations, got {self.patience}")
+        require(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
+
+    def trains_bw(self) -> bool:
+        """Whether any step of this run may train the bw task."""
+        return self.p_bw > 0
+
+    def evaluates_bw(self) -> bool:
+        return self.trains_bw() if self.eval_bw is None else self.eval_bw
 
     def _check_model_scale(self) -> None:
         if self.model_scale is None:
@@ -171,10 +209,15 @@ class TrainConfig:
             bw_mask=self.bw_mask,
             task_tokens=self.task_tokens,
             num_heads=self.num_heads,
+            dropout=self.dropout,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """to_dict without the later fields at their LATER_FIELDS values: what makes a run this run."""
+        return identity_of(self.to_dict())
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -191,6 +234,19 @@ class TrainConfig:
         values = read_json(path)
         require(isinstance(values, dict), str(path), "holds no config (a JSON object)")
         return cls.from_dict(values)
+
+
+# fields added after the first published sweeps, and the value that behaves as those runs did
+LATER_FIELDS = {
+    "train_fraction": 1.0, "subset_seed": 0, "replay": False, "dropout": 0.0, "wd_loss": "tasks", "wd_constant": None,
+    "wd_scale": 1.0, "eval_ema": None, "patience": None, "eval_bw": None, "compile": None, "threads": None,
+}
+
+
+def identity_of(values: dict[str, Any]) -> dict[str, Any]:
+    """A config's plain data without the later fields that sit at their LATER_FIELDS value (a
+    config.json written before they existed has the same identity as one written after)."""
+    return {key: value for key, value in values.items() if key not in LATER_FIELDS or value != LATER_FIELDS[key]}
 
 
 def _reraise_as_config_error(field_name: str, check, value) -> None:

@@ -32,17 +32,18 @@ def evaluate(
     batch_size: int,
     precision: contextlib.AbstractContextManager | None = None,
     parallel: DataParallel = SINGLE_PROCESS,
+    directions: tuple[str, ...] = DIRECTIONS,
 ) -> dict[str, dict[str, float]]:
     """{direction: {loss, acc, ppl}} over every target of every window (token-weighted); with
     several ranks, each evaluates its share of the windows and the sums are reduced."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    sums = torch.zeros(2, len(DIRECTIONS), dtype=torch.float64)  # loss x windows, correct targets
+    sums = torch.zeros(2, len(directions), dtype=torch.float64)  # loss x windows, correct targets
     for batch in parallel.share(windows).split(batch_size):
         with precision or contextlib.nullcontext():
-            stats = task_stats(model, batch.to(device), DIRECTIONS)
-        for column, direction in enumerate(DIRECTIONS):
+            stats = task_stats(model, batch.to(device), directions)
+        for column, direction in enumerate(directions):
             loss, hits = stats[direction]
             sums[:, column] += torch.tensor([loss.item() * len(batch), hits.item()], dtype=torch.float64)
     model.train(was_training)
@@ -50,7 +51,7 @@ def evaluate(
     targets_per_window = windows.shape[1] - (0 if model.config.task_tokens else 1)
     total = len(windows) * targets_per_window
     metrics = {}
-    for column, direction in enumerate(DIRECTIONS):
+    for column, direction in enumerate(directions):
         loss = loss_sums[column].item() / len(windows)
         metrics[direction] = {"loss": loss, "acc": int(correct[column].item()) / total, "ppl": math.exp(min(loss, 80.0))}
     return metrics

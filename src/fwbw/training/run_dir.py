@@ -50,19 +50,20 @@ from typing import Callable, Iterator
 
 from fwbw.files import atomic_write_json, read_json
 from fwbw.schema import ConfigError, differences
-from fwbw.training.config import TrainConfig
+from fwbw.training.config import TrainConfig, identity_of
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 MODEL_CONFIG = "model_config.json"
 MODEL_WEIGHTS = "model.safetensors"
+BEST_WEIGHTS = "best.safetensors"  # the weights validation selected (averaged with eval_ema)
 CHECKPOINTS = "checkpoints"
 CUT = "cut.json"
 SAMPLES = "samples.json"
 STATUS = "status.json"
 LOCK = ".lock"
-OUTPUTS = (METRICS, SUMMARY, MODEL_CONFIG, MODEL_WEIGHTS, CUT, SAMPLES)  # what training, the cut and sampling write
+OUTPUTS = (METRICS, SUMMARY, MODEL_CONFIG, MODEL_WEIGHTS, BEST_WEIGHTS, CUT, SAMPLES)  # what training, the cut and sampling write
 RUN_FILES = (CONFIG, *OUTPUTS, STATUS)  # what a restart removes, with the checkpoints
 STATUSES = ("pending", "running", "done", "failed")
 SHOWN_DIFFERENCES = 3  # differing fields named when a directory belongs to another config
@@ -123,8 +124,9 @@ def check_writable(folder: Path, prefix: str = "") -> None:
 
 
 def config_id(config: TrainConfig) -> str:
-    """The identity of a config: a hash of its dict, stamped on every checkpoint of its run."""
-    return hashlib.sha256(_canonical(config.to_dict()).encode()).hexdigest()
+    """The identity of a config: a hash of its identity dict (TrainConfig.identity), stamped on every
+    checkpoint of its run."""
+    return hashlib.sha256(_canonical(config.identity()).encode()).hexdigest()
 
 
 def _canonical(value) -> str:
@@ -157,7 +159,7 @@ def check_owner(run_dir: Path, config: TrainConfig, restart: bool = False) -> No
     saved = read_json(path)
     if not isinstance(saved, dict):
         raise ConfigError(f"out: {path} is not a run config (a JSON object); {RESTART_HINT}")
-    shown = differences(saved, config.to_dict(), SHOWN_DIFFERENCES)
+    shown = differences(identity_of(saved), config.identity(), SHOWN_DIFFERENCES)
     if shown:
         raise ConfigError(f"out: {run_dir} holds the run of another config ({shown}); {RESTART_HINT}")
 

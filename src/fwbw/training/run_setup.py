@@ -36,9 +36,14 @@ class RunSetup:
     def _load_data(self, progress: bool) -> TokenData:
         """Rank 0 downloads and tokenizes (into the cache) before the other ranks read it."""
         first = self.parallel.is_main
-        data = load_token_data(self.config.data, self.config.tokenizer, progress=progress) if first else None
+        data = self._load_tokens(progress) if first else None
         self.parallel.barrier()
-        return data if first else load_token_data(self.config.data, self.config.tokenizer, progress=False)
+        return data if first else self._load_tokens(progress=False)
+
+    def _load_tokens(self, progress: bool) -> TokenData:
+        config = self.config
+        return load_token_data(config.data, config.tokenizer, progress=progress, train_fraction=config.train_fraction,
+                               subset_seed=config.subset_seed)
 
     def precision(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.dtype)

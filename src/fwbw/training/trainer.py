@@ -5,6 +5,7 @@ model.safetensors)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -16,10 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from fwbw.data.corpora import TokenData
-from fwbw.data.windows import WindowSampler
+from fwbw.data.windows import WindowSampler, validation_windows
 from fwbw.files import atomic_write_json, atomic_write_text
 from fwbw.model.masks import DIRECTIONS, leaks_labels
 from fwbw.model.tasks import task_stats, window_length
+from fwbw.provenance import provenance
 from fwbw.schema import ConfigError
 from fwbw.training import checkpoint
 from fwbw.training.allocator import tune_allocator
@@ -37,6 +39,7 @@ from fwbw.training.recipe import (
     set_weight_decay,
 )
 from fwbw.training.run_dir import (
+    BEST_WEIGHTS,
     METRICS,
     SUMMARY,
     LeaseLost,
@@ -48,11 +51,13 @@ from fwbw.training.run_dir import (
 )
 from fwbw.training.run_setup import RunSetup
 from fwbw.training.trackers import EvalPoints, check_tracker
+from fwbw.training.weight_average import WeightAverage
 
 P_BW_FLOOR = 0.01  # adaptive p_bw never drops below this (the study's clamp)
 COMPILE_MIN_CPU_STEPS = 1000  # see compile_by_default
 # what every checkpoint holds; one without them all was written by another version
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "sampler", "task_rng", "microbatching", "train_state")
+REPLAY = "replay"  # the step-loss key of the replayed fw task
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,6 +84,11 @@ class TrainState:
     metrics: list[dict] = field(default_factory=list)
     microbatch_split: int = 1  # each microbatch is trained in this many pieces (doubled on out of memory)
     memory_splits: list[dict] = field(default_factory=list)  # {step, split} at every doubling
+    weight_decay: float = 0.0  # of the decay group, set after every step
+    best_fw_loss: float | None = None  # the lowest validation fw loss so far (of the averaged weights with eval_ema)
+    best_step: int | None = None
+    evals_since_best: int = 0
+    stopped_early: bool = False  # patience ran out before the budget
 
     @property
     def training_seconds(self) -> float:
@@ -149,6 +159,8 @@ class Trainer(RunSetup):
         tune_allocator()
         parallel = from_environment(resolve_device(config.device).type)
         check_shares(config, parallel.world_size)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         super().__init__(config, data, progress and parallel.is_main, parallel)
         self.run_dir = Path(run_dir)
         self.restart = restart
@@ -158,14 +170,29 @@ class Trainer(RunSetup):
         self.num_params = self.model.num_params()
         self.optimizer, self.scheduler = build_optimizer(self.model, config.recipe)
         self.microbatching = Microbatching(self.num_params, config.recipe)
-        self.sampler = WindowSampler(self.data.train, config.seed)
+        self.sampler = WindowSampler(self.data.train, config.seed, remember=config.replay)
         self.task_rng = torch.Generator().manual_seed(config.seed + 1)
+        self.replay_rng = torch.Generator().manual_seed(config.seed + 2)  # its own: the other draws stay those of fw alone
         self.budget = config.train_tokens or int(config.epochs * len(self.data.train))
         check_budget(config, len(self.data.train), self.budget)
-        self.compiled = compile_by_default(self.device, expected_steps(config, self.budget)) if compile is None else compile
+        self.compiled = self._compile_decision(compile)
         if self.compiled:
             compile_blocks(self.model)
-        self.state = TrainState(p_bw=config.p_bw)
+        self.average = WeightAverage(self.model, config.eval_ema) if config.eval_ema is not None else None
+        # validation selects weights (kept in memory and checkpoints) with an EMA or early stopping;
+        # without either, the last step's weights are the run's
+        self.selects = config.eval_ema is not None or config.patience is not None
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.eval_directions = DIRECTIONS if config.evaluates_bw() else ("fw",)
+        self.state = TrainState(p_bw=config.p_bw, weight_decay=self._weight_decay(None))
+        set_weight_decay(self.optimizer, self.state.weight_decay)
+
+    def _compile_decision(self, given: bool | None) -> bool:
+        """`given` (the command line's), else the config's, else compile_by_default."""
+        for decision in (given, self.config.compile):
+            if decision is not None:
+                return decision
+        return compile_by_default(self.device, expected_steps(self.config, self.budget))
 
     # --- run directory -------------------------------------------------------------------
 
@@ -189,15 +216,26 @@ class Trainer(RunSetup):
                 "task_rng": self.task_rng.get_state(),
                 "microbatching": self.microbatching.state_dict(),
                 "train_state": self.state.__dict__,
+                **self._selection_state(),
             },
             config_id(self.config),
         )
+
+    def _selection_state(self) -> dict:
+        """What early stopping and the averaged weights add to a checkpoint."""
+        state = {} if self.average is None else {"average": self.average.state_dict()}
+        if self.best_weights is not None:
+            state["best_weights"] = self.best_weights
+        return state
+
+    def _checkpoint_keys(self) -> tuple[str, ...]:
+        return CHECKPOINT_KEYS + (() if self.average is None else ("average",))
 
     def _resume(self) -> None:
         """Continue from the newest checkpoint that loads; without one, start from scratch with
         the outputs of any earlier attempt removed, so the folder never mixes two runs."""
         warn = tqdm.write if self.parallel.is_main else lambda line: None
-        saved = checkpoint.load_latest(self.run_dir, config_id(self.config), CHECKPOINT_KEYS, warn=warn)
+        saved = checkpoint.load_latest(self.run_dir, config_id(self.config), self._checkpoint_keys(), warn=warn)
         step = -1 if saved is None else int(saved["train_state"]["step"])
         if not self.parallel.same_everywhere(step):
             raise RuntimeError(f"{self.run_dir}: the ranks found different checkpoints (this one step {step}): "
@@ -212,6 +250,9 @@ class Trainer(RunSetup):
         self.sampler.load_state_dict(saved["sampler"])
         self.task_rng.set_state(saved["task_rng"])
         self.microbatching.load_state_dict(saved["microbatching"])
+        if self.average is not None:
+            self.average.load_state_dict(saved["average"])
+        self.best_weights = saved.get("best_weights")
         self.state = TrainState(**saved["train_state"])
         self._write_metrics()
 
@@ -244,10 +285,12 @@ class Trainer(RunSetup):
         directions = directions or self._directions()
         length = window_length(seq_len, self.config.task_tokens)
         batches = [self.sampler.sample(batch_size, length) for _ in range(microbatches)]
-        loss_sums = self._accumulate_in_memory(batches, directions)
+        replayed = [self.sampler.replay(batch_size, length, self.replay_rng) for _ in batches] if self.config.replay else []
+        loss_sums = self._accumulate_in_memory(batches, directions, replayed)
         self.parallel.sum_gradients(self.model.parameters())
-        step_losses = dict(zip(directions, (self.parallel.all_reduce_sum(loss_sums) / microbatches).tolist()))
-        mean_loss = sum(step_losses.values()) / len(directions)
+        tasks = directions + ((REPLAY,) if replayed else ())
+        step_losses = dict(zip(tasks, (self.parallel.all_reduce_sum(loss_sums) / microbatches).tolist()))
+        mean_loss = sum(step_losses.values()) / len(tasks)
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"training loss became {mean_loss} at step {self.state.step}")
         if self.state.step % recipe.grad_norm_every == 0:
@@ -255,36 +298,69 @@ class Trainer(RunSetup):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        set_weight_decay(self.optimizer, dynamic_weight_decay(mean_loss, self.num_params, recipe))
+        self.state.weight_decay = self._weight_decay(step_losses)
+        set_weight_decay(self.optimizer, self.state.weight_decay)
         self.state.step += 1
         self.state.tokens += microbatches * batch_size * seq_len
         self._track_task_losses(step_losses)
+        if self.average is not None:
+            self.average.update(self.model)
         return mean_loss
 
-    def _accumulate(self, batches: list[torch.Tensor], directions: tuple[str, ...]) -> torch.Tensor:
-        """Forward and backward of this rank's share of every microbatch, in microbatch_split
-        pieces, each loss weighted by its share of the global microbatch (the ranks' gradients
-        then sum to the global batch's); the per-direction loss sums of this rank's shares."""
-        loss_sums = torch.zeros(len(directions), dtype=torch.float64)
-        for windows in batches:
-            on_device = windows.to(self.device)  # once: the share and its pieces are views of it
-            share = self.parallel.share(on_device)
-            for piece in share.split(math.ceil(len(share) / self.state.microbatch_split)):
-                with self.precision():
-                    stats = task_stats(self.model, piece, directions, accuracy=False, counted_windows=on_device)
-                    losses = torch.stack([stats[d][0] for d in directions])
-                weight = len(piece) / len(windows)
-                (losses.sum() * weight / len(batches)).backward()
-                loss_sums += losses.detach().cpu() * weight
+    def _weight_decay(self, step_losses: dict[str, float] | None) -> float:
+        """The decay group's weight decay for the next step: wd_constant, or hlb-gpt's dynamic one
+        from the step's wd_loss (0 before the first step; an "either" step without fw keeps the
+        last), times wd_scale."""
+        config = self.config
+        if config.wd_constant is not None:
+            return config.wd_constant * config.wd_scale
+        if step_losses is None:
+            return 0.0
+        if config.wd_loss == "fw":
+            loss = step_losses.get("fw")
+            if loss is None:
+                return self.state.weight_decay
+        else:
+            loss = sum(step_losses.values()) / len(step_losses)
+        return config.wd_scale * dynamic_weight_decay(loss, self.num_params, config.recipe)
+
+    def _accumulate(self, batches: list[torch.Tensor], directions: tuple[str, ...],
+                    replayed: list[torch.Tensor]) -> torch.Tensor:
+        """Forward and backward of this rank's share of every microbatch (and of its replayed
+        windows, trained on fw), each loss weighted by its share of the global microbatch (the
+        ranks' gradients then sum to the global batch's); the per-task loss sums of this rank's
+        shares: directions, then the replay's."""
+        loss_sums = torch.zeros(len(directions) + (1 if replayed else 0), dtype=torch.float64)
+        for index, windows in enumerate(batches):
+            losses = self._accumulate_microbatch(windows, directions, len(batches))
+            if replayed:
+                losses = torch.cat([losses, self._accumulate_microbatch(replayed[index], ("fw",), len(batches))])
+            loss_sums += losses
         return loss_sums
 
-    def _accumulate_in_memory(self, batches: list[torch.Tensor], directions: tuple[str, ...]) -> torch.Tensor:
+    def _accumulate_microbatch(self, windows: torch.Tensor, directions: tuple[str, ...], count: int) -> torch.Tensor:
+        """Forward and backward of this rank's share of one of the step's `count` microbatches, in
+        microbatch_split pieces; the per-direction loss sums."""
+        loss_sums = torch.zeros(len(directions), dtype=torch.float64)
+        on_device = windows.to(self.device)  # once: the share and its pieces are views of it
+        share = self.parallel.share(on_device)
+        for piece in share.split(math.ceil(len(share) / self.state.microbatch_split)):
+            with self.precision():
+                stats = task_stats(self.model, piece, directions, accuracy=False, counted_windows=on_device)
+                losses = torch.stack([stats[d][0] for d in directions])
+            weight = len(piece) / len(windows)
+            (losses.sum() * weight / count).backward()
+            loss_sums += losses.detach().cpu() * weight
+        return loss_sums
+
+    def _accumulate_in_memory(self, batches: list[torch.Tensor], directions: tuple[str, ...],
+                              replayed: list[torch.Tensor]) -> torch.Tensor:
         """_accumulate, retried with each microbatch in twice as many pieces (the same tokens per
         step) whenever some rank runs out of memory; every rank retries together."""
         while True:
             out_of_memory = False
             try:
-                loss_sums = self._accumulate(batches, directions)
+                loss_sums = self._accumulate(batches, directions, replayed)
             except torch.OutOfMemoryError:
                 out_of_memory = True  # handled below, once the traceback no longer holds the tensors
             if not self.parallel.any(out_of_memory):
@@ -312,14 +388,29 @@ class Trainer(RunSetup):
     def _eval_due(self) -> bool:
         return self.state.tokens >= (self.state.evals_done + 1) * self._eval_interval_tokens()
 
+    def _evaluate_on(self, windows: torch.Tensor, directions: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        return evaluate(self.model, windows, eval_batch_size(windows), self.precision(), self.parallel, directions)
+
+    def _evaluate_model(self) -> dict[str, dict[str, float]]:
+        """The model's weights now on validation and, if asked, the training-split windows."""
+        metrics = self._evaluate_on(self.valid, self.eval_directions)
+        if self.train_eval is not None:
+            on_train = self._evaluate_on(self.train_eval, self.eval_directions)
+            metrics.update({f"train_{direction}": values for direction, values in on_train.items()})
+        return metrics
+
+    def _evaluated_weights(self) -> contextlib.AbstractContextManager:
+        """The weights every evaluation reads: the average with eval_ema, else the trained ones."""
+        return contextlib.nullcontext() if self.average is None else self.average.swapped_in(self.model)
+
     def _evaluate(self) -> dict:
         training_seconds = self.state.training_seconds
         started = time.perf_counter()
-        metrics = evaluate(self.model, self.valid, eval_batch_size(self.valid), self.precision(), self.parallel)
-        if self.train_eval is not None:
-            on_train = evaluate(self.model, self.train_eval, eval_batch_size(self.train_eval), self.precision(),
-                                self.parallel)
-            metrics.update({f"train_{direction}": values for direction, values in on_train.items()})
+        # the trained weights' validation fw loss beside the average's: the noise the average removes
+        raw = {} if self.average is None else {"raw_fw_loss": self._evaluate_on(self.valid, ("fw",))["fw"]["loss"]}
+        with self._evaluated_weights():
+            metrics = self._evaluate_model()
+            self._select(metrics["fw"]["loss"])
         self.state.eval_seconds += time.perf_counter() - started
         record = {
             "step": self.state.step,
@@ -328,6 +419,8 @@ class Trainer(RunSetup):
             "seconds": self.state.seconds,
             "train_loss": self.state.loss_sum / max(1, self.state.loss_steps),
             "p_bw": self.state.p_bw,
+            "weight_decay": self.state.weight_decay,
+            **raw,
         }
         for direction, values in metrics.items():
             record.update({f"{direction}_{name}": value for name, value in values.items()})
@@ -338,12 +431,28 @@ class Trainer(RunSetup):
         self.eval_points.log(record, self.optimizer, training_seconds)
         return record
 
+    def _select(self, fw_loss: float) -> None:
+        """Early stopping's bookkeeping on the validation fw loss of the weights just evaluated
+        (they are in the model): keep them when they are the best so far."""
+        if self.state.best_fw_loss is None or fw_loss < self.state.best_fw_loss:
+            self.state.best_fw_loss, self.state.best_step, self.state.evals_since_best = fw_loss, self.state.step, 0
+            if self.selects:
+                self.best_weights = {name: value.detach().cpu().clone() for name, value in self.model.state_dict().items()}
+        else:
+            self.state.evals_since_best += 1
+        patience = self.config.patience
+        if patience is not None and self.state.evals_since_best >= patience:
+            self.state.stopped_early = True
+
     def _status_line(self, loss: float) -> str:
         line = f"step {self.state.step} ep {self.state.tokens / len(self.data.train):.2f} loss {loss:.3f}"
         if self.state.metrics:
             last = self.state.metrics[-1]
-            line += f" val fw {last['fw_loss']:.3f} bw {last['bw_loss']:.3f}"
+            line += f" val fw {last['fw_loss']:.3f}" + (f" bw {last['bw_loss']:.3f}" if "bw_loss" in last else "")
         return line
+
+    def _training_left(self) -> bool:
+        return self.state.tokens < self.budget and not self.state.stopped_early
 
     def run(self) -> dict:
         """Train to the token budget (resuming from the newest intact checkpoint) and return
@@ -356,7 +465,7 @@ class Trainer(RunSetup):
         self.eval_points = EvalPoints(self.tracker_name, self.run_dir, self.state.step, self.state.tokens,
                                       self.state.training_seconds)
         try:
-            if self.state.tokens < self.budget:
+            if self._training_left():
                 self.eval_points.open()
             self._train_to_budget()
             if not self.state.metrics or self.state.metrics[-1]["step"] != self.state.step:
@@ -375,7 +484,7 @@ class Trainer(RunSetup):
         started = time.perf_counter() - self.state.seconds
         last_checkpoint = self.state.step
         try:
-            while self.state.tokens < self.budget:
+            while self._training_left():
                 if self.stop is not None and self.stop.is_set():
                     raise LeaseLost(f"{self.run_dir}: another worker holds the run now; stopped at step {self.state.step}")
                 before = self.state.tokens
@@ -384,9 +493,9 @@ class Trainer(RunSetup):
                 self.state.loss_steps += 1
                 self.state.seconds = time.perf_counter() - started
                 bar.update(min(self.state.tokens, self.budget) - min(before, self.budget))
-                finished = self.state.tokens >= self.budget
-                if self._eval_due() or finished:
+                if self._eval_due() or self.state.tokens >= self.budget:
                     self._evaluate()
+                finished = not self._training_left()
                 bar.set_postfix_str(self._status_line(loss), refresh=False)
                 if finished or self.state.step - last_checkpoint >= self.config.checkpoint_every_steps:
                     self._save_checkpoint()
@@ -404,25 +513,74 @@ class Trainer(RunSetup):
             **leak_summary(self.model),
             "steps": self.state.step,
             "tokens": self.state.tokens,
+            "unique_tokens": len(self.data.train),
             "seconds": self.state.seconds,
             "eval_seconds": self.state.eval_seconds,
             # of the whole run, all ranks together
             "mean_train_tokens_per_s": self.state.tokens / max(self.state.training_seconds, 1e-9),
-            "device": str(self.device),
+            **provenance(self.device),
             "dtype": self.dtype,
             "world_size": self.parallel.world_size,
             "compiled": self.compiled,
             "microbatch_split": self.state.microbatch_split,
             **{
-                f"final_val_{metric}_{direction}": final[f"{direction}_{metric}"]
+                f"final_val_{metric}_{direction}": final.get(f"{direction}_{metric}")
                 for direction in DIRECTIONS
                 for metric in EVAL_METRICS
             },
+            **self._selection_summary(),
+            **self._score_test(),
         }
         if self.parallel.is_main:
             checkpoint.save_model(self.run_dir, self.model)
+            if self.selects:
+                checkpoint.save_weights(self.run_dir / BEST_WEIGHTS, self.best_weights)
             atomic_write_json(self.run_dir / SUMMARY, summary)
         return summary
+
+    def _evaluate_selected(self, windows: torch.Tensor) -> dict[str, dict[str, float]]:
+        trained = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
+        self.model.load_state_dict(self.best_weights)
+        try:
+            return self._evaluate_on(windows, self.eval_directions)
+        finally:
+            self.model.load_state_dict(trained)
+
+    def _selection_summary(self) -> dict:
+        """Which evaluation validation selected (early stopping), and whether the run went past it."""
+        best = next(record for record in self.state.metrics if record["step"] == self.state.best_step)
+        return {
+            "selected_by": self._selected_by(),
+            "best_step": self.state.best_step,
+            "best_epoch": best["epoch"],
+            "best_val_fw_loss": self.state.best_fw_loss,
+            "best_train_split_fw_loss": best.get("train_fw_loss"),
+            "stopped_early": self.state.stopped_early,
+            # the optimum was not passed within the budget: the best is at the last evaluation
+            "censored": self.state.best_step == self.state.metrics[-1]["step"],
+        }
+
+    def _selected_by(self) -> str:
+        if not self.selects:
+            return "last step"
+        return "valid fw loss" + (f" of the weights' EMA (decay {self.config.eval_ema:g})" if self.average else "")
+
+    def _score_test(self) -> dict:
+        """The whole test split, scored once training has ended: at the weights validation selected
+        (`test_*`; the last step's when the run selects none) and at the last step's (`test_*_final`,
+        averaged with eval_ema). Nothing before this reads the test split, so it can reach no
+        choice. {} for a corpus without one."""
+        if self.data.test is None:
+            return {}
+        windows = validation_windows(self.data.test, self.valid.shape[1], len(self.data.test))
+        with self._evaluated_weights():
+            final = self._evaluate_on(windows, self.eval_directions)
+        selected = final if not self.selects else self._evaluate_selected(windows)
+        scores = {"test_tokens": windows.numel()}
+        for suffix, metrics in (("", selected), ("_final", final)):
+            scores.update({f"test_{direction}_{name}{suffix}": value
+                           for direction, values in metrics.items() for name, value in values.items()})
+        return scores
 
 
 def train(config: TrainConfig, run_dir: Path, data: TokenData | None = None, progress: bool = True) -> dict:
