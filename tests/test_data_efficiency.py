@@ -196,16 +196,17 @@ def test_dose_slope_is_exact_on_linear_data_and_contrasts_are_holm_adjusted():
 # ----------------------------------------------------------------------------- controls
 
 def test_lr_is_chosen_on_validation_even_when_test_disagrees():
-    # fw: validation prefers lr_scale 2, test prefers 0.5; fw+bw: validation prefers lr_scale 1
-    fw = {0.5: (3.0, 4.5), 1.0: (4.0, 4.2), 2.0: (5.0, 4.0)}  # lr_scale -> (test, validation) loss
-    bw = {1.0: (3.9, 3.9), 2.0: (3.5, 4.4)}
-    rows = [run(s, test + 0.01 * s * s, p_bw=p, lr_scale=lr, best_val=val)
-            for p, arms in ((0.0, fw), (0.25, bw)) for lr, (test, val) in arms.items() for s in range(3)]
+    # fw: validation prefers 2x the baseline's lr_scale, test prefers 0.5x; fw+bw: validation prefers 1x
+    lr = de.BASELINE["lr_scale"]
+    fw = {0.5 * lr: (3.0, 4.5), lr: (4.0, 4.2), 2 * lr: (5.0, 4.0)}  # lr_scale -> (test, validation) loss
+    bw = {lr: (3.9, 3.9), 2 * lr: (3.5, 4.4)}
+    rows = [run(s, test + 0.01 * s * s, p_bw=p, lr_scale=scale, best_val=val)
+            for p, arms in ((0.0, fw), (0.25, bw)) for scale, (test, val) in arms.items() for s in range(3)]
     choice = de.lr_selection(table(rows))
     chosen = choice[choice.chosen].set_index("arm").lr_scale
-    assert chosen.to_dict() == {"fw": 2.0, "fw+bw": 1.0}
+    assert chosen.to_dict() == {"fw": 2 * lr, "fw+bw": lr}
     tuned = de.controls(table(rows)).iloc[0]
-    assert (tuned.lr_scale, tuned.lr_scale_base) == (1.0, 2.0)
+    assert (tuned.lr_scale, tuned.lr_scale_base) == (lr, 2 * lr)
     assert tuned.mean_diff == pytest.approx(3.9 - 5.0)
 
 

@@ -21,12 +21,13 @@ from fwbw.analysis.effects import (
     size_tests,
 )
 from fwbw.analysis.stats import SETTING, arms, pairs_table
+from fwbw.training.config import LATER_FIELDS
 
 SMALL, MID, LARGE = (2, 8), (4, 16), (8, 32)
 PARAMS = {SMALL: 1000, MID: 8000, LARGE: 64000}  # each size 8 times the last: ln num_params = ln 1000 + u ln 8
 DEFAULTS = dict(data="wiki", tokenizer="gpt2", seq_len=64, epochs=1.0, train_tokens=None, eval_tokens=4096, dtype="auto", recipe_id="r0",
                 model_scale=math.nan, bw_mode="add", bw_mask="causal", task_tokens=False, num_heads=1,
-                adaptive_p_bw=False)
+                adaptive_p_bw=False, **LATER_FIELDS)
 BASE_FW = 4.0  # every baseline's final fw loss unless given
 
 

@@ -25,10 +25,11 @@ from fwbw.analysis.effects import (
 from fwbw.analysis.figures import make_figures
 from fwbw.analysis.report import findings, write_report
 from fwbw.analysis.sweep_analysis import analyse
+from fwbw.training.config import LATER_FIELDS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RATIO_COLUMNS = ["metric", "ratio", "averaging", "data", "tokenizer", "seq_len", "epochs", "train_tokens", "eval_tokens", "dtype", "recipe_id",
-                 "depth", "width", "model_scale", "p_bw", "bw_mode", "bw_mask",
+                 *LATER_FIELDS, "depth", "width", "model_scale", "p_bw", "bw_mode", "bw_mask",
                  "task_tokens", "num_heads", "adaptive_p_bw", "phase", "axis", "epoch_start", "epoch_stop", "blocks_remaining",
                  "value", "n", "n_base", "n_x", "ci_low", "ci_high"]
 SWITCHES = dict(model_scale=None, num_heads=1, adaptive_p_bw=False, probe_leak_fw=False, probe_train_leak_fw=False,

@@ -230,7 +230,7 @@ def test_a_sweep_directory_takes_only_its_own_spec(tmp_path, capsys):
         f"fwbw sweep: error: out: {out} holds the sweep of another spec (seeds: 2 -> 3; base.seq_len: 16 -> 32); "
         "give another --out\n")
     assert (out / sweep_dir.SWEEP_FILE).read_bytes() == saved
-    assert sorted(path.name for path in out.iterdir()) == ["results.csv", "results.parquet", "runs", "sweep.json"]
+    assert sorted(path.name for path in out.iterdir()) == ["results.csv", "results.parquet", "runs", "runs.csv", "sweep.json"]
 
 
 @pytest.mark.parametrize("text, problem", [('{"spec": ', "not valid JSON"), ("[1, 2]", "no 'spec' table")])

@@ -70,7 +70,7 @@ def train_with_ctrl_c_then_resume(train_flags: list[str], run: Path, tracker: st
 
 
 def losses(records: list[dict]) -> dict[str, dict[int, float]]:
-    return {key: {record["step"]: record[key] for record in records} for key in ("fw_loss", "bw_loss")}
+    return {key: {record["step"]: record[key] for record in records if key in record} for key in ("fw_loss", "bw_loss")}
 
 
 # --- readers of what each tracker wrote -----------------------------------------------------
@@ -346,7 +346,8 @@ def test_a_sweep_has_one_wandb_run_per_run_named_by_its_id_and_grouped_by_the_sw
         [offline] = wandb_offline_runs(run)
         assert (offline["name"], offline["group"]) == (name, "grid")
         assert offline["id"].startswith(trackers.run_key(run) + "-")
-        assert {step: row["bw_loss"] for step, row in offline["history"].items()} == losses(read_metrics(run))["bw_loss"]
+        assert {step: row["bw_loss"] for step, row in offline["history"].items() if "bw_loss" in row} == \
+            losses(read_metrics(run))["bw_loss"]
 
 
 @pytest.mark.slow

@@ -29,12 +29,14 @@ from scipy import stats as sps
 
 from fwbw.analysis.effects import detectable_noncentrality, holm
 from fwbw.analysis.stats import CONFIDENCE, mean_ci, select
+from fwbw.study.presets import EFFICIENCY_LR_SCALE, WEIGHT_DECAY
 
 MEASURE = "test_fw_loss"
 SETTING_COLUMNS = ["p_bw", "bw_mode", "replay", "train_fraction", "epochs", "dropout", "wd_scale", "wd_constant",
                    "lr_scale"]
-BASELINE = {"bw_mode": "add", "replay": False, "dropout": 0.0, "wd_scale": 1.0, "wd_constant": math.nan,
-            "lr_scale": 1.0}  # the fw-only baseline's values of everything but p_bw, train_fraction, epochs
+# the fw-only baseline's values of everything but p_bw, train_fraction and epochs: the preset's
+BASELINE = {"bw_mode": "add", "replay": False, "dropout": 0.0, "wd_scale": 1.0, "wd_constant": WEIGHT_DECAY,
+            "lr_scale": EFFICIENCY_LR_SCALE}
 REGULARISERS = ["dropout", "wd_scale", "wd_constant"]
 RUN_COLUMNS = ["run_id", "seed", "status", *SETTING_COLUMNS, "unique_tokens", MEASURE, "best_val_fw_loss",
                "censored", "train_flops"]
@@ -107,7 +109,7 @@ def _shown(setting: dict, columns: list[str]) -> str:
                      for c in columns)
 
 
-def describe(a: Arm) -> str:
+def arm_label(a: Arm) -> str:
     """The arm's name and the values that place it: p_bw, train_fraction, epochs and any other than BASELINE's."""
     return f"{a.name} ({_shown(a.setting, ['p_bw', 'train_fraction', 'epochs', *_changed(a.setting)])})"
 
@@ -116,7 +118,7 @@ def _require_pairs(table: pd.DataFrame, done: pd.DataFrame, arms: list[Arm]) -> 
     """`table` when some row rests on a seed pair; else MissingArms naming the arms without runs."""
     if table.n.sum() > 0:
         return table
-    absent = [describe(a) for a in arms if select(done, a.setting).empty]
+    absent = [arm_label(a) for a in arms if select(done, a.setting).empty]
     raise MissingArms("; ".join(f"no done run of {a}" for a in absent) or "the arms share no seed")
 
 
@@ -225,7 +227,7 @@ def _multiplier_inputs(runs: pd.DataFrame, p_bw: float,
     curve, bw = _multiplier_arms(done, p_bw, fraction)
     matrix = _seed_matrix(done, [*curve, bw])
     if len(curve) < 2 or matrix.empty:
-        absent = [describe(a) for a in [*curve, bw] if select(done, a.setting).empty]
+        absent = [arm_label(a) for a in [*curve, bw] if select(done, a.setting).empty]
         raise MissingArms("; ".join([f"no done run of {a}" for a in absent]
                                     or [f"fw-only baseline at {len(curve)} train_fraction(s), seeds in common: "
                                         f"{len(matrix)}"]))
@@ -433,7 +435,7 @@ def matched_train_loss(curves: pd.DataFrame, p_bw: float = 0.25, fraction: float
     high = min((min(x[s][0].max(initial=-math.inf), base[s][0].max(initial=-math.inf)) for s in seeds),
                default=math.nan)
     if not low < high:
-        raise MissingArms(f"{len(seeds)} seed pair(s) of {describe(bw)} and {describe(fw)}: "
+        raise MissingArms(f"{len(seeds)} seed pair(s) of {arm_label(bw)} and {arm_label(fw)}: "
                           "no training-split fw loss range common to every pair")
     grid = low + (np.arange(MATCHED_GRID) + 0.5) * (high - low) / MATCHED_GRID
     diff = np.array([np.interp(grid, *x[s]) - np.interp(grid, *base[s]) for s in seeds])

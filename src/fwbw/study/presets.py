@@ -100,14 +100,17 @@ EFFICIENCY_SEEDS = 8  # chosen from the pilot's SD (docs/analysis-plan.md)
 EFFICIENCY_FIRST_SEED = 100
 PILOT_FIRST_SEED = 900  # the pilot's seeds, never reused by the main sweep
 WEIGHT_DECAY = 2e-5  # every arm's: the dynamic rule's value near the fw-only run's best (fw loss ~4.4)
+# half the recipe's: its lr made the pilot's p_bw 0.25 runs unstable, and fw alone reached a lower
+# validation loss at half of it (docs/analysis-plan.md#the-pilot)
+EFFICIENCY_LR_SCALE = RecipeDefaults.lr_scale / 2
 
 
 def efficiency_base() -> dict:
     """What every data-efficiency run shares: depth 2 / width 128 (0.73M parameters), bpe:2048 on
     wiki-sample-v2 (80/10/10 train/valid/test), one fixed 2048-token microbatch per step, a cap of
     32 epochs of its share, the EMA of the weights (decay 0.99) evaluated every half epoch and
-    stopped after 4 evaluations without a lower validation fw loss; one fixed weight decay; pinned
-    numerics (bf16 autocast, one thread, not compiled)."""
+    stopped after 4 evaluations without a lower validation fw loss; one fixed weight decay, half the
+    recipe's learning rate; pinned numerics (bf16 autocast, one thread, not compiled)."""
     return {
         "depths": [2],
         "widths": [128],
@@ -118,8 +121,8 @@ def efficiency_base() -> dict:
         "train_fraction": EFFICIENCY_FRACTION,
         "epochs": 32.0,
         "eval_every_epochs": 0.5,
-        "eval_tokens": 24_576,
-        "train_eval_tokens": 12_288,
+        "eval_tokens": 16_384,
+        "train_eval_tokens": 8_192,
         "eval_ema": 0.99,
         "patience": 4,
         "eval_bw": False,
@@ -127,7 +130,7 @@ def efficiency_base() -> dict:
         "dtype": "bf16",
         "threads": 1,
         "compile": False,
-        "recipe": {"tokens_per_microbatch": 2048, "dynamic_microbatch": False},
+        "recipe": {"tokens_per_microbatch": 2048, "dynamic_microbatch": False, "lr_scale": EFFICIENCY_LR_SCALE},
     }
 
 
@@ -135,7 +138,7 @@ def efficiency_arms() -> list[dict]:
     """The arms beyond the primary contrast, in the plan's priority order: the fw-only curve over
     unique data, Q2 (one pass over all the data: fw+bw, fw+replay, fw), the dose, the controls."""
     one_pass = {"train_fraction": 1.0, "epochs": 1.0, "eval_every_epochs": 0.125, "patience": None}
-    lr_scale = RecipeDefaults.lr_scale
+    lr_scale = EFFICIENCY_LR_SCALE
     return [
         *({"train_fraction": fraction, "p_bw": 0.0} for fraction in EFFICIENCY_FRACTIONS),
         {**one_pass, "p_bw": 1.0}, {**one_pass, "p_bw": 0.0, "replay": True}, {**one_pass, "p_bw": 0.0},
@@ -159,8 +162,11 @@ def data_efficiency() -> dict:
 
 @preset("data-efficiency-pilot")
 def data_efficiency_pilot() -> dict:
-    """The pilot of data-efficiency, used only to measure the SD of the primary contrast."""
-    return {**efficiency_base(), "p_bw": [0.0, 0.25], "seeds": 3, "seed": PILOT_FIRST_SEED}
+    """The pilot of data-efficiency, used only to measure the SD of the primary contrast, as it ran:
+    at the recipe's learning rate and with a larger evaluation set."""
+    base = efficiency_base()
+    pilot = {"eval_tokens": 24_576, "train_eval_tokens": 12_288, "recipe": {**base["recipe"], "lr_scale": RecipeDefaults.lr_scale}}
+    return {**base, **pilot, "p_bw": [0.0, 0.25], "seeds": 3, "seed": PILOT_FIRST_SEED}
 
 
 @preset("demo")

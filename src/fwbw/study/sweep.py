@@ -142,14 +142,17 @@ def _check_axis(key: str, values: tuple | None) -> None:
 
 
 # Approximate training-split sizes, for --dry-run before any data is downloaded or tokenized.
-KNOWN_TRAIN_TOKENS = {"wikitext-103": 118_000_000, "wikitext-2": 2_400_000, "wiki-sample": 1_190_000}
+KNOWN_TRAIN_TOKENS = {"wikitext-103": 118_000_000, "wikitext-2": 2_400_000, "wiki-sample": 1_190_000,
+                      "wiki-sample-v2": 1_000_000}
 
 
 def estimated_split_tokens(config: TrainConfig) -> float:
     """The training split's size in tokens, before any data is downloaded or tokenized."""
     if config.data.startswith("text:"):
-        return (Path(config.data.removeprefix("text:")) / "train.txt").stat().st_size / 4  # ~4 bytes per BPE token
-    return KNOWN_TRAIN_TOKENS[config.data]
+        whole = (Path(config.data.removeprefix("text:")) / "train.txt").stat().st_size / 4  # ~4 bytes per BPE token
+    else:
+        whole = KNOWN_TRAIN_TOKENS[config.data]
+    return whole * config.train_fraction
 
 
 def estimated_train_tokens(config: TrainConfig) -> int:
