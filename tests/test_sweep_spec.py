@@ -18,7 +18,7 @@ from fwbw.study import sweep, sweep_dir
 from fwbw.study.configure import build_sweep_spec
 from fwbw.study.estimate import ShapeTiming
 from fwbw.study.presets import PRESETS
-from fwbw.study.sweep import SweepSpec, run_id, short_count, write_sweep_file
+from fwbw.study.sweep import SweepSpec, prepare_sweep, run_id, short_count, sweep_runs, write_sweep_file
 from fwbw.training.run_dir import write_status
 
 pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
@@ -268,3 +268,24 @@ def test_schema_and_sweep_describe_with_distinct_names():
                 names.setdefault(node.name, []).append(path.stem)
     assert "describe" not in names
     assert names["describe_kind"] == ["schema"] and names["describe_runs"] == ["sweep"]
+
+
+def test_workers_take_the_runs_in_grid_order_not_by_run_id(tmp_path):
+    """sweep.json's tables are written with sorted keys; its `order` keeps the grid's order, so a
+    sweep's runs are trained in the order its spec lists them (the data-efficiency preset lists
+    its primary contrast first)."""
+    spec = build_sweep_spec(overrides={"depths": [2], "widths": [16], "p_bw": [0.5, 0.0], "seeds": 2})
+    prepare_sweep(spec, tmp_path)
+    expected = [run_id(config) for config in spec.configs()]
+    assert expected != sorted(expected)
+    assert list(sweep_runs(tmp_path)) == expected
+    assert list(sweep_runs(tmp_path, (1, 2))) == expected[1::2]
+
+
+def test_a_sweep_json_with_a_broken_order_is_refused(tmp_path):
+    spec = build_sweep_spec(overrides={"depths": [2], "widths": [16], "p_bw": [0.5, 0.0], "seeds": 1})
+    prepare_sweep(spec, tmp_path)
+    sweep = json.loads((tmp_path / sweep_dir.SWEEP_FILE).read_text())
+    (tmp_path / sweep_dir.SWEEP_FILE).write_text(json.dumps({**sweep, "order": sweep["order"][:1]}))
+    with pytest.raises(ValueError, match="'order' must list each run id once"):
+        sweep_runs(tmp_path)

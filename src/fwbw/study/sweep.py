@@ -278,7 +278,9 @@ def setup_summary(spec: SweepSpec) -> dict:
 
 def write_sweep_file(out: Path, spec: SweepSpec, configs: list[TrainConfig]) -> None:
     runs = {run_id(config): config.to_dict() for config in configs}
-    atomic_write_json(out / SWEEP_FILE, {"setup": setup_summary(spec), "spec": spec.to_dict(), "runs": runs})
+    # the file's tables are written with sorted keys: `order` keeps the grid's order, the order of work
+    atomic_write_json(out / SWEEP_FILE, {"setup": setup_summary(spec), "spec": spec.to_dict(), "runs": runs,
+                                         "order": list(runs)})
 
 
 @dataclass(frozen=True)
@@ -389,9 +391,11 @@ def prepare_sweep(spec: SweepSpec, out: Path) -> None:
 
 
 def sweep_runs(out: Path, shard: tuple[int, int] = (0, 1)) -> dict[str, TrainConfig]:
-    """The runs of a prepared sweep (sweep.json) in grid order, this shard's share of them."""
-    runs = read_sweep(out)["runs"]
-    mine = select_shard(list(runs), shard)
+    """The runs of a prepared sweep (sweep.json) in grid order (a sweep.json without one: by run id),
+    this shard's share of them."""
+    sweep = read_sweep(out)
+    runs = sweep["runs"]
+    mine = select_shard(sweep.get("order", list(runs)), shard)
     return {identifier: TrainConfig.from_dict(runs[identifier]) for identifier in mine}
 
 

@@ -43,6 +43,9 @@ def read_sweep(sweep_dir: Path) -> dict:
     for run_id in runs:
         if not RUN_ID.fullmatch(run_id) or run_id in (".", ".."):
             raise ValueError(f"{path}: run id {run_id!r} is not a plain folder name (letters, digits, . _ -)")
+    order = sweep.get("order", list(runs))
+    if not isinstance(order, list) or sorted(map(str, order)) != sorted(runs):
+        raise ValueError(f"{path}: 'order' must list each run id once")
     return sweep
 
 
