@@ -141,3 +141,9 @@ def test_no_estimate_without_the_runs_device(monkeypatch):
     assert timer.calls == 0
     assert all(line.endswith(" FLOP") for line in lines[:3])
     assert lines[-1] == "expected on this machine: not estimated (device: 'cuda' was requested but no CUDA device is available)"
+
+
+def test_a_budget_that_early_stopping_may_cut_is_an_upper_bound(steady_load):
+    spec = data_constrained(device="cpu", p_bw=[0.0], seeds=1, patience=4)
+    lines = describe_runs(spec, FakeTimer(FAKE)).splitlines()
+    assert "; <= for runs with early stopping: taken at their budget cap): <=16.0 min in one process" in lines[-1]

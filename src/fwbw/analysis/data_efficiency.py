@@ -2,8 +2,9 @@
 training the bw task on a share of the training articles get as much out of it as fw alone on more?
 
 `runs` holds one row per training run (RUN_COLUMNS); `curves` (optional) one row per evaluation point of
-a run (CURVE_COLUMNS). A setting is the values of SETTING_COLUMNS; the runs of one setting differ only
-by seed, and every comparison pairs the runs of the same seed (same initialisation, same data order).
+a run (CURVE_COLUMNS); runs_with_flops and curves_from_results build them from a sweep's runs.csv and results
+table. A setting is the values of SETTING_COLUMNS; the runs of one setting differ only by seed, and every
+comparison pairs the runs of the same seed (same initialisation, same data order).
 Only runs with status "done" are used, the first (by run_id) of a seed and setting. The measure is
 test_fw_loss, the test-split fw loss at the checkpoint validation selected; a run whose validation
 optimum was its last evaluation (censored) is counted and kept.
@@ -28,8 +29,9 @@ import pandas as pd
 from scipy import stats as sps
 
 from fwbw.analysis.effects import detectable_noncentrality, holm
-from fwbw.analysis.stats import CONFIDENCE, mean_ci, select
+from fwbw.analysis.stats import CONFIDENCE, mean_ci, select, training_cost
 from fwbw.study.presets import EFFICIENCY_LR_SCALE, WEIGHT_DECAY
+from fwbw.study.results import EVAL_PHASE, TRAIN_SPLIT_PHASE
 
 MEASURE = "test_fw_loss"
 SETTING_COLUMNS = ["p_bw", "bw_mode", "replay", "train_fraction", "epochs", "dropout", "wd_scale", "wd_constant",
@@ -64,6 +66,7 @@ Q2_ARMS = {"fw+bw": {"p_bw": 1.0, "replay": False}, "fw+replay": {"p_bw": 0.0, "
 Q2_CONTRASTS = (("fw+bw", "fw+replay"), ("fw+bw", "fw"), ("fw+replay", "fw"))
 ONE_PASS = 1.0  # Q2's primary family: one pass over the whole stream
 MATCHED_GRID = 5
+SPLITS = {EVAL_PHASE: "valid", TRAIN_SPLIT_PHASE: "train"}  # the results' phase of each curve split
 
 
 class MissingArms(ValueError):
@@ -76,6 +79,23 @@ class Arm(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- runs and arms
+
+def runs_with_flops(runs: pd.DataFrame) -> pd.DataFrame:
+    """The sweep's runs table (runs.csv, fwbw.study.results.build_runs) with train_flops: the FLOPs of each run's
+    tokens as fwbw.analysis.stats.training_cost counts them (bw_mode add: (1 + p_bw) x the fw-only FLOPs), plus
+    the fw-only FLOPs once more for replay, whose every step also trains fw on as many earlier tokens."""
+    fw_only = training_cost(runs.assign(p_bw=0.0))["flops"]
+    return runs.assign(train_flops=training_cost(runs)["flops"] + fw_only.where(runs.replay.astype(bool), 0.0))
+
+
+def curves_from_results(results: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """The evaluation curves (CURVE_COLUMNS) from the sweep's results table: each run's fw loss at every
+    evaluation on validation (split "valid") and on the training split ("train"), with its seed and setting
+    from `runs` (which holds lr_scale)."""
+    fw = results[(results.direction == "fw") & results.phase.isin(SPLITS)]
+    points = fw.assign(split=fw.phase.map(SPLITS), fw_loss=fw.loss)[["run_id", "epoch", "split", "fw_loss"]]
+    return points.merge(runs[["run_id", "seed", *SETTING_COLUMNS]], on="run_id").reindex(columns=CURVE_COLUMNS)
+
 
 def done_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """The finished runs (status "done"), the first by run_id of each seed and setting."""
@@ -145,10 +165,16 @@ def _contrast_row(family: str, x: Arm, base: Arm, diff: np.ndarray, **extra) -> 
             **{f"{c}_base": v for c, v in base.setting.items()}, "unit": "nats", **t_test(diff), **extra}
 
 
+def seed_pairs(done: pd.DataFrame, x: dict, base: dict) -> pd.DataFrame:
+    """The runs of setting x beside those of setting base of the same seed, one row per seed with a run of both
+    (columns suffixed _x and _base)."""
+    return select(done, x).merge(select(done, base), on="seed", suffixes=("_x", "_base"))
+
+
 def paired_contrast(done: pd.DataFrame, family: str, x: Arm, base: Arm) -> dict:
     """test_fw_loss of arm x minus arm base over the seeds with a run of both; flops_ratio: the mean
     per-seed ratio of their training FLOPs."""
-    pairs = select(done, x.setting).merge(select(done, base.setting), on="seed", suffixes=("_x", "_base"))
+    pairs = seed_pairs(done, x.setting, base.setting)
     diff = (pairs[f"{MEASURE}_x"] - pairs[f"{MEASURE}_base"]).to_numpy(dtype=float)
     censored = {f"n_censored_{side}": int(pairs[f"censored_{side}"].sum()) for side in ("x", "base")}
     return _contrast_row(family, x, base, diff, mean_x=pairs[f"{MEASURE}_x"].mean(),

@@ -460,6 +460,77 @@ def ratio1_scatter(analysis: Analysis, out_dir: Path) -> list[Path]:
     return [_save(fig, Path(out_dir), "ratio1_scatter")]
 
 
+# ----------------------------------------------------------------------------- data efficiency
+
+def _interval_bars(frame: pd.DataFrame, mean: str = "mean") -> np.ndarray | None:
+    """matplotlib's yerr of `frame`'s mean with its interval (ci_low, ci_high); None where no row has one."""
+    low, high = frame.ci_low.astype(float), frame.ci_high.astype(float)
+    if low.isna().all():
+        return None
+    return np.vstack([frame[mean] - low, high - frame[mean]]).astype(float)
+
+
+def paired_differences_figure(differences: pd.DataFrame, contrast: dict, out_dir: Path, name: str) -> Path:
+    """A paired contrast (a row of data_efficiency's CONTRAST_COLUMNS): each seed's difference (differences:
+    seed, diff) as a dot, their mean with its 95% t interval beside them, and 0."""
+    fig, axes = _figure(1, panel=(max(PANEL[0], 0.45 * len(differences) + 2.0), PANEL[1]))
+    ax = axes[0, 0]
+    ax.plot(range(len(differences)), differences["diff"], "o", color="0.3", label=f"one seed (n = {len(differences)})")
+    mean = pd.DataFrame([contrast]).rename(columns={"mean_diff": "mean"})
+    ax.errorbar([len(differences)], mean["mean"], yerr=_interval_bars(mean), fmt="D", color="C3", capsize=4,
+                label="mean, 95% t interval")
+    ax.axhline(0.0, color="0.5", ls="--", lw=1)
+    ax.set_xticks(range(len(differences) + 1), [*map(str, differences.seed), "mean"], fontsize="small")
+    ax.set(xlabel="seed", ylabel=f"test fw loss difference ({contrast['unit']})")
+    ax.set_title(f"{contrast['contrast']}: p_bw {contrast['p_bw']:g} - {contrast['p_bw_base']:g}, "
+                 f"train_fraction {contrast['train_fraction']:g}", fontsize="medium")
+    ax.legend(fontsize="small")
+    fig.suptitle("held-out test fw loss, paired by seed (below 0: bw training lowered it)")
+    return _save(fig, Path(out_dir), name)
+
+
+def _multiplier_text(multiplier: dict) -> str:
+    interval = ("" if pd.isna(multiplier["ci_low"]) else
+                f"\n95% CI {multiplier['ci_low']:.2f} … {multiplier['ci_high']:.2f}")
+    return f"m = {multiplier['multiplier']:.2f}{interval}"
+
+
+def _mark_multiplier(ax: Axes, bw: pd.Series, multiplier: dict) -> None:
+    """From the fw+bw point to the unique tokens at which the fw-only curve reaches its loss, labelled m."""
+    reached = multiplier["multiplier"] * bw.unique_tokens
+    ax.plot([bw.unique_tokens, reached], [bw["mean"]] * 2, ":", color="C3")
+    ax.annotate(_multiplier_text(multiplier), (reached, bw["mean"]), xytext=(0, -28), textcoords="offset points",
+                ha="center", fontsize="small", color="C3")
+
+
+def data_efficiency_figure(curve: pd.DataFrame, dose_curve: pd.DataFrame, multiplier: dict, out_dir: Path,
+                           name: str) -> Path:
+    """Best test fw loss against unique training tokens (log x), from data_efficiency's tables: the fw-only
+    curve (curve's arm "fw", with its 95% t intervals over seeds and its non-increasing fit where that differs),
+    the fw+bw arm at its fraction and the other doses there (dose_curve), and the multiplier where it has a value."""
+    fw, bw = curve[curve.arm == "fw"], curve[curve.arm != "fw"].iloc[0]
+    fig, axes = _figure(1, panel=(PANEL[0] + 1.6, PANEL[1] + 0.6))
+    ax = axes[0, 0]
+    ax.errorbar(fw.unique_tokens, fw["mean"], yerr=_interval_bars(fw), marker="o", color="0.35", capsize=3,
+                label=f"fw only (n = {fw.n.iloc[0]} seeds)")
+    if not np.allclose(fw.fitted, fw["mean"]):
+        ax.plot(fw.unique_tokens, fw.fitted, "--", color="0.35", lw=1, label="fw only, non-increasing fit")
+    ax.errorbar([bw.unique_tokens], [bw["mean"]], yerr=_interval_bars(curve[curve.arm != "fw"]), fmt="D",
+                color="C3", capsize=3, label=f"p_bw {bw.p_bw:g} (n = {bw.n} seeds)")
+    others = dose_curve[~dose_curve.p_bw.isin([0.0, bw.p_bw])]
+    for i, (dose, color) in enumerate(zip(others.to_dict("records"), _palette(len(others)))):
+        at = pd.DataFrame([dose])
+        ax.errorbar([bw.unique_tokens * 1.05 ** (i + 1)], at["mean"], yerr=_interval_bars(at), fmt="s", color=color,
+                    capsize=2, ms=4, label=f"p_bw {dose['p_bw']:g} (n = {dose['n']} seeds)")
+    if not pd.isna(multiplier["multiplier"]):
+        _mark_multiplier(ax, bw, multiplier)
+    ax.set_xscale("log")
+    ax.set(xlabel="unique training tokens", ylabel="best test fw loss (validation-selected checkpoint)")
+    ax.legend(fontsize="small")
+    fig.suptitle("held-out test fw loss against unique training data: mean over seeds, bars: 95% t interval")
+    return _save(fig, Path(out_dir), name)
+
+
 def make_figures(analysis: Analysis, out_dir: Path) -> dict[str, list[Path]]:
     """Every figure of the report, by kind; an empty list where there is nothing to draw."""
     return {

@@ -1,5 +1,5 @@
 """The report of a sweep: setup, plain findings with their numbers, tables, figures, mask audit and
-the runs that did not finish. Writes report.html (self-contained: figures as base64 data URIs,
+the runs that did not finish, and the data-efficiency experiment's analysis where the sweep has its arms. Writes report.html (self-contained: figures as base64 data URIs,
 inline CSS), report.md (figures linked from figures/), the figures, and the tables as CSV."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,13 @@ import numpy as np
 import pandas as pd
 
 from fwbw.analysis.effects import ALPHA, POWER, TREND_GROUP
+from fwbw.analysis.efficiency_report import (
+    TABLE_FILES,
+    Efficiency,
+    efficiency_analysis,
+    read_runs,
+    write_efficiency,
+)
 from fwbw.analysis.figures import (
     arm_groups,
     arm_label,
@@ -640,6 +648,162 @@ def headline(analysis: Analysis) -> list[str]:
     ]
 
 
+# ----------------------------------------------------------------------------- data efficiency
+
+EFFICIENCY_TITLE = "Data efficiency (held-out test split)"
+EFFICIENCY_CAPTIONS = {  # figure stem -> caption
+    "efficiency_paired": "The primary contrast: held-out test fw loss of the fw+bw arm minus fw alone, each dot one "
+                         "seed's difference; red: their mean with its 95% t interval; dashed: 0. Below 0: bw training "
+                         "lowered it.",
+    "efficiency_data_curve": "Held-out test fw loss against unique training tokens (log scale): fw alone at each share "
+                             "of the training articles (mean over the seeds common to every arm, bars: 95% t interval), "
+                             "the fw+bw arm at its share and the other p_bw doses there (each over its own seeds); m: "
+                             "the effective-data multiplier, where the fw-only curve reaches the fw+bw arm's loss.",
+}
+EFFICIENCY_TABLES = {  # analyse's table -> what its rows are, shown above it
+    "primary": "efficiency_primary: the pre-registered test, test_fw_loss of the first arm's setting minus the second's "
+               "(suffixed _base), paired t test over seeds; mde: the smallest mean difference a paired t test at the "
+               "0.05 level detects with 80% power from the observed SD; n_censored: runs whose validation optimum was "
+               "their last evaluation; flops_ratio: the first arm's training FLOPs over the second's.",
+    "multiplier": "efficiency_multiplier: how many times its unique tokens fw alone needs to reach the fw+bw arm's mean "
+                  "test_fw_loss, read off the fw-only curve, never extrapolated (censored low or high: m < bound_low or "
+                  "m > bound_high); ci_low, ci_high: the 95% percentile interval of the seed bootstrap (n_boot draws; a "
+                  "censored draw counts as 0 or inf, their shares beside); isotonic: the curve was fit non-increasing.",
+    "curve": "efficiency_curve: the points behind the multiplier, the mean test_fw_loss over the seeds common to every arm "
+             "with its 95% t interval; fitted: the fw-only curve's non-increasing fit.",
+    "q2": "efficiency_q2: on the whole stream, fw+bw (p_bw 1), fw+replay and fw alone, paired by seed: family q2 at one "
+          "pass, q2-epochs at the other caps; p_holm: Holm-adjusted within the family.",
+    "dose": "efficiency_dose: the per-seed least-squares slope of test_fw_loss on p_bw, tested over seeds (dose-slope), "
+            "and each dose against p_bw 0 (dose, Holm over the doses).",
+    "dose_curve": "efficiency_dose_curve: the mean test_fw_loss of each dose over its seeds, with its 95% t interval.",
+    "lr_selection": "efficiency_lr: the mean validation fw loss of the selected checkpoints at each lr_scale; chosen: "
+                    "the lowest (test loss plays no part).",
+    "controls": "efficiency_controls: the primary contrast at each arm's validation-chosen lr_scale, each fw-only "
+                "regulariser against fw alone and the fw+bw arm against it; Holm over the family.",
+    "matched": "efficiency_matched: validation fw loss of fw+bw minus fw alone at equal training-split fw loss "
+               "(train_split_fw_loss), Holm over the grid. Below 0: bw regularises; near 0: it only moves fw along "
+               "the same curve.",
+}
+
+
+def _p(value: float, name: str = "p") -> str:
+    return f"{name} < 0.001" if value < 0.001 else f"{name} = {_num(value)}"
+
+
+def _efficiency_estimate(row: dict, unit: str = "nats", p_column: str = "p_value", extra: str = "") -> str:
+    """A paired row's mean difference with its 95% t interval, p-value (p_column) and seeds (CONTRAST_COLUMNS)."""
+    if row["n"] == 0:
+        return "no seed pair (n = 0)"
+    value = f"{_signed(row['mean_diff'])} {unit}"
+    if pd.isna(row["ci_low"]):
+        return f"{value} ({plural(row['n'], 'seed')}: no interval)"
+    p_value = _p(row[p_column], "Holm p" if p_column == "p_holm" else "p")
+    return (f"{value} (95% CI {_signed(row['ci_low'])} … {_signed(row['ci_high'])}, {p_value}, "
+            f"n = {plural(row['n'], 'seed')}{extra})")
+
+
+def _primary_verdict(row: dict) -> str:
+    """What the primary contrast's interval says (docs/analysis-plan.md#primary-endpoint)."""
+    if row["ci_high"] < 0:
+        return "bw training lowered held-out fw loss"
+    if row["ci_low"] > 0:
+        return "bw training raised held-out fw loss"
+    if -row["mde"] < row["ci_low"] and row["ci_high"] < row["mde"]:
+        return f"no effect of ±{_num(row['mde'])} nats or more"
+    return "inconclusive"
+
+
+def primary_statement(primary: pd.DataFrame) -> str:
+    """The primary contrast (efficiency_primary's row) with its interval, p, n and MDE, and the plan's verdict."""
+    row = primary.iloc[0].to_dict()
+    head = (f"Data efficiency, primary contrast: held-out test fw loss at p_bw {row['p_bw']:g} minus at p_bw "
+            f"{row['p_bw_base']:g}, train_fraction {row['train_fraction']:g}, paired by seed")
+    if pd.isna(row["ci_low"]):
+        return f"{head}: {_efficiency_estimate(row)}."
+    extra = f", MDE {_num(row['mde'])} nats, {plural(row['n_censored'], 'censored run')}"
+    return f"{head}: {_efficiency_estimate(row, extra=extra)}: {_primary_verdict(row)}."
+
+
+def _times(value: float) -> str:
+    return "∞" if value == math.inf else f"{value:.2f}"
+
+
+def multiplier_statement(multiplier: pd.DataFrame) -> str:
+    """The effective-data multiplier (efficiency_multiplier's row): its value or censored bound, and its interval."""
+    row = multiplier.iloc[0].to_dict()
+    target = f"the p_bw {row['p_bw']:g} arm's mean test fw loss {_num(row['bw_mean'])}"
+    if row["censored"] == "low":
+        value = f"{target} is above the fw-only curve at its smallest share, so m < {_times(row['bound_low'])}"
+    elif row["censored"] == "high":
+        value = f"{target} is below the fw-only curve at its largest share, so m > {_times(row['bound_high'])}"
+    else:
+        value = f"fw alone needs m = {_times(row['multiplier'])} times the unique tokens to reach {target}"
+    if pd.isna(row["ci_low"]):
+        interval = "no interval"
+    else:
+        shares = row["censored_low_share"], row["censored_high_share"]
+        past = (f"; {shares[0]:.0%} of draws past the curve's low end, {shares[1]:.0%} past its high end"
+                if any(shares) else "")
+        interval = f"95% bootstrap CI {_times(row['ci_low'])} … {_times(row['ci_high'])}{past}"
+    fit = ", the curve fit non-increasing" if row["isotonic"] else ""
+    return (f"Effective-data multiplier at train_fraction {row['train_fraction']:g}: {value} ({interval}; "
+            f"n = {plural(row['n_seeds'], 'seed')}, {row['n_fractions']} fw-only shares{fit}).")
+
+
+def _flops(row: dict) -> str:
+    return f", FLOPs ratio {_num(row['flops_ratio'], 2)}"
+
+
+def q2_statement(q2: pd.DataFrame) -> str:
+    """Q2's three contrasts at one pass (efficiency_q2's family q2), each with its Holm-adjusted p."""
+    one_pass = q2[q2.family == "q2"]
+    clauses = [f"{row['contrast']} {_efficiency_estimate(row, p_column='p_holm', extra=_flops(row))}"
+               for row in one_pass.to_dict("records")]
+    return (f"Q2, one pass over the whole stream, held-out test fw loss paired by seed (Holm over "
+            f"{one_pass.p_value.notna().sum()}): {'; '.join(clauses)}.")
+
+
+def dose_slope_statement(dose: pd.DataFrame) -> str:
+    """The dose model's slope (efficiency_dose's row of family dose-slope) with its interval."""
+    row = dose[dose.family == "dose-slope"].iloc[0].to_dict()
+    return (f"Dose response at train_fraction {row['train_fraction']:g}, the per-seed least-squares {row['contrast']} "
+            f"of held-out test fw loss: {_efficiency_estimate(row, unit=row['unit'])}.")
+
+
+EFFICIENCY_STATEMENTS = (("primary", primary_statement), ("multiplier", multiplier_statement), ("q2", q2_statement),
+                         ("dose", dose_slope_statement))  # the results led by a sentence, in order
+
+
+def efficiency_statements(tables: dict[str, pd.DataFrame]) -> list[str]:
+    """One sentence per result analysed (EFFICIENCY_STATEMENTS); a skipped part has none (the skipped table says why)."""
+    return [say(tables[name]) for name, say in EFFICIENCY_STATEMENTS if len(tables[name])]
+
+
+def efficiency_answer(efficiency: Efficiency) -> list[str]:
+    """The primary contrast's sentence, for the report's answer; none where the part was skipped."""
+    primary = efficiency.tables["primary"]
+    return [primary_statement(primary)] if len(primary) else []
+
+
+def efficiency_lead(efficiency: Efficiency, figures: list[Path]) -> list[tuple]:
+    """The section's first blocks: a sentence per result, the figures, and the parts skipped with their reasons."""
+    skipped = efficiency.tables["skipped"]
+    drawn = [("figures", [(path, EFFICIENCY_CAPTIONS[path.stem]) for path in figures])] if figures else []
+    return [
+        ("ul", efficiency_statements(efficiency.tables)), *drawn,
+        ("p", f"Parts not analysed, and why ({TABLE_FILES['skipped']}):"),
+        ("table", TABLE_FILES["skipped"], skipped) if len(skipped) else ("p", "None: every part was analysed."),
+    ]
+
+
+def efficiency_section(efficiency: Efficiency, figures: list[Path]) -> tuple[str, list[tuple]]:
+    """The data-efficiency experiment's section (docs/analysis-plan.md): efficiency_lead, then every table."""
+    tables = [block for name, text in EFFICIENCY_TABLES.items()
+              for block in (("p", text), ("table", TABLE_FILES[name], efficiency.tables[name]))]
+    return (EFFICIENCY_TITLE, [*efficiency_lead(efficiency, figures),
+                               ("p", "Analysed as pre-registered in docs/analysis-plan.md."), *tables])
+
+
 # ----------------------------------------------------------------------------- rendering
 
 def _cell(value) -> str:
@@ -717,18 +881,23 @@ def sample_blocks(runs: pd.DataFrame, sweep_dir: Path) -> list[tuple]:
 
 
 def _sections(analysis: Analysis, setup: pd.DataFrame, figures: dict[str, list[Path]],
-              samples: list[tuple], retrieval: RetrievalAnalysis | None = None) -> list[tuple[str, list[tuple]]]:
-    """The report as (title, blocks): the answer first, one section per question (retrieval where the
-    sweep has its results), then setup and runs. A block is ("p", text), ("ul", items), ("h3", text), ("table", id, frame[, css class]) or
+              samples: list[tuple], retrieval: RetrievalAnalysis | None = None,
+              efficiency: tuple[Efficiency, list[Path]] | None = None) -> list[tuple[str, list[tuple]]]:
+    """The report as (title, blocks): the answer first, then data efficiency (where the sweep has its arms:
+    the analysis and its figures), one section per question (retrieval where the sweep has its results),
+    then setup and runs. A block is ("p", text), ("ul", items), ("h3", text), ("table", id, frame[, css class]) or
     ("figures", [(png path, caption)])."""
     said = findings_by_question(analysis)
+    efficiency_first = [] if efficiency is None else [efficiency_section(*efficiency)]
+    primary = [] if efficiency is None else efficiency_answer(efficiency[0])
     drawn = _figure_blocks(figures)
     ratios = analysis.ratios
     equal_data = ratios[(ratios.phase != CUT_PHASE) & ratios.axis.isin(["epoch", "fw_tokens"])]
     equal_compute = ratios[(ratios.phase != CUT_PHASE) & ratios.axis.isin(["flops", "seconds"])]
     unfinished = analysis.unfinished[RUN_COLUMNS]
     sections = [
-        ("The answer", [("ul", headline(analysis)), *drawn.get("answer", [])]),
+        ("The answer", [("ul", [*primary, *headline(analysis)]), *drawn.get("answer", [])]),
+        *efficiency_first,
         ("Equal data: fw loss at the same epochs", [
             ("ul", said.get("equal_data", [])), *drawn.get("equal_data", []),
             ("p", "Mean over seeds of each run's last validation loss, with its 95% t interval "
@@ -906,10 +1075,12 @@ def render_markdown(title: str, sections: list[tuple[str, list[tuple]]], out_dir
 # ----------------------------------------------------------------------------- entry point
 
 def write_report(sweep_dir: Path, out_dir: Path, windows: Sequence[Window] = DEFAULT_WINDOWS) -> Path:
-    """Write report.html, report.md, figures/ and the CSV tables for the sweep in `sweep_dir`;
-    return the path of report.html. Every file is written atomically."""
+    """Write report.html, report.md, figures/ and the CSV tables for the sweep in `sweep_dir` (with the
+    data-efficiency tables and figures where its runs.csv has such arms); return the path of report.html.
+    Every file is written atomically."""
     sweep_dir, out_dir = Path(sweep_dir), Path(out_dir)
-    analysis = analyse(read_results(sweep_dir), windows)
+    results = read_results(sweep_dir)
+    analysis = analyse(results, windows)
     for name in CSV_TABLES:
         atomic_write(out_dir / f"{name}.csv", lambda tmp: getattr(analysis, name).to_csv(tmp, index=False))
     retrieval = sweep_retrieval(sweep_dir)
@@ -917,8 +1088,10 @@ def write_report(sweep_dir: Path, out_dir: Path, windows: Sequence[Window] = DEF
         table = getattr(retrieval, name.removeprefix("retrieval_"))
         atomic_write(out_dir / f"{name}.csv", lambda tmp, table=table: table.to_csv(tmp, index=False))
     figures = make_figures(analysis, out_dir / "figures")
+    efficiency = efficiency_analysis(read_runs(sweep_dir), results)
+    drawn = None if efficiency is None else (efficiency, write_efficiency(efficiency, out_dir, out_dir / "figures"))
     setup = setup_table(sweep_setup(sweep_dir), analysis.runs)
-    sections = _sections(analysis, setup, figures, sample_blocks(analysis.runs, sweep_dir), retrieval)
+    sections = _sections(analysis, setup, figures, sample_blocks(analysis.runs, sweep_dir), retrieval, drawn)
     title = f"fwbw sweep report: {sweep_dir.name}"
     atomic_write_text(out_dir / "report.md", render_markdown(title, sections, out_dir))
     atomic_write_text(out_dir / "report.html", render_html(title, sections))

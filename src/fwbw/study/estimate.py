@@ -272,6 +272,9 @@ class SweepTimes:
         adaptive = any(p_bw_at_bound(config) for config in self.configs)
         if adaptive:
             how.append("<= for adaptive p_bw: taken at its bound 1")
-        total = f"{bound_mark(unmeasured > 0, adaptive)}{short_duration(self.total_s)}"
+        stopping = any(config.patience is not None for config in self.configs)
+        if stopping:
+            how.append("<= for runs with early stopping: taken at their budget cap")
+        total = f"{bound_mark(unmeasured > 0, adaptive or stopping)}{short_duration(self.total_s)}"
         return (f"expected on this machine ({'; '.join(how)}): {total} in one process; `--shard i/n` splits the runs "
                 "over n processes (faster with cores or devices to spare)")

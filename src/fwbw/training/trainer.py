@@ -222,14 +222,16 @@ class Trainer(RunSetup):
         )
 
     def _selection_state(self) -> dict:
-        """What early stopping and the averaged weights add to a checkpoint."""
+        """What the averaged weights, replay and early stopping add to a checkpoint."""
         state = {} if self.average is None else {"average": self.average.state_dict()}
+        if self.config.replay:
+            state["replay_rng"] = self.replay_rng.get_state()
         if self.best_weights is not None:
             state["best_weights"] = self.best_weights
         return state
 
     def _checkpoint_keys(self) -> tuple[str, ...]:
-        return CHECKPOINT_KEYS + (() if self.average is None else ("average",))
+        return CHECKPOINT_KEYS + (() if self.average is None else ("average",)) + (("replay_rng",) if self.config.replay else ())
 
     def _resume(self) -> None:
         """Continue from the newest checkpoint that loads; without one, start from scratch with
@@ -252,6 +254,8 @@ class Trainer(RunSetup):
         self.microbatching.load_state_dict(saved["microbatching"])
         if self.average is not None:
             self.average.load_state_dict(saved["average"])
+        if self.config.replay:
+            self.replay_rng.set_state(saved["replay_rng"])
         self.best_weights = saved.get("best_weights")
         self.state = TrainState(**saved["train_state"])
         self._write_metrics()
