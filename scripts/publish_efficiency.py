@@ -38,7 +38,8 @@ def publish(sweep_dir: Path, out_dir: Path = DEFAULT_OUT) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Write the data-efficiency experiment's tables, figures, runs.csv "
+                                                 "and summary.md where the README can cite them.")
     parser.add_argument("sweep", type=Path, help="the sweep's folder (with runs.csv and its results table)")
     parser.add_argument("out", type=Path, nargs="?", default=DEFAULT_OUT, help=f"default: {DEFAULT_OUT}")
     args = parser.parse_args()

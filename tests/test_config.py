@@ -61,7 +61,7 @@ def no_training(monkeypatch):
         def __init__(self, *args, **kwargs):
             pytest.fail("a bad config reached the trainer")
 
-    monkeypatch.setattr("fwbw.training.trainer.Trainer", Refused)  # `fwbw train`
+    monkeypatch.setattr("fwbw.cli.Trainer", Refused)  # `fwbw train`
     monkeypatch.setattr("fwbw.study.sweep.Trainer", Refused)  # `fwbw sweep`
 
 
@@ -121,6 +121,21 @@ TRAIN_CASES = [(name, {name: value}) for name, value in typed_fields(TrainConfig
 ]
 
 
+
+
+def empty_tables(cls) -> list[tuple[str, dict]]:
+    """{} for every field of `cls` that is no table (a run's recipe is one): never read as 'no value'."""
+    hints = typing.get_type_hints(cls)
+    return [(FILE_KEYS.get(item.name, item.name), {FILE_KEYS.get(item.name, item.name): {}})
+            for item in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[item.name])]
+
+
+EMPTY_TABLE_CASES = empty_tables(TrainConfig) + [
+    (f"recipe.{name}", {"recipe": values}) for name, values in empty_tables(RecipeConfig)
+]
+TRAIN_CASES += EMPTY_TABLE_CASES
+
+
 @pytest.mark.usefixtures("no_training")
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("field, values", TRAIN_CASES, ids=[f"{field}-{values}" for field, values in TRAIN_CASES])
@@ -147,7 +162,7 @@ SWEEP_CASES = [(key, {key: value}) for key, value in SPEC_CASES.items()] + [
     ("train_tokens", {"train_tokens": 20000.7}),
     ("recipe.foo", {"recipe": {"foo": 1}}),
     ("foo", {"foo": 1}),
-]
+] + empty_tables(SweepSpec) + [(field, values) for field, values in EMPTY_TABLE_CASES if field not in SPEC_CASES]
 
 
 @pytest.mark.usefixtures("no_training")
@@ -213,6 +228,36 @@ def test_yaml_reads_exponents_without_a_dot_as_numbers(tmp_path):
     assert (recipe.adam_eps, recipe.lr_numerator) == (1e-9, 9e7)
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("depth: 010", 'depth: must be an integer, got "010"'),  # not YAML 1.1's octal 8
+        ("train_tokens: 5:33:20", 'train_tokens: must be an integer, got "5:33:20"'),  # not base 60's 20000
+        ("task_tokens: on", 'task_tokens: must be true or false, got "on"'),
+        ("task_tokens: yes", 'task_tokens: must be true or false, got "yes"'),
+        ("task_tokens: no", 'task_tokens: must be true or false, got "no"'),
+        ("1: 2", "1: a field name must be a string (at line 1 column 1)"),
+        ("recipe:\n  true: 2", "true: a field name must be a string (at line 2 column 3)"),
+    ],
+)
+def test_yaml_is_read_as_yaml_1_2_core(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'{path}: {message}')}$"):
+        build_train_config(path)
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """Nine aliases of nine aliases, eight deep: 43 million strings once expanded (`show` would
+    spell them all)."""
+    lines = ["data:", '  - &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"  - &a{level} [{', '.join([f'*a{level - 1}'] * 9)}]" for level in range(1, 9)]
+    path = tmp_path / "run.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: aliases: expand the document beyond 100000 values$"):
+        build_train_config(path)
+
+
 @pytest.mark.usefixtures("no_training")
 @pytest.mark.parametrize("epochs", ["inf", "1e400", "nan"])
 def test_epochs_must_be_finite(tmp_path, capsys, epochs):
@@ -256,6 +301,15 @@ def test_a_file_may_name_its_preset_and_the_flag_replaces_it(tmp_path):
     path = write_config(tmp_path, "yaml", {"preset": "nope"})
     with pytest.raises(ConfigError, match=rf"^{path}: preset: unknown 'nope'"):
         build_sweep_spec(file=path)
+    path = write_config(tmp_path, "toml", {"preset": ""})  # no preset: a misspelt one
+    with pytest.raises(ConfigError, match=rf"^{path}: preset: unknown ''"):
+        build_sweep_spec(file=path)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_empty_recipe_table_keeps_the_recipe_of_the_layers_below(tmp_path, fmt):
+    path = write_config(tmp_path, fmt, {"preset": "cpu-small", "recipe": {}})
+    assert build_sweep_spec(file=path) == build_sweep_spec("cpu-small")
 
 
 def test_train_layers_file_then_flags(tmp_path):

@@ -81,6 +81,22 @@ def test_a_budget_below_one_optimizer_step_is_refused(budget, message, corpus, t
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--preset", "", "--out", "grid"], "preset: unknown '' (expected one of "),
+        (["--gpus", "", "--out", "grid"], "gpus: expected distinct device indices such as 0,1 (or GPU UUIDs), got ''"),
+        ([], "--out: give the sweep's folder, e.g. --out runs/grid"),  # never a default folder
+    ],
+)
+def test_an_empty_or_missing_sweep_flag_is_refused(flags, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("fwbw.cli.launch_sweep", never)
+    assert main(["sweep", "--depths", "1", "--widths", "16", "--seeds", "1", *flags]) == 2
+    assert one_error_line(capsys, "sweep").startswith(message)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- a full disk ----------------------------------------------------------------------------
 
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import stat
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -28,6 +31,7 @@ from conftest import (
 from fwbw import cli
 from fwbw.schema import ConfigError
 from fwbw.study import configure, sweep_dir
+from fwbw.study import sweep as sweep_module
 from fwbw.study.launchers import local, slurm
 from fwbw.study.launchers.base import Assignment, Launch, merge_outcomes, outcome_counts
 from fwbw.study.sweep import SweepSpec, prepare_sweep, run_id, work
@@ -240,27 +244,161 @@ def test_worker_env_shares_the_cores_unless_told(monkeypatch):
 
 
 class FakeJob:
-    def __init__(self, job_id: str, outcome: dict | None):
+    """A submitit job that has ended: with `outcome` its result, None: it left none (cancelled)."""
+
+    def __init__(self, job_id: str, outcome: dict | None, folder: Path):
         self.job_id, self.outcome = job_id, outcome
+        self.paths = SimpleNamespace(result_pickle=folder / f"{job_id}_result.pkl")
+        if outcome is not None:
+            self.paths.result_pickle.write_bytes(b"")
 
     def result(self) -> dict:
-        if self.outcome is None:
-            import submitit
-
-            raise submitit.core.utils.FailedJobError(f"job {self.job_id} failed\nwith a long traceback")
         return self.outcome
 
 
-def test_a_slurm_job_that_dies_is_reported_after_waiting_for_the_others(tmp_path, corpus, capsys):
+def test_slurm_wait_reports_the_jobs_that_ended_without_finishing_and_the_runs_they_left(tmp_path, corpus, capsys):
     out = tmp_path / "grid"
     prepared_grid(corpus, out)
-    jobs = [FakeJob("7_0", {"a": "done", "b": "skipped"}), FakeJob("7_1", None), FakeJob("7_2", {"a": "skipped", "b": "done"})]
-    with pytest.raises(RuntimeError) as error:
-        slurm.wait_for(jobs, out)
-    assert str(error.value) == (f"1 SLURM job ended without finishing (7_1; their logs are in {out / 'slurm'}): "
-                                "rerun the sweep to finish their runs")
-    assert capsys.readouterr().out == "job 7_0: 1 done, 1 skipped\njob 7_2: 1 done, 1 skipped\n"
-    assert slurm.wait_for([jobs[0], jobs[2]], out) == {"a": "done", "b": "done"}
+    a, b, c, d = read_sweep_runs(out)
+    for identifier in (a, b):
+        run_dir_module.write_status(out / sweep_dir.RUNS / identifier, "done")
+    run_dir_module.write_status(out / sweep_dir.RUNS / c, "running")  # its job was cancelled
+    jobs = [FakeJob("7_0", {a: "done", b: "skipped"}, tmp_path), FakeJob("7_1", None, tmp_path),
+            FakeJob("7_2", {a: "skipped", b: "done"}, tmp_path)]
+    statuses = slurm.wait_for(jobs, Assignment(out), running=lambda: False)
+    assert statuses == {a: "done", b: "done", c: "left", d: "left"}
+    printed = capsys.readouterr()
+    assert printed.out == "job 7_0: 1 done, 1 skipped\njob 7_2: 1 done, 1 skipped\n"
+    assert printed.err == (f"fwbw sweep: 1 SLURM job ended without finishing (7_1; their logs are in {out / 'slurm'}): "
+                           "rerun the sweep to finish their runs\n")
+    assert (out / sweep_dir.RESULTS_PARQUET).is_file()
+
+
+def read_sweep_runs(out: Path) -> list[str]:
+    return list(configure.read_config_file(out / sweep_dir.SWEEP_FILE)["order"])
+
+
+def test_slurm_wait_watches_squeue_and_else_the_sweep_directory(tmp_path, corpus):
+    """Without accounting submitit cannot tell a job without a result has ended: --wait asks squeue,
+    and where squeue cannot answer either, waits while the sweep has runs to train."""
+    out = tmp_path / "grid"
+    prepared_grid(corpus, out)
+    assignment = Assignment(out)
+    jobs = [FakeJob("12_0", None, tmp_path), FakeJob("12_1", None, tmp_path)]
+    assert slurm.jobs_running(jobs, assignment, lambda ids: {"12_0": "RUNNING", "12_1": "COMPLETED"})
+    assert slurm.jobs_running(jobs, assignment, lambda ids: {"12_0": "CANCELLED", "12_1": "REQUEUED"})
+    assert slurm.jobs_running(jobs, assignment, lambda ids: {"12_[1-3]": "PENDING"})  # tasks not started yet
+    assert not slurm.jobs_running(jobs, assignment, lambda ids: {"12_0": "CANCELLED", "12_1": "COMPLETED"})
+    assert not slurm.jobs_running(jobs, assignment, lambda ids: {})  # forgotten by SLURM: ended long ago
+    assert slurm.jobs_running(jobs, assignment, lambda ids: None)  # no squeue, and runs to train
+    for identifier in read_sweep_runs(out):
+        run_dir_module.write_status(out / sweep_dir.RUNS / identifier, "done")
+    assert not slurm.jobs_running(jobs, assignment, lambda ids: None)
+    finished = [FakeJob("13_0", {}, tmp_path)]
+    assert not slurm.jobs_running(finished, assignment, lambda ids: {"13_0": "COMPLETING"})  # its result is there
+
+
+def test_a_sweep_that_waited_exits_3_when_runs_are_left(tmp_path, corpus, monkeypatch, capsys):
+    out = tmp_path / "grid"
+    monkeypatch.setattr(cli, "launch_sweep", lambda *args: {"a": "done", "b": slurm.LEFT, "c": "failed"})
+    assert cli.main(grid_argv(corpus, out)) == cli.EXIT_RUNS_LEFT == 3
+    printed = capsys.readouterr()
+    assert printed.err == "fwbw sweep: 1 run left unfinished: rerun the sweep to finish them (exit status 3)\n"
+    assert printed.out == f"sweep {out}: 1 done, 1 failed, 1 left\n"
+    monkeypatch.setattr(cli, "launch_sweep", lambda *args: {"a": "done", "c": "failed"})
+    assert cli.main(grid_argv(corpus, out)) == 1
+
+
+def uncompleted_job_error(message: str) -> Exception:
+    import submitit
+
+    return submitit.core.utils.UncompletedJobError(message)
+
+
+@pytest.mark.parametrize("interruption", [
+    KeyboardInterrupt("terminated (signal 15)"),
+    SystemExit(-1),  # submitit's requeue of a preempted job
+    "submitit",  # submitit's time-limit handler: UncompletedJobError
+])
+def test_an_interrupted_run_is_released_resumable_not_failed(tmp_path, corpus, monkeypatch, capsys, interruption):
+    if interruption == "submitit":
+        interruption = uncompleted_job_error("Job not requeued because: timed-out and not checkpointable.")
+    run = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        raise interruption
+
+    monkeypatch.setattr(sweep_module, "train_and_cut", interrupted)
+    with pytest.raises(type(interruption)):
+        sweep_module.run_one(base_config(corpus), run, retry_failed=False, progress=False)
+    assert run_dir_module.read_status(run)["status"] == "running"  # not failed: the next worker resumes it
+    assert not list(run.glob(run_dir_module.LOCK + "*")), "claim left"
+    assert "interrupted (" in capsys.readouterr().err
+
+
+def test_only_an_error_of_the_run_itself_marks_it_failed(tmp_path, corpus, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("loss is nan")
+
+    monkeypatch.setattr(sweep_module, "train_and_cut", broken)
+    assert sweep_module.run_one(base_config(corpus), tmp_path / "run", retry_failed=False, progress=False) == "failed"
+    assert run_dir_module.read_status(tmp_path / "run") == {"status": "failed", "error": "RuntimeError: loss is nan"}
+    assert sweep_module.is_interruption(uncompleted_job_error("timed out"))
+    assert not sweep_module.is_interruption(RuntimeError("timed out"))
+
+
+@pytest.fixture
+def saved_signal_handlers():
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR2)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])
+def test_in_a_slurm_job_sigterm_and_the_preemption_signal_interrupt_the_run(signum, saved_signal_handlers):
+    """SIGTERM (scancel, the time limit) and USR2 raise JobInterrupted where the job is; on USR2
+    submitit's handler runs first (here it gives up, as when timed out), and its error is the reason."""
+    def submitit_gives_up(signum, frame):
+        raise uncompleted_job_error("Job not requeued because: timed-out and not checkpointable.")
+
+    signal.signal(signal.SIGUSR2, submitit_gives_up)
+    slurm.interruptible()
+    with pytest.raises(slurm.JobInterrupted) as interrupted:
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises in this thread, at once
+    expected = "interrupted by SIGTERM" if signum == signal.SIGTERM else (
+        "interrupted by SIGUSR2: Job not requeued because: timed-out and not checkpointable.")
+    assert str(interrupted.value) == expected
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # one interruption: the run unwinds undisturbed
+
+
+def test_submitits_requeue_of_a_preempted_job_still_happens(saved_signal_handlers):
+    requeued = []
+
+    def submitit_requeues(signum, frame):
+        requeued.append(signum)
+        sys.exit(-1)
+
+    signal.signal(signal.SIGUSR2, submitit_requeues)
+    slurm.interruptible()
+    with pytest.raises(SystemExit):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(5)
+    assert requeued == [signal.SIGUSR2]
+
+
+def test_slurm_jobs_ask_for_gpus_only_when_told_or_on_cuda(tmp_path, corpus):
+    def gpus(options: Launch, device: str, nproc: int = 1):
+        executor = slurm.slurm_executor(tmp_path, options, [base_config(corpus, device=device)], 1, nproc_per_run=nproc)
+        return executor._executor.parameters.get("gpus_per_node")
+
+    assert gpus(Launch("slurm"), "auto") is None  # the default: a CPU-only cluster takes the job
+    assert gpus(Launch("slurm"), "cpu") is None
+    assert gpus(Launch("slurm"), "cuda") == 1
+    assert gpus(Launch("slurm"), "cuda", nproc=2) == 2
+    assert gpus(Launch("slurm", gpus_per_run=2), "auto") == 2
+    assert gpus(Launch("slurm", gpus_per_run=0), "cuda") is None
 
 
 # --- the sweep file's [slurm] table ------------------------------------------------------------

@@ -16,6 +16,7 @@ from fwbw.retrieval.metrics import METRICS as RETRIEVAL_METRICS
 from fwbw.retrieval.tasks import load_task
 from fwbw.study.children import terminate_on_sigterm
 from fwbw.study.configure import build_sweep_spec, build_train_config, slurm_options
+from fwbw.study.estimate import plural
 from fwbw.study.launchers import LAUNCHERS, launch_sweep
 from fwbw.study.launchers.base import (
     OPTION_LAUNCHERS,
@@ -24,7 +25,7 @@ from fwbw.study.launchers.base import (
     outcome_counts,
 )
 from fwbw.study.launchers.local import parse_gpus
-from fwbw.study.launchers.slurm import SLURM_MINUTES
+from fwbw.study.launchers.slurm import LEFT, SLURM_MINUTES
 from fwbw.study.presets import PRESETS
 from fwbw.study.results import (
     build_results,
@@ -56,6 +57,7 @@ from fwbw.training.trainer import Trainer
 
 DEFAULTS = TrainConfig()
 EXIT_INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
+EXIT_RUNS_LEFT = 3  # fwbw sweep --launcher slurm --wait: runs left unfinished once the jobs ended
 DEMO_RETRIEVAL_TASK = "description"  # `fwbw demo --retrieval`
 RETRIEVAL_SHOWN = ["task", "run_id", "system", "embed", "finetune_steps", *RETRIEVAL_METRICS]  # `fwbw retrieval SWEEP`
 
@@ -173,6 +175,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe_runs(spec, device_memory_gib=args.device_memory, nproc_per_run=args.nproc_per_run))
         return 0
+    if args.out is None:
+        raise ValueError("--out: give the sweep's folder, e.g. --out runs/grid")
     check_run_dir(args.out)
     execution = Execution(nproc_per_run=args.nproc_per_run, compile=args.compile, tracker=args.tracker,
                           lease_s=args.lease_minutes * 60)
@@ -180,14 +184,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     outcome = launch_sweep(spec, launch_from_args(args), assignment)
     if outcome is None:  # jobs submitted, not waited for
         return 0
+    left = list(outcome.values()).count(LEFT)  # --launcher slurm --wait: runs unfinished once the jobs ended
+    if left:
+        print(f"fwbw sweep: {plural(left, 'run')} left unfinished: rerun the sweep to finish them "
+              f"(exit status {EXIT_RUNS_LEFT})", file=sys.stderr, flush=True)
     print(f"sweep {args.out}: {outcome_counts(outcome)}")
-    return 1 if "failed" in outcome.values() else 0
+    return EXIT_RUNS_LEFT if left else 1 if "failed" in outcome.values() else 0
 
 
 def launch_from_args(args: argparse.Namespace) -> Launch:
     """The launcher and its options: the flags given, and the sweep file's [slurm] table."""
     given = {name: getattr(args, name) for name in ("launcher", *OPTION_LAUNCHERS)}
-    given["gpus"] = parse_gpus(args.gpus) if args.gpus else ()
+    given["gpus"] = () if args.gpus is None else parse_gpus(args.gpus)
     return Launch(**given, slurm_options=slurm_options(args.config))
 
 
@@ -355,14 +363,17 @@ def add_launcher_flags(parser: argparse.ArgumentParser) -> None:
         help="local: N worker processes pulling runs (1: this process); ray: a local Ray of N x --cpus-per-run CPUs")
     add("--gpus", metavar="0,1,...", help="local: one worker per GPU, pinned with CUDA_VISIBLE_DEVICES")
     add("--gpus-per-run", type=int, metavar="N",
-        help="slurm, ray: GPUs per run (default: 1 unless the runs' device is cpu; ray: 0 on a cluster without GPUs)")
+        help="slurm, ray: GPUs per run (default, per process of a run: slurm 1 only with --device cuda; ray 1 "
+        "unless the runs' device is cpu, 0 on a cluster without GPUs)")
     add("--cpus-per-run", type=int, metavar="N", help="slurm, ray: CPU cores per run (1)")
     add("--slurm-partition", metavar="NAME")
     add("--slurm-time", type=int, metavar="MINUTES", help=f"each job's time limit ({SLURM_MINUTES})")
     add("--slurm-max-parallel", type=int, metavar="N",
         help="pull-worker jobs in the array, all allowed to run at once (default: one per pending run); the "
         "sweep file's [slurm] table adds #SBATCH options")
-    add("--wait", action="store_true", help="slurm: block until the jobs end, then rebuild the results table")
+    add("--wait", action="store_true",
+        help="slurm: block until the jobs end (watched with squeue: no accounting needed), then rebuild the results "
+        "table; exit status 3 if runs are left unfinished (rerun the sweep), 1 if some failed")
     add("--ray-address", metavar="ADDRESS", help="ray: an existing cluster (auto, or ray://HOST:10001), else a local Ray")
 
 
@@ -402,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--config", type=Path,
                        help="a sweep file (TOML, YAML or JSON): depths, widths, model_scales, p_bw, seeds, seed, "
                        "tokens_per_microbatch_rule, extra_runs and TrainConfig fields (flags given override it)")
-    sweep.add_argument("--out", type=Path, default=Path("runs/grid"))
+    sweep.add_argument("--out", type=Path, help="the sweep's folder (needed unless --dry-run)")
     sweep.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
     sweep.add_argument("--retry-failed", action="store_true")
     sweep.add_argument("--nproc-per-run", type=int, default=1, metavar="N",

@@ -55,7 +55,8 @@ def primary_differences(efficiency: Efficiency) -> pd.DataFrame:
     row = efficiency.tables["primary"].iloc[0]
     x, base = ({c: row[f"{c}{suffix}"] for c in de.SETTING_COLUMNS} for suffix in ("", "_base"))
     pairs = de.seed_pairs(de.done_runs(efficiency.runs), x, base)
-    return pairs.assign(diff=pairs[f"{de.MEASURE}_x"] - pairs[f"{de.MEASURE}_base"])[["seed", "diff"]].sort_values("seed")
+    differences = pairs.assign(diff=pairs[f"{de.MEASURE}_x"] - pairs[f"{de.MEASURE}_base"])
+    return differences[["seed", "diff"]].sort_values("seed")
 
 
 def write_tables(efficiency: Efficiency, out_dir: Path) -> None:

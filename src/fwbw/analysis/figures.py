@@ -482,10 +482,10 @@ def paired_differences_figure(differences: pd.DataFrame, contrast: dict, out_dir
     ax.axhline(0.0, color="0.5", ls="--", lw=1)
     ax.set_xticks(range(len(differences) + 1), [*map(str, differences.seed), "mean"], fontsize="small")
     ax.set(xlabel="seed", ylabel=f"test fw loss difference ({contrast['unit']})")
-    ax.set_title(f"{contrast['contrast']}: p_bw {contrast['p_bw']:g} - {contrast['p_bw_base']:g}, "
+    ax.set_title(f"{contrast['contrast']}: p_bw {contrast['p_bw']:g} minus p_bw {contrast['p_bw_base']:g}, "
                  f"train_fraction {contrast['train_fraction']:g}", fontsize="medium")
     ax.legend(fontsize="small")
-    fig.suptitle("held-out test fw loss, paired by seed (below 0: bw training lowered it)")
+    fig.suptitle("held-out test fw loss, paired by seed\n(below 0: bw training lowered it)", fontsize="medium")
     return _save(fig, Path(out_dir), name)
 
 
@@ -496,11 +496,12 @@ def _multiplier_text(multiplier: dict) -> str:
 
 
 def _mark_multiplier(ax: Axes, bw: pd.Series, multiplier: dict) -> None:
-    """From the fw+bw point to the unique tokens at which the fw-only curve reaches its loss, labelled m."""
+    """From the fw+bw point to the unique tokens at which the fw-only curve reaches its loss, labelled m below
+    the middle of that line (log scale)."""
     reached = multiplier["multiplier"] * bw.unique_tokens
     ax.plot([bw.unique_tokens, reached], [bw["mean"]] * 2, ":", color="C3")
-    ax.annotate(_multiplier_text(multiplier), (reached, bw["mean"]), xytext=(0, -28), textcoords="offset points",
-                ha="center", fontsize="small", color="C3")
+    ax.annotate(_multiplier_text(multiplier), (np.sqrt(bw.unique_tokens * reached), bw["mean"]), xytext=(0, -6),
+                textcoords="offset points", ha="center", va="top", fontsize="small", color="C3")
 
 
 def data_efficiency_figure(curve: pd.DataFrame, dose_curve: pd.DataFrame, multiplier: dict, out_dir: Path,
@@ -527,7 +528,8 @@ def data_efficiency_figure(curve: pd.DataFrame, dose_curve: pd.DataFrame, multip
     ax.set_xscale("log")
     ax.set(xlabel="unique training tokens", ylabel="best test fw loss (validation-selected checkpoint)")
     ax.legend(fontsize="small")
-    fig.suptitle("held-out test fw loss against unique training data: mean over seeds, bars: 95% t interval")
+    fig.suptitle("held-out test fw loss against unique training data\nmean over seeds, bars: 95% t interval",
+                 fontsize="medium")
     return _save(fig, Path(out_dir), name)
 
 

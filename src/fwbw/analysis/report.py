@@ -1,6 +1,7 @@
-"""The report of a sweep: setup, plain findings with their numbers, tables, figures, mask audit and
-the runs that did not finish, and the data-efficiency experiment's analysis where the sweep has its arms. Writes report.html (self-contained: figures as base64 data URIs,
-inline CSS), report.md (figures linked from figures/), the figures, and the tables as CSV."""
+"""The report of a sweep: setup, plain findings with their numbers, tables, figures, mask audit, the
+runs that did not finish, and the data-efficiency experiment's analysis where the sweep has its arms.
+Writes report.html (self-contained: figures as base64 data URIs, inline CSS), report.md (figures linked
+from figures/), the figures, and the tables as CSV."""
 
 from __future__ import annotations
 
@@ -652,37 +653,40 @@ def headline(analysis: Analysis) -> list[str]:
 
 EFFICIENCY_TITLE = "Data efficiency (held-out test split)"
 EFFICIENCY_CAPTIONS = {  # figure stem -> caption
-    "efficiency_paired": "The primary contrast: held-out test fw loss of the fw+bw arm minus fw alone, each dot one "
-                         "seed's difference; red: their mean with its 95% t interval; dashed: 0. Below 0: bw training "
-                         "lowered it.",
-    "efficiency_data_curve": "Held-out test fw loss against unique training tokens (log scale): fw alone at each share "
-                             "of the training articles (mean over the seeds common to every arm, bars: 95% t interval), "
-                             "the fw+bw arm at its share and the other p_bw doses there (each over its own seeds); m: "
-                             "the effective-data multiplier, where the fw-only curve reaches the fw+bw arm's loss.",
+    "efficiency_paired": "The primary contrast: held-out test fw loss of the fw+bw arm minus fw alone, each dot "
+                         "one seed's difference; red: their mean with its 95% t interval; dashed: 0. Below 0: bw "
+                         "training lowered it.",
+    "efficiency_data_curve": "Held-out test fw loss against unique training tokens (log scale): fw alone at each "
+                             "share of the training articles (mean over the seeds common to every arm, bars: 95% t "
+                             "interval), the fw+bw arm at its share and the other p_bw doses there (each over its "
+                             "own seeds); m: the effective-data multiplier, where the fw-only curve reaches the "
+                             "fw+bw arm's loss.",
 }
 EFFICIENCY_TABLES = {  # analyse's table -> what its rows are, shown above it
-    "primary": "efficiency_primary: the pre-registered test, test_fw_loss of the first arm's setting minus the second's "
-               "(suffixed _base), paired t test over seeds; mde: the smallest mean difference a paired t test at the "
-               "0.05 level detects with 80% power from the observed SD; n_censored: runs whose validation optimum was "
-               "their last evaluation; flops_ratio: the first arm's training FLOPs over the second's.",
-    "multiplier": "efficiency_multiplier: how many times its unique tokens fw alone needs to reach the fw+bw arm's mean "
-                  "test_fw_loss, read off the fw-only curve, never extrapolated (censored low or high: m < bound_low or "
-                  "m > bound_high); ci_low, ci_high: the 95% percentile interval of the seed bootstrap (n_boot draws; a "
-                  "censored draw counts as 0 or inf, their shares beside); isotonic: the curve was fit non-increasing.",
-    "curve": "efficiency_curve: the points behind the multiplier, the mean test_fw_loss over the seeds common to every arm "
-             "with its 95% t interval; fitted: the fw-only curve's non-increasing fit.",
-    "q2": "efficiency_q2: on the whole stream, fw+bw (p_bw 1), fw+replay and fw alone, paired by seed: family q2 at one "
-          "pass, q2-epochs at the other caps; p_holm: Holm-adjusted within the family.",
-    "dose": "efficiency_dose: the per-seed least-squares slope of test_fw_loss on p_bw, tested over seeds (dose-slope), "
-            "and each dose against p_bw 0 (dose, Holm over the doses).",
+    "primary": "efficiency_primary: the pre-registered test, test_fw_loss of the first arm's setting minus the "
+               "second's (suffixed _base), paired t test over seeds; mde: the smallest mean difference a paired t "
+               "test at the 0.05 level detects with 80% power from the observed SD; n_censored: runs whose "
+               "validation optimum was their last evaluation; flops_ratio: the first arm's training FLOPs over the "
+               "second's.",
+    "multiplier": "efficiency_multiplier: how many times its unique tokens fw alone needs to reach the fw+bw arm's "
+                  "mean test_fw_loss, read off the fw-only curve, never extrapolated (censored low or high: "
+                  "m < bound_low or m > bound_high); ci_low, ci_high: the 95% percentile interval of the seed "
+                  "bootstrap (n_boot draws; a censored draw counts as 0 or inf, their shares beside); isotonic: the "
+                  "curve was fit non-increasing.",
+    "curve": "efficiency_curve: the points behind the multiplier, the mean test_fw_loss over the seeds common to "
+             "every arm with its 95% t interval; fitted: the fw-only curve's non-increasing fit.",
+    "q2": "efficiency_q2: on the whole stream, fw+bw (p_bw 1), fw+replay and fw alone, paired by seed: family q2 "
+          "at one pass, q2-epochs at the other caps; p_holm: Holm-adjusted within the family.",
+    "dose": "efficiency_dose: the per-seed least-squares slope of test_fw_loss on p_bw, tested over seeds "
+            "(dose-slope), and each dose against p_bw 0 (dose, Holm over the doses).",
     "dose_curve": "efficiency_dose_curve: the mean test_fw_loss of each dose over its seeds, with its 95% t interval.",
-    "lr_selection": "efficiency_lr: the mean validation fw loss of the selected checkpoints at each lr_scale; chosen: "
-                    "the lowest (test loss plays no part).",
+    "lr_selection": "efficiency_lr: the mean validation fw loss of the selected checkpoints at each lr_scale; "
+                    "chosen: the lowest (test loss plays no part).",
     "controls": "efficiency_controls: the primary contrast at each arm's validation-chosen lr_scale, each fw-only "
                 "regulariser against fw alone and the fw+bw arm against it; Holm over the family.",
     "matched": "efficiency_matched: validation fw loss of fw+bw minus fw alone at equal training-split fw loss "
-               "(train_split_fw_loss), Holm over the grid. Below 0: bw regularises; near 0: it only moves fw along "
-               "the same curve.",
+               "(train_split_fw_loss), Holm over the grid. Below 0: bw regularises; near 0: it only moves fw "
+               "along the same curve.",
 }
 
 
@@ -775,7 +779,8 @@ EFFICIENCY_STATEMENTS = (("primary", primary_statement), ("multiplier", multipli
 
 
 def efficiency_statements(tables: dict[str, pd.DataFrame]) -> list[str]:
-    """One sentence per result analysed (EFFICIENCY_STATEMENTS); a skipped part has none (the skipped table says why)."""
+    """One sentence per result analysed (EFFICIENCY_STATEMENTS); a skipped part has none: the skipped table
+    says why."""
     return [say(tables[name]) for name, say in EFFICIENCY_STATEMENTS if len(tables[name])]
 
 

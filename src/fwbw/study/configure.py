@@ -16,7 +16,9 @@ width it gives, and TrainConfig checks that they agree.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import typing
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +45,8 @@ SWEEP_ALTERNATIVES: tuple[Alternative, ...] = (
     (("model_scales",), ("depths", "widths")),
     (("tokens_per_microbatch_rule",), ("recipe.tokens_per_microbatch",)),
 )
+# a run's fields that are tables of fields (recipe): an empty one gives no value
+TABLES = {(name,) for name, kind in typing.get_type_hints(TrainConfig).items() if dataclasses.is_dataclass(kind)}
 SLURM_TABLE = "slurm"  # a sweep file's extra #SBATCH options: how its runs are launched, not what they are
 
 
@@ -125,8 +129,8 @@ def _preset_layer(preset: str | None, from_file: dict, source: str | None) -> di
     """The values of `preset`, else of the file's own `preset` key (taken out of from_file)."""
     with _errors_named({("preset",): source}):
         file_preset = typed(from_file.pop("preset", None), str | None, "preset")
-        if not preset:
-            return preset_values(file_preset) if file_preset else {}
+        if preset is None:
+            return {} if file_preset is None else preset_values(file_preset)
     return preset_values(preset)
 
 
@@ -168,33 +172,74 @@ def _read_toml(path: Path) -> Any:
     return values
 
 
+MAX_YAML_VALUES = 100_000  # values in a YAML document with its aliases expanded (a config has hundreds)
+YAML_TAG = "tag:yaml.org,2002:"
+# YAML 1.2's core schema, as JSON and TOML read values: integers only in decimal (010 and 5:33:20
+# stay text), true and false the only booleans (on, yes and no stay text), no dates
+YAML_CORE_RESOLVERS = {
+    "bool": (r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    "int": (r"[-+]?(?:0|[1-9][0-9]*)", "-+0123456789"),
+    "float": (r"[-+]?(?:(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+)"
+              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)", "-+.0123456789"),
+}
+
+
+def _core_schema_resolvers() -> dict[str, list]:
+    """SafeLoader's implicit resolvers (by a scalar's first character) with YAML_CORE_RESOLVERS in
+    place of its booleans, numbers and dates."""
+    kept = (YAML_TAG + "null", YAML_TAG + "merge")
+    resolvers = {first: [found for found in listed if found[0] in kept]
+                 for first, listed in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for kind, (pattern, firsts) in YAML_CORE_RESOLVERS.items():
+        for first in firsts:
+            resolvers.setdefault(first, []).append((YAML_TAG + kind, re.compile(f"^(?:{pattern})$")))
+    return resolvers
+
+
 class _YamlLoader(yaml.SafeLoader):
-    """yaml's SafeLoader that also reads exponents without a dot (1e-9) as numbers, as JSON,
-    TOML and YAML 1.2 do, and refuses a key given twice in one table (not the last one wins)."""
+    """yaml's SafeLoader on YAML 1.2's core schema (YAML_CORE_RESOLVERS) that refuses a key given
+    twice in one table (not the last one wins), a key that is no string, and a document that its
+    aliases expand beyond MAX_YAML_VALUES values (an alias bomb)."""
+
+    yaml_implicit_resolvers = _core_schema_resolvers()
+
+    def compose_document(self) -> yaml.Node:
+        document = super().compose_document()
+        require(_expanded_size(document, {}) <= MAX_YAML_VALUES, "aliases", f"expand the document beyond {MAX_YAML_VALUES} values")
+        return document
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
             seen = set()
             for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *table` merges, it repeats nothing
+                if key_node.tag == YAML_TAG + "merge":  # `<<: *table` merges, it repeats nothing
                     continue
                 key = self.construct_object(key_node, deep=deep)
-                if not isinstance(key, Hashable):
-                    continue  # SafeLoader refuses it
+                where = f"line {key_node.start_mark.line + 1} column {key_node.start_mark.column + 1}"
+                require(isinstance(key, str), show(key), f"a field name must be a string (at {where})")
                 if key in seen:
                     raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
+def _expanded_size(node: yaml.Node, sizes: dict[int, float]) -> float:
+    """The values in `node` with every alias expanded, each node counted once (`sizes`, by id);
+    inf for a node that holds itself."""
+    if id(node) not in sizes:
+        sizes[id(node)] = math.inf  # while its items are counted
+        items = node.value if isinstance(node, yaml.SequenceNode) else []
+        if isinstance(node, yaml.MappingNode):
+            items = [item for pair in node.value for item in pair]
+        sizes[id(node)] = 1 + sum(_expanded_size(item, sizes) for item in items)
+    return sizes[id(node)]
 
 
 def _read_yaml(path: Path) -> Any:
     try:
         values = yaml.load(read_text(path), Loader=_YamlLoader)
+    except ConfigError as error:
+        raise error.inside(f"{path}: ") from None
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -209,12 +254,15 @@ READERS = {".json": read_json, ".toml": _read_toml, ".yaml": _read_yaml, ".yml":
 
 
 def _flatten(values: Mapping, prefix: KeyPath = ()) -> dict[KeyPath, Any]:
+    """Each value by its key's path. An empty table stays a value (`depth = {}` is refused by the
+    field's type, not replaced by its default), except where a table belongs (`[recipe]`)."""
     flat = {}
     for key, value in values.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, (*prefix, key)))
+        path = (*prefix, key)
+        if isinstance(value, Mapping) and (value or path in TABLES):
+            flat.update(_flatten(value, path))
         else:
-            flat[(*prefix, key)] = value
+            flat[path] = value
     return flat
 
 

@@ -65,6 +65,7 @@ def cpu_small() -> dict:
         "epochs": 1.0,
         "eval_every_epochs": 0.125,
         "eval_tokens": 12_288,
+        "eval_bw": True,  # also in the fw-only runs: the untrained direction's loss is part of what the demo shows
         "recipe": {"tokens_per_microbatch": 2048, "dynamic_microbatch": False},
     }
 

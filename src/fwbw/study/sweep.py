@@ -336,7 +336,9 @@ def run_one(
     config: TrainConfig, run_dir: Path, retry_failed: bool, progress: bool, execution: Execution = Execution()
 ) -> str:
     """Train, cut and sample one run unless it is done, failed (without retry) or held by another
-    worker; returns the status it ends with, or 'skipped'."""
+    worker; returns the status it ends with, or 'skipped'. Only an error of the run itself marks it
+    failed: an interruption (Ctrl-C, a signal raised as KeyboardInterrupt or SystemExit, submitit's
+    time-limit or preemption handling) releases it without a status, resumable, and is raised on."""
     if not _wants_training(run_dir, retry_failed) or not claim(run_dir, execution.lease_s):
         return "skipped"
     try:
@@ -350,10 +352,35 @@ def run_one(
     except LeaseLost:  # the run is another worker's now: its status is that worker's to write
         return "lost"
     except Exception as error:  # a failed run is recorded and the sweep goes on
+        if is_interruption(error):
+            _report_interruption(run_dir, error)
+            raise
         _record_failure(run_dir, error)
         return "failed"
+    except BaseException as interruption:  # KeyboardInterrupt, SystemExit: the worker stops here
+        _report_interruption(run_dir, interruption)
+        raise
     finally:
         release(run_dir)
+
+
+def is_interruption(error: BaseException) -> bool:
+    """Whether `error` stopped the run from outside rather than came from it: anything but an
+    Exception (KeyboardInterrupt, SystemExit), and submitit's UncompletedJobError, which its
+    signal handler raises where the job is when SLURM's time limit nears."""
+    if not isinstance(error, Exception):
+        return True
+    return any(kind.__name__ == "UncompletedJobError" and kind.__module__.startswith("submitit")
+               for kind in type(error).__mro__)
+
+
+def _report_interruption(run_dir: Path, interruption: BaseException) -> None:
+    if isinstance(interruption, SystemExit):
+        reason = f"exit {interruption.code}"
+    else:
+        reason = (str(interruption).strip().splitlines() or [type(interruption).__name__])[-1]
+    print(f"run {run_dir.name} interrupted ({reason}): released unfinished; rerun the sweep to resume it",
+          file=sys.stderr, flush=True)
 
 
 def _record_failure(run_dir: Path, error: Exception) -> None:

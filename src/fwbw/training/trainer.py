@@ -475,8 +475,9 @@ class Trainer(RunSetup):
             if not self.state.metrics or self.state.metrics[-1]["step"] != self.state.step:
                 self._evaluate()
             return self._finish()
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted at step {self.state.step}; rerun the same command to resume") from None
+        except KeyboardInterrupt as interruption:  # Ctrl-C, or a signal raised as one (its reason kept)
+            reason = str(interruption) or "interrupted"
+            raise Interrupted(f"{reason} at step {self.state.step}; rerun the same command to resume") from None
         finally:
             self.eval_points.close()
 

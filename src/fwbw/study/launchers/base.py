@@ -62,12 +62,18 @@ class Launch:
         require(not (self.workers and self.ray_address), flag("workers"),
                 "sizes a local Ray; the cluster at --ray-address has its own resources")
 
-    def run_gpus(self, configs: Iterable[TrainConfig], gpus_available: bool = True, nproc_per_run: int = 1) -> int:
+    def run_gpus(
+        self, configs: Iterable[TrainConfig], gpus_available: bool = True, nproc_per_run: int = 1,
+        auto_uses_gpus: bool = True,
+    ) -> int:
         """GPUs per run: --gpus-per-run, else one per process of a run (--nproc-per-run) when
-        there are GPUs and a run may use them (its device is not cpu). Fewer GPUs than processes
-        are refused: each rank of a run needs its own."""
+        there are GPUs and a run may use them: its device is cuda, or auto where `auto_uses_gpus`
+        (False where the launcher cannot see whether the cluster has GPUs: SLURM, whose jobs ask for
+        GPUs only when --gpus-per-run or --device cuda says so). Fewer GPUs than processes are
+        refused: each rank of a run needs its own."""
         if self.gpus_per_run is None:
-            return nproc_per_run * int(gpus_available and any(config.device != "cpu" for config in configs))
+            uses = any(config.device == "cuda" or (config.device == "auto" and auto_uses_gpus) for config in configs)
+            return nproc_per_run * int(gpus_available and uses)
         require(self.gpus_per_run in (0, nproc_per_run) or self.gpus_per_run > nproc_per_run, flag("gpus_per_run"),
                 f"{self.gpus_per_run} GPUs cannot hold the {nproc_per_run} processes of a run (--nproc-per-run)")
         return self.gpus_per_run
@@ -125,9 +131,13 @@ def check_none_lost(lost: list[str], what: str, where: str) -> None:
     """After the others finished: RuntimeError naming the workers (`what`: 'worker', 'Ray task',
     'SLURM job') that died before reporting; their runs are finished by rerunning the sweep."""
     if lost:
-        shown = ", ".join(lost[:3]) + (", ..." if len(lost) > 3 else "")
-        raise RuntimeError(f"{plural(len(lost), what)} ended without finishing ({shown}; {where}): "
-                           "rerun the sweep to finish their runs")
+        raise RuntimeError(lost_message(lost, what, where))
+
+
+def lost_message(lost: list[str], what: str, where: str) -> str:
+    """'2 SLURM jobs ended without finishing (7_0, 7_1; WHERE): rerun the sweep to finish their runs'."""
+    shown = ", ".join(lost[:3]) + (", ..." if len(lost) > 3 else "")
+    return f"{plural(len(lost), what)} ended without finishing ({shown}; {where}): rerun the sweep to finish their runs"
 
 
 

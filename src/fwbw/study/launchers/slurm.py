@@ -3,12 +3,21 @@ that no other worker holds or finished (fwbw.study.sweep.work), one job per pend
 --slurm-max-parallel of them. Each job gets --gpus-per-run GPUs, --cpus-per-run CPUs and
 --slurm-time minutes on --slurm-partition, and the sweep file's [slurm] table as extra #SBATCH
 options; job files and logs go to SWEEP/slurm/. It returns once the array is submitted, printing
-the job ids (--wait: once the jobs have ended, with the results table rebuilt). The nodes must
+the job ids (--wait: once the jobs have ended, watched with squeue, so SLURM accounting need not be
+on, with the results table rebuilt and each run left unfinished marked 'left'). In a job, SLURM's
+SIGTERM (scancel, the time limit) and submitit's preemption signal (USR2) interrupt the run it
+trains: the run is released, resumable by the next worker, never marked failed. The nodes must
 share the sweep directory (same path) and this Python environment."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fwbw.extras import import_extra
@@ -16,16 +25,24 @@ from fwbw.study.estimate import plural
 from fwbw.study.launchers.base import (
     Assignment,
     Launch,
-    check_none_lost,
+    lost_message,
     merge_outcomes,
     outcome_counts,
 )
 from fwbw.study.results import write_results
-from fwbw.study.sweep_dir import SLURM
+from fwbw.study.sweep import sweep_runs
+from fwbw.study.sweep_dir import RUNS, SLURM
 from fwbw.training.config import TrainConfig
+from fwbw.training.run_dir import read_status
 
 SBATCH = "sbatch"
+SQUEUE = "squeue"
 SLURM_MINUTES = 24 * 60  # each job's time limit without --slurm-time
+POLL_S = 3.0  # --wait: seconds between looks at the jobs
+# squeue's states of a job that has ended (any other state: it may still run, or run again)
+ENDED_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                          "PREEMPTED", "TIMEOUT"})
+LEFT = "left"  # --wait: a run that still wants training once every job has ended
 
 
 def check(options: Launch) -> None:
@@ -38,8 +55,9 @@ def check(options: Launch) -> None:
 
 def launch(assignment: Assignment, options: Launch, cluster: str = "slurm") -> dict[str, str] | None:
     """Submit the pull-workers (none when no run is pending: then the results table is rebuilt
-    here); None once submitted, or with --wait run id -> status. `cluster` "local" runs the same
-    jobs on this machine without SLURM (submitit's local executor)."""
+    here); None once submitted, or with --wait run id -> status (wait_for; 'left': unfinished once
+    the jobs ended). `cluster` "local" runs the same jobs on this machine without SLURM (submitit's
+    local executor)."""
     pending = assignment.pending()
     if not pending:
         return assignment.work()
@@ -48,21 +66,27 @@ def launch(assignment: Assignment, options: Launch, cluster: str = "slurm") -> d
                               assignment.execution.nproc_per_run)
     jobs = submit(executor, assignment, count)
     print(f"submitted {plural(count, 'pull-worker job')} for {plural(len(pending), 'pending run')}: "
-          f"{' '.join(job.job_id for job in jobs)} (logs in {executor.folder})")
-    return wait_for(jobs, Path(assignment.out)) if options.wait else None
+          f"{' '.join(job.job_id for job in jobs)} (logs in {executor.folder})", flush=True)
+    if not options.wait:
+        return None
+    if cluster == "slurm":
+        return wait_for(jobs, assignment, lambda: jobs_running(jobs, assignment))
+    return wait_for(jobs, assignment, lambda: not all(job.done() for job in jobs))  # submitit's local executor
 
 
 def slurm_executor(
     out: Path, options: Launch, pending: list[TrainConfig], count: int, cluster: str = "slurm", nproc_per_run: int = 1
 ):
     """A submitit executor for `count` pull-workers with the resources `options` asks for (the
-    GPUs of a job: one per process of a run)."""
+    GPUs of a job: --gpus-per-run, else one per process of a run if the runs' device is cuda;
+    none otherwise, so that a CPU-only cluster takes the jobs)."""
     submitit = import_extra("submitit", "slurm", "--launcher slurm")
     executor = submitit.AutoExecutor(folder=out / SLURM, cluster=cluster)
     executor.update_parameters(
         name=f"fwbw-{out.name}",
         timeout_min=options.slurm_time or SLURM_MINUTES,
-        gpus_per_node=options.run_gpus(pending, nproc_per_run=nproc_per_run),
+        # 0 GPUs: no GPU option at all
+        gpus_per_node=options.run_gpus(pending, nproc_per_run=nproc_per_run, auto_uses_gpus=False) or None,
         cpus_per_task=options.run_cpus(nproc_per_run),
         slurm_partition=options.slurm_partition,
         slurm_array_parallelism=count,
@@ -72,26 +96,126 @@ def slurm_executor(
 
 
 def submit(executor, assignment: Assignment, count: int) -> list:
-    """`count` jobs, each a pull-worker on `assignment` (Assignment.work)."""
+    """`count` jobs, each a pull-worker on `assignment` (pull_worker)."""
     submitit = import_extra("submitit", "slurm", "--launcher slurm")
     try:
-        return executor.map_array(Assignment.work, [assignment] * count)
+        return executor.map_array(pull_worker, [assignment] * count)
     except submitit.core.utils.FailedSubmissionError as error:
         raise RuntimeError(f"{SBATCH} refused the jobs: {str(error).strip().splitlines()[-1]}") from None
 
 
-def wait_for(jobs: list, out: Path) -> dict[str, str]:
-    """Block until every job has ended, rebuild the results table, print each job's counts, and
-    merge their outcomes; RuntimeError naming the jobs that died."""
+class JobInterrupted(KeyboardInterrupt):
+    """SLURM stopped the job (scancel, its time limit, a preemption): the run it trained is released
+    unfinished, to be resumed by the next worker that claims it; not a failure of the run."""
+
+
+def pull_worker(assignment: Assignment) -> dict[str, str]:
+    """What each job runs: Assignment.work, with SLURM's signals as interruptions (interruptible).
+    An interrupted job ends in one line, exit code 1 (submitit's requeue: its own exit)."""
+    interruptible()
+    try:
+        return assignment.work()
+    except KeyboardInterrupt as interruption:
+        print(f"fwbw job: {str(interruption) or 'interrupted'}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def preemption_signal() -> signal.Signals:
+    """The signal SLURM sends before the time limit and on preemption (submitit's sbatch --signal)."""
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+
+
+def interruptible() -> None:
+    """Turn SIGTERM (scancel; the time limit) and the preemption signal into JobInterrupted, raised
+    where the job is, so that the run it trains is released without a status. Submitit's own
+    handler still runs first on the preemption signal: it requeues a preempted job (and exits) or,
+    timed out, gives up with UncompletedJobError, which is an interruption too. One interruption
+    per job: later signals are ignored while it unwinds."""
+    preempt = preemption_signal()
+    submitit_handler = signal.getsignal(preempt)
+
+    def interrupt(signum, frame):
+        for ignored in (signal.SIGTERM, preempt):
+            signal.signal(ignored, signal.SIG_IGN)
+        name = signal.Signals(signum).name
+        if signum == preempt and callable(submitit_handler):
+            try:
+                submitit_handler(signum, frame)
+            except Exception as error:  # UncompletedJobError (timed out, not requeued), or the requeue failed
+                raise JobInterrupted(f"interrupted by {name}: {error}") from None
+        raise JobInterrupted(f"interrupted by {name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(preempt, interrupt)
+
+
+def squeue_states(job_ids: list[str]) -> dict[str, str] | None:
+    """Job id -> state of the jobs of `job_ids`' arrays that squeue lists (one line per array task;
+    a job SLURM has forgotten is not listed); None when squeue cannot answer."""
+    arrays = sorted({job_id.split("_")[0] for job_id in job_ids})
+    try:
+        done = subprocess.run([SQUEUE, "--noheader", "--array", "--format=%i %T", f"--jobs={','.join(arrays)}"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return {} if "Invalid job id" in done.stderr else None  # every job forgotten: ended long ago
+    return dict(line.split()[:2] for line in done.stdout.splitlines() if len(line.split()) >= 2)
+
+
+def job_running(job_id: str, states: dict[str, str]) -> bool:
+    """squeue lists the job (or its array's pending tasks, as 12_[3-5]) in a state other than ended."""
+    array = job_id.split("_")[0]
+    return any(state not in ENDED_STATES for listed, state in states.items()
+               if listed == job_id or listed.startswith(f"{array}_["))
+
+
+def jobs_running(jobs: list, assignment: Assignment, states: Callable = squeue_states) -> bool:
+    """Whether any job may still train: not all have left their result, and squeue lists one that
+    has not ended (pending, running, requeued, ...). Where squeue cannot answer, the sweep directory
+    does: runs still want training."""
+    if all(job.paths.result_pickle.exists() for job in jobs):
+        return False
+    found = states([job.job_id for job in jobs])
+    if found is None:
+        return bool(assignment.pending())
+    return any(job_running(job.job_id, found) for job in jobs)
+
+
+def job_outcome(job) -> dict[str, str] | None:
+    """What an ended job returned (run id -> status); None if it left nothing (cancelled, killed,
+    interrupted) or failed."""
     submitit = import_extra("submitit", "slurm", "--launcher slurm")
+    if not job.paths.result_pickle.exists():
+        return None
+    try:
+        return job.result()
+    except submitit.core.utils.UncompletedJobError:
+        return None
+
+
+def wait_for(jobs: list, assignment: Assignment, running: Callable[[], bool], poll_s: float = POLL_S) -> dict[str, str]:
+    """Block while `running()`, then rebuild the results table, print each job's counts and the jobs
+    that ended without finishing, and return each run's status: the worker's that trained it,
+    'left' for runs that still want training, else as the sweep directory records it ('skipped':
+    done before, or by a job that said so)."""
+    while running():
+        time.sleep(poll_s)
+    out = Path(assignment.out)
     outcomes, lost = [], []
     for job in jobs:
-        try:
-            outcomes.append((job.job_id, job.result()))
-        except submitit.core.utils.UncompletedJobError:
+        outcome = job_outcome(job)
+        if outcome is None:
             lost.append(job.job_id)
+        else:
+            outcomes.append((job.job_id, outcome))
     write_results(out)
     for job_id, outcome in outcomes:
         print(f"job {job_id}: {outcome_counts(outcome)}")
-    check_none_lost(lost, "SLURM job", f"their logs are in {out / SLURM}")
-    return merge_outcomes(outcome for _, outcome in outcomes)
+    if lost:
+        print(f"fwbw sweep: {lost_message(lost, 'SLURM job', f'their logs are in {out / SLURM}')}", file=sys.stderr)
+    merged = merge_outcomes(outcome for _, outcome in outcomes)
+    left = assignment.pending()
+    return {identifier: LEFT if identifier in left else (merged.get(identifier)
+                                                          or read_status(out / RUNS / identifier)["status"])
+            for identifier in sweep_runs(out, assignment.shard)}

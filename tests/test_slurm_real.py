@@ -1,0 +1,191 @@
+"""`fwbw sweep --launcher slurm` on a real SLURM: a private single-node cluster on this machine
+(tests/slurm_cluster.py), CPU only and without accounting, as a new user's small cluster may be.
+Without slurm-wlm and munge, or when not root, these tests skip in one line (under CI=true they
+fail)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import slurm_cluster as local_slurm
+from conftest import (
+    SUBPROCESS_TIMEOUT,
+    Corpus,
+    assert_no_duplicate_rows,
+    assert_steps_strictly_increase,
+    run_dirs,
+    start,
+    sweep_command,
+)
+from slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
+
+from fwbw.study import sweep_dir
+from fwbw.training import run_dir as run_dir_module
+
+pytestmark = pytest.mark.usefixtures("cache_env")
+
+EXIT_RUNS_LEFT = 3  # fwbw sweep --wait: some runs left unfinished
+
+
+def tiny_sweep(corpus: Corpus, out: Path, *flags: str, train_tokens: int = 2048) -> list[str]:
+    """`fwbw sweep` of two tiny runs (depth 1, width 16, p_bw 0 and 0.5) under --launcher slurm,
+    on the default device (auto, which is the CPU here) and with the default GPUs per run."""
+    command = sweep_command(corpus, out, "--train-tokens", str(train_tokens), "--launcher", "slurm", *flags)
+    widths = command.index("--widths")
+    del command[widths + 2]  # only width 16
+    device = command.index("--device")
+    del command[device:device + 2]
+    return command
+
+
+def run(command: list[str], log: Path, timeout: float = SUBPROCESS_TIMEOUT) -> tuple[int, str]:
+    process = start(command, log)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"{' '.join(command[3:5])} did not finish in {timeout} s:\n{log.read_text()}")
+    return process.returncode, log.read_text()
+
+
+def assert_every_run_done_once(out: Path, runs: int) -> None:
+    found = run_dirs(out)
+    assert len(found) == runs
+    for run_dir in found.values():
+        assert run_dir_module.read_status(run_dir)["status"] == "done", run_dir.name
+        assert_steps_strictly_increase(run_dir)  # trained once (a resumed run continues its series)
+        assert not list(run_dir.glob(run_dir_module.LOCK + "*")), "claim left"
+    table = pd.read_parquet(out / sweep_dir.RESULTS_PARQUET)
+    assert_no_duplicate_rows(table)
+    evals = table[table["phase"] == "train-eval"]
+    assert set(table["run_id"]) == set(evals["run_id"]) == set(found)  # every run's validation points
+
+
+@pytest.mark.slow
+def test_a_sweep_with_the_defaults_runs_on_a_cpu_only_cluster_and_wait_returns_without_accounting(
+        tmp_path, corpus, slurm_cluster):
+    """No --gpus-per-run and the default device: the jobs ask for no GPU, so a CPU-only cluster
+    takes them; --wait returns once they ended, though sacct cannot say so (accounting off)."""
+    sacct = subprocess.run(["sacct"], capture_output=True, text=True, env=slurm_cluster.env)
+    assert sacct.returncode != 0 and "accounting storage is disabled" in sacct.stderr  # as on many small clusters
+    out = tmp_path / "grid"
+    started = time.monotonic()
+    code, output = run(tiny_sweep(corpus, out, "--wait"), tmp_path / "sweep.log")
+    assert code == 0, output
+    assert output.strip().splitlines()[-1] == f"sweep {out}: 2 done", output
+    script = next((out / sweep_dir.SLURM).glob("*_submission.sh")).read_text()
+    assert "--gpus" not in script and "gres" not in script
+    assert_every_run_done_once(out, 2)
+    print(f"sweep of 2 runs on SLURM: {time.monotonic() - started:.0f} s")
+
+
+def wait_for_path(pattern_dir: Path, pattern: str, count: int, process: subprocess.Popen, log: Path,
+                  timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while len(list(pattern_dir.glob(pattern))) < count:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no {count} x {pattern} in {pattern_dir} (sweep exit {process.poll()}):\n{log.read_text()}")
+        time.sleep(0.5)
+
+
+def submitted_jobs(log: Path) -> list[str]:
+    """The job ids the sweep printed: 'submitted 2 pull-worker jobs for 2 pending runs: 5_0 5_1 (logs in ...)'."""
+    lines = [line for line in log.read_text().splitlines() if line.startswith("submitted ")]
+    return lines[0].split(": ", 1)[1].split(" (logs in ")[0].split() if lines else []
+
+
+def finish_waiting(sweep: subprocess.Popen, log: Path, cluster, timeout: float = 90) -> tuple[int, str]:
+    try:
+        code = sweep.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        sweep.kill()
+        sweep.wait()
+        pytest.fail(f"--wait did not return after the jobs ended ({cluster.jobs()}):\n{log.read_text()}")
+    return code, log.read_text()
+
+
+@pytest.mark.slow
+def test_wait_returns_when_a_job_ends_without_a_result_and_exits_3_for_the_runs_left(tmp_path, corpus, slurm_cluster):
+    """A job cancelled before it ran leaves no result, and sacct cannot say it ended (accounting
+    off): --wait sees it gone from squeue's running jobs, names it, and exits 3, every run left."""
+    held = tmp_path / "held.toml"
+    held.write_text(corpus.recipe_toml.read_text() + "[slurm]\nhold = true\n")  # submitted held: never runs
+    out, log = tmp_path / "grid", tmp_path / "sweep.log"
+    sweep = start(tiny_sweep(corpus, out, "--wait", "--slurm-max-parallel", "1", "--config", str(held)), log)
+    deadline = time.monotonic() + 60
+    while not submitted_jobs(log) and sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [job] = submitted_jobs(log) or pytest.fail(f"nothing submitted:\n{log.read_text()}")
+    assert slurm_cluster.jobs().get(job) == "PENDING"
+    slurm_cluster.command("scancel", job)
+    code, output = finish_waiting(sweep, log, slurm_cluster, timeout=60)
+    assert code == EXIT_RUNS_LEFT, output
+    assert f"fwbw sweep: 1 SLURM job ended without finishing ({job}; their logs are in {out / sweep_dir.SLURM})" in output
+    assert output.strip().splitlines()[-1] == f"sweep {out}: 2 left", output
+
+
+@pytest.mark.slow
+def test_scancel_and_preemption_leave_runs_resumable_wait_exits_3_and_a_rerun_finishes_them(
+        tmp_path, corpus, slurm_cluster):
+    """Two jobs, each mid-run: one cancelled (scancel: SIGTERM), the other sent the preemption
+    signal (scancel --signal=USR2; with a 5-minute limit submitit counts it as timed out and gives
+    up). Neither run is marked failed, --wait returns once the jobs ended though sacct cannot say
+    so, exiting 3 for the runs left, and the same command again finishes both."""
+    out, log = tmp_path / "grid", tmp_path / "first.log"
+    command = tiny_sweep(corpus, out, "--wait", "--slurm-time", "5", train_tokens=12288)
+    sweep = start(command, log)
+    wait_for_path(out / sweep_dir.RUNS, "*/checkpoints/*", 2, sweep, log)  # both runs trained a while
+    job_ids = submitted_jobs(log)
+    assert len(job_ids) == 2, log.read_text()
+    slurm_cluster.command("scancel", job_ids[0])
+    slurm_cluster.command("scancel", "--signal=USR2", job_ids[1])
+    code, output = finish_waiting(sweep, log, slurm_cluster)
+    assert code == EXIT_RUNS_LEFT, output
+    assert output.strip().splitlines()[-1] == f"sweep {out}: 2 left", output
+    assert "2 runs left unfinished: rerun the sweep to finish them (exit status 3)" in output
+    for run_dir in run_dirs(out).values():
+        status = run_dir_module.read_status(run_dir)
+        assert status["status"] != "failed", (run_dir.name, status)
+        assert not list(run_dir.glob(run_dir_module.LOCK + "*")), "claim left"
+    job_logs = "".join(path.read_text() for path in (out / sweep_dir.SLURM).glob("*_log.err"))
+    assert "interrupted by SIGTERM" in job_logs and "interrupted by SIGUSR2" in job_logs, job_logs
+
+    code, output = run(command, tmp_path / "rerun.log")
+    assert code == 0, output
+    assert output.strip().splitlines()[-1] == f"sweep {out}: 2 done", output
+    assert_every_run_done_once(out, 2)
+
+
+def test_without_slurm_the_tests_skip_in_one_line_but_under_ci_they_fail(monkeypatch):
+    monkeypatch.setattr(local_slurm.os, "geteuid", lambda: 1000)
+    assert local_slurm.unavailable_reason() == "not root (slurmd must run jobs as their user)"
+    monkeypatch.setattr(local_slurm.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(local_slurm.shutil, "which",
+                        lambda name, path=None: None if name in ("munged", "sbatch") else name)
+    assert local_slurm.unavailable_reason() == ("munged, sbatch not found (apt-get install slurm-wlm munge; "
+                                                "scripts/test.sh does as root)")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="^no local SLURM: not root"):
+        local_slurm.skip_or_fail("not root")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception,
+                       match=r"^no local SLURM: not root \(CI=true: the real SLURM tests must run\)"):
+        local_slurm.skip_or_fail("not root")
+
+
+def test_the_generated_slurm_conf_is_private_and_describes_this_machine(tmp_path):
+    conf = local_slurm.slurm_conf(tmp_path, 40001, 40002, "CPUs=2 RealMemory=2048")
+    settings = dict(line.split("=", 1) for line in conf.splitlines()
+                    if line and not line.startswith(("#", "NodeName", "Partition")))
+    assert settings["SlurmctldPort"] == "40001" and settings["SlurmdPort"] == "40002"
+    assert settings["AccountingStorageType"] == "accounting_storage/none"
+    assert settings["SelectType"] == "select/cons_tres" and settings["ProctrackType"] == "proctrack/linuxproc"
+    assert all(value.startswith(str(tmp_path))
+               for key, value in settings.items() if key.endswith(("Dir", "Location", "File")))
+    assert f"NodeName={local_slurm.NODE} NodeAddr=127.0.0.1 CPUs=2 RealMemory=2048 State=UNKNOWN" in conf
