@@ -32,6 +32,10 @@ STOP_TIMEOUT_S = 15
 NODE = "fwbw-node"
 PARTITION = "fwbw"
 MIN_CPUS = 2
+# a requeued job waits cred_expire (120 s by default) before it may start again, and pending jobs are
+# looked at every sched_interval (60 s): both shortened so that requeue tests take seconds
+CRED_EXPIRE_S = 10
+SCHED_INTERVAL_S = 2
 
 
 def unavailable_reason() -> str | None:
@@ -91,7 +95,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/munge.socket
+AuthInfo=socket={root}/munge/munge.socket,cred_expire={CRED_EXPIRE_S}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
@@ -103,6 +107,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval={SCHED_INTERVAL_S},bf_interval={SCHED_INTERVAL_S}
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none

@@ -193,6 +193,13 @@ def test_dose_slope_is_exact_on_linear_data_and_contrasts_are_holm_adjusted():
     assert list(curve.n) == [3] * 4
 
 
+def test_the_dose_model_needs_three_doses_not_the_primary_contrast_again():
+    two_doses = [row for row in dose_rows() if row["p_bw"] in (0.0, 0.25)]
+    with pytest.raises(de.MissingArms, match="needs runs at 3 or more p_bw values .* done: 0, 0.25$"):
+        de.dose_response(table(two_doses))
+    assert "dose" in set(de.analyse(table(two_doses))["skipped"].part)
+
+
 # ----------------------------------------------------------------------------- controls
 
 def test_lr_is_chosen_on_validation_even_when_test_disagrees():

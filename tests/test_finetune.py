@@ -9,24 +9,28 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import sentence
 from test_retrieval_encoder import finished_runs
 
 from fwbw.retrieval import finetune as finetune_module
-from fwbw.retrieval.encoder import load_encoder
+from fwbw.retrieval.encoder import combine, load_encoder
 from fwbw.retrieval.finetune import (
     FinetuneSettings,
     false_negatives,
     finetune,
+    bm25_hard_negatives,
     infonce_loss,
+    initial_projection,
     load_finetuned,
     pair_batches,
 )
+from fwbw.retrieval.maxsim import maxsim_matrix
 from fwbw.schema import ConfigError
 
 pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
 
-FEW_STEPS = FinetuneSettings(embed="fwbw", steps=4, batch_size=8, lr=1e-3, dim=24, seed=3)
+FEW_STEPS = FinetuneSettings(embed="fwbw", steps=4, batch_size=8, lr=1e-3, dim=40, seed=3)  # fwbw: 2 x width 16
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +58,7 @@ def test_a_few_steps_lower_the_loss_on_the_training_batch_and_leave_the_run_unto
         "finetune.json", "model.safetensors", "model_config.json", "projection.safetensors"]
     record = json.loads((tmp_path / "finetuned" / "finetune.json").read_text())
     assert record["settings"] == {"embed": "fwbw", "blocks": None, "steps": 4, "batch_size": 8, "lr": 1e-3,
-                                  "temperature": 0.05, "dim": 24, "seed": 3}
+                                  "temperature": 0.05, "dim": 40, "seed": 3, "hard_negatives": None}
     assert record["run"] == str(run.resolve()) and record["n_pairs"] == 8 and len(record["losses"]) == 4
     # every step's batch is all 8 pairs, so the first loss is the untrained model's on that batch
     queries, documents = zip(*pairs)
@@ -69,20 +73,20 @@ def test_the_fine_tuned_encoder_is_used_like_the_zero_shot_one(run, pairs, tmp_p
     texts = {f"d{i}": document for i, (_, document) in enumerate(pairs)}
     embeddings = encoder.encode(texts)
     zero_shot = load_encoder(run, "fwbw", progress=False).encode(texts)
-    assert embeddings.vectors.shape == (len(zero_shot.vectors), 24) and embeddings.vectors.dtype == torch.float16
+    assert embeddings.vectors.shape == (len(zero_shot.vectors), 40) and embeddings.vectors.dtype == torch.float16
     assert torch.equal(embeddings.lengths, zero_shot.lengths) and embeddings.ids == zero_shot.ids
     torch.testing.assert_close(embeddings.vectors.float().norm(dim=1), torch.ones(len(embeddings.vectors)), atol=2e-3, rtol=0)
     pooled = encoder.encode_pooled(texts, "last")
-    assert pooled.vectors.shape == (8, 24) and pooled.lengths.tolist() == [1] * 8
+    assert pooled.vectors.shape == (8, 40) and pooled.lengths.tolist() == [1] * 8
     reloaded = load_finetuned(tmp_path / "finetuned", progress=False)
     assert torch.equal(reloaded.encode(texts).vectors, embeddings.vectors)
 
 
 def test_fine_tuning_is_deterministic_with_a_seed(run, pairs, tmp_path):
-    settings = FinetuneSettings(embed="fw", steps=2, batch_size=4, dim=8, seed=1)
+    settings = FinetuneSettings(embed="fw", steps=2, batch_size=4, seed=1)
     for name in ("a", "b"):
         finetune(run, pairs, tmp_path / name, settings, progress=False)
-    finetune(run, pairs, tmp_path / "other_seed", FinetuneSettings(embed="fw", steps=2, batch_size=4, dim=8, seed=2), progress=False)
+    finetune(run, pairs, tmp_path / "other_seed", FinetuneSettings(embed="fw", steps=2, batch_size=4, seed=2), progress=False)
     a, b, other = (files_of(tmp_path / name) for name in ("a", "b", "other_seed"))
     for name in ("model.safetensors", "projection.safetensors"):
         assert a[name] == b[name] and a[name] != other[name]
@@ -99,7 +103,7 @@ def test_a_finished_fine_tuning_is_loaded_and_another_one_refused(run, pairs, tm
     texts = {"q": pairs[0][0]}
     assert torch.equal(again.encode(texts).vectors, first.encode(texts).vectors)
     before = files_of(tmp_path / "finetuned")
-    more_steps = FinetuneSettings(embed="fwbw", steps=5, batch_size=8, lr=1e-3, dim=24, seed=3)
+    more_steps = FinetuneSettings(embed="fwbw", steps=5, batch_size=8, lr=1e-3, dim=40, seed=3)
     with pytest.raises(ValueError, match=f"^finetune out: {tmp_path / 'finetuned'} holds another fine-tuning "
                        "\\(settings.steps: 4 -> 5\\); give another folder$"):
         finetune(run, pairs, tmp_path / "finetuned", more_steps, progress=False)
@@ -146,6 +150,32 @@ def test_false_negatives_are_other_positives_of_the_same_query_or_document():
     ]
 
 
+def test_bm25_hard_negatives_are_the_best_ranked_training_documents_that_are_no_positive():
+    pairs = [("red cats", "Cats are red animals."), ("red cats", "Red cats sleep."), ("blue dogs", "Blue dogs run."),
+             ("red fish", "Fish swim in red water.")]
+    assert bm25_hard_negatives(pairs) == [
+        "Fish swim in red water.", "Fish swim in red water.",  # "red": the best document of no "red cats" pair
+        "Cats are red animals.",  # BM25 finds no other: the first document that is no positive
+        "Red cats sleep.",  # "red": of the two others, the shorter scores higher
+    ]
+    with pytest.raises(ValueError, match="^hard negatives: every document is a positive of the query 'q'$"):
+        bm25_hard_negatives([("q", "A text."), ("q", "B text.")])
+
+
+def test_fine_tuning_with_hard_negatives_gives_each_batch_its_pairs_negatives(run, pairs, tmp_path, monkeypatch):
+    seen = []
+
+    def spy(encoder, queries, documents, temperature, negatives=()):
+        seen.append(list(negatives))
+        return infonce_loss(encoder, queries, documents, temperature, negatives)
+
+    monkeypatch.setattr(finetune_module, "infonce_loss", spy)
+    settings = FinetuneSettings(embed="fw", steps=1, batch_size=8, hard_negatives="bm25")
+    finetune(run, pairs, tmp_path / "tuned", settings, progress=False)
+    assert sorted(seen[0]) == sorted(bm25_hard_negatives(pairs))  # the one batch holds every pair
+    assert json.loads((tmp_path / "tuned" / "finetune.json").read_text())["settings"]["hard_negatives"] == "bm25"
+
+
 def test_batches_are_epochs_of_a_seeded_shuffle():
     batches = pair_batches(5, 2, 5, seed=0)
     assert len(batches) == 5 and all(len(batch) == 2 for batch in batches)
@@ -160,12 +190,15 @@ def test_bad_input_fails_in_one_line_before_any_work(run, pairs, tmp_path):
         finetune(run, pairs, run, FEW_STEPS, progress=False)
     with pytest.raises(ValueError, match=f"^{tmp_path} is not a run directory \\(no config.json\\)$"):
         finetune(tmp_path, pairs, tmp_path / "out", FEW_STEPS, progress=False)
-    with pytest.raises(ValueError, match="^hard negatives: expected one per pair \\(8\\), got 1$"):
-        finetune(run, pairs, tmp_path / "out", FEW_STEPS, hard_negatives=["x"], progress=False)
+    with pytest.raises(ConfigError, match="^hard_negatives: must be one of None, bm25, got 'tfidf'$"):
+        FinetuneSettings(hard_negatives="tfidf")
     with pytest.raises(ValueError, match="^fine-tuning needs at least one \\(query, document\\) pair$"):
         finetune(run, [], tmp_path / "out", FEW_STEPS, progress=False)
     with pytest.raises(ValueError, match="^blocks: the run has 3 blocks, so expected 1..3, got 7$"):
         finetune(run, pairs, tmp_path / "out", FinetuneSettings(blocks=7), progress=False)
+    with pytest.raises(ValueError, match="^dim: the embed has 32 dimensions, so a projection to 24 could not start "
+                                         "lossless; give at least that or none$"):
+        finetune(run, pairs, tmp_path / "out", FinetuneSettings(dim=24), progress=False)
     with pytest.raises(ConfigError, match="^batch_size: must be >= 2 \\(in-batch negatives\\), got 1$"):
         FinetuneSettings(batch_size=1)
     with pytest.raises(ConfigError, match="^temperature: must be > 0, got 0.0$"):
@@ -173,3 +206,22 @@ def test_bad_input_fails_in_one_line_before_any_work(run, pairs, tmp_path):
     with pytest.raises(ValueError, match=f"^{tmp_path} holds no finished fine-tuning \\(no finetune.json\\)$"):
         load_finetuned(tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dim", [None, 300])
+def test_the_projection_starts_lossless_so_maxsim_ranks_fwbw_as_without_it(dim):
+    """fw and bw token vectors of width 128 joined (256 dimensions; a random 2:1 map to 128 reorders
+    them): the initial projection keeps the joined vectors whole, so every query ranks the documents
+    as the plain fwbw embedding does."""
+    generator = torch.Generator().manual_seed(0)
+
+    def directions(texts: int, tokens: int) -> list[torch.Tensor]:
+        return [F.normalize(torch.randn(texts, tokens, 128, generator=generator), dim=-1) for _ in ("fw", "bw")]
+
+    queries, documents = directions(6, 4), directions(40, 9)
+    projection = initial_projection(256, dim)
+    with torch.no_grad():
+        projected = maxsim_matrix(combine(queries, projection), combine(documents, projection))
+    plain = maxsim_matrix(combine(queries), combine(documents))
+    assert torch.equal(projected.argsort(dim=1, stable=True), plain.argsort(dim=1, stable=True))
+    torch.testing.assert_close(projected, plain)

@@ -28,7 +28,7 @@ from fwbw.analysis import report
 from fwbw.analysis.report import render_markdown, write_report
 from fwbw.cli import main
 from fwbw.data.corpora import load_token_data
-from fwbw.study import results, sweep_dir
+from fwbw.study import results, sweep, sweep_dir
 from fwbw.training import checkpoint, evaluation, run_dir
 
 pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
@@ -95,6 +95,85 @@ def test_an_empty_or_missing_sweep_flag_is_refused(flags, message, tmp_path, mon
     assert main(["sweep", "--depths", "1", "--widths", "16", "--seeds", "1", *flags]) == 2
     assert one_error_line(capsys, "sweep").startswith(message)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", [run_dir.CONFIG, run_dir.METRICS, run_dir.CHECKPOINTS])
+def test_a_sweep_into_a_run_directory_is_refused(name, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    if name == run_dir.CHECKPOINTS:
+        (run / name).mkdir()
+    else:
+        (run / name).write_text("{}\n")
+    monkeypatch.setattr("fwbw.study.launchers.local.launch", never)
+    assert main(["sweep", "--depths", "1", "--widths", "16", "--seeds", "1", "--out", str(run)]) == 2
+    assert one_error_line(capsys, "sweep") == f"out: {run} holds a run ({name}), not a sweep: give another --out"
+    assert [path.name for path in run.iterdir()] == [name]
+
+
+# --- numbers beyond what a run can use ------------------------------------------------------
+
+HUGE = "1" + "0" * 30
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--width", HUGE], f"width: must fit in 64 bits (below 2**63 in size), got {HUGE}"),
+        (["--depth", HUGE], f"depth: must fit in 64 bits (below 2**63 in size), got {HUGE}"),
+        (["--seed", str(2**64)], f"seed: must fit in 64 bits (below 2**63 in size), got {2**64}"),
+        (["--seed", "-1"], "seed: must be >= 0, got -1"),
+        (["--depth", "1001"], "depth: must be <= 1000, got 1001"),  # building it would take minutes
+        (["--width", str(2**40)], f"width: {2**40} at depth 1 makes 7.56e+24 parameters, more than 1e+12"),
+        (["--model-scale", "1e308"], "model_scale: 1e+308 means depth 8185 and width 392896, 7.9e+15 parameters: "),
+        (["--tokens-per-microbatch", HUGE], f"recipe.tokens_per_microbatch: must fit in 64 bits (below 2**63 in size), got {HUGE}"),
+    ],
+)
+def test_a_number_beyond_what_a_run_can_use_is_refused_naming_its_field(flags, message, tmp_path, train_flags, capsys):
+    out = tmp_path / "run"
+    shape = [] if "--model-scale" not in flags else ["--depth", "--width"]
+    kept = [flag for i, flag in enumerate(train_flags) if flag not in shape and train_flags[i - 1] not in shape]
+    assert main(["train", *kept, *flags, "--out", str(out)]) == 2
+    assert one_error_line(capsys, "train").startswith(message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, problem",
+    [
+        ("target_exponent", "1e308", "makes a gradient-norm target of inf"),
+        ("target_exponent", "-1e308", "makes a gradient-norm target of 0.0"),
+        ("target_log_power", "1e30", "makes the gradient-norm target's exponent inf"),
+        ("lr_log_power", "1e308", "makes a learning rate of inf"),
+        ("lr_log_power", "1.0", "makes a learning rate of 9.59e+06"),
+        ("lr_mult_output", "1e30", "makes a learning rate of 6.55e+29"),
+        ("lr_mult_output", "-5.0", "must be > 0, got -5.0"),
+        ("lr_scale", "1e30", "makes a learning rate of 2.5e+29"),
+    ],
+)
+def test_a_recipe_that_breaks_the_learning_rate_or_the_norm_target_is_refused(field, value, problem, tmp_path, train_flags,
+                                                                              capsys):
+    config = tmp_path / "recipe.toml"
+    config.write_text(f"[recipe]\n{field} = {value}\n")
+    out = tmp_path / "run"
+    assert main(["train", *train_flags, "--config", str(config), "--out", str(out)]) == 2
+    assert one_error_line(capsys, "train").startswith(f"{config}: recipe.{field}: {problem}")
+    assert not out.exists()
+
+
+def test_evaluation_sets_larger_than_their_split_are_noted(tmp_path, train_flags, capsys):
+    flags = [*train_flags, "--eval-tokens", str(10**12), "--train-eval-tokens", str(10**8)]
+    assert main(["train", *flags, "--out", str(tmp_path / "run")]) == 0
+    notes = capsys.readouterr().err.splitlines()
+    assert [re.sub(r"the [\d,]+ tokens", "the N tokens", note) for note in notes] == [
+        "note: eval_tokens 1,000,000,000,000 is more than the N tokens of the validation split: evaluating all of them",
+        "note: train_eval_tokens 100,000,000 is more than the N tokens of the training split: evaluating all of them",
+    ]
+
+
+def test_a_grid_of_a_billion_runs_is_refused_before_listing_them(capsys):
+    assert main(["sweep", "--seeds", "1000000000", "--dry-run"]) == 2
+    assert one_error_line(capsys, "sweep") == "seeds: 1,000,000,000 per setting make 2,000,000,000 runs, more than 10,000"
 
 
 # --- a full disk ----------------------------------------------------------------------------
@@ -313,6 +392,46 @@ def test_a_corrupt_status_fails_the_results_naming_it_and_is_pending_to_a_worker
     assert main(["results", str(copied_sweep)]) == 2
     assert one_error_line(capsys, "results") == status["error"]
     assert run_dir.read_status(copied_sweep / "no-such-run") == {"status": "pending", "error": None}
+
+
+@pytest.mark.parametrize(
+    "name, text, problem",
+    [
+        (run_dir.METRICS, '{"step": "x"}', "line {line} is not an evaluation point (integer step and tokens; epoch, "
+         "seconds and each direction's loss, acc, ppl as numbers)"),
+        (run_dir.CUT, '[{"blocks_remaining": "x"}]', "not a layer cut (a list of blocks_remaining, an integer, and the "
+         "metrics of fw and bw: loss, acc, ppl as numbers)"),
+        (run_dir.SUMMARY, "[1]", "not a run summary (a JSON object)"),
+    ],
+)
+def test_a_run_file_of_the_wrong_shape_fails_results_report_and_sweep_naming_it(name, text, problem, copied_sweep,
+                                                                                 tmp_path, capsys):
+    run = first_run(copied_sweep)
+    if name == run_dir.METRICS:  # a last line: the layer cut's rows read it too
+        lines = (run / name).read_text().splitlines()
+        (run / name).write_text("\n".join([*lines, text]) + "\n")
+        problem = problem.format(line=len(lines) + 1)
+    else:
+        (run / name).write_text(text)
+    expected = f"{run / name}: {problem}"
+    for argv in (["results", str(copied_sweep)], ["report", str(copied_sweep), "--out", str(tmp_path / "report")]):
+        assert main(argv) == 2
+        assert one_error_line(capsys, argv[0]) == expected
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):  # a sweep's worker, all its runs done
+        sweep.work(copied_sweep, progress=False)
+
+
+def test_a_done_status_without_a_summary_is_not_trusted(copied_sweep, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "make_figures", lambda analysis, out_dir: {})  # the tables are what is checked
+    run = first_run(copied_sweep)
+    (run / run_dir.SUMMARY).unlink()
+    error = f"{run / run_dir.STATUS}: says done, but the run has no {run_dir.SUMMARY}"
+    assert run_dir.read_status(run) == run_dir.read_status(run, corrupt_is_pending=False) == {"status": "pending",
+                                                                                               "error": error}
+    assert run.name in sweep.pending_runs(copied_sweep)  # trained again, from its checkpoints
+    assert main(["report", str(copied_sweep), "--out", str(tmp_path / "report")]) == 0
+    table = pd.read_parquet(copied_sweep / sweep_dir.RESULTS_PARQUET)
+    assert set(table.loc[table.run_id == run.name, "status"]) == {"pending"}
 
 
 # --- read-only folders ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -197,6 +198,28 @@ def prepared_grid(corpus: Corpus, out: Path) -> SweepSpec:
     return spec
 
 
+def test_a_worker_goes_through_the_runs_again_while_it_finds_one_it_can_claim(tmp_path, corpus, monkeypatch):
+    """A run held by another worker when this one passed it, released later (that worker was
+    interrupted), is trained on the next pass; each run once, and the worker stops after a pass
+    that claimed nothing."""
+    out = tmp_path / "grid"
+    prepared_grid(corpus, out)
+    first, *others = read_sweep_runs(out)
+    held = run_dir_module.take_lease(out / sweep_dir.RUNS / first, 600, run_dir_module.Worker(host="other-node"))
+    os.close(held.fd)
+    trained = []
+
+    def train_and_cut(config, run_dir, progress, execution, stop):
+        trained.append(run_dir.name)
+        if run_dir.name == others[-1]:  # meanwhile the other worker releases the run it held
+            (out / sweep_dir.RUNS / first / run_dir_module.LOCK).unlink()
+
+    monkeypatch.setattr(sweep_module, "train_and_cut", train_and_cut)
+    monkeypatch.setattr(sweep_module, "write_results", lambda out: None)
+    assert work(out, progress=False) == dict.fromkeys([first, *others], "done")
+    assert trained == [*others, first]
+
+
 def fake_workers(monkeypatch, script: str) -> None:
     """Worker processes that run `script` (Python; sys.argv[1] is the outcome file) instead of training."""
     monkeypatch.setattr(local, "worker_command", lambda assignment, outcome: [sys.executable, "-c", script, str(outcome)])
@@ -243,6 +266,30 @@ def test_worker_env_shares_the_cores_unless_told(monkeypatch):
     assert local.worker_env(None, 4)["OMP_NUM_THREADS"] == "3"
 
 
+def test_gpu_indices_are_mapped_through_the_parents_cuda_visible_devices(monkeypatch):
+    """Inside an allocation that set CUDA_VISIBLE_DEVICES=4,5,6,7, --gpus 0,1 are devices 4 and 5
+    (CUDA numbers the visible devices from 0), not the machine's devices 0 and 1."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert [local.worker_env(gpu, 2)["CUDA_VISIBLE_DEVICES"] for gpu in ("0", "1")] == ["4", "5"]
+    assert local.worker_env("2,3", 2)["CUDA_VISIBLE_DEVICES"] == "6,7"  # a run's group of GPUs
+    assert local.worker_env("GPU-a1", 1)["CUDA_VISIBLE_DEVICES"] == "GPU-a1"
+    with pytest.raises(ConfigError, match=r"^gpus: CUDA_VISIBLE_DEVICES=4,5,6,7 makes 4 devices visible; no device 4$"):
+        local.worker_env("4", 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-x,GPU-y")
+    assert local.worker_env("1", 1)["CUDA_VISIBLE_DEVICES"] == "GPU-y"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert local.worker_env("0,1", 2)["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_gpus_inside_an_allocation_pin_workers_to_its_devices(tmp_path, corpus, monkeypatch, capsys):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    prepared_grid(corpus, tmp_path / "grid")
+    fake_workers(monkeypatch, "import json, os, sys; "
+                 "json.dump({'on-' + os.environ['CUDA_VISIBLE_DEVICES']: 'done'}, open(sys.argv[1], 'w'))")
+    outcome = local.launch(Assignment(tmp_path / "grid", progress=False), Launch("local", gpus=("0", "1")))
+    assert outcome == {"on-4": "done", "on-5": "done"}
+
+
 class FakeJob:
     """A submitit job that has ended: with `outcome` its result, None: it left none (cancelled)."""
 
@@ -261,7 +308,7 @@ def test_slurm_wait_reports_the_jobs_that_ended_without_finishing_and_the_runs_t
     prepared_grid(corpus, out)
     a, b, c, d = read_sweep_runs(out)
     for identifier in (a, b):
-        run_dir_module.write_status(out / sweep_dir.RUNS / identifier, "done")
+        mark_done(out / sweep_dir.RUNS / identifier)
     run_dir_module.write_status(out / sweep_dir.RUNS / c, "running")  # its job was cancelled
     jobs = [FakeJob("7_0", {a: "done", b: "skipped"}, tmp_path), FakeJob("7_1", None, tmp_path),
             FakeJob("7_2", {a: "skipped", b: "done"}, tmp_path)]
@@ -272,6 +319,13 @@ def test_slurm_wait_reports_the_jobs_that_ended_without_finishing_and_the_runs_t
     assert printed.err == (f"fwbw sweep: 1 SLURM job ended without finishing (7_1; their logs are in {out / 'slurm'}): "
                            "rerun the sweep to finish their runs\n")
     assert (out / sweep_dir.RESULTS_PARQUET).is_file()
+
+
+def mark_done(run: Path) -> None:
+    """A run as its worker leaves it when training ends: a summary, then the status done."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / run_dir_module.SUMMARY).write_text("{}")
+    run_dir_module.write_status(run, "done")
 
 
 def read_sweep_runs(out: Path) -> list[str]:
@@ -292,7 +346,7 @@ def test_slurm_wait_watches_squeue_and_else_the_sweep_directory(tmp_path, corpus
     assert not slurm.jobs_running(jobs, assignment, lambda ids: {})  # forgotten by SLURM: ended long ago
     assert slurm.jobs_running(jobs, assignment, lambda ids: None)  # no squeue, and runs to train
     for identifier in read_sweep_runs(out):
-        run_dir_module.write_status(out / sweep_dir.RUNS / identifier, "done")
+        mark_done(out / sweep_dir.RUNS / identifier)
     assert not slurm.jobs_running(jobs, assignment, lambda ids: None)
     finished = [FakeJob("13_0", {}, tmp_path)]
     assert not slurm.jobs_running(finished, assignment, lambda ids: {"13_0": "COMPLETING"})  # its result is there
@@ -382,10 +436,23 @@ def test_submitits_requeue_of_a_preempted_job_still_happens(saved_signal_handler
 
     signal.signal(signal.SIGUSR2, submitit_requeues)
     slurm.interruptible()
-    with pytest.raises(SystemExit):
+    with pytest.raises(slurm.JobInterrupted, match="^interrupted by SIGUSR2: the job is requeued$"):
         os.kill(os.getpid(), signal.SIGUSR2)
         time.sleep(5)
     assert requeued == [signal.SIGUSR2]
+
+
+def test_a_pull_worker_job_is_checkpointable_so_submitit_requeues_it_at_the_time_limit(tmp_path):
+    """submitit requeues a timed-out job only if its function has `checkpoint`: the job to requeue
+    is the same pull-worker on the same assignment (the runs' checkpoints hold their state)."""
+    import submitit
+
+    worker, assignment = slurm.PullWorker(), Assignment(tmp_path / "grid")
+    requeued = worker.checkpoint(assignment)
+    assert isinstance(requeued, submitit.helpers.DelayedSubmission)
+    assert requeued.function is worker and requeued.args == (assignment,) and requeued.kwargs == {}
+    executor = slurm.slurm_executor(tmp_path, Launch("slurm"), [TrainConfig(device="cpu")], 1)
+    assert executor._executor.max_num_timeout == slurm.SLURM_REQUEUES
 
 
 def test_slurm_jobs_ask_for_gpus_only_when_told_or_on_cuda(tmp_path, corpus):
@@ -508,6 +575,46 @@ def test_ray_trains_each_run_once_into_the_in_process_table(tmp_path, corpus, in
     output = finish(start(command, tmp_path / "ray.log"), tmp_path / "ray.log")
     assert last_line(output) == f"sweep {out}: {GRID_RUNS} done", output
     assert_each_run_trained_once(out, in_process_table)
+
+
+def wait_for_a_claim(out: Path, process, log: Path, timeout: float = 120) -> tuple[Path, run_dir_module.Claim]:
+    """The first run a worker claims (its directory and claim), once one does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        for lock in (out / sweep_dir.RUNS).glob(f"*/{run_dir_module.LOCK}"):
+            found = run_dir_module.read_claim(lock)
+            if found is not None and found.pid is not None:
+                return lock.parent, found
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"no run claimed (sweep exit {process.poll()}):\n{log.read_text()}")
+
+
+@pytest.mark.slow
+def test_a_ray_task_that_dies_is_not_retried_into_a_skipped_run_and_the_sweep_exits_3(tmp_path, corpus):
+    """A Ray worker killed while it trains a run whose claim stays live, as a dead worker's claim
+    does on another node for its lease: Ray used to retry the task, whose retry found the run held
+    and reported it 'skipped', and the sweep exited 0. Now the task is not retried, the dead task
+    is named, the other runs are done, that one is left (neither failed nor done), exit status 3."""
+    out, log = tmp_path / "grid", tmp_path / "ray.log"
+    sweep = start(sweep_command(corpus, out, "--train-tokens", "49152", "--launcher", "ray", "--workers", "2"), log)
+    run, claim = wait_for_a_claim(out, sweep, log)
+    (run / run_dir_module.LOCK).unlink()  # its claim as another node would leave it: live for the lease
+    os.close(run_dir_module.take_lease(run, run_dir_module.LEASE_S, run_dir_module.Worker("another-node", claim.pid)).fd)
+    os.kill(claim.pid, signal.SIGKILL)
+    try:
+        sweep.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        sweep.kill()
+        pytest.fail(f"the sweep did not end:\n{log.read_text()}")
+    output = log.read_text()
+    assert sweep.returncode == cli.EXIT_RUNS_LEFT, output
+    assert last_line(output) == f"sweep {out}: {GRID_RUNS - 1} done, 1 left", output
+    assert "fwbw sweep: 1 Ray task ended without finishing (task " in output
+    assert "1 run left unfinished: rerun the sweep to finish them (exit status 3)" in output
+    assert run_dir_module.read_status(run)["status"] == "running"
+    assert [name for name, path in run_dirs(out).items()
+            if run_dir_module.read_status(path)["status"] == "done"] == sorted(set(run_dirs(out)) - {run.name})
 
 
 @pytest.mark.slow

@@ -208,6 +208,17 @@ def test_an_unreadable_claim_is_stale_at_once(tmp_path):
     assert holder(run)[1] == "elsewhere"
 
 
+@pytest.mark.parametrize("lease", ["Infinity", "NaN", "1e400", "0", "-60"])
+def test_a_claim_whose_lease_is_not_a_finite_positive_number_is_stale_at_once(tmp_path, lease):
+    """A lease that never ends (one an older fwbw let through) would hold the run for ever: such a
+    claim is unreadable, taken at once from any host, even with a live pid on its own."""
+    run = tmp_path / "run"
+    write_old_claim(run, f'{{"host": "here", "pid": {os.getpid()}, "owner": "ab12", "lease_s": {lease}}}', T0)
+    assert read_claim(run / LOCK).host is None
+    assert take_lease(run, LEASE, at("elsewhere", T0)) is not None
+    assert holder(run)[1] == "elsewhere"
+
+
 # --- interleavings: a holder renewing, late takers, gates -----------------------------------
 
 
@@ -365,12 +376,21 @@ def test_run_one_holds_the_run_under_the_executions_lease(tmp_path, corpus, monk
     assert files(run) == ["status.json"]
 
 
-def test_a_lease_must_be_positive(tmp_path, capsys):
-    with pytest.raises(ConfigError, match=r"^lease_s: must be > 0 seconds, got -1$"):
-        sweep.Execution(lease_s=-1)
-    assert cli.main(["sweep", "--lease-minutes", "0", "--out", str(tmp_path / "grid"), "--no-progress"]) == 2
-    assert capsys.readouterr().err == "fwbw sweep: error: lease_s: must be > 0 seconds, got 0\n"
+@pytest.mark.parametrize("minutes", ["0", "-1", "inf", "nan"])
+def test_a_lease_must_be_a_finite_positive_number_of_minutes(tmp_path, capsys, minutes):
+    """`inf` used to be taken (its heartbeat thread died at once and its claim never went stale),
+    and -1 was refused in seconds under another name."""
+    with pytest.raises(SystemExit) as stop:  # a usage error, before anything is written
+        cli.main(["sweep", "--lease-minutes", minutes, "--out", str(tmp_path / "grid"), "--no-progress"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (f"fwbw sweep: error: argument --lease-minutes: must be a finite number of "
+                                       f"minutes > 0, got {minutes}\n")
     assert not (tmp_path / "grid").exists()
+    for seconds in (-1, 0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match=r"^lease_s: must be a finite number of seconds > 0, got"):
+            sweep.Execution(lease_s=seconds)
+        with pytest.raises(ValueError, match=r"^a lease is a finite number of seconds > 0"):
+            take_lease(tmp_path / "run", seconds)
 
 
 def test_a_worker_that_lost_its_lease_stops_training_and_leaves_the_status_to_the_new_holder(tmp_path, corpus,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from fwbw.retrieval import maxsim
 from fwbw.retrieval.encoder import TokenEmbeddings
 from fwbw.retrieval.maxsim import maxsim_matrix, maxsim_search, repeat_last_token
+from fwbw.retrieval.metrics import ranking
 
 
 def random_embeddings(generator: torch.Generator, prefix: str, count: int, max_length: int, dim: int) -> TokenEmbeddings:
@@ -102,3 +103,16 @@ def test_bf16_similarities_stay_within_their_rounding(embeddings):
     for qid, scores in exact.items():
         # each of at most 5 cosines rounded to bf16's 8 significant bits (relative error 2^-9)
         assert [rounded[qid][docid] for docid in scores] == pytest.approx(list(scores.values()), abs=5 * 2**-8)
+
+
+@pytest.mark.parametrize("block_elements", [maxsim.SEARCH_BLOCK_ELEMENTS, 4])
+def test_tied_scores_are_cut_as_the_metrics_rank_them(monkeypatch, block_elements):
+    """Twelve equal documents: the k kept are those that ranking (docid descending) puts first, with
+    every document in one block and with blocks of four."""
+    monkeypatch.setattr(maxsim, "SEARCH_BLOCK_ELEMENTS", block_elements)
+    vector = F.normalize(torch.ones(1, 4), dim=1).half()
+    ids = tuple(f"d{i}" for i in range(12))  # in string order d0 d1 d10 d11 d2 ... d9
+    documents = TokenEmbeddings(ids, vector.expand(len(ids), -1).contiguous(), torch.ones(len(ids), dtype=torch.long))
+    queries = TokenEmbeddings(("q",), vector, torch.tensor([1]))
+    everything = maxsim_search(queries, documents, k=len(ids))["q"]
+    assert list(maxsim_search(queries, documents, k=3)["q"]) == ranking(everything)[:3] == ["d9", "d8", "d7"]

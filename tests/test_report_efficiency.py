@@ -200,3 +200,16 @@ def test_publish_refuses_a_sweep_without_efficiency_arms(tmp_path):
     plain = efficiency_runs().assign(train_fraction=1.0, replay=False, test_fw_loss=math.nan)
     with pytest.raises(ValueError, match="no data-efficiency runs"):
         load_publish().publish(write_sweep(tmp_path / "sweep", plain), tmp_path / "published")
+
+
+def test_the_regulariser_sentence_gives_each_grid_values_difference_with_its_holm_p():
+    matched = pd.DataFrame([
+        {"train_split_fw_loss": 3.8, "n": 6, "mean_diff": 0.047, "ci_low": 0.032, "ci_high": 0.062, "p_value": 0.0005,
+         "p_holm": 0.0025},
+        {"train_split_fw_loss": 4.3, "n": 6, "mean_diff": -0.001, "ci_low": -0.025, "ci_high": 0.022, "p_value": 0.887,
+         "p_holm": 0.887},
+    ])
+    assert report.matched_statement(matched) == (
+        "Regulariser test, validation fw loss of fw+bw minus fw at the same training-split fw loss (Holm over 2; "
+        "below 0 would mean bw regularises): at 3.800 +0.047 nats (95% CI +0.032 … +0.062, Holm p = 0.003, "
+        "n = 6 seeds); at 4.300 -0.001 nats (95% CI -0.025 … +0.022, Holm p = 0.887, n = 6 seeds).")

@@ -23,6 +23,7 @@ from fwbw.retrieval.encoder import Encoder
 from fwbw.retrieval.metrics import evaluate, mean_metrics
 from fwbw.retrieval.run_files import read_trec_qrels, read_trec_run
 from fwbw.study.results import RETRIEVAL_COLUMNS, RETRIEVAL_PHASE
+from fwbw.study.retrieval_sweep import Plan, plan_jobs, result_name
 from fwbw.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
@@ -41,7 +42,7 @@ def tiny_benchmark(train_pairs: tuple = ()) -> Benchmark:
 @pytest.fixture(scope="module")
 def beir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("beir") / "tiny"
-    write_beir(tiny_benchmark(), folder)
+    write_beir({"test": tiny_benchmark()}, folder)
     return folder
 
 
@@ -81,14 +82,16 @@ def assert_metrics_reproduced(result: Path) -> dict:
 
 def test_bm25_end_to_end_then_skipped(beir, tmp_path, capsys):
     out = tmp_path / "bm25"
-    assert main(["retrieval", "--bm25", "--task", f"beir:{beir}", "--out", str(out), "--no-progress"]) == 0
+    command = ["retrieval", "--bm25", "--task", f"beir:{beir}", "--split", "test", "--out", str(out), "--no-progress"]
+    assert main(command) == 0
     metrics = assert_metrics_reproduced(out)
     assert {k: metrics[k] for k in ("task", "system", "embed", "finetune_steps", "n_queries", "n_docs")} == {
         "task": f"beir:{beir.resolve()}", "system": "bm25", "embed": None, "finetune_steps": 0, "n_queries": 6,
         "n_docs": 24}
     assert metrics["ndcg_at_10"] > 0.9  # the query's words are its document's first words
+    assert json.loads((out / "settings.json").read_text())["split"] == "test"
     assert capsys.readouterr().out.startswith(f"{out}: ndcg_at_10 {metrics['ndcg_at_10']:.4f}  mrr_at_10 ")
-    assert main(["retrieval", "--bm25", "--task", f"beir:{beir}", "--out", str(out), "--no-progress"]) == 0
+    assert main(command) == 0
     assert capsys.readouterr().out.endswith("(6 queries, 24 documents; finished before, skipped)\n")
 
 
@@ -96,8 +99,8 @@ def test_bm25_end_to_end_then_skipped(beir, tmp_path, capsys):
 def test_a_run_end_to_end(run, beir, pooling, system, tmp_path):
     out = tmp_path / "result"
     flags = ["--pooling", pooling] if pooling else []
-    assert main(["retrieval", str(run), "--task", f"beir:{beir}", "--embed", "fw", *flags, "--out", str(out),
-                 "--no-progress"]) == 0
+    assert main(["retrieval", str(run), "--task", f"beir:{beir}", "--split", "test", "--embed", "fw", *flags, "--out",
+                 str(out), "--no-progress"]) == 0
     metrics = assert_metrics_reproduced(out)
     assert (metrics["system"], metrics["embed"], metrics["n_queries"]) == (system, "fw", 6)
     settings = json.loads((out / "settings.json").read_text())
@@ -112,7 +115,7 @@ def test_a_run_end_to_end(run, beir, pooling, system, tmp_path):
 def test_a_second_call_encodes_nothing_and_a_shared_cache_encodes_each_direction_once(run, beir, tmp_path, encoded,
                                                                                        monkeypatch):
     cache = tmp_path / "cache"
-    base = ["--task", f"beir:{beir}", "--cache-dir", str(cache), "--no-progress"]
+    base = ["--task", f"beir:{beir}", "--split", "test", "--cache-dir", str(cache), "--no-progress"]
     assert main(["retrieval", str(run), "--embed", "fw", "--out", str(tmp_path / "fw"), *base]) == 0
     assert encoded == [("fw", 24), ("fw", 6)]
     first = (tmp_path / "fw" / "run.trec").read_text()
@@ -128,7 +131,7 @@ def test_a_second_call_encodes_nothing_and_a_shared_cache_encodes_each_direction
 
 def test_a_result_of_other_settings_or_other_files_are_refused(run, beir, tmp_path, capsys):
     out = tmp_path / "result"
-    common = ["--task", f"beir:{beir}", "--out", str(out), "--no-progress"]
+    common = ["--task", f"beir:{beir}", "--split", "test", "--out", str(out), "--no-progress"]
     assert main(["retrieval", str(run), "--embed", "fw", *common]) == 0
     before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
     capsys.readouterr()
@@ -139,22 +142,25 @@ def test_a_result_of_other_settings_or_other_files_are_refused(run, beir, tmp_pa
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    assert main(["retrieval", "--bm25", "--task", f"beir:{beir}", "--out", str(other)]) == 2
+    assert main(["retrieval", "--bm25", "--task", f"beir:{beir}", "--split", "test", "--out", str(other)]) == 2
     assert capsys.readouterr().err == (f"fwbw retrieval: error: out: {other} holds other files (notes.txt) and no "
                                        "retrieval result (settings.json): give a new or empty folder\n")
 
 
 def test_fine_tuning_saves_beside_the_result_and_is_reused(run, tmp_path, monkeypatch, encoded):
     pairs = tuple((" ".join(text.split()[:3]), text) for text in tiny_benchmark().corpus.values())
-    monkeypatch.setattr(experiment, "load_task", lambda task: tiny_benchmark(pairs))
+    monkeypatch.setattr(experiment, "load_task", lambda task, split: tiny_benchmark(pairs))
+    monkeypatch.setattr(experiment, "check_training_data", lambda *args: None)  # the run trained on text:DIR
     out = tmp_path / "tuned"
-    command = ["retrieval", str(run), "--task", "description", "--embed", "fwbw", "--finetune-steps", "2", "--out",
-               str(out), "--no-progress"]
+    command = ["retrieval", str(run), "--task", "description", "--embed", "fwbw", "--finetune-steps", "2",
+               "--finetune-seed", "5", "--hard-negatives", "bm25", "--out", str(out), "--no-progress"]
     assert main(command) == 0
     metrics = assert_metrics_reproduced(out)
     assert (metrics["finetune_steps"], metrics["task"]) == (2, "description")
     tuned = json.loads((out / "finetuned" / "finetune.json").read_text())
-    assert (tuned["settings"]["steps"], tuned["settings"]["embed"], tuned["n_pairs"]) == (2, "fwbw", 24)
+    assert {key: tuned["settings"][key] for key in ("steps", "embed", "seed", "hard_negatives")} == {
+        "steps": 2, "embed": "fwbw", "seed": 5, "hard_negatives": "bm25"}
+    assert tuned["n_pairs"] == 24
     assert json.loads((out / "settings.json").read_text())["finetune"] == tuned["settings"]
     (out / "metrics.json").unlink()  # an interrupted result: evaluated again, the fine-tuning loaded
     monkeypatch.setattr("fwbw.retrieval.finetune._train", lambda *args: pytest.fail("trained again"))
@@ -174,24 +180,26 @@ def test_a_sweep_evaluates_every_finished_run_and_bm25_once_resumably(finished, 
     unfinished = next(name for name in runs if "-p0-" in name)
     (runs[unfinished] / "status.json").write_text(json.dumps({"status": "running", "error": None}))
     done = sorted(name for name in runs if name != unfinished)
-    command = ["retrieval", str(sweep), "--task", f"beir:{beir}", "--embed", "fw", "fwbw", "--no-progress"]
+    command = ["retrieval", str(sweep), "--task", f"beir:{beir}", "--split", "test", "--embed", "fw", "fwbw",
+               "--no-progress"]
     assert main(command) == 0
     printed = capsys.readouterr().out
     assert f"left out: {unfinished}: not finished (status running)\n" in printed
     assert printed.endswith(f"retrieval {sweep}: {1 + 2 * len(done)} done, 0 skipped (finished before)\n")
     results = sweep / "retrieval"
     assert sorted(path.name for path in results.iterdir()) == sorted(["bm25", "cache", *done])
-    assert [path.name for path in (results / "bm25").iterdir()] == ["beir-tiny"]
+    assert [path.name for path in (results / "bm25").iterdir()] == ["beir-tiny-test"]
     for name in done:
-        assert sorted(path.name for path in (results / name).iterdir()) == ["beir-tiny-fw-ft0", "beir-tiny-fwbw-ft0"]
-        assert_metrics_reproduced(results / name / "beir-tiny-fwbw-ft0")
+        assert sorted(path.name for path in (results / name).iterdir()) == ["beir-tiny-test-fw-ft0", "beir-tiny-test-fwbw-ft0"]
+        assert_metrics_reproduced(results / name / "beir-tiny-test-fwbw-ft0")
     table = pd.read_csv(sweep / "retrieval.csv")
     assert list(table.columns) == RETRIEVAL_COLUMNS
     assert len(table) == 1 + 2 * len(done) and set(table.phase) == {RETRIEVAL_PHASE}
     assert sorted(table.run_id.dropna()) == sorted(done * 2)
     for row in table.to_dict("records"):
         metrics = metrics_of(sweep / row["result"])
-        assert (row["ndcg_at_10"], row["system"], row["task"]) == (metrics["ndcg_at_10"], metrics["system"], metrics["task"])
+        assert (row["ndcg_at_10"], row["system"], row["task"], row["split"]) == (
+            metrics["ndcg_at_10"], metrics["system"], metrics["task"], "test")
         if row["system"] != "bm25":
             config = TrainConfig.load(sweep / "runs" / row["run_id"] / "config.json")
             assert (row["depth"], row["p_bw"], row["seed"]) == (config.depth, config.p_bw, config.seed)
@@ -205,12 +213,27 @@ def test_a_sweep_evaluates_every_finished_run_and_bm25_once_resumably(finished, 
     assert not (sweep / "retrieval.csv").exists() and not (sweep / "retrieval.parquet").exists()
 
 
+def test_a_wiki_task_leaves_out_every_run_trained_on_another_corpus(finished):
+    jobs, left_out = plan_jobs(finished.out, Plan("description", "test", ("fw",)))
+    assert [job.label for job in jobs] == ["bm25 description test"]
+    assert len(left_out) == len(run_dirs(finished.out))
+    assert all(line.endswith("the wiki-sample tasks take runs trained on wiki-sample-v2") for line in left_out)
+
+
+def test_a_sweeps_result_folders_name_the_split_and_the_fine_tuning():
+    plan = Plan("ict", "test", finetune_steps=300, finetune_seed=2, pooling="mean", hard_negatives="bm25")
+    assert result_name(plan, "fw") == "ict-test-fw-mean-ft300-s2-bm25neg"
+    assert result_name(plan, "fw", pooled=False) == "ict-fw-ft300-s2-bm25neg"  # the fine-tuning: shared by splits and poolings
+    assert result_name(Plan("ict", "dev"), "fwbw") == "ict-dev-fwbw-ft0"
+
+
 def test_retrieval_data_exports_a_task_in_beirs_format(beir, tmp_path, capsys):
     out = tmp_path / "export"
     assert main(["retrieval-data", "--task", f"beir:{beir}", "--out", str(out)]) == 0
-    assert capsys.readouterr().out == f"{out}: 24 documents, 6 queries, 6 judgements\n"
-    back, original = read_beir(out), read_beir(beir)
+    assert capsys.readouterr().out == f"{out}: 24 documents; test 6 queries, 6 judgements\n"
+    back, original = read_beir(out, "test"), read_beir(beir, "test")
     assert (back.corpus, back.queries, back.qrels) == (original.corpus, original.queries, original.qrels)
+    assert not (out / "qrels" / "dev.tsv").exists()
 
 
 def test_the_demo_runs_retrieval_only_when_asked(monkeypatch, tmp_path):
@@ -223,12 +246,12 @@ def test_the_demo_runs_retrieval_only_when_asked(monkeypatch, tmp_path):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     assert calls == []
     assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress", "--retrieval"]) == 0
-    assert calls == [(tmp_path / "demo", cli.Plan("description", ("fw", "fwbw")))]
+    assert calls == [(tmp_path / "demo", cli.Plan("description", "dev", ("fw", "fwbw")))]
 
 
 def bad_beir(tmp_path: Path) -> Path:
     folder = tmp_path / "bad"
-    write_beir(tiny_benchmark(), folder)
+    write_beir({"test": tiny_benchmark()}, folder)
     (folder / "qrels" / "test.tsv").unlink()
     return folder
 
@@ -238,8 +261,18 @@ def bad_beir(tmp_path: Path) -> Path:
     [
         (["--bm25", "--task", "nope", "--out", "{tmp}/r"],
          "task: unknown 'nope' (expected one of description, ict, title or beir:DIR)"),
-        (["--bm25", "--task", "beir:{tmp}/bad", "--out", "{tmp}/r"],
-         "{tmp}/bad/qrels/test.tsv: missing (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/test.tsv)"),
+        (["--bm25", "--task", "beir:{tmp}/bad", "--split", "test", "--out", "{tmp}/r"],
+         "{tmp}/bad/qrels/test.tsv: missing (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv)"),
+        (["--bm25", "--task", "beir:{beir}", "--out", "{tmp}/r"],
+         "{beir}/qrels/dev.tsv: missing: the set has no dev queries, so nothing can be tuned on it (its test only "
+         "reports)"),
+        (["{beir_run}", "--task", "description", "--out", "{tmp}/r"],
+         "task description: {beir_run} trained on {data}, whose training text may hold the task's queries; the "
+         "wiki-sample tasks take runs trained on wiki-sample-v2"),
+        (["{beir_run}", "--task", "beir:{beir}", "--split", "test", "--finetune-seed", "3", "--out", "{tmp}/r"],
+         "finetune seed: a zero-shot system (finetune steps 0) is not fine-tuned"),
+        (["--bm25", "--task", "beir:{beir}", "--split", "test", "--hard-negatives", "bm25", "--out", "{tmp}/r"],
+         "--bm25 takes no --hard-negatives: BM25 uses no run (a sweep's evaluation includes BM25)"),
         (["{tmp}", "--task", "description", "--out", "{tmp}/r"], "{tmp} is not a run directory (no config.json)"),
         (["{tmp}/untrained", "--task", "description", "--out", "{tmp}/r"],
          "{tmp}/untrained: no trained model (model.safetensors): has the run finished?"),
@@ -255,11 +288,11 @@ def bad_beir(tmp_path: Path) -> Path:
          "--embed: a run is evaluated with one embed, got fw bw (a sweep takes several)"),
         (["{sweep}", "--task", "description", "--out", "{tmp}/r"],
          "--out: a sweep's results go under {sweep}/retrieval, so give no --out"),
-        (["{sweep}", "--task", "beir:{tmp}/bad"],
-         "{tmp}/bad/qrels/test.tsv: missing (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/test.tsv)"),
-        (["{beir_run}", "--task", "beir:{beir}", "--blocks", "4", "--out", "{tmp}/r"],
+        (["{sweep}", "--task", "beir:{tmp}/bad", "--split", "test"],
+         "{tmp}/bad/qrels/test.tsv: missing (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv)"),
+        (["{beir_run}", "--task", "beir:{beir}", "--split", "test", "--blocks", "4", "--out", "{tmp}/r"],
          "blocks: the run has 3 blocks, so expected 1..3, got 4"),
-        (["{beir_run}", "--task", "beir:{beir}", "--finetune-steps", "2", "--out", "{tmp}/r"],
+        (["{beir_run}", "--task", "beir:{beir}", "--split", "test", "--finetune-steps", "2", "--out", "{tmp}/r"],
          "task beir:{beir} has no training pairs to fine-tune on (the wiki-sample tasks have them)"),
     ],
 )
@@ -273,7 +306,8 @@ def test_bad_input_is_one_line_and_writes_no_result(arguments, error, finished, 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     shutil.copy(finished.out / "sweep.json", sweep / "sweep.json")
-    values = dict(tmp=tmp_path, run=failed, sweep=sweep, beir=beir.resolve(), beir_run=run)
+    values = dict(tmp=tmp_path, run=failed, sweep=sweep, beir=beir.resolve(), beir_run=run,
+                  data=TrainConfig.load(run / "config.json").data)
     assert main(["retrieval", *(argument.format(**values) for argument in arguments), "--no-progress"]) == 2
     assert capsys.readouterr().err == f"fwbw retrieval: error: {error.format(**values)}\n"
     assert not (tmp_path / "r").exists()

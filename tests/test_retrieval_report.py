@@ -32,12 +32,12 @@ RUN = dict(data="wiki-sample", tokenizer="bpe:8192", seq_len=128, epochs=1.0, tr
            dtype="auto", recipe_id="r1", depth=2, width=8, model_scale=math.nan, bw_mode="add", bw_mask="causal",
            task_tokens=False, num_heads=1, adaptive_p_bw=False, eval_every_epochs=0.125)
 SECTION = "Retrieval: fw+bw-trained against fw-only-trained token embeddings"
-WHERE = "tiny, zero-shot, late interaction, depth 2 / width 8"
+WHERE = "tiny dev, zero-shot, late interaction, depth 2 / width 8"
 
 
 def result_row(key) -> dict:
     values = PER_QUERY[key]
-    common = {"phase": "retrieval", "task": "tiny", "finetune_steps": 0, "n_queries": 3, "n_docs": 9,
+    common = {"phase": "retrieval", "task": "tiny", "split": "dev", "finetune_steps": 0, "n_queries": 3, "n_docs": 9,
               **dict.fromkeys(METRICS, 0.0), "ndcg_at_10": float(np.mean(values)), "seconds": 1.0}
     if key is None:
         return {**common, "system": "bm25", "result": "retrieval/bm25/tiny"}
@@ -106,7 +106,25 @@ def test_embeddings_of_fewer_blocks_are_named(blocks, shown):
     table, per_query = hand_built()
     table.loc[table.run_id.notna(), "blocks"] = blocks
     said = retrieval_statements(analyse_retrieval(table, per_query))
-    assert said[0].startswith(f"tiny, zero-shot, late interaction{shown}, depth 2 / width 8, p_bw = 0.05 against ")
+    assert said[0].startswith(f"tiny dev, zero-shot, late interaction{shown}, depth 2 / width 8, p_bw = 0.05 against ")
+
+
+def with_test_split(fw_on_test: float) -> tuple[pd.DataFrame, dict]:
+    """The hand-built dev results and a copy of them on test, where p_bw = 0.05's fw embed scores fw_on_test."""
+    table, per_query = hand_built()
+    test = table.assign(split="test", result=table.result + "-test")
+    test.loc[test.p_bw.eq(0.05) & test.embed.eq("fw"), "ndcg_at_10"] = fw_on_test
+    copies = {f"{result}-test": values for result, values in per_query.items()}
+    return pd.concat([table, test], ignore_index=True), {**per_query, **copies}
+
+
+def test_the_best_embed_is_chosen_on_dev_whichever_split_is_compared():
+    retrieval = analyse_retrieval(*with_test_split(fw_on_test=0.95))  # fw best on test, fwbw on dev
+    best = retrieval.comparisons[retrieval.comparisons.comparison.eq("best embed")].set_index("split")
+    assert best.loc["test", "a_embed"] == best.loc["dev", "a_embed"] == "fwbw"
+    table, per_query = with_test_split(fw_on_test=0.95)
+    test_only = analyse_retrieval(table[table.split.eq("test")], per_query).comparisons
+    assert test_only.comparison.tolist() == ["fw embed"]  # no dev results: no embed is chosen
 
 
 def test_results_of_different_queries_are_refused_in_one_line():

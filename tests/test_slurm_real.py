@@ -5,6 +5,7 @@ fail)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +18,9 @@ from conftest import (
     Corpus,
     assert_no_duplicate_rows,
     assert_steps_strictly_increase,
+    base_config,
     run_dirs,
+    single_thread,
     start,
     sweep_command,
 )
@@ -25,6 +28,7 @@ from slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
 
 from fwbw.study import sweep_dir
 from fwbw.training import run_dir as run_dir_module
+from fwbw.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("cache_env")
 
@@ -130,36 +134,119 @@ def test_wait_returns_when_a_job_ends_without_a_result_and_exits_3_for_the_runs_
     assert output.strip().splitlines()[-1] == f"sweep {out}: 2 left", output
 
 
+def runs_under_way(out: Path, runs: int, process: subprocess.Popen, log: Path, timeout: float = 120) -> dict[str, str]:
+    """Once `runs` runs each have a checkpoint past their first validation point: each one's first
+    point as written (its wall-clock seconds included), which a run resumed from its checkpoints
+    keeps and one trained again from scratch would not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {}
+        for run_dir in (out / sweep_dir.RUNS).glob("*"):
+            metrics, checkpoints = run_dir / "metrics.jsonl", sorted((run_dir / "checkpoints").glob("step_*"))
+            first = metrics.read_text().split("\n", 1)[0] if metrics.is_file() else ""
+            if first.endswith("}") and checkpoints and int(checkpoints[-1].name[5:]) > json.loads(first)["step"]:
+                found[run_dir.name] = first
+        if len(found) >= runs:
+            return found
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"not {runs} runs under way (sweep exit {process.poll()}):\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def first_metrics_lines(out: Path) -> dict[str, str]:
+    return {name: (run_dir / "metrics.jsonl").read_text().splitlines()[0] for name, run_dir in run_dirs(out).items()}
+
+
+def job_logs(out: Path) -> str:
+    return "".join(path.read_text() for path in sorted((out / sweep_dir.SLURM).glob("*_log.err")))
+
+
 @pytest.mark.slow
-def test_scancel_and_preemption_leave_runs_resumable_wait_exits_3_and_a_rerun_finishes_them(
+def test_scancel_leaves_a_run_resumable_and_preemption_requeues_the_job_which_finishes_every_run_once(
         tmp_path, corpus, slurm_cluster):
     """Two jobs, each mid-run: one cancelled (scancel: SIGTERM), the other sent the preemption
-    signal (scancel --signal=USR2; with a 5-minute limit submitit counts it as timed out and gives
-    up). Neither run is marked failed, --wait returns once the jobs ended though sacct cannot say
-    so, exiting 3 for the runs left, and the same command again finishes both."""
-    out, log = tmp_path / "grid", tmp_path / "first.log"
-    command = tiny_sweep(corpus, out, "--wait", "--slurm-time", "5", train_tokens=12288)
+    signal (scancel --signal=USR2, as SLURM does 90 s before the time limit). Neither run is marked
+    failed: the cancelled job releases its run; the preempted one releases its run and is requeued
+    (its function is checkpointable), starts again and resumes both runs from their checkpoints.
+    --wait returns once it ended, though sacct cannot say so."""
+    out, log = tmp_path / "grid", tmp_path / "sweep.log"
+    command = tiny_sweep(corpus, out, "--wait", "--slurm-time", "5", "--eval-every", "2", "--checkpoint-every", "20",
+                         "--no-compile", train_tokens=200_000)
     sweep = start(command, log)
-    wait_for_path(out / sweep_dir.RUNS, "*/checkpoints/*", 2, sweep, log)  # both runs trained a while
+    before = runs_under_way(out, 2, sweep, log)  # both runs trained a while
     job_ids = submitted_jobs(log)
     assert len(job_ids) == 2, log.read_text()
     slurm_cluster.command("scancel", job_ids[0])
     slurm_cluster.command("scancel", "--signal=USR2", job_ids[1])
-    code, output = finish_waiting(sweep, log, slurm_cluster)
-    assert code == EXIT_RUNS_LEFT, output
-    assert output.strip().splitlines()[-1] == f"sweep {out}: 2 left", output
-    assert "2 runs left unfinished: rerun the sweep to finish them (exit status 3)" in output
-    for run_dir in run_dirs(out).values():
-        status = run_dir_module.read_status(run_dir)
-        assert status["status"] != "failed", (run_dir.name, status)
-        assert not list(run_dir.glob(run_dir_module.LOCK + "*")), "claim left"
-    job_logs = "".join(path.read_text() for path in (out / sweep_dir.SLURM).glob("*_log.err"))
-    assert "interrupted by SIGTERM" in job_logs and "interrupted by SIGUSR2" in job_logs, job_logs
-
-    code, output = run(command, tmp_path / "rerun.log")
+    code, output = finish_waiting(sweep, log, slurm_cluster, timeout=180)
     assert code == 0, output
     assert output.strip().splitlines()[-1] == f"sweep {out}: 2 done", output
+    assert f"fwbw sweep: 1 SLURM job ended without finishing ({job_ids[0]}; " in output  # the cancelled one
+    logs = job_logs(out)
+    assert "fwbw job: interrupted by SIGTERM" in logs and "fwbw job: interrupted by SIGUSR2: the job is requeued" in logs
+    assert logs.count("interrupted (") == 2, logs  # each job's run released, neither marked failed
     assert_every_run_done_once(out, 2)
+    assert first_metrics_lines(out) == before  # resumed from their checkpoints
+
+
+@pytest.mark.slow
+def test_a_time_limit_shorter_than_the_runs_requeues_the_jobs_which_finish_every_run_once(
+        tmp_path, corpus, slurm_cluster):
+    """--slurm-time 3 and runs of about two minutes each: 90 s before the limit SLURM sends USR2,
+    each job releases its run and is requeued (it used to end with 'timed-out and not
+    checkpointable', its run failed), and the jobs started again resume the runs from their
+    checkpoints. The runs' length is set from this machine's speed, measured first."""
+    speed = tokens_per_second(corpus, tmp_path / "speed")
+    out, log = tmp_path / "grid", tmp_path / "sweep.log"
+    command = tiny_sweep(corpus, out, "--wait", "--slurm-time", "3", "--eval-every", "10", "--checkpoint-every", "50",
+                         "--no-compile", train_tokens=int(speed * TIME_LIMITED_RUN_S))
+    started = time.monotonic()
+    sweep = start(command, log)
+    before = runs_under_way(out, 2, sweep, log)
+    code, output = finish_waiting(sweep, log, slurm_cluster, timeout=330)
+    assert code == 0, output
+    assert output.strip().splitlines()[-1] == f"sweep {out}: 2 done", output
+    logs = job_logs(out)
+    assert "this job is timed-out" in logs and "fwbw job: interrupted by SIGUSR2: the job is requeued" in logs, logs
+    assert "not checkpointable" not in logs
+    assert_every_run_done_once(out, 2)
+    assert first_metrics_lines(out) == before  # resumed from their checkpoints
+    print(f"2 runs of {speed * TIME_LIMITED_RUN_S:.0f} tokens under a 3-minute limit: {time.monotonic() - started:.0f} s")
+
+
+TIME_LIMITED_RUN_S = 130  # a run's training time under the time limit: the preemption signal comes at ~90 s
+
+
+def tokens_per_second(corpus: Corpus, folder: Path) -> float:
+    """This machine's training speed now for tiny_sweep's runs, in this process (one thread)."""
+    config = base_config(corpus, train_tokens=30_000, eval_every_epochs=10, checkpoint_every_steps=10**6)
+    with single_thread():
+        summary = Trainer(config, folder, progress=False, compile=False).run()
+    return summary["mean_train_tokens_per_s"]
+
+
+@pytest.mark.slow
+def test_a_job_array_with_max_parallel_runs_at_most_that_many_jobs_at_once_and_every_run_once(
+        tmp_path, corpus, slurm_cluster):
+    """Three runs and --slurm-max-parallel 1 on a node with room for two jobs: one pull-worker
+    job, never two runs trained at once, each run done once."""
+    out, log = tmp_path / "grid", tmp_path / "sweep.log"
+    sweep = start(tiny_sweep(corpus, out, "--wait", "--slurm-max-parallel", "1", "--p-bw", "0", "0.25", "0.5"), log)
+    most_jobs = most_claims = 0
+    while sweep.poll() is None:
+        running = [job for job, state in slurm_cluster.jobs().items() if state == "RUNNING"]
+        claims = list((out / sweep_dir.RUNS).glob(f"*/{run_dir_module.LOCK}")) if (out / sweep_dir.RUNS).is_dir() else []
+        most_jobs, most_claims = max(most_jobs, len(running)), max(most_claims, len(claims))
+        time.sleep(0.2)
+    code, output = finish_waiting(sweep, log, slurm_cluster)
+    assert code == 0, output
+    [job] = submitted_jobs(log)
+    assert "submitted 1 pull-worker job for 3 pending runs" in output
+    assert "#SBATCH --array=0-0%1" in next((out / sweep_dir.SLURM).glob("*_submission.sh")).read_text()
+    assert (most_jobs, most_claims) == (1, 1)
+    assert f"job {job}: 3 done" in output and output.strip().splitlines()[-1] == f"sweep {out}: 3 done", output
+    assert_every_run_done_once(out, 3)
 
 
 def test_without_slurm_the_tests_skip_in_one_line_but_under_ci_they_fail(monkeypatch):

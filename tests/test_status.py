@@ -20,7 +20,7 @@ from fwbw.study.estimate import short_duration
 from fwbw.study.sweep import short_count
 from fwbw.study.sweep_dir import RUNS, SWEEP_FILE
 from fwbw.training import trainer as trainer_module
-from fwbw.training.run_dir import LOCK, Worker, read_claim, take_lease, write_status
+from fwbw.training.run_dir import LOCK, SUMMARY, Worker, read_claim, take_lease, write_status
 
 pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
 
@@ -56,6 +56,7 @@ def hand_built_sweep(out: Path) -> None:
     runs = out / RUNS
     write_metrics(runs / "r-done", {"tokens": 2048, "epoch": 0.5, "seconds": 10.0},
                   {"tokens": 4096, "epoch": 1.0, "seconds": 20.0})
+    (runs / "r-done" / SUMMARY).write_text("{}")  # a done run has its summary
     write_status(runs / "r-done", "done")
     write_metrics(runs / "r-running", {"tokens": 1024, "epoch": 0.25, "seconds": 8.0})
     write_status(runs / "r-running", "running")

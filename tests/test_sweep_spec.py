@@ -19,7 +19,7 @@ from fwbw.study.configure import build_sweep_spec
 from fwbw.study.estimate import ShapeTiming
 from fwbw.study.presets import PRESETS
 from fwbw.study.sweep import SweepSpec, prepare_sweep, run_id, short_count, sweep_runs, write_sweep_file
-from fwbw.training.run_dir import write_status
+from fwbw.training.run_dir import SUMMARY, write_status
 
 pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
 
@@ -213,7 +213,10 @@ def finished_without_training(out: Path, argv: list[str]) -> SweepSpec:
     spec = spec_of(argv)
     write_sweep_file(out, spec, spec.configs())
     for config in spec.configs():
-        write_status(out / sweep_dir.RUNS / run_id(config), "done")
+        run = out / sweep_dir.RUNS / run_id(config)
+        run.mkdir(parents=True)
+        (run / SUMMARY).write_text("{}")  # a done run has its summary
+        write_status(run, "done")
     return spec
 
 

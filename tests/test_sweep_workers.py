@@ -185,7 +185,9 @@ def test_a_run_finished_by_another_worker_after_the_status_check_is_not_run_agai
     real_claim = run_dir_module.claim
 
     def claim_just_after_another_worker_finished(run_dir, *args):
-        run_dir_module.write_status(run_dir, "done")  # the other worker finished and released its lock
+        run_dir.mkdir(parents=True, exist_ok=True)  # the other worker finished and released its lock
+        (run_dir / run_dir_module.SUMMARY).write_text("{}")
+        run_dir_module.write_status(run_dir, "done")
         return real_claim(run_dir, *args)
 
     trained = []

@@ -13,19 +13,21 @@ from fwbw.retrieval.beir import write_beir
 from fwbw.retrieval.encoder import EMBEDS, POOLINGS
 from fwbw.retrieval.experiment import System, run_retrieval
 from fwbw.retrieval.metrics import METRICS as RETRIEVAL_METRICS
-from fwbw.retrieval.tasks import load_task
+from fwbw.retrieval.benchmark import SPLITS as QUERY_SPLITS
+from fwbw.retrieval.tasks import load_task, task_splits
 from fwbw.study.children import terminate_on_sigterm
 from fwbw.study.configure import build_sweep_spec, build_train_config, slurm_options
 from fwbw.study.estimate import plural
 from fwbw.study.launchers import LAUNCHERS, launch_sweep
 from fwbw.study.launchers.base import (
+    LEFT,
     OPTION_LAUNCHERS,
     Assignment,
     Launch,
     outcome_counts,
 )
 from fwbw.study.launchers.local import parse_gpus
-from fwbw.study.launchers.slurm import LEFT, SLURM_MINUTES
+from fwbw.study.launchers.slurm import SLURM_MINUTES
 from fwbw.study.presets import PRESETS
 from fwbw.study.results import (
     build_results,
@@ -51,13 +53,13 @@ from fwbw.training.data_parallel import is_main_process
 from fwbw.training.data_parallel import leave as leave_process_group
 from fwbw.training.evaluation import cut_run
 from fwbw.training.precision import DTYPE_CHOICES
-from fwbw.training.run_dir import LEASE_S, check_run_dir, check_writable
+from fwbw.training.run_dir import LEASE_S, check_run_dir, check_writable, valid_lease
 from fwbw.training.trackers import TRACKERS
 from fwbw.training.trainer import Trainer
 
 DEFAULTS = TrainConfig()
 EXIT_INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
-EXIT_RUNS_LEFT = 3  # fwbw sweep --launcher slurm --wait: runs left unfinished once the jobs ended
+EXIT_RUNS_LEFT = 3  # fwbw sweep (--launcher ray, or slurm --wait): runs left unfinished once the workers ended
 DEMO_RETRIEVAL_TASK = "description"  # `fwbw demo --retrieval`
 RETRIEVAL_SHOWN = ["task", "run_id", "system", "embed", "finetune_steps", *RETRIEVAL_METRICS]  # `fwbw retrieval SWEEP`
 
@@ -184,7 +186,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     outcome = launch_sweep(spec, launch_from_args(args), assignment)
     if outcome is None:  # jobs submitted, not waited for
         return 0
-    left = list(outcome.values()).count(LEFT)  # --launcher slurm --wait: runs unfinished once the jobs ended
+    left = list(outcome.values()).count(LEFT)  # ray, slurm --wait: runs unfinished once the workers ended
     if left:
         print(f"fwbw sweep: {plural(left, 'run')} left unfinished: rerun the sweep to finish them "
               f"(exit status {EXIT_RUNS_LEFT})", file=sys.stderr, flush=True)
@@ -261,10 +263,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_retrieval_data(args: argparse.Namespace) -> int:
     check_run_dir(args.out)
-    benchmark = load_task(args.task)
-    write_beir(benchmark, args.out)
-    judgements = sum(map(len, benchmark.qrels.values()))
-    print(f"{args.out}: {len(benchmark.corpus)} documents, {len(benchmark.queries)} queries, {judgements} judgements")
+    splits = {split: load_task(args.task, split) for split in task_splits(args.task)}
+    write_beir(splits, args.out)
+    counts = "; ".join(f"{split} {len(b.queries)} queries, {sum(map(len, b.qrels.values()))} judgements"
+                       for split, b in splits.items())
+    print(f"{args.out}: {len(next(iter(splits.values())).corpus)} documents; {counts}")
     return 0
 
 
@@ -291,12 +294,14 @@ def _retrieval_run(args: argparse.Namespace) -> int:
     if args.embed and len(args.embed) > 1:
         raise ValueError(f"--embed: a run is evaluated with one embed, got {' '.join(args.embed)} (a sweep takes several)")
     embed = args.embed[0] if args.embed else "fwbw"
-    return _retrieval_one(args, System(args.target, embed, args.blocks, args.pooling, args.finetune_steps))
+    return _retrieval_one(args, System(args.target, embed, args.blocks, args.pooling, args.finetune_steps,
+                                       args.finetune_seed, args.hard_negatives))
 
 
 def _embedding_flags(args: argparse.Namespace) -> dict[str, object]:
     return {"--embed": args.embed, "--blocks": args.blocks, "--pooling": args.pooling,
-            "--finetune-steps": args.finetune_steps}
+            "--finetune-steps": args.finetune_steps, "--finetune-seed": args.finetune_seed,
+            "--hard-negatives": args.hard_negatives}
 
 
 def _retrieval_one(args: argparse.Namespace, system: System) -> int:
@@ -304,7 +309,7 @@ def _retrieval_one(args: argparse.Namespace, system: System) -> int:
         raise ValueError("--out: give the folder for the result")
     check_run_dir(args.out)
     cache = args.out / "cache" if args.cache_dir is None else args.cache_dir
-    outcome = run_retrieval(args.out, args.task, system, cache_dir=cache, device=args.device,
+    outcome = run_retrieval(args.out, args.task, args.split, system, cache_dir=cache, device=args.device,
                             progress=not args.no_progress)
     metrics = outcome.metrics
     shown = "  ".join(f"{name} {metrics[name]:.4f}" for name in RETRIEVAL_METRICS)
@@ -318,7 +323,8 @@ def _retrieval_sweep(args: argparse.Namespace) -> int:
         if value is not None:
             raise ValueError(f"{flag}: a sweep's results go under {args.target}/retrieval, so give no {flag}")
     check_results_writable(args.target)
-    plan = Plan(args.task, tuple(args.embed or DEFAULT_EMBEDS), args.blocks, args.pooling, args.finetune_steps)
+    plan = Plan(args.task, args.split, tuple(args.embed or DEFAULT_EMBEDS), args.blocks, args.pooling,
+                args.finetune_steps, args.finetune_seed, args.hard_negatives)
     outcome, left_out = retrieve_sweep(args.target, plan, device=args.device, progress=not args.no_progress)
     for line in left_out:
         print(f"left out: {line}")
@@ -338,6 +344,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2) if args.json else format_table(result))
     leave_process_group()
     return 0
+
+
+def lease_minutes(text: str) -> float:
+    """--lease-minutes: a finite number of minutes > 0 (argparse names the flag in its error)."""
+    try:
+        minutes = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
+    if not valid_lease(minutes):
+        raise argparse.ArgumentTypeError(f"must be a finite number of minutes > 0, got {text}")
+    return minutes
 
 
 def add_compile_flag(parser: argparse.ArgumentParser) -> None:
@@ -418,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--retry-failed", action="store_true")
     sweep.add_argument("--nproc-per-run", type=int, default=1, metavar="N",
                        help="train each run with N data-parallel processes (torchrun on this machine: one per GPU)")
-    sweep.add_argument("--lease-minutes", type=float, default=LEASE_S / 60, metavar="M",
+    sweep.add_argument("--lease-minutes", type=lease_minutes, default=LEASE_S / 60, metavar="M",
                        help="a worker's claim on a run that has had no heartbeat for M minutes is taken over by "
                        f"another worker, on any host ({LEASE_S / 60:g})")
     add_compile_flag(sweep)
@@ -458,15 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--retrieval", action="store_true",
                       help=f"then evaluate BM25 and each finished run (fw and fwbw embeds, zero-shot) on the "
-                      f"{DEMO_RETRIEVAL_TASK} task for the report's retrieval section: about 25 more minutes on 2 "
-                      "cores, and ~4.5 GB of token cache in OUT/retrieval/cache")
+                      f"{DEMO_RETRIEVAL_TASK} task's dev queries for the report's retrieval section (a run trained "
+                      "on another corpus than wiki-sample-v2 is left out)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=cmd_demo)
 
     retrieval_data = commands.add_parser("retrieval-data", help="export a retrieval task in BEIR's format")
     retrieval_data.add_argument("--task", required=True, help="description | ict | title | beir:DIR")
     retrieval_data.add_argument("--out", type=Path, required=True,
-                                help="folder for corpus.jsonl, queries.jsonl and qrels/test.tsv")
+                                help="folder for corpus.jsonl, queries.jsonl and qrels/dev.tsv and test.tsv "
+                                "(those the task has)")
     retrieval_data.set_defaults(handler=cmd_retrieval_data)
 
     retrieval = commands.add_parser(
@@ -475,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a finished run, or a sweep: BM25 and every finished run, under SWEEP/retrieval "
                            "(resumable), then its retrieval table")
     retrieval.add_argument("--task", required=True, help="description | ict | title | beir:DIR (a BEIR folder)")
+    retrieval.add_argument("--split", choices=QUERY_SPLITS, default="dev",
+                           help="the queries: dev, what choices are made on (default), or test, what is reported "
+                           "(a BEIR folder's qrels/dev.tsv or qrels/test.tsv)")
     retrieval.add_argument("--bm25", action="store_true", help="evaluate BM25 (no run)")
     retrieval.add_argument("--embed", nargs="+", choices=list(EMBEDS),
                            help=f"token embeddings: fw, bw or both (a run: one, fwbw; a sweep: {' '.join(DEFAULT_EMBEDS)})")
@@ -482,6 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--pooling", choices=POOLINGS, help="a single-vector baseline instead of late interaction")
     retrieval.add_argument("--finetune-steps", type=int, default=0,
                            help="contrastive fine-tuning steps on the task's training pairs first (0: zero-shot)")
+    retrieval.add_argument("--finetune-seed", type=int, default=0,
+                           help="the fine-tuning's seed (its batches' order; default 0)")
+    retrieval.add_argument("--hard-negatives", choices=["bm25"],
+                           help="fine-tune with one hard negative per pair: the training document BM25 ranks "
+                           "highest for its query that is no positive (default: in-batch negatives only)")
     retrieval.add_argument("--out", type=Path, help="the result's folder (a run or --bm25)")
     retrieval.add_argument("--cache-dir", type=Path,
                            help="fp16 token cache, shareable by results of the same run (default: OUT/cache)")

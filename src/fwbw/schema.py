@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 EMPTY: Mapping = types.MappingProxyType({})
+INT64 = 2**63  # an integer field's values lie in [-INT64, INT64): what torch and numpy take
 SCALARS = {  # annotation -> (accepts, what it must be, plural)
     bool: (lambda v: isinstance(v, bool), "true or false", "true/false values"),
     int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", "integers"),
@@ -73,6 +74,8 @@ def typed(value: Any, kind: Any, name: str) -> Any:
         return _tuple(value, kind, name)
     accepts, _, _ = SCALARS[kind]
     require(accepts(value), name, f"must be {describe_kind(kind)}, got {show(value)}")
+    if kind is int:
+        require(-INT64 <= value < INT64, name, f"must fit in 64 bits (below 2**63 in size), got {show(value)}")
     return _finite(value, name) if kind is float else value
 
 

@@ -66,6 +66,7 @@ Q2_ARMS = {"fw+bw": {"p_bw": 1.0, "replay": False}, "fw+replay": {"p_bw": 0.0, "
 Q2_CONTRASTS = (("fw+bw", "fw+replay"), ("fw+bw", "fw"), ("fw+replay", "fw"))
 ONE_PASS = 1.0  # Q2's primary family: one pass over the whole stream
 MATCHED_GRID = 5
+DOSE_MODEL_MIN_DOSES = 3
 SPLITS = {EVAL_PHASE: "valid", TRAIN_SPLIT_PHASE: "train"}  # the results' phase of each curve split
 
 
@@ -359,8 +360,10 @@ def dose_response(runs: pd.DataFrame, fraction: float = 0.25) -> pd.DataFrame:
     p_bw > 0 against p_bw 0 (family "dose"), CONTRAST_COLUMNS."""
     done = done_runs(runs)
     arms = _dose_arms(done, fraction)
-    if len(arms) < 2:
-        raise MissingArms(f"no fw+bw run at train_fraction {fraction:g} (baseline settings)")
+    if len(arms) < DOSE_MODEL_MIN_DOSES:  # with two, the slope is the primary contrast rescaled
+        doses = ", ".join(f"{a.setting['p_bw']:g}" for a in arms) or "none"
+        raise MissingArms(f"the dose model needs runs at {DOSE_MODEL_MIN_DOSES} or more p_bw values at train_fraction "
+                          f"{fraction:g} (baseline settings); done: {doses}")
     rows = [_slope_row(done, arms), *(paired_contrast(done, "dose", a, arms[0]) for a in arms[1:])]
     return _require_pairs(contrast_table(rows), done, arms)
 

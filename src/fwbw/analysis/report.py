@@ -493,7 +493,8 @@ def _retrieval_pair(row: dict, with_variant: bool) -> str:
 
 def _retrieval_statement(row: dict, with_variant: bool) -> str:
     cut = not pd.isna(row["blocks"]) and row["blocks"] < row["depth"]
-    where = (f"{row['task']}, {_tuning(row['finetune_steps'])}, {row['system'].replace('-', ' ')}"
+    task = row["task"] if pd.isna(row["split"]) else f"{row['task']} {row['split']}"
+    where = (f"{task}, {_tuning(row['finetune_steps'])}, {row['system'].replace('-', ' ')}"
              + (f" after {row['blocks']} of {row['depth']} blocks" if cut else "")
              + f", {size_label(row['depth'], row['width'])}")
     return (f"{where}, {_retrieval_pair(row, with_variant)}: nDCG@10 {_num(row['a_mean'])} vs {_num(row['b_mean'])}, "
@@ -513,11 +514,11 @@ def retrieval_statements(retrieval: RetrievalAnalysis) -> list[str]:
 def _retrieval_section(retrieval: RetrievalAnalysis) -> tuple[str, list[tuple]]:
     return ("Retrieval: fw+bw-trained against fw-only-trained token embeddings", [
         ("ul", retrieval_statements(retrieval)),
-        ("p", "retrieval_comparisons: per task, system and fine-tuning, each p_bw > 0 model against the p_bw = 0 "
-              "model of the same seed and size (with fw embeddings, and each with its best embed: the highest mean "
-              "nDCG@10 over its seeds), and each against BM25, on nDCG@10 (a − b). seed_ci: the 95% t interval of "
-              "the per-seed differences; query_ci and query_boot: the paired t and bootstrap 95% intervals over "
-              "queries of each query's nDCG@10 averaged over the seeds."),
+        ("p", "retrieval_comparisons: per task, query split, system and fine-tuning, each p_bw > 0 model against "
+              "the p_bw = 0 model of the same seed and size (with fw embeddings, and each with its best embed: the "
+              "highest mean nDCG@10 over its seeds on the dev queries), and each against BM25, on nDCG@10 (a − b). "
+              "seed_ci: the 95% t interval of the per-seed differences; query_ci and query_boot: the paired t and "
+              "bootstrap 95% intervals over queries of each query's nDCG@10 averaged over the seeds."),
         ("table", "retrieval_comparisons", retrieval.comparisons),
         ("p", "retrieval_systems: every system's metrics, the mean over its results (one per seed), with nDCG@10's "
               "95% t interval over seeds, the seconds to encode the corpus (small where the token cache held it) "
@@ -774,8 +775,17 @@ def dose_slope_statement(dose: pd.DataFrame) -> str:
             f"of held-out test fw loss: {_efficiency_estimate(row, unit=row['unit'])}.")
 
 
+def matched_statement(matched: pd.DataFrame) -> str:
+    """Validation fw loss of fw+bw minus fw at equal training-split fw loss (efficiency_matched), each grid
+    value with its Holm-adjusted p: below 0, bw regularises; near 0, it moves fw along the same curve."""
+    clauses = [f"at {_num(row['train_split_fw_loss'])} {_efficiency_estimate(row, p_column='p_holm')}"
+               for row in matched.to_dict("records")]
+    return (f"Regulariser test, validation fw loss of fw+bw minus fw at the same training-split fw loss "
+            f"(Holm over {matched.p_value.notna().sum()}; below 0 would mean bw regularises): {'; '.join(clauses)}.")
+
+
 EFFICIENCY_STATEMENTS = (("primary", primary_statement), ("multiplier", multiplier_statement), ("q2", q2_statement),
-                         ("dose", dose_slope_statement))  # the results led by a sentence, in order
+                         ("dose", dose_slope_statement), ("matched", matched_statement))  # led by a sentence, in order
 
 
 def efficiency_statements(tables: dict[str, pd.DataFrame]) -> list[str]:

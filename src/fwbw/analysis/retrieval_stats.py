@@ -3,13 +3,15 @@
 From the sweep's retrieval table (fwbw.study.results.RETRIEVAL_COLUMNS, one row per result) and each
 result's per-query nDCG@10 ({result folder: {qid: value}}):
 
-  systems       per task, system, blocks, fine-tuning steps (CONFIG), run setting (stats.SETTING) and
+  systems       per task, split, system, blocks, fine-tuning steps (CONFIG), run setting (stats.SETTING) and
                 embed: the mean of every metric over the results (one per seed), nDCG@10's 95% t
                 interval over seeds and the mean timings; BM25 once per task
   comparisons   per CONFIG and p_bw > 0 setting, against its p_bw = 0 baseline of the same size
                 (stats.arms), seed by seed (the seeds with both results), on nDCG@10:
                   fw embed          the fw+bw-trained model against the fw-only one, both embedding fw
                   best embed        each with its best embed: the highest mean nDCG@10 over its seeds
+                                    on the dev split, whichever split is compared (no dev results: no
+                                    best embed, and no comparison that needs it)
                   fw+bw vs BM25     the fw+bw-trained model with its best embed against BM25
                   fw-only vs BM25   the fw-only model with its best embed against BM25
                 The difference a − b, with two 95% intervals. Over seeds: the t interval of the seeds'
@@ -35,7 +37,8 @@ from fwbw.retrieval.run_files import PER_QUERY_FILE, read_per_query
 from fwbw.study.sweep_dir import RETRIEVAL_CSV, RETRIEVAL_PARQUET
 
 MEASURE = "ndcg_at_10"  # the headline metric, compared
-CONFIG = ["task", "system", "blocks", "finetune_steps"]  # what a comparison holds fixed besides the models
+CONFIG = ["task", "split", "system", "blocks", "finetune_steps"]  # what a comparison holds fixed besides the models
+DEV = "dev"  # the split embeds are chosen on
 FW_EMBED, BEST_EMBED, X_VS_BM25, BASE_VS_BM25 = "fw embed", "best embed", "fw+bw vs BM25", "fw-only vs BM25"
 TIMINGS = ["encode_corpus_seconds", "seconds_per_query"]
 SYSTEM_COLUMNS = [*CONFIG, *SETTING, "embed", "n_results", *METRICS, "ndcg_ci_low", "ndcg_ci_high", *TIMINGS]
@@ -94,15 +97,21 @@ def comparison_table(table: pd.DataFrame, per_query: PerQuery) -> pd.DataFrame:
         chosen = models[models.run_id.isin([*arm.runs, *arm.baseline])]
         for key, results in chosen.groupby(CONFIG, dropna=False, sort=True):
             config = dict(zip(CONFIG, key))
-            bm25 = select(table, {"system": BM25, "task": config["task"]})
-            x, base = (results[results.run_id.isin(names)] for names in (arm.runs, arm.baseline))
-            rows += [{**config, **arm.setting, **row} for row in _arm_rows(x, base, bm25, per_query, arm.setting["p_bw"])]
+            bm25 = select(table, {"system": BM25, "task": config["task"], "split": config["split"]})
+            dev = select(chosen, {**config, "split": DEV})
+            x, base, x_dev, base_dev = (frame[frame.run_id.isin(names)] for frame in (results, dev)
+                                        for names in (arm.runs, arm.baseline))
+            best = _best_embed(x_dev), _best_embed(base_dev)
+            rows += [{**config, **arm.setting, **row}
+                     for row in _arm_rows(x, base, best, bm25, per_query, arm.setting["p_bw"])]
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
-def _arm_rows(x: pd.DataFrame, base: pd.DataFrame, bm25: pd.DataFrame, per_query: PerQuery, p_bw: float) -> list[dict]:
+def _arm_rows(x: pd.DataFrame, base: pd.DataFrame, best: tuple[str | None, str | None], bm25: pd.DataFrame,
+              per_query: PerQuery, p_bw: float) -> list[dict]:
+    """The comparisons of an arm's results x with its baseline's, best: each one's embed chosen on dev."""
     x_name, base_name = f"p_bw = {p_bw:g}", "p_bw = 0"
-    x_best, base_best = _best_embed(x), _best_embed(base)
+    x_best, base_best = best
     pairs = [
         (FW_EMBED, (x_name, _by_seed(x, "fw")), (base_name, _by_seed(base, "fw"))),
         (BEST_EMBED, (x_name, _by_seed(x, x_best)), (base_name, _by_seed(base, base_best))),

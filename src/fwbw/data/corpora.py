@@ -298,11 +298,6 @@ def wiki_sample_split(title: str, spec: str = "wiki-sample") -> str:
     return "test" if fraction < WIKI_SAMPLE_V2_TEST_BELOW else "train"
 
 
-def is_valid_article(title: str) -> bool:
-    """Whether the wiki-sample article with this title is in the valid split (else train)."""
-    return wiki_sample_split(title) == "valid"
-
-
 def _stable_fraction(text: str) -> float:
     """A stable pseudo-random number in [0, 1) for a text (unlike hash(), fixed across runs)."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64

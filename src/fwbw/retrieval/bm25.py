@@ -1,4 +1,5 @@
-"""BM25 with bm25s, set up as BEIR's baseline: Lucene's variant, k1 = 0.9, b = 0.4.
+"""BM25 with bm25s: Lucene's variant with Anserini's setting, k1 = 0.9, b = 0.4 (BEIR's baseline,
+Elasticsearch, used k1 = 1.2, b = 0.75).
 
 Lucene's BM25 scores a document d for a query's terms t as
   sum over t of  ln(1 + (N - df_t + 0.5) / (df_t + 0.5)) · tf_td / (tf_td + k1 · (1 - b + b · |d| / avgdl))

@@ -1,18 +1,22 @@
 """One retrieval experiment: one system evaluated on one task into a result directory, resumably.
 
 Systems (System.name):
-  bm25                  fwbw.retrieval.bm25, BEIR's setup
+  bm25                  fwbw.retrieval.bm25, Anserini's setting (k1 0.9, b 0.4)
   late-interaction      a finished run's token embeddings (embed fw | bw | fwbw, optionally after its
                         first `blocks` blocks; fwbw.retrieval.encoder) scored by MaxSim
   single-vector-mean    one vector per text from the same states, mean-pooled or the last token's
   single-vector-last    (encoder.POOLINGS), scored by their cosine
-A run's system is zero-shot, or with finetune_steps > 0 first fine-tuned on the benchmark's training
-pairs (fwbw.retrieval.finetune) into its own folder. Each query keeps its TREC_DEPTH best documents.
+A run's system is zero-shot, or with finetune_steps > 0 first fine-tuned (seeded by finetune_seed,
+with BM25 hard negatives or none) on the benchmark's training pairs (fwbw.retrieval.finetune) into
+its own folder. Each query keeps its TREC_DEPTH best documents. A task is evaluated on one split of
+its queries: dev, what choices are made on, or test, what is reported. The wiki-sample tasks take
+only runs trained on the corpus whose splits they follow (benchmark.LM_CORPUS): any other's
+training text may hold their queries.
 
 A result directory holds run_files' files (metrics.json written last: a finished result) and
-  settings.json   what the result is of, written before any work: task, system, embed, blocks,
-                  pooling, finetune_steps and settings, the run's weights' sha256 (and, not compared,
-                  the run's path)
+  settings.json   what the result is of, written before any work: task, split, system, embed,
+                  blocks, pooling, finetune_steps and settings, the run's weights' sha256 (and, not
+                  compared, the run's path)
   timings.json    seconds to load or fine-tune the encoder, to encode the corpus (corpus_encoded:
                   false when every direction came from the token cache) and the queries, to search,
                   and per query (encoding the query and searching); BM25's: to index and search, and
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fwbw.files import atomic_write_json, read_json, sha256_of
-from fwbw.retrieval.benchmark import Benchmark
+from fwbw.retrieval.benchmark import LM_CORPUS, TASKS, Benchmark, check_split
 from fwbw.retrieval.bm25 import bm25_run
 from fwbw.retrieval.encoder import (
     POOLINGS,
@@ -73,6 +77,8 @@ class System:
     blocks: int | None = None  # None: every block
     pooling: str | None = None  # None: late interaction over every token
     finetune_steps: int = 0
+    finetune_seed: int = 0
+    hard_negatives: str | None = None  # None, or "bm25"
 
     @property
     def name(self) -> str:
@@ -81,7 +87,8 @@ class System:
         return LATE_INTERACTION if self.pooling is None else f"{SINGLE_VECTOR}-{self.pooling}"
 
     def finetune_settings(self) -> FinetuneSettings:
-        return FinetuneSettings(embed=self.embed, blocks=self.blocks, steps=self.finetune_steps)
+        return FinetuneSettings(embed=self.embed, blocks=self.blocks, steps=self.finetune_steps, seed=self.finetune_seed,
+                                hard_negatives=self.hard_negatives)
 
 
 @dataclass(frozen=True)
@@ -109,10 +116,15 @@ def finished_run(run_dir: Path) -> TrainConfig:
     return config
 
 
-def check_system(system: System) -> TrainConfig | None:
-    """The run's config (None for BM25); ValueError (one line) for a system that cannot be evaluated."""
+def check_system(system: System, task: str) -> TrainConfig | None:
+    """The run's config (None for BM25); ValueError (one line) for a system that cannot be evaluated
+    on the task."""
     if system.finetune_steps < 0:
         raise ValueError(f"finetune steps: expected >= 0, got {system.finetune_steps}")
+    tuning = [name for name, value in (("finetune seed", system.finetune_seed),
+                                       ("hard negatives", system.hard_negatives)) if value]
+    if tuning and not system.finetune_steps:
+        raise ValueError(f"{tuning[0]}: a zero-shot system (finetune steps 0) is not fine-tuned")
     if system.pooling is not None and system.pooling not in POOLINGS:
         raise ValueError(f"pooling: expected one of {', '.join(POOLINGS)}, got {system.pooling!r}")
     if system.run is None:
@@ -125,13 +137,23 @@ def check_system(system: System) -> TrainConfig | None:
         raise ValueError("embed: a run's system needs one of fw, bw, fwbw")
     check_embed(system.embed, config)
     check_blocks(system.blocks, config)
+    check_training_data(task, config, system.run)
     return config
 
 
-def identity(task: str, system: System, config: TrainConfig | None) -> dict[str, Any]:
+def check_training_data(task: str, config: TrainConfig, run: Path) -> None:
+    """ValueError (one line) for a run whose training text may hold a wiki-sample task's queries:
+    one trained on any corpus but LM_CORPUS."""
+    if task in TASKS and config.data != LM_CORPUS:
+        raise ValueError(f"task {task}: {run} trained on {config.data}, whose training text may hold the task's "
+                         f"queries; the wiki-sample tasks take runs trained on {LM_CORPUS}")
+
+
+def identity(task: str, split: str, system: System, config: TrainConfig | None) -> dict[str, Any]:
     """What makes two results the same: settings.json's compared fields."""
     return {
         "task": task,
+        "split": split,
         "system": system.name,
         "embed": system.embed,
         "blocks": None if config is None else check_blocks(system.blocks, config),
@@ -165,6 +187,7 @@ def finished_with(out_dir: Path, wanted: Mapping[str, Any]) -> bool:
 def run_retrieval(
     out_dir: Path,
     task: str,
+    split: str,
     system: System,
     finetune_dir: Path | None = None,
     cache_dir: Path | None = None,
@@ -172,19 +195,21 @@ def run_retrieval(
     progress: bool = True,
     benchmark: Benchmark | None = None,
 ) -> Outcome:
-    """Evaluate `system` on `task` into out_dir, unless it holds this finished result already.
+    """Evaluate `system` on the split (dev or test) of `task` into out_dir, unless it holds this
+    finished result already.
 
     finetune_dir: where a fine-tuning is saved (default out_dir/finetuned), loaded again when it
     holds the same one; cache_dir: the encoder's fp16 token cache (None: no cache); benchmark: the
-    task's, when the caller has loaded it already."""
+    task's split, when the caller has loaded it already."""
     out_dir = Path(out_dir)
     task = canonical_task(task)
-    config = check_system(system)
-    wanted = identity(task, system, config)
+    check_split(split)
+    config = check_system(system, task)
+    wanted = identity(task, split, system, config)
     if finished_with(out_dir, wanted):
         return Outcome(read_json(out_dir / METRICS_FILE), skipped=True)
     check_writable(out_dir, "out: ")
-    benchmark = load_task(task) if benchmark is None else benchmark
+    benchmark = load_task(task, split) if benchmark is None else benchmark
     if system.finetune_steps and not benchmark.train_pairs:
         raise ValueError(f"task {task} has no training pairs to fine-tune on (the wiki-sample tasks have them)")
     run_path = None if system.run is None else str(Path(system.run).resolve())
@@ -249,5 +274,5 @@ def read_experiment(out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     settings = read_json(out_dir / SETTINGS_FILE) if (out_dir / SETTINGS_FILE).is_file() else {}
     timings = read_json(out_dir / TIMINGS_FILE) if (out_dir / TIMINGS_FILE).is_file() else {}
-    shown = {key: settings.get(key) for key in ("blocks", "pooling")}
+    shown = {key: settings.get(key) for key in ("split", "blocks", "pooling")}
     return {**shown, **timings, **read_json(out_dir / METRICS_FILE)}

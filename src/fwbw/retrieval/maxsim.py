@@ -36,29 +36,45 @@ def repeat_last_token(vectors: torch.Tensor, lengths: torch.Tensor) -> torch.Ten
 def maxsim_search(
     queries: TokenEmbeddings, documents: TokenEmbeddings, k: int, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Run:
-    """{qid: {docid: score}}: each query's k best documents by MaxSim (all of them when fewer), over
-    blocks of documents of similar length. Similarities in `dtype`, summed in fp32: fp32 by
-    default; bf16 rounds each cosine to 3 digits, so near-ties may swap, but on a CPU with
-    AVX512-BF16 (or a GPU) it runs about 3 times faster (description, fwbw of a width-128 run:
-    75 s -> 25 s, nDCG@10 equal to 4 decimals); on a CPU without it, far slower."""
+    """{qid: {docid: score}}: each query's k best documents by MaxSim (all of them when fewer; ties
+    cut as metrics.ranking ranks them, docid descending), over blocks of documents of similar length.
+    Similarities in `dtype`, summed in fp32: fp32 by default; bf16 rounds each cosine to 3 digits,
+    so near-ties may swap, but on a CPU with AVX512-BF16 (or a GPU) it runs about 3 times faster
+    (description, fwbw of a width-128 run: 75 s -> 25 s, nDCG@10 equal to 4 decimals); on a CPU
+    without it, far slower."""
     query_blocks = [
         (block, queries.padded(block).to(device, dtype)) for block in _blocks(queries.lengths, QUERY_BLOCK_TOKENS)
     ]
     largest_query_block = max(vectors.shape[0] * vectors.shape[1] for _, vectors in query_blocks)
     best_scores = torch.full((len(queries.ids), 0), float("-inf"), device=device)
     best_documents = torch.zeros((len(queries.ids), 0), dtype=torch.long, device=device)
+    tie_rank = _string_order(documents.ids).to(device)
     for document_block in _blocks(documents.lengths, SEARCH_BLOCK_ELEMENTS // largest_query_block):
         document_vectors = documents.padded(document_block, repeat_last=True).to(device, dtype)
         scores = torch.empty((len(queries.ids), len(document_block)), device=device)
         for query_block, query_vectors in query_blocks:
             scores[query_block.to(device)] = maxsim_matrix(query_vectors, document_vectors)
         candidates = torch.cat([best_documents, document_block.to(device).expand(len(queries.ids), -1)], dim=1)
-        best_scores, chosen = torch.cat([best_scores, scores], dim=1).topk(min(k, candidates.shape[1]), dim=1)
-        best_documents = candidates.gather(1, chosen)
+        best_scores, best_documents = _best(torch.cat([best_scores, scores], dim=1), candidates, tie_rank, k)
     return {
         qid: {documents.ids[d]: s for d, s in zip(row_documents, row_scores)}
         for qid, row_documents, row_scores in zip(queries.ids, best_documents.tolist(), best_scores.tolist())
     }
+
+
+def _string_order(ids: tuple[str, ...]) -> torch.Tensor:
+    """Each id's place in string order."""
+    order = torch.empty(len(ids), dtype=torch.long)
+    order[sorted(range(len(ids)), key=ids.__getitem__)] = torch.arange(len(ids))
+    return order
+
+
+def _best(scores: torch.Tensor, candidates: torch.Tensor, tie_rank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k best (score, candidate): score descending, ties by tie_rank descending."""
+    by_tie = tie_rank[candidates].argsort(dim=1, descending=True, stable=True)
+    scores, candidates = scores.gather(1, by_tie), candidates.gather(1, by_tie)
+    kept = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return scores.gather(1, kept), candidates.gather(1, kept)
 
 
 def _blocks(lengths: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:

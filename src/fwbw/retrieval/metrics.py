@@ -1,9 +1,10 @@
 """Retrieval metrics, computed as trec_eval computes them, and paired comparisons of two systems.
 
-A run is {qid: {docid: score}}, qrels are {qid: {docid: relevance}} with integer relevance >= 0.
-A query's ranking orders its documents by score, highest first, and breaks ties by docid, the
-greater string first: trec_eval's rule, so that the numbers equal trec_eval's (and MTEB's, which
-calls it through pytrec_eval). A document is relevant when its relevance is >= 1.
+A run is {qid: {docid: score}}, qrels are {qid: {docid: relevance}} with integer relevance (BEIR
+allows negative grades: they gain 0, as in trec_eval). A query's ranking orders its documents by
+score, highest first, and breaks ties by docid, the greater string first: trec_eval's rule, so that
+the numbers equal trec_eval's (and MTEB's, which calls it through pytrec_eval). A document is
+relevant when its relevance is >= 1.
 
   ndcg_at_10     sum over the first 10 ranks i (from 1) of rel_i / log2(i + 1), divided by the same
                  sum over the qrels' relevances sorted high to low (0 when no document is relevant)

@@ -19,7 +19,7 @@ import dataclasses
 import math
 import re
 import typing
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -205,7 +205,8 @@ class _YamlLoader(yaml.SafeLoader):
 
     def compose_document(self) -> yaml.Node:
         document = super().compose_document()
-        require(_expanded_size(document, {}) <= MAX_YAML_VALUES, "aliases", f"expand the document beyond {MAX_YAML_VALUES} values")
+        require(_expanded_size(document, {}) <= MAX_YAML_VALUES, "aliases",
+                f"expand the document beyond {MAX_YAML_VALUES} values")
         return document
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:

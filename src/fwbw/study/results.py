@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fwbw.files import atomic_write, read_json, read_jsonl
+from fwbw.files import atomic_write, read_json, read_jsonl_numbered
 from fwbw.model.config import ModelConfig
 from fwbw.model.hlb_gpt import count_params
 from fwbw.model.masks import DIRECTIONS, leaks_labels
@@ -59,8 +59,8 @@ RETRIEVAL_PHASE = "retrieval"
 # one row per retrieval result: the run's id and config (missing for BM25), the result's settings,
 # measures and timings (fwbw.retrieval.experiment), and its folder relative to the sweep's
 RETRIEVAL_COLUMNS = [
-    "run_id", *CONFIG_COLUMNS, "recipe_id", "phase", "task", "system", "embed", "blocks", "pooling", "finetune_steps",
-    "n_queries", "n_docs", *RETRIEVAL_METRICS, "seconds", "encode_corpus_seconds", "corpus_encoded",
+    "run_id", *CONFIG_COLUMNS, "recipe_id", "phase", "task", "split", "system", "embed", "blocks", "pooling",
+    "finetune_steps", "n_queries", "n_docs", *RETRIEVAL_METRICS, "seconds", "encode_corpus_seconds", "corpus_encoded",
     "seconds_per_query", "result",
 ]
 
@@ -73,9 +73,58 @@ def _read_if_written(path: Path, read: Callable[[Path], object], default):
         return default
 
 
+def _read_summary(path: Path) -> dict:
+    summary = _read_if_written(path, read_json, {})
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path}: not a run summary (a JSON object)")
+    return summary
+
+
+def _read_points(path: Path) -> list[dict]:
+    """metrics.jsonl's evaluation points; a line that is none raises ValueError naming the file and the line."""
+    numbered = _read_if_written(path, read_jsonl_numbered, [])
+    for line, point in numbered:
+        if not _is_point(point):
+            raise ValueError(f"{path}: line {line} is not an evaluation point (integer step and tokens; epoch, seconds "
+                             f"and each direction's {', '.join(EVAL_METRICS)} as numbers)")
+    return [point for _, point in numbered]
+
+
+def _is_point(point) -> bool:
+    if not isinstance(point, dict) or not all(_is_integer(point.get(key)) for key in ("step", "tokens")):
+        return False
+    measured = [f"{prefix}{d}_{m}" for prefix in ("", "train_") for d in DIRECTIONS if f"{prefix}{d}_loss" in point
+                for m in EVAL_METRICS]
+    return all(_is_number(point.get(key)) for key in ("epoch", "seconds", *measured))
+
+
+def _read_cut(path: Path) -> list[dict]:
+    cut = _read_if_written(path, read_json, [])
+    if not isinstance(cut, list) or not all(_is_cut_row(row) for row in cut):
+        raise ValueError(f"{path}: not a layer cut (a list of blocks_remaining, an integer, and the metrics of "
+                         f"{' and '.join(DIRECTIONS)}: {', '.join(EVAL_METRICS)} as numbers)")
+    return cut
+
+
+def _is_cut_row(row) -> bool:
+    if not isinstance(row, dict) or not _is_integer(row.get("blocks_remaining")):
+        return False
+    metrics = row.get("metrics")
+    return isinstance(metrics, dict) and all(
+        isinstance(metrics.get(d), dict) and all(_is_number(metrics[d].get(m)) for m in EVAL_METRICS) for d in DIRECTIONS)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def run_rows(identifier: str, config: dict, run_dir: Path) -> list[dict]:
     status = read_status(run_dir, corrupt_is_pending=False)
-    summary = _read_if_written(run_dir / SUMMARY, read_json, {})
+    summary = _read_summary(run_dir / SUMMARY)
     model_config = _read_if_written(run_dir / MODEL_CONFIG, read_json, {})
     settings = {
         **_run_settings(identifier, config),
@@ -85,7 +134,7 @@ def run_rows(identifier: str, config: dict, run_dir: Path) -> list[dict]:
         **{probe: summary.get(probe) for probe in PROBE_COLUMNS},
         "error": status.get("error"),
     }
-    metrics = _read_if_written(run_dir / METRICS, read_jsonl, [])
+    metrics = _read_points(run_dir / METRICS)
     rows = [
         {**settings, **_point(point), "direction": d, **{m: point[f"{d}_{m}"] for m in EVAL_METRICS},
          "phase": EVAL_PHASE, "blocks_remaining": config["depth"]}
@@ -98,7 +147,7 @@ def run_rows(identifier: str, config: dict, run_dir: Path) -> list[dict]:
         for point in metrics
         for d in DIRECTIONS if f"train_{d}_loss" in point
     ]
-    cut = _read_if_written(run_dir / CUT, read_json, []) if metrics else []
+    cut = _read_cut(run_dir / CUT) if metrics else []
     rows += [
         {**settings, **_point(metrics[-1]), "direction": d, **{m: entry["metrics"][d][m] for m in EVAL_METRICS},
          "phase": CUT_PHASE, "blocks_remaining": entry["blocks_remaining"]}
@@ -147,7 +196,7 @@ def _run_settings(identifier: str, config: dict) -> dict:
 
 def run_summary_row(identifier: str, config: dict, run_dir: Path) -> dict:
     """One run's row of the runs table: config, lr_scale, status, measures and provenance."""
-    summary = _read_if_written(run_dir / SUMMARY, read_json, {})
+    summary = _read_summary(run_dir / SUMMARY)
     provenance = {**summary, "resolved_threads": summary.get("threads")}
     return {**_run_settings(identifier, config), "lr_scale": config["recipe"]["lr_scale"],
             "status": read_status(run_dir, corrupt_is_pending=False)["status"], "num_params": summary.get("num_params"),

@@ -48,6 +48,7 @@ from fwbw.training.run_dir import (
     hold,
     read_status,
     release,
+    valid_lease,
     write_status,
 )
 from fwbw.training.trainer import Trainer
@@ -56,6 +57,7 @@ T = TypeVar("T")
 # hlb-gpt's model at model_scale 1 (width 384, 8 blocks, V 50,304): the size s = 1 of the study's rule
 REFERENCE_PARAMS = 46_009_736
 TOKENS_PER_MICROBATCH_RULES = ("study",)
+MAX_GRID_RUNS = 10_000  # a larger grid is a typo (--seeds 1000000000): refused before its runs are listed
 FILE_KEYS = {"p_bws": "p_bw", "first_seed": "seed"}  # SweepSpec fields that files and flags spell otherwise
 GRID_AXIS_OF = {"depth": "depths", "width": "widths", "model_scale": "model_scales"}  # run field -> its grid axis
 
@@ -69,8 +71,7 @@ def study_tokens_per_microbatch(num_params: int) -> int:
 
 def with_study_tokens(config: TrainConfig) -> TrainConfig:
     """`config` with the study's tokens per microbatch for its own model."""
-    num_params = count_params(config.model_config(vocab_size_of(config.tokenizer)))
-    recipe = dataclasses.replace(config.recipe, tokens_per_microbatch=study_tokens_per_microbatch(num_params))
+    recipe = dataclasses.replace(config.recipe, tokens_per_microbatch=study_tokens_per_microbatch(config.num_params()))
     return dataclasses.replace(config, recipe=recipe)
 
 
@@ -106,6 +107,8 @@ class SweepSpec:
         rule = self.tokens_per_microbatch_rule
         require(rule in (None, *TOKENS_PER_MICROBATCH_RULES), "tokens_per_microbatch_rule",
                 f"must be one of {TOKENS_PER_MICROBATCH_RULES}, got {rule!r}")
+        runs = len(self.sizes()) * len(self.p_bws) * self.seeds
+        require(runs <= MAX_GRID_RUNS, "seeds", f"{self.seeds:,} per setting make {runs:,} runs, more than {MAX_GRID_RUNS:,}")
         ids = [run_id(config) for config in self.configs()]
         require(len(set(ids)) == len(ids), "extra_runs", "repeats a run of the grid or another extra run")
 
@@ -296,7 +299,7 @@ class Execution:
 
     def __post_init__(self) -> None:
         require(self.nproc_per_run >= 1, "nproc_per_run", f"must be >= 1, got {self.nproc_per_run}")
-        require(self.lease_s > 0, "lease_s", f"must be > 0 seconds, got {self.lease_s:g}")
+        require(valid_lease(self.lease_s), "lease_s", f"must be a finite number of seconds > 0, got {self.lease_s:g}")
 
 
 def cut_and_sample(trainer: Trainer) -> None:
@@ -441,15 +444,27 @@ def work(
     execution: Execution = Execution(),
 ) -> dict[str, str]:
     """One pull-worker on a prepared sweep: go through the shard's runs, training each one no
-    other worker holds or finished (run_one's claim), each executed as `execution` says, then
-    rebuild the results table. Any number of workers, on any machines sharing `out`, may work at
-    once."""
+    other worker holds or finished (run_one's claim), each executed as `execution` says, and go
+    through them again while the last pass claimed a run (one another worker released or left
+    stale meanwhile); each run at most once. Then rebuild the results table. Any number of
+    workers, on any machines sharing `out`, may work at once. Run id -> the status this worker
+    ended it with, 'skipped' for runs it did not train."""
     out = Path(out)
     runs = sweep_runs(out, shard)
-    outcome = {}
-    for position, (identifier, config) in enumerate(runs.items(), start=1):
-        if progress:
-            print(f"[{position}/{len(runs)}] {identifier}", file=sys.stderr)
-        outcome[identifier] = run_one(config, out / RUNS / identifier, retry_failed, progress, execution)
+    outcome = dict.fromkeys(runs, "skipped")
+    first_pass = True
+    while True:
+        claimed = False
+        for position, (identifier, config) in enumerate(runs.items(), start=1):
+            run_dir = out / RUNS / identifier
+            if outcome[identifier] != "skipped" or not (first_pass or _wants_training(run_dir, retry_failed)):
+                continue
+            if progress:
+                print(f"[{position}/{len(runs)}] {identifier}", file=sys.stderr)
+            outcome[identifier] = run_one(config, run_dir, retry_failed, progress, execution)
+            claimed = claimed or outcome[identifier] != "skipped"
+        if not claimed:
+            break
+        first_pass = False
     write_results(out)
     return outcome

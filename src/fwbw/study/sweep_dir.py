@@ -17,7 +17,7 @@ from pathlib import Path
 from fwbw.files import read_json
 from fwbw.schema import ConfigError, differences
 from fwbw.training.run_dir import RUNS as RUNS
-from fwbw.training.run_dir import SHOWN_DIFFERENCES, SWEEP_FILE
+from fwbw.training.run_dir import CHECKPOINTS, RUN_FILES, SHOWN_DIFFERENCES, SWEEP_FILE
 
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"
@@ -51,8 +51,9 @@ def read_sweep(sweep_dir: Path) -> dict:
 
 def check_owner(sweep_dir: Path, spec: dict) -> None:
     """Refuse a sweep directory whose sweep.json holds another spec (`spec` as plain data), naming
-    the first fields that differ; a directory without sweep.json belongs to no sweep yet. A
-    sweep.json that cannot be read is reported, so that it is never overwritten."""
+    the first fields that differ, and a run's directory; a directory without sweep.json belongs to
+    no sweep yet. A sweep.json that cannot be read is reported, so that it is never overwritten."""
+    _check_holds_no_run(Path(sweep_dir))
     path = Path(sweep_dir) / SWEEP_FILE
     if not path.exists():
         return
@@ -62,3 +63,9 @@ def check_owner(sweep_dir: Path, spec: dict) -> None:
     shown = differences(saved["spec"], spec, SHOWN_DIFFERENCES)
     if shown:
         raise ConfigError(f"out: {sweep_dir} holds the sweep of another spec ({shown}); give another --out")
+
+
+def _check_holds_no_run(sweep_dir: Path) -> None:
+    found = [name for name in (*RUN_FILES, CHECKPOINTS) if (sweep_dir / name).exists()]
+    if found:
+        raise ConfigError(f"out: {sweep_dir} holds a run ({found[0]}), not a sweep: give another --out")

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from fwbw.data.corpora import validate_corpus_spec
-from fwbw.data.tokenizer import validate_tokenizer_spec
+from fwbw.data.tokenizer import validate_tokenizer_spec, vocab_size_of
 from fwbw.files import read_json
 from fwbw.model.config import ModelConfig, check_attention_shape, shape_for_model_scale
+from fwbw.model.hlb_gpt import count_params
 from fwbw.model.masks import BW_MASKS
 from fwbw.schema import ConfigError, check_fields, from_mapping, require, typed
 from fwbw.training.precision import DTYPE_CHOICES
+from fwbw.training.recipe import MULTIPLIERS, check_numbers
 
 BW_MODES = ("add", "either")
 WD_LOSSES = ("tasks", "fw")  # which loss the dynamic weight decay reads: the step's mean task loss, or its fw loss
@@ -24,6 +26,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # two ways to size a model: hlb-gpt's model_scale, or depth and width. A layer of values that gives
 # one replaces what the layers below it gave of the other.
 SIZE_ALTERNATIVE = (("model_scale",), ("depth", "width"))
+MAX_DEPTH = 1000  # blocks: a deeper model takes minutes just to build
+MAX_PARAMS = 10**12  # 4 TB of fp32 weights, beyond any one device
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class RecipeConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for name in ("lr_numerator", "lr_scale", "adam_eps", "weight_decay_base"):
+        for name in ("lr_numerator", "lr_scale", *MULTIPLIERS, "adam_eps", "weight_decay_base"):
             require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         for name in ("betas", "output_betas"):
             value = getattr(self, name)
@@ -140,6 +144,7 @@ class TrainConfig:
         require(0.0 <= self.p_bw <= 1.0, "p_bw", f"must be in [0, 1], got {self.p_bw}")
         require(self.bw_mode in BW_MODES, "bw_mode", f"must be one of {BW_MODES}, got {self.bw_mode!r}")
         self._check_adaptive_p_bw()
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
         require(self.train_tokens is None or self.train_tokens > 0, "train_tokens", f"must be > 0, got {self.train_tokens}")
         require(self.eval_every_epochs > 0, "eval_every_epochs", f"must be > 0, got {self.eval_every_epochs}")
@@ -151,6 +156,8 @@ class TrainConfig:
         require(self.device in DEVICES, "device", f"must be one of {DEVICES}, got {self.device!r}")
         require(self.dtype in DTYPE_CHOICES, "dtype", f"must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         self._check_later_fields()
+        self._check_size()  # last: they count the model the fields above describe
+        self._check_recipe_numbers()
 
     def _check_later_fields(self) -> None:
         require(0 < self.train_fraction <= 1, "train_fraction", f"must be in (0, 1], got {self.train_fraction}")
@@ -184,6 +191,27 @@ class TrainConfig:
             f"{self.model_scale:g} means depth {depth} and width {width}, got depth {self.depth} and width {self.width}",
             related=("depth", "width"),
         )
+
+    def _check_size(self) -> None:
+        """A model that can be built: at most MAX_DEPTH blocks and MAX_PARAMS parameters."""
+        params = self.num_params()
+        if self.model_scale is not None:
+            require(self.depth <= MAX_DEPTH and params <= MAX_PARAMS, "model_scale",
+                    f"{self.model_scale:g} means depth {self.depth} and width {self.width}, {params:.3g} parameters: "
+                    f"more than {MAX_DEPTH} blocks or {MAX_PARAMS:.0e} parameters")
+        require(self.depth <= MAX_DEPTH, "depth", f"must be <= {MAX_DEPTH}, got {self.depth}")
+        require(params <= MAX_PARAMS, "width", f"{self.width} at depth {self.depth} makes {params:.3g} parameters, "
+                f"more than {MAX_PARAMS:.0e}", related=("depth",))
+
+    def _check_recipe_numbers(self) -> None:
+        try:
+            check_numbers(self.recipe, self.num_params())
+        except ConfigError as error:
+            raise error.inside("recipe.") from None
+
+    def num_params(self) -> int:
+        """The model's parameter count, counted without building it (the tokenizer's spec gives its vocabulary)."""
+        return count_params(self.model_config(vocab_size_of(self.tokenizer)))
 
     def _check_adaptive_p_bw(self) -> None:
         """adaptive_p_bw moves p_bw after a bw pass, from that step's fw loss or the last one, so

@@ -5,14 +5,20 @@ growth and gradient-norm-driven dynamic microbatching."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-from fwbw.training.config import RecipeConfig
+from fwbw.schema import require
+
+if TYPE_CHECKING:  # fwbw.training.config checks a recipe's numbers here
+    from fwbw.training.config import RecipeConfig
 
 GROUPS = ("decay", "position_bias", "non_decay", "output")
+MULTIPLIERS = ("lr_mult_position_bias", "lr_mult_non_decay", "lr_mult_output")  # each a group's lr / the decay group's
+MAX_LR = 1e4  # far above any learning rate Adam trains with: a run would diverge at its first steps
+LAST_STEP = 10**9  # more optimizer steps than any run takes
 
 
 def base_lr(num_params: int, recipe: RecipeConfig) -> float:
@@ -104,9 +110,53 @@ def batch_size_for(seq_len: int, recipe: RecipeConfig) -> int:
 
 def grad_norm_target(step: int, num_params: int, recipe: RecipeConfig) -> float:
     """(ln(n) * n * (step + 0.01)) ** (-0.677 * ln(n) ** -0.2)."""
-    log_n = math.log(num_params)
-    exponent = recipe.target_exponent * log_n**recipe.target_log_power
-    return (log_n * num_params * (step + 0.01)) ** exponent
+    return (math.log(num_params) * num_params * (step + 0.01)) ** grad_norm_exponent(num_params, recipe)
+
+
+def grad_norm_exponent(num_params: int, recipe: RecipeConfig) -> float:
+    """-0.677 * ln(n) ** -0.2: the gradient-norm target's power."""
+    return recipe.target_exponent * math.log(num_params) ** recipe.target_log_power
+
+
+def check_numbers(recipe: RecipeConfig, num_params: int) -> None:
+    """The learning rates and the gradient-norm target `recipe` gives a model of `num_params`
+    parameters are numbers a run can train with; else a ConfigError naming the field that makes
+    them not."""
+    _check_learning_rates(recipe, num_params)
+    _check_grad_norm_target(recipe, num_params)
+
+
+def _check_learning_rates(recipe: RecipeConfig, num_params: int) -> None:
+    """Each group's learning rate, built factor by factor, is above 0 and at most MAX_LR."""
+    lr = _number(base_lr, num_params, recipe)
+    _check_lr(lr, "lr_log_power", num_params, ("lr_numerator",))
+    _check_lr(lr * recipe.lr_scale, "lr_scale", num_params, ("lr_numerator", "lr_log_power"))
+    for name in MULTIPLIERS:
+        _check_lr(lr * recipe.lr_scale * getattr(recipe, name), name, num_params, ("lr_numerator", "lr_log_power", "lr_scale"))
+
+
+def _check_lr(lr: float, name: str, num_params: int, related: tuple[str, ...]) -> None:
+    require(0 < lr <= MAX_LR, name, f"makes a learning rate of {lr:.3g} for this run's model of {num_params:,} parameters; "
+            f"it must be above 0 and at most {MAX_LR:g}", related)
+
+
+def _check_grad_norm_target(recipe: RecipeConfig, num_params: int) -> None:
+    """The target is finite and above 0 from the first step to LAST_STEP (it is monotonic in the step)."""
+    exponent = _number(grad_norm_exponent, num_params, recipe)
+    require(math.isfinite(exponent), "target_log_power", f"makes the gradient-norm target's exponent {exponent} for "
+            f"this run's model of {num_params:,} parameters", related=("target_exponent",))
+    targets = [_number(grad_norm_target, step, num_params, recipe) for step in (0, LAST_STEP)]
+    outside = next((target for target in targets if not 0 < target < math.inf), None)
+    require(outside is None, "target_exponent", f"makes a gradient-norm target of {outside} for this run's model of "
+            f"{num_params:,} parameters; it must be above 0 and finite", related=("target_log_power",))
+
+
+def _number(formula: Callable[..., float], *args) -> float:
+    """The formula's value, inf where it overflows a float."""
+    try:
+        return formula(*args)
+    except (OverflowError, ZeroDivisionError):
+        return math.inf
 
 
 class Microbatching:

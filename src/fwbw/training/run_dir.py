@@ -28,7 +28,8 @@ never replace, so the claim cannot change in between; a taker then links its own
 newcomer may beat: one worker holds the run either way. A gate left by a worker that died in
 those milliseconds is itself a stale claim. Only link, unlink and utime touch shared names, all
 atomic on NFS. An old-format claim (pid and host only) gets the default lease from its file's
-time. A worker paused longer than its lease can lose the run and learns so at its next heartbeat.
+time; a claim whose lease is not a finite number of seconds > 0 is unreadable, hence stale. A
+worker paused longer than its lease can lose the run and learns so at its next heartbeat.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -212,19 +214,23 @@ def clear_outputs(run_dir: Path) -> None:
 def read_status(run_dir: Path, corrupt_is_pending: bool = True) -> dict:
     """status.json; a run without one is pending. An unreadable one is pending too, its error
     naming the file (a worker then trains the run again from its checkpoints), or with
-    `corrupt_is_pending=False` raises ValueError naming the file (the results table)."""
+    `corrupt_is_pending=False` raises ValueError naming the file (the results table). A run it
+    says is done is pending while it has no summary.json (written when training ends), its error
+    saying so."""
     path = Path(run_dir) / STATUS
     try:
         status = read_json(path)
         if not isinstance(status, dict) or status.get("status") not in STATUSES:
             raise ValueError(f"{path}: not a run status (a JSON object with status {' | '.join(STATUSES)})")
-        return status
     except FileNotFoundError:
         return {"status": "pending", "error": None}
     except (OSError, ValueError) as error:
         if not corrupt_is_pending:
             raise
         return {"status": "pending", "error": str(error)}
+    if status["status"] == "done" and not (Path(run_dir) / SUMMARY).is_file():
+        return {"status": "pending", "error": f"{path}: says done, but the run has no {SUMMARY}"}
+    return status
 
 
 def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
@@ -288,11 +294,18 @@ def read_claim(path: Path) -> Claim | None:
     try:
         record = json.loads(data)
         host, pid, lease_s = str(record["host"]), int(record["pid"]), float(record.get("lease_s", LEASE_S))
-    except (ValueError, KeyError, TypeError, AttributeError):
+        if not valid_lease(lease_s):  # a lease that never (inf, nan) or always ends: unreadable
+            raise ValueError(f"lease_s {lease_s}")
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
         return Claim(_hashed(data), None, None, 0.0, heartbeat)
     owner = record.get("owner")
     identity = owner if isinstance(owner, str) and OWNER.fullmatch(owner) else _hashed(data)
     return Claim(identity, host, pid, lease_s, heartbeat)
+
+
+def valid_lease(lease_s: float) -> bool:
+    """A lease is a finite number of seconds > 0."""
+    return math.isfinite(lease_s) and lease_s > 0
 
 
 def _hashed(data: bytes) -> str:
@@ -404,6 +417,8 @@ def _holder_text(claim: Claim | None) -> str:
 def take_lease(run_dir: Path, lease_s: float = LEASE_S, worker: Worker | None = None) -> Lease | None:
     """Claim the run for `worker` (this process by default) with a lease of `lease_s` seconds,
     taking over a stale claim; None while a live one holds it."""
+    if not valid_lease(lease_s):
+        raise ValueError(f"a lease is a finite number of seconds > 0, got {lease_s}")
     worker = worker or Worker()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -114,6 +115,14 @@ def check_budget(config: TrainConfig, train_tokens: int, budget: int) -> None:
         raise ConfigError(f"{given} fewer than one optimizer step ({step_tokens} tokens)")
 
 
+def oversized_sets(config: TrainConfig, data: TokenData) -> list[str]:
+    """A note for each fixed evaluation set asked larger than its split, which is then evaluated whole."""
+    asked = [("eval_tokens", config.eval_tokens, "validation", len(data.valid)),
+             ("train_eval_tokens", config.train_eval_tokens, "training", len(data.train))]
+    return [f"note: {name} {tokens:,} is more than the {split_tokens:,} tokens of the {split} split: evaluating all of them"
+            for name, tokens, split, split_tokens in asked if tokens > split_tokens]
+
+
 def compile_by_default(device: torch.device, expected_steps: float) -> bool:
     """Whether torch.compile pays off (docs/method.md#compilation): on CUDA always; on CPU, where
     it makes steps 5-15% faster after ~20 s of compiling, for runs of COMPILE_MIN_CPU_STEPS or more."""
@@ -162,6 +171,9 @@ class Trainer(RunSetup):
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         super().__init__(config, data, progress and parallel.is_main, parallel)
+        if parallel.is_main:
+            for note in oversized_sets(config, self.data):
+                print(note, file=sys.stderr, flush=True)
         self.run_dir = Path(run_dir)
         self.restart = restart
         self.stop = stop

@@ -15,6 +15,7 @@ from fwbw.study.sweep_dir import RUNS
 from fwbw.training.config import TrainConfig
 
 LAUNCHER_NAMES = ("local", "slurm", "ray")
+LEFT = "left"  # a run still unfinished once a launch's workers ended (fwbw sweep exits 3: rerun it)
 # each launch option, and the launchers it means something to
 OPTION_LAUNCHERS = {
     "workers": ("local", "ray"),
@@ -119,6 +120,15 @@ def merge_outcomes(outcomes: Iterable[Mapping[str, str]]) -> dict[str, str]:
             if merged.get(identifier, "skipped") == "skipped":
                 merged[identifier] = status
     return merged
+
+
+def with_runs_left(outcome: Mapping[str, str], pending: Iterable[str]) -> dict[str, str]:
+    """`outcome` with LEFT for each run that still wants training (`pending`) and that no worker of
+    the launch ended: skipped (held elsewhere, by a worker that died, or never reached) or lost (to
+    another worker)."""
+    pending = set(pending)
+    return {identifier: LEFT if identifier in pending and status in ("skipped", "lost") else status
+            for identifier, status in outcome.items()}
 
 
 def outcome_counts(outcome: Mapping[str, str]) -> str:

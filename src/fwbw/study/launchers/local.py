@@ -1,6 +1,7 @@
 """The local launcher: a sweep's runs on this machine, in this process (one worker, the default),
 or in several worker processes (--workers N, or --gpus 0,1,...: one per GPU, pinned with
-CUDA_VISIBLE_DEVICES), each pulling runs from the sweep directory
+CUDA_VISIBLE_DEVICES; indices count the GPUs this process sees, so inside an allocation that set
+CUDA_VISIBLE_DEVICES=4,5,6,7, --gpus 0,1 are devices 4 and 5), each pulling runs from the sweep directory
 (fwbw.study.launchers.worker). It returns when every worker has ended."""
 
 from __future__ import annotations
@@ -92,13 +93,30 @@ def run_workers(assignment: Assignment, gpus: list[str | None], nproc_per_run: i
 
 def worker_env(gpu: str | None, processes: int) -> dict[str, str]:
     """This process's environment for a worker among `processes` training processes: pinned to
-    `gpu` (one or more ids), with this machine's cores shared among the processes
-    (OMP_NUM_THREADS, unless it is set)."""
+    `gpu` (one or more ids, as this process sees them: physical_gpus), with this machine's cores
+    shared among the processes (OMP_NUM_THREADS, unless it is set)."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
+        env["CUDA_VISIBLE_DEVICES"] = physical_gpus(gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
     return env
+
+
+def physical_gpus(gpus: str, visible: str | None) -> str:
+    """The devices `gpus` ('0,1': indices as this process numbers them) name, in terms of the
+    parent's CUDA_VISIBLE_DEVICES (`visible`): inside an allocation that set it to 4,5,6,7, index
+    0 is device 4. UUIDs, and every id where `visible` is unset, are kept as they are."""
+    if not visible:
+        return gpus
+    devices = [device.strip() for device in visible.split(",")]
+    mapped = []
+    for gpu in gpus.split(","):
+        if gpu.isdigit():
+            require(int(gpu) < len(devices), "gpus",
+                    f"CUDA_VISIBLE_DEVICES={visible} makes {len(devices)} devices visible; no device {gpu}")
+            gpu = devices[int(gpu)]
+        mapped.append(gpu)
+    return ",".join(mapped)
 
 
 def wait_for_all(processes: list[subprocess.Popen]) -> None:

@@ -1,8 +1,12 @@
-"""The Ray launcher: each pending run one Ray task (fwbw.study.sweep.run_one) given --gpus-per-run
-GPUs and --cpus-per-run CPUs, on the cluster at --ray-address, or else on a local Ray started for
-the sweep (--workers N: N x --cpus-per-run CPUs; default: this machine's) and shut down after.
-It returns when every task has ended, then rebuilds the results table. A cluster's nodes must
-share the sweep directory (same path) and have fwbw installed."""
+"""The Ray launcher: pull-workers as Ray tasks (fwbw.study.sweep.work, one per pending run, as many
+running at once as the resources allow), each given --gpus-per-run GPUs and --cpus-per-run CPUs,
+on the cluster at --ray-address, or else on a local Ray started for the sweep (--workers N: N x
+--cpus-per-run CPUs; default: this machine's) and shut down after. Each goes through the runs until
+none it can claim is left. A task that dies is not retried (its run's claim would look live, and
+the retry report the run 'skipped'): it is reported, and its run, like any run still unfinished
+once every task has ended, is marked 'left' (fwbw sweep then exits 3: rerun it). It returns when
+every task has ended, then rebuilds the results table. A cluster's nodes must share the sweep
+directory (same path) and have fwbw installed."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import sys
 from types import ModuleType
 
 from fwbw.extras import import_extra
-from fwbw.study.launchers.base import Assignment, Launch, check_none_lost
+from fwbw.study.launchers.base import Assignment, Launch, lost_message, merge_outcomes, outcome_counts, with_runs_left
 from fwbw.study.results import write_results
 from fwbw.study.sweep import sweep_runs
 from fwbw.training.config import TrainConfig
@@ -25,21 +29,23 @@ def check(options: Launch) -> None:
 
 
 def launch(assignment: Assignment, options: Launch) -> dict[str, str]:
-    """Train the shard's pending runs as Ray tasks, then rebuild the results table; run id ->
-    status ('skipped': done, or failed without --retry-failed, before, or held elsewhere)."""
+    """Train the shard's pending runs with Ray tasks, then rebuild the results table; run id ->
+    status ('skipped': done, or failed without --retry-failed, before; 'left': still unfinished,
+    held elsewhere or by a task that died)."""
     outcome = dict.fromkeys(sweep_runs(assignment.out, assignment.shard), "skipped")
     pending, lost = assignment.pending(), []
     if pending:
         ray = import_extra("ray", "ray", "--launcher ray")
         start_ray(ray, options, assignment.execution.nproc_per_run)
         try:
-            statuses, lost = run_tasks(ray, assignment, pending, options)
+            outcomes, lost = run_tasks(ray, assignment, pending, options)
         finally:
             ray.shutdown()
-        outcome.update(statuses)
+        outcome.update(merge_outcomes(outcomes))
     write_results(assignment.out)
-    check_none_lost(lost, "Ray task", "its run's status may still read running")
-    return outcome
+    if lost:
+        print(f"fwbw sweep: {lost_message(lost, 'Ray task', 'its run was released or is left')}", file=sys.stderr)
+    return with_runs_left(outcome, assignment.pending())
 
 
 def start_ray(ray: ModuleType, options: Launch, nproc_per_run: int = 1) -> None:
@@ -53,23 +59,26 @@ def start_ray(ray: ModuleType, options: Launch, nproc_per_run: int = 1) -> None:
 
 def run_tasks(
     ray: ModuleType, assignment: Assignment, pending: dict[str, TrainConfig], options: Launch
-) -> tuple[dict[str, str], list[str]]:
-    """One task per pending run, all submitted at once (Ray runs as many as the resources allow);
-    the statuses they return, and the runs whose task died (a lost worker, an import error)."""
+) -> tuple[list[dict[str, str]], list[str]]:
+    """One pull-worker task per pending run, all submitted at once (Ray runs as many as the
+    resources allow; a late one finds little or nothing left), none retried; the outcomes they
+    return, and the tasks that died (a lost worker, a killed process, an import error)."""
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     nproc = assignment.execution.nproc_per_run
-    task = ray.remote(num_cpus=options.run_cpus(nproc), num_gpus=options.run_gpus(pending.values(), has_gpus, nproc))
-    task = task(Assignment.run)
-    waiting = {task.remote(assignment, identifier, config): identifier for identifier, config in pending.items()}
-    statuses, lost = {}, []
+    task = ray.remote(num_cpus=options.run_cpus(nproc), num_gpus=options.run_gpus(pending.values(), has_gpus, nproc),
+                      max_retries=0)
+    task = task(Assignment.work)
+    waiting = {task.remote(assignment): index for index in range(len(pending))}
+    outcomes, lost = [], []
     while waiting:
         [ready], _ = ray.wait(list(waiting))
-        identifier = waiting.pop(ready)
+        index = waiting.pop(ready)
         try:
-            statuses[identifier] = ray.get(ready)
+            outcomes.append(ray.get(ready))
+            ended = outcome_counts(outcomes[-1])
         except ray.exceptions.RayError as error:
-            lost.append(f"{identifier}: {str(error).strip().splitlines()[-1]}")
+            ended = "died"
+            lost.append(f"task {index}: {str(error).strip().splitlines()[-1]}")
         if assignment.progress:
-            ended = len(pending) - len(waiting)
-            print(f"[{ended}/{len(pending)}] {identifier}: {statuses.get(identifier, 'task died')}", file=sys.stderr)
-    return statuses, lost
+            print(f"[{len(pending) - len(waiting)}/{len(pending)}] Ray task {index}: {ended}", file=sys.stderr)
+    return outcomes, lost

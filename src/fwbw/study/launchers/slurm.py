@@ -5,9 +5,12 @@ that no other worker holds or finished (fwbw.study.sweep.work), one job per pend
 options; job files and logs go to SWEEP/slurm/. It returns once the array is submitted, printing
 the job ids (--wait: once the jobs have ended, watched with squeue, so SLURM accounting need not be
 on, with the results table rebuilt and each run left unfinished marked 'left'). In a job, SLURM's
-SIGTERM (scancel, the time limit) and submitit's preemption signal (USR2) interrupt the run it
-trains: the run is released, resumable by the next worker, never marked failed. The nodes must
-share the sweep directory (same path) and this Python environment."""
+SIGTERM (scancel, the time limit) and submitit's preemption signal (USR2, sent 90 s before the
+time limit and on preemption) interrupt the run it trains: the run is released, resumable by the
+next worker, never marked failed. On USR2 the job is also requeued (its function is checkpointable,
+PullWorker): the same job starts again and resumes the run from its checkpoints, at most
+SLURM_REQUEUES times after a time limit. The nodes must share the sweep directory (same path) and
+this Python environment."""
 
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ from pathlib import Path
 from fwbw.extras import import_extra
 from fwbw.study.estimate import plural
 from fwbw.study.launchers.base import (
+    LEFT,
     Assignment,
     Launch,
     lost_message,
     merge_outcomes,
     outcome_counts,
+    with_runs_left,
 )
 from fwbw.study.results import write_results
 from fwbw.study.sweep import sweep_runs
@@ -38,11 +43,12 @@ from fwbw.training.run_dir import read_status
 SBATCH = "sbatch"
 SQUEUE = "squeue"
 SLURM_MINUTES = 24 * 60  # each job's time limit without --slurm-time
+# requeues of a job after its time limit (each instance resumes its runs from their checkpoints)
+SLURM_REQUEUES = 20
 POLL_S = 3.0  # --wait: seconds between looks at the jobs
 # squeue's states of a job that has ended (any other state: it may still run, or run again)
 ENDED_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
                           "PREEMPTED", "TIMEOUT"})
-LEFT = "left"  # --wait: a run that still wants training once every job has ended
 
 
 def check(options: Launch) -> None:
@@ -81,7 +87,7 @@ def slurm_executor(
     GPUs of a job: --gpus-per-run, else one per process of a run if the runs' device is cuda;
     none otherwise, so that a CPU-only cluster takes the jobs)."""
     submitit = import_extra("submitit", "slurm", "--launcher slurm")
-    executor = submitit.AutoExecutor(folder=out / SLURM, cluster=cluster)
+    executor = submitit.AutoExecutor(folder=out / SLURM, cluster=cluster, slurm_max_num_timeout=SLURM_REQUEUES)
     executor.update_parameters(
         name=f"fwbw-{out.name}",
         timeout_min=options.slurm_time or SLURM_MINUTES,
@@ -96,10 +102,10 @@ def slurm_executor(
 
 
 def submit(executor, assignment: Assignment, count: int) -> list:
-    """`count` jobs, each a pull-worker on `assignment` (pull_worker)."""
+    """`count` jobs, each a pull-worker on `assignment` (PullWorker)."""
     submitit = import_extra("submitit", "slurm", "--launcher slurm")
     try:
-        return executor.map_array(pull_worker, [assignment] * count)
+        return executor.map_array(PullWorker(), [assignment] * count)
     except submitit.core.utils.FailedSubmissionError as error:
         raise RuntimeError(f"{SBATCH} refused the jobs: {str(error).strip().splitlines()[-1]}") from None
 
@@ -109,15 +115,31 @@ class JobInterrupted(KeyboardInterrupt):
     unfinished, to be resumed by the next worker that claims it; not a failure of the run."""
 
 
-def pull_worker(assignment: Assignment) -> dict[str, str]:
+class PullWorker:
     """What each job runs: Assignment.work, with SLURM's signals as interruptions (interruptible).
-    An interrupted job ends in one line, exit code 1 (submitit's requeue: its own exit)."""
-    interruptible()
-    try:
-        return assignment.work()
-    except KeyboardInterrupt as interruption:
-        print(f"fwbw job: {str(interruption) or 'interrupted'}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    An interrupted job ends in one line, exit code 1. Checkpointable in submitit's sense (it has
+    `checkpoint`): on the preemption signal submitit requeues the job with the same pull-worker,
+    which resumes the run it was training from its checkpoints (released meanwhile, so another
+    worker may resume it first)."""
+
+    def __call__(self, assignment: Assignment) -> dict[str, str]:
+        interruptible()
+        try:
+            return assignment.work()
+        except KeyboardInterrupt as interruption:
+            print(f"fwbw job: {str(interruption) or 'interrupted'}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+
+    def checkpoint(self, assignment: Assignment):
+        """The job to requeue: this pull-worker on the same assignment (the runs' own checkpoints
+        hold their state)."""
+        submitit = import_extra("submitit", "slurm", "--launcher slurm")
+        return submitit.helpers.DelayedSubmission(self, assignment)
+
+
+def pull_worker(assignment: Assignment) -> dict[str, str]:
+    """A pull-worker job's function (PullWorker), kept for jobs pickled before it was a class."""
+    return PullWorker()(assignment)
 
 
 def preemption_signal() -> signal.Signals:
@@ -128,9 +150,10 @@ def preemption_signal() -> signal.Signals:
 def interruptible() -> None:
     """Turn SIGTERM (scancel; the time limit) and the preemption signal into JobInterrupted, raised
     where the job is, so that the run it trains is released without a status. Submitit's own
-    handler still runs first on the preemption signal: it requeues a preempted job (and exits) or,
-    timed out, gives up with UncompletedJobError, which is an interruption too. One interruption
-    per job: later signals are ignored while it unwinds."""
+    handler still runs first on the preemption signal: it checkpoints and requeues the job
+    (PullWorker) and exits, or gives up (timed out too many times) with UncompletedJobError; either
+    is an interruption that names what happened. One interruption per job: later signals (the
+    SIGTERM of the requeue) are ignored while it unwinds."""
     preempt = preemption_signal()
     submitit_handler = signal.getsignal(preempt)
 
@@ -141,7 +164,9 @@ def interruptible() -> None:
         if signum == preempt and callable(submitit_handler):
             try:
                 submitit_handler(signum, frame)
-            except Exception as error:  # UncompletedJobError (timed out, not requeued), or the requeue failed
+            except SystemExit:  # requeued: the job starts again and resumes the run
+                raise JobInterrupted(f"interrupted by {name}: the job is requeued") from None
+            except Exception as error:  # UncompletedJobError (not requeued), or the requeue failed
                 raise JobInterrupted(f"interrupted by {name}: {error}") from None
         raise JobInterrupted(f"interrupted by {name}")
 
@@ -215,7 +240,8 @@ def wait_for(jobs: list, assignment: Assignment, running: Callable[[], bool], po
     if lost:
         print(f"fwbw sweep: {lost_message(lost, 'SLURM job', f'their logs are in {out / SLURM}')}", file=sys.stderr)
     merged = merge_outcomes(outcome for _, outcome in outcomes)
-    left = assignment.pending()
-    return {identifier: LEFT if identifier in left else (merged.get(identifier)
-                                                          or read_status(out / RUNS / identifier)["status"])
-            for identifier in sweep_runs(out, assignment.shard)}
+    runs = sweep_runs(out, assignment.shard)
+    statuses = with_runs_left({identifier: merged.get(identifier, "skipped") for identifier in runs},
+                              assignment.pending())
+    return {identifier: status if status == LEFT or identifier in merged else read_status(out / RUNS / identifier)["status"]
+            for identifier, status in statuses.items()}
