@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from slurm_cluster import slurm_cluster  # noqa: F401  (the private SLURM cluster fixture of test_slurm_real.py)
 
 from fwbw.data.corpora import TokenData, load_token_data
 from fwbw.study import sweep_dir
@@ -239,14 +240,19 @@ def start(command: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(command, cwd=log.parent, env=subprocess_env(), stdout=handle, stderr=subprocess.STDOUT)
 
 
-def finish(process: subprocess.Popen, log: Path) -> str:
+def wait_for(process: subprocess.Popen, log: Path, timeout: float = SUBPROCESS_TIMEOUT) -> str:
+    """The process's output once it ends; the test fails, naming it, if it runs past `timeout` seconds."""
     try:
-        process.wait(timeout=SUBPROCESS_TIMEOUT)
+        process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-        pytest.fail(f"{' '.join(process.args[:5])} did not finish in {SUBPROCESS_TIMEOUT} s:\n{log.read_text()}")
-    output = log.read_text()
+        pytest.fail(f"{' '.join(map(str, process.args[:5]))} did not finish in {timeout} s:\n{log.read_text()}")
+    return log.read_text()
+
+
+def finish(process: subprocess.Popen, log: Path) -> str:
+    output = wait_for(process, log)
     assert process.returncode == 0, output
     return output
 

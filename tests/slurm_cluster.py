@@ -31,10 +31,10 @@ START_TIMEOUT_S = 60
 STOP_TIMEOUT_S = 15
 NODE = "fwbw-node"
 PARTITION = "fwbw"
-MIN_CPUS = 2
+MIN_CPUS = 4
 # a requeued job waits cred_expire (120 s by default) before it may start again, and pending jobs are
 # looked at every sched_interval (60 s): both shortened so that requeue tests take seconds
-CRED_EXPIRE_S = 10
+CRED_EXPIRE_S = 5
 SCHED_INTERVAL_S = 2
 
 
@@ -75,7 +75,8 @@ def free_ports(count: int) -> list[int]:
 def node_resources() -> str:
     """This machine as slurm.conf node parameters, from `slurmd -C` (CPUs=2 ... RealMemory=24105);
     at least MIN_CPUS CPUs (slurm.conf's config_overrides lets a smaller machine take them), so
-    that the tests' two one-CPU jobs run side by side."""
+    that the tests' two one-CPU jobs run side by side, and a limit of two of them
+    (--slurm-max-parallel 2) is SLURM's, not the node's."""
     printed = subprocess.run([_which("slurmd"), "-C"], capture_output=True, text=True, check=True, timeout=30).stdout
     line = next(line for line in printed.splitlines() if line.startswith("NodeName="))
     resources = dict(item.split("=", 1) for item in line.split()[1:] if "=" in item)

@@ -17,9 +17,9 @@ from fwbw.retrieval import finetune as finetune_module
 from fwbw.retrieval.encoder import combine, load_encoder
 from fwbw.retrieval.finetune import (
     FinetuneSettings,
+    bm25_hard_negatives,
     false_negatives,
     finetune,
-    bm25_hard_negatives,
     infonce_loss,
     initial_projection,
     load_finetuned,

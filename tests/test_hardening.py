@@ -12,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import (
@@ -27,9 +28,11 @@ from fwbw import files
 from fwbw.analysis import report
 from fwbw.analysis.report import render_markdown, write_report
 from fwbw.cli import main
-from fwbw.data.corpora import load_token_data
+from fwbw.data.corpora import TokenData, load_token_data
 from fwbw.study import results, sweep, sweep_dir
 from fwbw.training import checkpoint, evaluation, run_dir
+from fwbw.training.config import TrainConfig
+from fwbw.training.trainer import oversized_sets
 
 pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
 
@@ -169,6 +172,13 @@ def test_evaluation_sets_larger_than_their_split_are_noted(tmp_path, train_flags
         "note: eval_tokens 1,000,000,000,000 is more than the N tokens of the validation split: evaluating all of them",
         "note: train_eval_tokens 100,000,000 is more than the N tokens of the training split: evaluating all of them",
     ]
+
+
+def test_the_default_evaluation_set_is_up_to_its_size_without_a_note():
+    data = TokenData(np.zeros(10_000, dtype="uint16"), np.zeros(100, dtype="uint16"), 300, "c", "t")
+    assert oversized_sets(TrainConfig(seq_len=32), data) == []
+    assert oversized_sets(TrainConfig(seq_len=32, eval_tokens=1000), data) == [
+        "note: eval_tokens 1,000 is more than the 100 tokens of the validation split: evaluating all of them"]
 
 
 def test_a_grid_of_a_billion_runs_is_refused_before_listing_them(capsys):

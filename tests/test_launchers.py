@@ -226,6 +226,7 @@ def fake_workers(monkeypatch, script: str) -> None:
 
 
 def test_gpus_start_one_worker_per_gpu_pinned_to_it(tmp_path, corpus, monkeypatch, capsys):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # all of the machine's GPUs visible
     prepared_grid(corpus, tmp_path / "grid")
     fake_workers(monkeypatch, "import json, os, sys; "
                  "json.dump({'on-' + os.environ['CUDA_VISIBLE_DEVICES']: 'done'}, open(sys.argv[1], 'w'))")
@@ -577,7 +578,7 @@ def test_ray_trains_each_run_once_into_the_in_process_table(tmp_path, corpus, in
     assert_each_run_trained_once(out, in_process_table)
 
 
-def wait_for_a_claim(out: Path, process, log: Path, timeout: float = 120) -> tuple[Path, run_dir_module.Claim]:
+def wait_for_a_claim(out: Path, process, log: Path, timeout: float = 600) -> tuple[Path, run_dir_module.Claim]:
     """The first run a worker claims (its directory and claim), once one does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:

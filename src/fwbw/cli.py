@@ -10,10 +10,10 @@ from pathlib import Path
 
 from fwbw.model.masks import BW_MASKS
 from fwbw.retrieval.beir import write_beir
+from fwbw.retrieval.benchmark import SPLITS as QUERY_SPLITS
 from fwbw.retrieval.encoder import EMBEDS, POOLINGS
 from fwbw.retrieval.experiment import System, run_retrieval
 from fwbw.retrieval.metrics import METRICS as RETRIEVAL_METRICS
-from fwbw.retrieval.benchmark import SPLITS as QUERY_SPLITS
 from fwbw.retrieval.tasks import load_task, task_splits
 from fwbw.study.children import terminate_on_sigterm
 from fwbw.study.configure import build_sweep_spec, build_train_config, slurm_options
@@ -375,16 +375,21 @@ def add_launcher_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("launchers (README: Running on a cluster)")
     add = group.add_argument
     add("--launcher", choices=list(LAUNCHERS), default="local",
-        help="local: this machine (default); slurm: a job array of pull-workers (submitit); ray: one Ray task per run")
+        help="local: this machine (default); slurm: a job array of pull-workers (submitit); ray: pull-worker Ray "
+        "tasks (exit status 3 if runs are left)")
     add("--workers", type=int, metavar="N",
         help="local: N worker processes pulling runs (1: this process); ray: a local Ray of N x --cpus-per-run CPUs")
-    add("--gpus", metavar="0,1,...", help="local: one worker per GPU, pinned with CUDA_VISIBLE_DEVICES")
+    add("--gpus", metavar="0,1,...",
+        help="local: one worker per GPU, pinned with CUDA_VISIBLE_DEVICES (indices of the GPUs this process sees: "
+        "inside CUDA_VISIBLE_DEVICES=4,5,6,7, 0 is GPU 4)")
     add("--gpus-per-run", type=int, metavar="N",
         help="slurm, ray: GPUs per run (default, per process of a run: slurm 1 only with --device cuda; ray 1 "
         "unless the runs' device is cpu, 0 on a cluster without GPUs)")
     add("--cpus-per-run", type=int, metavar="N", help="slurm, ray: CPU cores per run (1)")
     add("--slurm-partition", metavar="NAME")
-    add("--slurm-time", type=int, metavar="MINUTES", help=f"each job's time limit ({SLURM_MINUTES})")
+    add("--slurm-time", type=int, metavar="MINUTES",
+        help=f"each job's time limit ({SLURM_MINUTES}); 90 s before it the job releases its run and is requeued, "
+        "resuming it from its checkpoints")
     add("--slurm-max-parallel", type=int, metavar="N",
         help="pull-worker jobs in the array, all allowed to run at once (default: one per pending run); the "
         "sweep file's [slurm] table adds #SBATCH options")

@@ -45,8 +45,8 @@ from fwbw.model.config import ModelConfig
 from fwbw.model.hlb_gpt import count_params, training_flops_per_token
 from fwbw.model.masks import DIRECTIONS
 from fwbw.study.results import COLUMNS, CUT_PHASE, EVAL_PHASE, PROBE_COLUMNS
-from fwbw.training.evaluation import EVAL_METRICS
 from fwbw.training.config import LATER_FIELDS
+from fwbw.training.evaluation import EVAL_METRICS
 from fwbw.training.probes import probe_keys
 from fwbw.training.trainer import TrainingDiverged
 

@@ -25,16 +25,16 @@ from fwbw.retrieval.run_files import METRICS_FILE
 from fwbw.study.sweep_dir import (
     RESULTS_CSV,
     RESULTS_PARQUET,
-    RUNS_CSV,
     RETRIEVAL,
     RETRIEVAL_CSV,
     RETRIEVAL_PARQUET,
     RUNS,
+    RUNS_CSV,
     read_sweep,
 )
+from fwbw.training.config import LATER_FIELDS
 from fwbw.training.evaluation import EVAL_METRICS
 from fwbw.training.probes import PROBE_KEYS
-from fwbw.training.config import LATER_FIELDS
 from fwbw.training.run_dir import CUT, METRICS, MODEL_CONFIG, SUMMARY, read_status
 
 EVAL_PHASE, CUT_PHASE = "train-eval", "cut"  # the `phase` of validation and of layer-cut rows

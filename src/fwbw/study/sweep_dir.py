@@ -16,8 +16,8 @@ from pathlib import Path
 
 from fwbw.files import read_json
 from fwbw.schema import ConfigError, differences
-from fwbw.training.run_dir import RUNS as RUNS
 from fwbw.training.run_dir import CHECKPOINTS, RUN_FILES, SHOWN_DIFFERENCES, SWEEP_FILE
+from fwbw.training.run_dir import RUNS as RUNS
 
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"

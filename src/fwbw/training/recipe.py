@@ -5,20 +5,70 @@ growth and gradient-norm-driven dynamic microbatching."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-from fwbw.schema import require
-
-if TYPE_CHECKING:  # fwbw.training.config checks a recipe's numbers here
-    from fwbw.training.config import RecipeConfig
+from fwbw.schema import check_fields, require
 
 GROUPS = ("decay", "position_bias", "non_decay", "output")
 MULTIPLIERS = ("lr_mult_position_bias", "lr_mult_non_decay", "lr_mult_output")  # each a group's lr / the decay group's
 MAX_LR = 1e4  # far above any learning rate Adam trains with: a run would diverge at its first steps
 LAST_STEP = 10**9  # more optimizer steps than any run takes
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """hlb-gpt v0.4.1's training recipe (docs/method.md#the-recipe), every constant named, defaults as published."""
+
+    lr_numerator: float = 9e7  # base_lr = lr_numerator / ln(n_params) ** lr_log_power
+    lr_log_power: float = 8.8
+    lr_scale: float = 2.62
+    lr_mult_position_bias: float = 100.0
+    lr_mult_non_decay: float = 32.0
+    lr_mult_output: float = 2.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    output_betas: tuple[float, float] = (0.6, 0.95)
+    adam_eps: float = 1e-9
+    warmup_steps: int = 100
+    warmup_start: float = 0.02
+    decay_power: float = 0.08
+    position_bias_decay: float = 0.995
+    output_decay_power: float = 0.2
+    weight_decay: float = 16.0  # dynamic: weight_decay / B ** loss
+    weight_decay_base: float = 0.007  # B = weight_decay_base * (0.01 * ln(n_params)) ** -4
+    seq_len_initial: int = 32
+    seq_len_growth_steps: int = 80
+    tokens_per_microbatch: int = 8192
+    dynamic_microbatch: bool = True
+    grad_norm_every: int = 5
+    accum_gain: float = 0.5  # accum *= 1 + accum_gain * (norm / target - 1)
+    accum_floor: float = 0.1
+    accum_initial: float = 1.0
+    accum_max: float = 16.0  # not in hlb-gpt: a guard for models far below the ~46M it was tuned on
+    target_exponent: float = -0.677
+    target_log_power: float = -0.2
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("lr_numerator", "lr_scale", *MULTIPLIERS, "adam_eps", "weight_decay_base"):
+            require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("betas", "output_betas"):
+            value = getattr(self, name)
+            require(len(value) == 2 and all(0 <= b < 1 for b in value), name, f"must be two values in [0, 1), got {value}")
+        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(0 < self.warmup_start <= 1, "warmup_start", f"must be in (0, 1], got {self.warmup_start}")
+        require(0 < self.position_bias_decay <= 1, "position_bias_decay", f"must be in (0, 1], got {self.position_bias_decay}")
+        require(self.seq_len_initial >= 2, "seq_len_initial", f"must be >= 2, got {self.seq_len_initial}")
+        require(self.seq_len_growth_steps >= 1, "seq_len_growth_steps", f"must be >= 1, got {self.seq_len_growth_steps}")
+        require(self.tokens_per_microbatch >= 2, "tokens_per_microbatch", f"must be >= 2, got {self.tokens_per_microbatch}")
+        require(self.grad_norm_every >= 1, "grad_norm_every", f"must be >= 1, got {self.grad_norm_every}")
+        require(self.accum_floor > 0, "accum_floor", f"must be > 0, got {self.accum_floor}")
+        require(self.accum_initial >= 1, "accum_initial", f"must be >= 1, got {self.accum_initial}")
+        require(self.accum_max >= self.accum_initial, "accum_max", f"must be >= accum_initial, got {self.accum_max}",
+                related=("accum_initial",))
 
 
 def base_lr(num_params: int, recipe: RecipeConfig) -> float:

@@ -116,11 +116,13 @@ def check_budget(config: TrainConfig, train_tokens: int, budget: int) -> None:
 
 
 def oversized_sets(config: TrainConfig, data: TokenData) -> list[str]:
-    """A note for each fixed evaluation set asked larger than its split, which is then evaluated whole."""
+    """A note for each fixed evaluation set asked larger than its split, which is then evaluated whole
+    (not for the default eval_tokens, meant as "up to this many")."""
     asked = [("eval_tokens", config.eval_tokens, "validation", len(data.valid)),
              ("train_eval_tokens", config.train_eval_tokens, "training", len(data.train))]
     return [f"note: {name} {tokens:,} is more than the {split_tokens:,} tokens of the {split} split: evaluating all of them"
-            for name, tokens, split, split_tokens in asked if tokens > split_tokens]
+            for name, tokens, split, split_tokens in asked
+            if tokens > split_tokens and tokens != getattr(TrainConfig, name)]
 
 
 def compile_by_default(device: torch.device, expected_steps: float) -> bool:

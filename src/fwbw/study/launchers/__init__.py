@@ -5,7 +5,7 @@ be mixed, restarted or killed at any moment: rerunning any of them finishes what
 
   local   this process, or --workers N / --gpus 0,1,... worker processes on this machine
   slurm   a submitit job array of pull-workers on a SLURM cluster
-  ray     one Ray task per pending run, on a Ray cluster or a local Ray
+  ray     pull-worker Ray tasks (as many running as the resources allow), on a Ray cluster or a local Ray
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The local launcher: a sweep's runs on this machine, in this process (one worker, the default),
 or in several worker processes (--workers N, or --gpus 0,1,...: one per GPU, pinned with
-CUDA_VISIBLE_DEVICES; indices count the GPUs this process sees, so inside an allocation that set
-CUDA_VISIBLE_DEVICES=4,5,6,7, --gpus 0,1 are devices 4 and 5), each pulling runs from the sweep directory
-(fwbw.study.launchers.worker). It returns when every worker has ended."""
+CUDA_VISIBLE_DEVICES), each pulling runs from the sweep directory (fwbw.study.launchers.worker).
+--gpus indices count the GPUs this process sees: inside an allocation that set
+CUDA_VISIBLE_DEVICES=4,5,6,7, --gpus 0,1 are devices 4 and 5. It returns when every worker has ended."""
 
 from __future__ import annotations
 
