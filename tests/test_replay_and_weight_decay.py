@@ -56,13 +56,13 @@ def test_replay_draws_only_windows_drawn_before():
     assert replayed.tolist() == rows(drawn[picks].tolist(), 10)
     assert set(replayed[:, 0].tolist()) <= set(drawn.tolist())
     assert torch.equal(sampler.generator.get_state(), state_before)  # replay leaves the main draws alone
-    assert len(sampler.starts) == 2  # nor does it count as drawn
+    assert torch.equal(torch.cat(sampler.seen[10]), drawn)  # nor does it count as drawn
 
-    # longer windows than were drawn: starts shifted left to fit, never past the end
-    longer = sampler.replay(50, 60, torch.Generator().manual_seed(3))
-    picks = torch.randint(0, 7, (50,), generator=torch.Generator().manual_seed(3))
-    assert longer.tolist() == rows([min(s, 40) for s in drawn[picks].tolist()], 60)
-    assert longer.shape == (50, 60) and longer.max().item() <= 99
+    # windows of another length were never trained on: nothing of that length to replay
+    with pytest.raises(RuntimeError, match="no window of length 20 has been drawn yet"):
+        sampler.replay(5, 20, torch.Generator())
+    sampler.sample(2, 20)
+    assert set(sampler.replay(9, 20, torch.Generator().manual_seed(3))[:, 0].tolist()) <= set(torch.cat(sampler.seen[20]).tolist())
 
 
 def test_replay_refuses_before_any_draw_and_without_remember():
@@ -71,11 +71,9 @@ def test_replay_refuses_before_any_draw_and_without_remember():
         WindowSampler(tokens, seed=0, remember=True).replay(2, 8, torch.Generator())
     forgetful = WindowSampler(tokens, seed=0)
     forgetful.sample(2, 8)
-    assert forgetful.starts == []
+    assert forgetful.seen == {}
     with pytest.raises(RuntimeError, match="nothing to replay"):
         forgetful.replay(2, 8, torch.Generator())
-    with pytest.raises(ValueError, match="exceeds"):
-        WindowSampler(tokens, seed=0, remember=True).replay(2, 51, torch.Generator())
 
 
 def test_sampler_state_keeps_the_remembered_starts():
@@ -85,7 +83,7 @@ def test_sampler_state_keeps_the_remembered_starts():
         sampler.sample(2, 10)
     copy = WindowSampler(tokens, seed=7, remember=True)
     copy.load_state_dict(sampler.state_dict())
-    assert torch.equal(torch.cat(copy.starts), torch.cat(sampler.starts))
+    assert torch.equal(torch.cat(copy.seen[10]), torch.cat(sampler.seen[10]))
     assert torch.equal(copy.replay(5, 10, torch.Generator().manual_seed(2)),
                        sampler.replay(5, 10, torch.Generator().manual_seed(2)))
     assert torch.equal(copy.sample(3, 10), sampler.sample(3, 10))
@@ -150,10 +148,14 @@ def test_replay_leaves_the_main_windows_and_task_draws_as_they_were(tmp_path, ti
     assert torch.equal(plain.task_rng.get_state(), replay.task_rng.get_state())
     assert torch.equal(plain.sampler.generator.get_state(), replay.sampler.generator.get_state())
     assert plain_spy.replays == [] and len(replay_spy.replays) == 16
-    # every replayed window is one drawn before (or in the same step)
+    # every replayed window is one of the same length drawn at an earlier step (at the first step of a
+    # length, when there is none, one of that step's own)
     for index, windows in enumerate(replay_spy.replays):
-        seen = {tuple(row) for batch in replay_spy.samples[: (index // 2 + 1) * 2] for row in batch.tolist()}
-        assert {tuple(row) for row in windows.tolist()} <= seen
+        step = index // 2
+        earlier = [batch for batch in replay_spy.samples[: step * 2] if batch.shape[1] == windows.shape[1]]
+        pool = earlier or replay_spy.samples[step * 2: step * 2 + 2]
+        assert {tuple(row) for row in windows.tolist()} <= {tuple(row) for batch in pool for row in batch.tolist()}
+        assert earlier or step == 0 or replay_spy.samples[step * 2 - 1].shape[1] != windows.shape[1]
     # the runs differ only by the replay's training
     assert any(not torch.equal(a, b) for a, b in zip(plain.model.parameters(), replay.model.parameters()))
 
@@ -186,8 +188,10 @@ def test_replay_costs_what_a_bw_pass_costs(tmp_path, tiny_data, monkeypatch, ove
     assert len(sizes) == 1  # every pass on a full microbatch
 
 
-def test_replay_run_resumes_as_an_uninterrupted_one(tmp_path, tiny_data):
-    config = small_config(p_bw=0.5, replay=True, checkpoint_every_steps=2)
+@pytest.mark.parametrize("changes", [dict(replay=True), dict(dropout=0.3)], ids=["replay", "dropout"])
+def test_a_run_with_its_own_random_draws_resumes_as_an_uninterrupted_one(tmp_path, tiny_data, changes):
+    """Replay's generator and, for dropout, torch's global one are checkpointed."""
+    config = small_config(p_bw=0.5, checkpoint_every_steps=2, **changes)
     train(config, tmp_path / "whole", data=tiny_data, progress=False)
 
     class Crash(Exception):

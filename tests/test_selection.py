@@ -271,6 +271,15 @@ def test_early_stopping_keeps_the_average_of_the_best_evaluation(tmp_path, corpo
     assert any(not torch.equal(final[name], script.averages[2][name]) for name in average)
 
 
+def test_patience_running_out_at_the_budgets_evaluation_is_not_an_early_stop(tmp_path, corpora, monkeypatch, eval_steps):
+    last = len(eval_steps) - 1
+    losses = lambda i: 4.0 if i == last - 1 else 5.0 - 0.01 * i  # noqa: E731  (the best one evaluation before the end)
+    trainer, summary, script = scripted_run(tmp_path, corpora, monkeypatch, losses, patience=1)
+    assert script.steps == eval_steps
+    assert summary["stopped_early"] is False and summary["censored"] is False
+    assert summary["best_step"] == eval_steps[last - 1] and summary["steps"] == eval_steps[-1]
+
+
 def test_a_run_without_selection_writes_no_best_weights(tmp_path, corpora, monkeypatch, eval_steps):
     trainer, summary, script = scripted_run(tmp_path, corpora, monkeypatch, [5.0, 4.0, 4.5] + [9.0] * 20)
     assert summary["selected_by"] == "last step" and summary["stopped_early"] is False

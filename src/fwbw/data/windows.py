@@ -11,30 +11,37 @@ from fwbw.model.tasks import window_length
 class WindowSampler:
     """Draws random windows from a token stream, as hlb-gpt does, from its own seeded generator
     so that a resumed run draws exactly the windows an uninterrupted one would. With `remember`,
-    it keeps the start of every window drawn, for `replay`."""
+    it keeps the start of every window drawn, by window length, for `replay`."""
 
     def __init__(self, tokens: np.ndarray, seed: int, remember: bool = False):
         self.tokens = tokens
         self.generator = torch.Generator().manual_seed(seed)
         self.remember = remember
-        self.starts: list[torch.Tensor] = []  # of each draw, while remembering
+        self.seen: dict[int, list[torch.Tensor]] = {}  # window length -> starts of the draws, while remembering
 
     def sample(self, batch_size: int, length: int) -> torch.Tensor:
         self._check_length(length)
         starts = torch.randint(0, len(self.tokens) - length + 1, (batch_size,), generator=self.generator)
         if self.remember:
-            self.starts.append(starts)
+            self.seen.setdefault(length, []).append(starts)
         return self._windows(starts, length)
 
+    def has_seen(self, length: int) -> bool:
+        return bool(self.seen.get(length))
+
     def replay(self, batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
-        """`batch_size` windows of `length` at starts drawn uniformly from the windows drawn so far
-        (shifted left where a longer window would run past the end): data trained on before."""
-        self._check_length(length)
-        if not self.starts:
-            raise RuntimeError("nothing to replay: no window has been drawn yet")
-        seen = torch.cat(self.starts)
-        picked = seen[torch.randint(0, len(seen), (batch_size,), generator=generator)]
-        return self._windows(picked.clamp(max=len(self.tokens) - length), length)
+        """`batch_size` windows drawn uniformly from the windows of this length drawn so far: data
+        trained on before, exactly as it was trained on."""
+        if not self.has_seen(length):
+            raise RuntimeError(f"nothing to replay: no window of length {length} has been drawn yet")
+        pool = self._pool(length)
+        return self._windows(pool[torch.randint(0, len(pool), (batch_size,), generator=generator)], length)
+
+    def _pool(self, length: int) -> torch.Tensor:
+        draws = self.seen[length]
+        if len(draws) > 1:
+            draws[:] = [torch.cat(draws)]
+        return draws[0]
 
     def _check_length(self, length: int) -> None:
         if length > len(self.tokens):
@@ -44,16 +51,16 @@ class WindowSampler:
         rows = [np.asarray(self.tokens[s : s + length], dtype=np.int64) for s in starts.tolist()]
         return torch.from_numpy(np.stack(rows))
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict:
         state = {"generator": self.generator.get_state()}
         if self.remember:
-            state["starts"] = torch.cat(self.starts) if self.starts else torch.zeros(0, dtype=torch.int64)
+            state["seen"] = {str(length): self._pool(length) for length in self.seen}
         return state
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         if self.remember:
-            self.starts = [state["starts"].to(torch.int64)]
+            self.seen = {int(length): [starts.to(torch.int64)] for length, starts in state["seen"].items()}
 
 
 def validation_windows(tokens: np.ndarray, length: int, max_tokens: int) -> torch.Tensor:

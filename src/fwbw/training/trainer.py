@@ -240,12 +240,16 @@ class Trainer(RunSetup):
         state = {} if self.average is None else {"average": self.average.state_dict()}
         if self.config.replay:
             state["replay_rng"] = self.replay_rng.get_state()
+        if self.config.dropout > 0:  # dropout draws from torch's global generator
+            state["torch_rng"] = torch.get_rng_state()
         if self.best_weights is not None:
             state["best_weights"] = self.best_weights
         return state
 
     def _checkpoint_keys(self) -> tuple[str, ...]:
-        return CHECKPOINT_KEYS + (() if self.average is None else ("average",)) + (("replay_rng",) if self.config.replay else ())
+        optional = (("average", self.average is not None), ("replay_rng", self.config.replay),
+                    ("torch_rng", self.config.dropout > 0))
+        return CHECKPOINT_KEYS + tuple(key for key, present in optional if present)
 
     def _resume(self) -> None:
         """Continue from the newest checkpoint that loads; without one, start from scratch with
@@ -270,8 +274,13 @@ class Trainer(RunSetup):
             self.average.load_state_dict(saved["average"])
         if self.config.replay:
             self.replay_rng.set_state(saved["replay_rng"])
+        if self.config.dropout > 0:
+            torch.set_rng_state(saved["torch_rng"])
         self.best_weights = saved.get("best_weights")
         self.state = TrainState(**saved["train_state"])
+        if self.state.best_fw_loss is None and self.state.metrics:  # a checkpoint from before early stopping
+            best = min(self.state.metrics, key=lambda record: record["fw_loss"])
+            self.state.best_fw_loss, self.state.best_step = best["fw_loss"], best["step"]
         self._write_metrics()
 
     # --- training ------------------------------------------------------------------------
@@ -302,8 +311,11 @@ class Trainer(RunSetup):
         microbatches = self.microbatching.draw(self.task_rng)
         directions = directions or self._directions()
         length = window_length(seq_len, self.config.task_tokens)
+        replay_earlier = self.config.replay and self.sampler.has_seen(length)
+        replayed = self._replay(microbatches, batch_size, length) if replay_earlier else []
         batches = [self.sampler.sample(batch_size, length) for _ in range(microbatches)]
-        replayed = [self.sampler.replay(batch_size, length, self.replay_rng) for _ in batches] if self.config.replay else []
+        if self.config.replay and not replay_earlier:  # the first step at this length: nothing earlier to replay
+            replayed = self._replay(microbatches, batch_size, length)
         loss_sums = self._accumulate_in_memory(batches, directions, replayed)
         self.parallel.sum_gradients(self.model.parameters())
         tasks = directions + ((REPLAY,) if replayed else ())
@@ -324,6 +336,10 @@ class Trainer(RunSetup):
         if self.average is not None:
             self.average.update(self.model)
         return mean_loss
+
+    def _replay(self, microbatches: int, batch_size: int, length: int) -> list[torch.Tensor]:
+        """A replayed microbatch for each of the step's: windows of this length trained on before."""
+        return [self.sampler.replay(batch_size, length, self.replay_rng) for _ in range(microbatches)]
 
     def _weight_decay(self, step_losses: dict[str, float] | None) -> float:
         """The decay group's weight decay for the next step: wd_constant, or hlb-gpt's dynamic one
@@ -459,8 +475,8 @@ class Trainer(RunSetup):
         else:
             self.state.evals_since_best += 1
         patience = self.config.patience
-        if patience is not None and self.state.evals_since_best >= patience:
-            self.state.stopped_early = True
+        out_of_patience = patience is not None and self.state.evals_since_best >= patience
+        self.state.stopped_early = out_of_patience and self.state.tokens < self.budget  # not when the budget ended it
 
     def _status_line(self, loss: float) -> str:
         line = f"step {self.state.step} ep {self.state.tokens / len(self.data.train):.2f} loss {loss:.3f}"
