@@ -16,10 +16,22 @@ from typing import Any
 
 EMPTY: Mapping = types.MappingProxyType({})
 INT64 = 2**63  # an integer field's values lie in [-INT64, INT64): what torch and numpy take
+
+
+def is_integer(value: Any) -> bool:
+    """An int, not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 SCALARS = {  # annotation -> (accepts, what it must be, plural)
     bool: (lambda v: isinstance(v, bool), "true or false", "true/false values"),
-    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", "integers"),
-    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number", "numbers"),
+    int: (is_integer, "an integer", "integers"),
+    float: (is_number, "a number", "numbers"),
     str: (lambda v: isinstance(v, str), "a string", "strings"),
 }
 

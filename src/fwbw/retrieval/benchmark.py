@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from fwbw.data.corpora import wiki_sample_file, wiki_sample_split
 from fwbw.files import read_json
 from fwbw.retrieval.metrics import Qrels
+from fwbw.schema import is_integer
 
 TASKS = ("description", "ict", "title")
 LM_CORPUS = "wiki-sample-v2"  # the corpus whose splits the tasks follow, and the only one their runs may train on
@@ -80,7 +81,7 @@ def article_docid(title: str) -> str:
 def check_id(value: object, what: str) -> str:
     """An id as a string; ValueError unless it is a non-empty string (or int) without whitespace,
     as run files (qid Q0 docid rank score system) need."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_integer(value):
         value = str(value)
     if not isinstance(value, str) or not value or re.search(r"\s", value):
         raise ValueError(f"{what}: {value!r} is not an id (a non-empty string without whitespace)")

@@ -22,6 +22,7 @@ from fwbw.model.masks import DIRECTIONS, leaks_labels
 from fwbw.retrieval.experiment import BM25, read_experiment
 from fwbw.retrieval.metrics import METRICS as RETRIEVAL_METRICS
 from fwbw.retrieval.run_files import METRICS_FILE
+from fwbw.schema import is_integer, is_number
 from fwbw.study.sweep_dir import (
     RESULTS_CSV,
     RESULTS_PARQUET,
@@ -91,11 +92,11 @@ def _read_points(path: Path) -> list[dict]:
 
 
 def _is_point(point) -> bool:
-    if not isinstance(point, dict) or not all(_is_integer(point.get(key)) for key in ("step", "tokens")):
+    if not isinstance(point, dict) or not all(is_integer(point.get(key)) for key in ("step", "tokens")):
         return False
     measured = [f"{prefix}{d}_{m}" for prefix in ("", "train_") for d in DIRECTIONS if f"{prefix}{d}_loss" in point
                 for m in EVAL_METRICS]
-    return all(_is_number(point.get(key)) for key in ("epoch", "seconds", *measured))
+    return all(is_number(point.get(key)) for key in ("epoch", "seconds", *measured))
 
 
 def _read_cut(path: Path) -> list[dict]:
@@ -107,19 +108,11 @@ def _read_cut(path: Path) -> list[dict]:
 
 
 def _is_cut_row(row) -> bool:
-    if not isinstance(row, dict) or not _is_integer(row.get("blocks_remaining")):
+    if not isinstance(row, dict) or not is_integer(row.get("blocks_remaining")):
         return False
     metrics = row.get("metrics")
     return isinstance(metrics, dict) and all(
-        isinstance(metrics.get(d), dict) and all(_is_number(metrics[d].get(m)) for m in EVAL_METRICS) for d in DIRECTIONS)
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+        isinstance(metrics.get(d), dict) and all(is_number(metrics[d].get(m)) for m in EVAL_METRICS) for d in DIRECTIONS)
 
 
 def run_rows(identifier: str, config: dict, run_dir: Path) -> list[dict]:

@@ -52,7 +52,7 @@ from fwbw.training.run_dir import (
 )
 from fwbw.training.run_setup import RunSetup
 from fwbw.training.trackers import EvalPoints, check_tracker
-from fwbw.training.weight_average import WeightAverage
+from fwbw.training.weight_average import WeightAverage, swapped_weights
 
 P_BW_FLOOR = 0.01  # adaptive p_bw never drops below this (the study's clamp)
 COMPILE_MIN_CPU_STEPS = 1000  # see compile_by_default
@@ -573,14 +573,6 @@ class Trainer(RunSetup):
             atomic_write_json(self.run_dir / SUMMARY, summary)
         return summary
 
-    def _evaluate_selected(self, windows: torch.Tensor) -> dict[str, dict[str, float]]:
-        trained = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
-        self.model.load_state_dict(self.best_weights)
-        try:
-            return self._evaluate_on(windows, self.eval_directions)
-        finally:
-            self.model.load_state_dict(trained)
-
     def _selection_summary(self) -> dict:
         """Which evaluation validation selected (early stopping), and whether the run went past it."""
         best = next(record for record in self.state.metrics if record["step"] == self.state.best_step)
@@ -610,7 +602,10 @@ class Trainer(RunSetup):
         windows = validation_windows(self.data.test, self.valid.shape[1], len(self.data.test))
         with self._evaluated_weights():
             final = self._evaluate_on(windows, self.eval_directions)
-        selected = final if not self.selects else self._evaluate_selected(windows)
+        selected = final
+        if self.selects:
+            with swapped_weights(self.model, self.best_weights):
+                selected = self._evaluate_on(windows, self.eval_directions)
         scores = {"test_tokens": windows.numel()}
         for suffix, metrics in (("", selected), ("_final", final)):
             scores.update({f"test_{direction}_{name}{suffix}": value

@@ -15,6 +15,21 @@ import torch
 from torch import nn
 
 
+@contextlib.contextmanager
+@torch.no_grad()
+def swapped_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """`weights` (state-dict names to values) in the model for the block, its own back after it."""
+    current = model.state_dict()
+    saved = {name: current[name].clone() for name in weights}
+    for name, value in weights.items():
+        current[name].copy_(value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            current[name].copy_(value)
+
+
 def ema_decay(decay: float, updates: int) -> float:
     """d_t after `updates` optimizer steps."""
     return min(decay, (1 + updates) / (10 + updates))
@@ -36,19 +51,9 @@ class WeightAverage:
         params = dict(model.named_parameters())
         torch._foreach_lerp_([self.average[n] for n in names], [params[n].detach().float() for n in names], weight)
 
-    @contextlib.contextmanager
-    @torch.no_grad()
-    def swapped_in(self, model: nn.Module) -> Iterator[None]:
+    def swapped_in(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """The average in the model's parameters for the block, the trained weights back after it."""
-        params = dict(model.named_parameters())
-        saved = {name: params[name].detach().clone() for name in self.average}
-        for name, value in self.average.items():
-            params[name].copy_(value)
-        try:
-            yield
-        finally:
-            for name, value in saved.items():
-                params[name].copy_(value)
+        return swapped_weights(model, self.average)
 
     def state_dict(self) -> dict:
         return {"updates": self.updates, "average": dict(self.average)}
