@@ -343,7 +343,7 @@ def test_flag_values_win_over_the_file_and_are_not_blamed_on_it(tmp_path):
 
 
 def test_presets_are_registered_functions(monkeypatch):
-    assert list(presets.PRESETS) == ["paper", "cpu-small", "data-constrained", "data-efficiency", "data-efficiency-pilot", "demo"]
+    assert list(presets.PRESETS) == ["paper", "cpu-small", "data-constrained", "data-efficiency", "data-efficiency-pilot", "retrieval", "demo"]
     monkeypatch.setattr(presets, "PRESETS", dict(presets.PRESETS))
 
     @presets.preset("two-seeds")
@@ -353,7 +353,7 @@ def test_presets_are_registered_functions(monkeypatch):
     assert presets.PRESETS["two-seeds"] is two_seeds
     spec = sweep_spec("--preset", "two-seeds")
     assert [(c.depth, c.width, c.p_bw, c.seed) for c in spec.configs()] == [(2, 128, 0.0, 100), (2, 128, 0.05, 100)]
-    with pytest.raises(ConfigError, match=r"^preset: unknown 'nope' \(expected one of paper, cpu-small, data-constrained, data-efficiency, data-efficiency-pilot, demo, two-seeds\)$"):
+    with pytest.raises(ConfigError, match=r"^preset: unknown 'nope' \(expected one of paper, cpu-small, data-constrained, data-efficiency, data-efficiency-pilot, retrieval, demo, two-seeds\)$"):
         build_sweep_spec("nope")
 
 

@@ -129,6 +129,15 @@ def test_presets_hold_the_study_grid():
     assert run_ids(spec_of(["--preset", "paper", "--seeds", "1"])) == run_ids(dataclasses.replace(paper, seeds=1))
 
 
+def test_the_retrieval_preset_trains_both_ways_substantially_on_training_articles_only():
+    spec = build_sweep_spec("retrieval")
+    configs = spec.configs()
+    assert [(c.p_bw, c.seed) for c in configs] == [(p, s) for p in (0.0, 0.5, 1.0) for s in (200, 201, 202, 203)]
+    assert {(c.data, c.seq_len, c.bw_mode, c.train_fraction, c.epochs, c.depth, c.width) for c in configs} == {
+        ("wiki-sample-v2", 256, "add", 1.0, 8.0, 2, 128)}
+    assert {(c.eval_ema, c.patience, c.dtype, c.threads) for c in configs} == {(0.99, 4, "bf16", 1)}
+
+
 @pytest.mark.parametrize("argv", [["--preset", "paper"], ["--preset", "cpu-small"], "corpus"])
 def test_dry_run_prints_every_run_with_its_parameter_count(tmp_path, corpus, capsys, argv):
     if argv == "corpus":

@@ -170,6 +170,25 @@ def data_efficiency_pilot() -> dict:
     return {**base, **pilot, "p_bw": [0.0, 0.25], "seeds": 3, "seed": PILOT_FIRST_SEED}
 
 
+# retrieval (issue 19): LMs whose bw task is trained substantially, for the within-model comparison
+RETRIEVAL_P_BWS = (0.0, 0.5, 1.0)
+RETRIEVAL_SEEDS = 4
+RETRIEVAL_FIRST_SEED = 200  # apart from data-efficiency's and its pilot's
+RETRIEVAL_SEQ_LEN = 256
+
+
+@preset("retrieval")
+def retrieval() -> dict:
+    """The LMs of the retrieval study (issue 19): data-efficiency's model and numerics at length 256
+    on all of wiki-sample-v2's training articles, p_bw 0, 0.5 and 1 (add), 4 seeds each. A cap of 8
+    epochs, the EMA's weights kept where validation fw loss is lowest and stopped after 4
+    evaluations without a lower one. The retrieval tasks' queries come only from the validation
+    (dev) and test articles, which no run trains on."""
+    base = efficiency_base()
+    return {**base, "seq_len": RETRIEVAL_SEQ_LEN, "train_fraction": 1.0, "epochs": 8.0,
+            "p_bw": list(RETRIEVAL_P_BWS), "seeds": RETRIEVAL_SEEDS, "seed": RETRIEVAL_FIRST_SEED}
+
+
 @preset("demo")
 def demo() -> dict:
     """`fwbw demo`: cpu-small plus two runs at its largest size that train both tasks on every
