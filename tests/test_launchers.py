@@ -4,6 +4,7 @@ the SLURM path runs through submitit's local executor, and fails at once without
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -34,7 +35,8 @@ from fwbw.schema import ConfigError
 from fwbw.study import configure, sweep_dir
 from fwbw.study import sweep as sweep_module
 from fwbw.study.launchers import local, slurm
-from fwbw.study.launchers.base import Assignment, Launch, merge_outcomes, outcome_counts
+from fwbw.study.launchers import worker as worker_module
+from fwbw.study.launchers.base import Assignment, Launch, as_recorded, merge_outcomes, outcome_counts
 from fwbw.study.sweep import SweepSpec, prepare_sweep, run_id, work
 from fwbw.training import run_dir as run_dir_module
 from fwbw.training.config import TrainConfig
@@ -225,6 +227,66 @@ def fake_workers(monkeypatch, script: str) -> None:
     monkeypatch.setattr(local, "worker_command", lambda assignment, outcome: [sys.executable, "-c", script, str(outcome)])
 
 
+def test_a_worker_killed_by_a_signal_is_named_so_not_sent_to_an_error_above(tmp_path, corpus, monkeypatch):
+    out = tmp_path / "grid"
+    prepared_grid(corpus, out)
+    fake_workers(monkeypatch, "import json, os, signal, sys, pathlib; path = pathlib.Path(sys.argv[1]); "
+                 "json.dump({}, path.open('w')) if path.name == 'worker0.json' else os.kill(os.getpid(), signal.SIGKILL)")
+    with pytest.raises(RuntimeError, match=r"^1 worker ended without finishing \(worker 1: killed by SIGKILL; any error"):
+        local.launch(Assignment(out, progress=False), Launch("local", workers=2))
+
+
+def test_ctrl_c_ends_several_workers_in_one_line(tmp_path, corpus, monkeypatch):
+    """Each worker leaves how it stopped beside its outcome file instead of printing it; the launcher
+    raises one KeyboardInterrupt naming them all (the CLI prints it as its one line)."""
+    out = tmp_path / "grid"
+    prepared_grid(corpus, out)
+    fake_workers(monkeypatch, "import json, sys; json.dump('interrupted at step 7; rerun the same command to resume', "
+                 "open(sys.argv[1] + '.interrupted', 'w')); sys.exit(1)")
+
+    def interrupted_wait(processes):
+        for process in processes:
+            process.wait()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local, "wait_for_all", interrupted_wait)
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        local.launch(Assignment(out, progress=False), Launch("local", workers=2))
+    assert str(interrupt.value) == ("worker 0 interrupted at step 7, worker 1 interrupted at step 7; "
+                                    "rerun the same command to resume")
+
+
+def test_a_launched_worker_leaves_its_interruption_for_the_launcher_and_prints_nothing(tmp_path, corpus, monkeypatch,
+                                                                                     capsys):
+    out = tmp_path / "grid"
+    prepared_grid(corpus, out)
+
+    def interrupted(self):
+        raise KeyboardInterrupt("interrupted at step 3; rerun the same command to resume")
+
+    monkeypatch.setattr(Assignment, "work", interrupted)
+    outcome = tmp_path / "worker0.json"
+    assert worker_module.main([str(out), "--outcome", str(outcome), "--no-progress"]) == 1
+    assert capsys.readouterr().err == ""
+    assert json.loads(worker_module.interruption_file(outcome).read_text()) == (
+        "interrupted at step 3; rerun the same command to resume")
+    assert worker_module.main([str(out), "--no-progress"]) == 1  # on its own it prints the line
+    assert capsys.readouterr().err == "fwbw worker: interrupted at step 3; rerun the same command to resume\n"
+
+
+def test_the_summary_says_done_before_for_runs_a_finished_sweep_skips(tmp_path, corpus):
+    out = tmp_path / "grid"
+    prepared_grid(corpus, out)
+    runs = read_sweep_runs(out)
+    for identifier, status in zip(runs, ("done", "failed")):
+        run_dir_module.write_status(out / sweep_dir.RUNS / identifier, status)
+    (out / sweep_dir.RUNS / runs[0] / run_dir_module.SUMMARY).write_text("{}")  # a done run has its summary
+    outcome = {**dict.fromkeys(runs, "skipped"), runs[-1]: "done"}  # four runs
+    assert as_recorded(out, outcome) == {runs[0]: "done before", runs[1]: "failed before",
+                                         **dict.fromkeys(runs[2:-1], "skipped"), runs[-1]: "done"}
+    assert outcome_counts(as_recorded(out, dict.fromkeys(runs[:1], "skipped"))) == "1 done before"
+
+
 def test_gpus_start_one_worker_per_gpu_pinned_to_it(tmp_path, corpus, monkeypatch, capsys):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # all of the machine's GPUs visible
     prepared_grid(corpus, tmp_path / "grid")
@@ -242,7 +304,7 @@ def test_a_worker_that_dies_is_reported_after_the_others_finished(tmp_path, corp
                  "json.dump({}, path.open('w')) if path.name == 'worker0.json' else sys.exit(3)")
     with pytest.raises(RuntimeError) as error:
         local.launch(Assignment(out, progress=False), Launch("local", workers=2))
-    assert str(error.value) == ("1 worker ended without finishing (worker 1: exit code 3; its error is printed above): "
+    assert str(error.value) == ("1 worker ended without finishing (worker 1: exit code 3; any error a worker printed is above): "
                                 "rerun the sweep to finish their runs")
     assert capsys.readouterr().out == "worker 0: no runs\n"
     assert (out / sweep_dir.RESULTS_PARQUET).is_file()  # the table is rebuilt before the error
@@ -658,5 +720,5 @@ def test_launchers_mix_and_a_rerun_finishes_what_is_left(tmp_path, corpus, in_pr
     assert merge_outcomes(job.result() for job in submitted) == expected
 
     assert cli.main(grid_argv(corpus, out, "--launcher", "local", "--workers", "2")) == 0
-    assert last_line(capsys.readouterr().out) == f"sweep {out}: {GRID_RUNS} skipped"
+    assert last_line(capsys.readouterr().out) == f"sweep {out}: {GRID_RUNS} done before"
     assert_each_run_trained_once(out, in_process_table)

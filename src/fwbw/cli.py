@@ -24,6 +24,7 @@ from fwbw.study.launchers.base import (
     OPTION_LAUNCHERS,
     Assignment,
     Launch,
+    as_recorded,
     outcome_counts,
 )
 from fwbw.study.launchers.local import parse_gpus
@@ -190,7 +191,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if left:
         print(f"fwbw sweep: {plural(left, 'run')} left unfinished: rerun the sweep to finish them "
               f"(exit status {EXIT_RUNS_LEFT})", file=sys.stderr, flush=True)
-    print(f"sweep {args.out}: {outcome_counts(outcome)}")
+    print(f"sweep {args.out}: {outcome_counts(as_recorded(args.out, outcome))}")
     return EXIT_RUNS_LEFT if left else 1 if "failed" in outcome.values() else 0
 
 

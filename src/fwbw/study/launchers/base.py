@@ -13,6 +13,7 @@ from fwbw.study.estimate import plural
 from fwbw.study.sweep import Execution, pending_runs, run_one, work
 from fwbw.study.sweep_dir import RUNS
 from fwbw.training.config import TrainConfig
+from fwbw.training.run_dir import read_status
 
 LAUNCHER_NAMES = ("local", "slurm", "ray")
 LEFT = "left"  # a run still unfinished once a launch's workers ended (fwbw sweep exits 3: rerun it)
@@ -135,6 +136,19 @@ def outcome_counts(outcome: Mapping[str, str]) -> str:
     """'2 done, 1 failed, 1 skipped': how many runs ended with each status."""
     statuses = list(outcome.values())
     return ", ".join(f"{statuses.count(status)} {status}" for status in sorted(set(statuses))) or "no runs"
+
+
+def as_recorded(out: Path, outcome: Mapping[str, str]) -> dict[str, str]:
+    """`outcome` as the sweep's summary line tells it: a run this launch skipped is 'done before' or
+    'failed before' where its directory says so (a finished sweep run again says '12 done before',
+    not '12 skipped'); one held by another worker stays 'skipped'."""
+    recorded = {}
+    for identifier, status in outcome.items():
+        if status == "skipped":
+            on_disk = read_status(Path(out) / RUNS / identifier)["status"]
+            status = f"{on_disk} before" if on_disk in ("done", "failed") else status
+        recorded[identifier] = status
+    return recorded
 
 
 def check_none_lost(lost: list[str], what: str, where: str) -> None:

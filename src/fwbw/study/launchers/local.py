@@ -24,7 +24,7 @@ from fwbw.study.launchers.base import (
     merge_outcomes,
     outcome_counts,
 )
-from fwbw.study.launchers.worker import worker_command
+from fwbw.study.launchers.worker import interruption_file, worker_command
 from fwbw.study.results import write_results
 
 
@@ -79,16 +79,36 @@ def run_workers(assignment: Assignment, gpus: list[str | None], nproc_per_run: i
                              preexec_fn=die_with_parent)
             for gpu, file in zip(gpus, files)
         ]
-        wait_for_all(processes)
+        try:
+            wait_for_all(processes)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(interruption_line(files)) from None
         outcomes = [read_json(file) if file.is_file() else None for file in files]
     write_results(assignment.out)
     for index, (gpu, outcome) in enumerate(zip(gpus, outcomes)):
         if outcome is not None:
             print(f"worker {index}{'' if gpu is None else f' (GPU {gpu})'}: {outcome_counts(outcome)}")
-    lost = [f"worker {index}: exit code {process.returncode}"
+    lost = [f"worker {index}: {exit_reason(process.returncode)}"
             for index, (process, outcome) in enumerate(zip(processes, outcomes)) if outcome is None]
-    check_none_lost(lost, "worker", "its error is printed above")
+    check_none_lost(lost, "worker", "any error a worker printed is above")
     return merge_outcomes(outcome for outcome in outcomes if outcome is not None)
+
+
+def interruption_line(files: list[Path]) -> str:
+    """One line for Ctrl-C that ended the workers: how each (writing its outcome to files[i]) stopped."""
+    notes = [(index, interruption_file(file)) for index, file in enumerate(files)]
+    stopped = [f"worker {index} {read_json(note).split(';')[0]}" for index, note in notes if note.is_file()]
+    return f"{', '.join(stopped) or 'interrupted'}; rerun the same command to resume"
+
+
+def exit_reason(returncode: int) -> str:
+    """'exit code 3', or 'killed by SIGKILL' for a worker a signal ended (which printed nothing)."""
+    if returncode >= 0:
+        return f"exit code {returncode}"
+    try:
+        return f"killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"killed by signal {-returncode}"
 
 
 def worker_env(gpu: str | None, processes: int) -> dict[str, str]:

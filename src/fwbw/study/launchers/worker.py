@@ -5,7 +5,8 @@ per worker or GPU (fwbw.study.launchers.__main__ runs main):
 
 Any number may run at once, on any machines that share SWEEP: each trains the runs no other
 worker holds or finished, then rebuilds the results table, and writes its outcome (run id ->
-status) to FILE. An error or Ctrl-C ends it in one line, exit code 1."""
+status) to FILE. An error or Ctrl-C ends it in one line, exit code 1 (Ctrl-C's line in FILE.interrupted
+when FILE is given: the launcher prints one line for all its workers)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def worker_command(assignment: Assignment, outcome: Path) -> list[str]:
     flags += ["--retry-failed"] if assignment.retry_failed else []
     flags += [] if assignment.progress else ["--no-progress"]
     return [sys.executable, "-m", __package__, str(assignment.out), *flags]
+
+
+def interruption_file(outcome: Path) -> Path:
+    """Where a worker that writes its outcome to `outcome` leaves the line saying how Ctrl-C ended it."""
+    return outcome.with_name(outcome.name + ".interrupted")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fwbw worker: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interrupt:
-        print(f"fwbw worker: {str(interrupt) or 'interrupted'}", file=sys.stderr)
+        if args.outcome:  # the launcher prints one line for all its workers
+            atomic_write_json(interruption_file(args.outcome), str(interrupt) or "interrupted")
+        else:
+            print(f"fwbw worker: {str(interrupt) or 'interrupted'}", file=sys.stderr)
         return 1
     return 0
