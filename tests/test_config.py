@@ -247,6 +247,15 @@ def test_yaml_is_read_as_yaml_1_2_core(tmp_path, text, message):
         build_train_config(path)
 
 
+@pytest.mark.parametrize("suffix, line", [(".json", '{"depth": %s}'), (".toml", "depth = %s"), (".yaml", "depth: %s")])
+def test_a_config_nested_too_deeply_is_one_line_naming_the_file(tmp_path, suffix, line):
+    """100,000 nested lists make every reader hit Python's recursion limit: one line, not its message alone."""
+    path = tmp_path / f"run{suffix}"
+    path.write_text(line % ("[" * 100_000 + "]" * 100_000) + "\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: nested too deeply to read"):
+        build_train_config(path)
+
+
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
     """Nine aliases of nine aliases, eight deep: 43 million strings once expanded (`show` would
     spell them all)."""

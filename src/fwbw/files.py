@@ -3,9 +3,12 @@ one, never half of one), reads of JSON that fail with one line naming the file, 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -15,11 +18,15 @@ T = TypeVar("T")
 
 def atomic_write(path: Path, write: Callable[[Path], T]) -> T:
     """Call write(tmp) on a temporary path in the same folder, then rename it over `path`; return
-    what write returned. A failure removes the temporary file and raises an OSError naming `path`."""
+    what write returned. A failure removes the temporary file and raises an OSError naming `path`.
+    The temporary file's name holds this host and process (.NAME.HOST-PID.XXXXXXXX.tmp), so one
+    that a killed process left (kill -9 between create and rename) is removed by the next write of
+    the same file on the same host."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        _remove_orphans(path)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path, os.getpid()), suffix=".tmp")
         os.close(handle)
     except OSError as error:
         raise cannot_write(path, error) from error
@@ -33,6 +40,31 @@ def atomic_write(path: Path, write: Callable[[Path], T]) -> T:
         if isinstance(error, OSError):
             raise cannot_write(path, error) from error
         raise
+
+
+def _tmp_prefix(path: Path, pid: int) -> str:
+    return f".{path.name}.{socket.gethostname()}-{pid}."
+
+
+def _remove_orphans(path: Path) -> None:
+    """Remove the temporary files of `path` left by processes of this host that have ended."""
+    ours = re.compile(re.escape(f".{path.name}.{socket.gethostname()}-") + r"(\d+)\.[a-z0-9_]+\.tmp")
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = ours.fullmatch(candidate.name)
+        if match and not _process_alive(int(match.group(1))):
+            candidate.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # no process of its own: leave the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 class WriteFailed(OSError):

@@ -158,7 +158,10 @@ def read_config_file(path: Path) -> dict:
     path = Path(path)
     reader = READERS.get(path.suffix.lower())
     require(reader is not None, str(path), "must be a .json, .toml, .yaml or .yml file")
-    values = reader(path)
+    try:
+        values = reader(path)
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read (a config's values nest a few levels)") from None
     require(isinstance(values, dict), str(path), f"must hold a table of fields, got {show(values)}")
     return values
 

@@ -1,0 +1,38 @@
+"""fwbw.files: atomic writes leave no temporary file behind, even after a process was killed mid-write."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+from fwbw.files import atomic_write, atomic_write_text
+
+
+def ended_pid() -> int:
+    """The PID of a process that has ended (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_temporary_file_a_killed_writer_left_is_removed_by_the_next_write(tmp_path):
+    host = socket.gethostname()
+    target = tmp_path / "layer_cut.png"
+    orphan = tmp_path / f".layer_cut.png.{host}-{ended_pid()}.ab12cd_9.tmp"
+    live = tmp_path / f".layer_cut.png.{host}-{os.getpid()}.zz99yy_0.tmp"  # a writer still at work
+    elsewhere = tmp_path / f".layer_cut.png.other-node-{ended_pid()}.ab12cd_9.tmp"  # another host's: not ours to judge
+    other_file = tmp_path / f".other.png.{host}-{ended_pid()}.ab12cd_9.tmp"
+    for path in (orphan, live, elsewhere, other_file):
+        path.write_text("half")
+    atomic_write_text(target, "whole")
+    assert target.read_text() == "whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, elsewhere.name, other_file.name])
+
+
+def test_the_temporary_file_names_this_host_and_process_and_is_gone_after_the_write(tmp_path):
+    seen = []
+    atomic_write(tmp_path / "x.json", lambda tmp: seen.append(tmp.name) or tmp.write_text("{}"))
+    assert seen[0].startswith(f".x.json.{socket.gethostname()}-{os.getpid()}.") and seen[0].endswith(".tmp")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
