@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from fwbw.schema import ConfigError
 from fwbw.study import configure, sweep_dir
 from fwbw.study import sweep as sweep_module
 from fwbw.study.launchers import local, slurm
+from fwbw.study.launchers import ray as ray_launcher
 from fwbw.study.launchers import worker as worker_module
 from fwbw.study.launchers.base import Assignment, Launch, as_recorded, merge_outcomes, outcome_counts
 from fwbw.study.sweep import SweepSpec, prepare_sweep, run_id, work
@@ -105,6 +107,34 @@ def last_line(output: str) -> str:
 def test_launch_options_are_checked_naming_the_flag(options, message):
     with pytest.raises(ConfigError, match="^" + re.escape(message)):
         Launch(**options)
+
+
+def closed_port() -> int:
+    """A localhost port nothing listens on (it was just free)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_an_unreachable_ray_address_is_one_line_before_anything_is_written(tmp_path, corpus, capsys):
+    out = tmp_path / "grid"
+    address = f"127.0.0.1:{closed_port()}"
+    argv = grid_argv(corpus, out, "--launcher", "ray", "--ray-address", address)
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == (f"fwbw sweep: error: --ray-address: no Ray cluster answers at {address} "
+                                       "(Connection refused); start one (ray start --head) or give its address\n")
+    assert not out.exists()
+    assert cli.main(grid_argv(corpus, out, "--launcher", "ray", "--ray-address", "nohost")) == 2
+    assert "expected HOST:PORT, ray://HOST:PORT or auto, got 'nohost'" in capsys.readouterr().err
+
+
+def test_a_ray_address_that_answers_passes_the_check():
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        ray_launcher.check_reachable(f"127.0.0.1:{port}")
+        ray_launcher.check_reachable(f"ray://127.0.0.1:{port}")
 
 
 def test_launch_options_each_launcher_takes_are_accepted():

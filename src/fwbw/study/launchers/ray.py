@@ -11,10 +11,12 @@ directory (same path) and have fwbw installed."""
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from types import ModuleType
 
 from fwbw.extras import import_extra
+from fwbw.schema import ConfigError, require
 from fwbw.study.launchers.base import Assignment, Launch, lost_message, merge_outcomes, outcome_counts, with_runs_left
 from fwbw.study.results import write_results
 from fwbw.study.sweep import sweep_runs
@@ -22,10 +24,29 @@ from fwbw.training.config import TrainConfig
 
 RAY_OBJECT_STORE_BYTES = 100 * 2**20  # a local Ray's object store: the tasks pass only configs and statuses
 LOCAL_RAY = "local"  # ray.init's address for a new local instance (not one already running here)
+AUTO = "auto"  # --ray-address: the cluster already running on this machine, which Ray finds itself
+RAY_CLIENT_PREFIX = "ray://"
+RAY_CONNECT_TIMEOUT_S = 5.0
 
 
 def check(options: Launch) -> None:
+    """Ray is installed and a cluster at --ray-address answers, before the sweep writes anything."""
     import_extra("ray", "ray", "--launcher ray")
+    if options.ray_address and options.ray_address != AUTO:
+        check_reachable(options.ray_address)
+
+
+def check_reachable(address: str) -> None:
+    """ConfigError (one line) unless HOST:PORT (or ray://HOST:PORT) accepts a connection within
+    RAY_CONNECT_TIMEOUT_S; ray.init would instead log for a long while before it gave up."""
+    host, _, port = address.removeprefix(RAY_CLIENT_PREFIX).rpartition(":")
+    require(bool(host) and port.isdigit(), "--ray-address", f"expected HOST:PORT, ray://HOST:PORT or {AUTO}, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise ConfigError(f"--ray-address: no Ray cluster answers at {address} ({reason}); start one "
+                          "(ray start --head) or give its address") from None
 
 
 def launch(assignment: Assignment, options: Launch) -> dict[str, str]:
