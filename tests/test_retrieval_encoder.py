@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import run_dirs
 
 from fwbw.model.tasks import task_batch
-from fwbw.retrieval.encoder import TokenEmbeddings, load_encoder
+from fwbw.retrieval.encoder import TokenEmbeddings, chunk_starts, load_encoder, text_chunks
 from fwbw.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
@@ -85,28 +85,36 @@ def test_a_bw_token_embedding_never_sees_earlier_tokens(runs, name):
 @pytest.mark.parametrize("name", ["plain", "task_tokens"])
 @pytest.mark.parametrize("direction", ["fw", "bw"])
 def test_embeddings_are_the_direction_s_pass_over_the_text_with_training_s_task_tokens(runs, name, direction):
-    """Each text alone, through model.hidden with the inputs training builds (fwbw.model.tasks),
+    """Each chunk alone, through model.hidden with the inputs training builds (fwbw.model.tasks),
     gives what the padded batches gave."""
     encoder = load_encoder(runs[name], direction, progress=False)
     texts = {**SHARED_PREFIX, **LONG}
     embeddings = encoder.encode(texts)
     config = encoder.model.config
     for text_id, ids in zip(texts, encoder.tokenize(texts)):
-        # the window whose task inputs are the text (after the fw marker, before the bw marker)
-        window = torch.tensor([[*ids, 0]] if direction == "fw" else [[0, *ids]])
-        inputs, _ = task_batch(window, direction, config)
-        hidden = F.normalize(encoder.model.hidden(inputs, direction)[0].detach(), dim=-1)
-        expected = hidden[1:] if config.task_tokens and direction == "fw" else hidden[: len(ids)]
-        torch.testing.assert_close(vectors_of(embeddings, text_id), expected, atol=1e-3, rtol=0)
+        expected = []
+        for chunk in text_chunks(ids, encoder.chunk_tokens):
+            # the window whose task inputs are the chunk (after the fw marker, before the bw marker)
+            window = torch.tensor([[*chunk, 0]] if direction == "fw" else [[0, *chunk]])
+            inputs, _ = task_batch(window, direction, config)
+            hidden = F.normalize(encoder.model.hidden(inputs, direction)[0].detach(), dim=-1)
+            expected.append(hidden[1:] if config.task_tokens and direction == "fw" else hidden[: len(chunk)])
+        torch.testing.assert_close(vectors_of(embeddings, text_id), torch.cat(expected), atol=1e-3, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["plain", "task_tokens"])
-def test_texts_are_cut_to_the_run_s_context(runs, name):
+def test_a_text_longer_than_the_run_s_context_is_embedded_in_overlapping_chunks(runs, name):
+    """Chunks of the context's length, each half a chunk after the one before, the last ending at
+    the text's end: a text's vectors are all its chunks' tokens, overlapping ones twice."""
     encoder = load_encoder(runs[name], "fw", progress=False)
     config = TrainConfig.load(runs[name] / "config.json")
-    assert len(encoder.tokenizer.encode(LONG["long"])) > config.seq_len
+    context = config.seq_len - int(config.task_tokens)
+    length = len(encoder.tokenizer.encode(LONG["long"]))
+    assert length > 2 * config.seq_len and encoder.chunk_tokens == context
+    starts = chunk_starts(length, context)
+    assert starts[:3] == [0, context // 2, 2 * (context // 2)] and starts[-1] == length - context
     lengths = encoder.encode({**LONG, "short": PREFIX}).lengths.tolist()
-    assert lengths == [config.seq_len - int(config.task_tokens), len(encoder.tokenizer.encode(PREFIX))]
+    assert lengths == [context * len(starts), len(encoder.tokenizer.encode(PREFIX))]
 
 
 def test_fwbw_is_the_scaled_concatenation_and_every_embedding_a_unit_vector(runs):
@@ -199,7 +207,7 @@ def test_a_directory_that_is_not_a_finished_run_is_one_line(runs, tmp_path):
 
 
 def test_an_unknown_embed_and_a_bw_embed_of_a_leaking_run_are_refused(runs, tmp_path):
-    with pytest.raises(ValueError, match="^embed: expected one of fw, bw, fwbw, got 'both'$"):
+    with pytest.raises(ValueError, match="^embed: expected one of fw, bw, fwbw, echo, got 'both'$"):
         load_encoder(runs["plain"], "both")
     leaking = tmp_path / "leaking"
     shutil.copytree(runs["plain"], leaking)

@@ -12,7 +12,8 @@ from fwbw.model.masks import BW_MASKS
 from fwbw.retrieval.beir import write_beir
 from fwbw.retrieval.benchmark import SPLITS as QUERY_SPLITS
 from fwbw.retrieval.encoder import EMBEDS, POOLINGS
-from fwbw.retrieval.experiment import System, run_retrieval
+from fwbw.retrieval.ensemble import CONTROL_EMBED
+from fwbw.retrieval.experiment import MAXSIM_DTYPES, System, run_retrieval
 from fwbw.retrieval.metrics import METRICS as RETRIEVAL_METRICS
 from fwbw.retrieval.tasks import load_task, task_splits
 from fwbw.study.children import terminate_on_sigterm
@@ -36,7 +37,7 @@ from fwbw.study.results import (
     summary_table,
     write_results,
 )
-from fwbw.study.retrieval_sweep import DEFAULT_EMBEDS, Plan, retrieve_sweep
+from fwbw.study.retrieval_sweep import DEFAULT_CACHE_GB, DEFAULT_EMBEDS, Plan, retrieve_sweep
 from fwbw.study.samples import write_samples
 from fwbw.study.status import status_lines
 from fwbw.study.sweep import (
@@ -295,14 +296,18 @@ def _retrieval_run(args: argparse.Namespace) -> int:
     if args.embed and len(args.embed) > 1:
         raise ValueError(f"--embed: a run is evaluated with one embed, got {' '.join(args.embed)} (a sweep takes several)")
     embed = args.embed[0] if args.embed else "fwbw"
+    if args.fusion:
+        raise ValueError("--fusion: a sweep's fusion; for one run give --fuse-from DEV_RERANK_RESULT")
     return _retrieval_one(args, System(args.target, embed, args.blocks, args.pooling, args.finetune_steps,
-                                       args.finetune_seed, args.hard_negatives))
+                                       args.finetune_seed, args.hard_negatives, args.chunk_tokens, args.partner,
+                                       args.rerank, args.fuse_from, args.dtype))
 
 
 def _embedding_flags(args: argparse.Namespace) -> dict[str, object]:
     return {"--embed": args.embed, "--blocks": args.blocks, "--pooling": args.pooling,
             "--finetune-steps": args.finetune_steps, "--finetune-seed": args.finetune_seed,
-            "--hard-negatives": args.hard_negatives}
+            "--hard-negatives": args.hard_negatives, "--chunk-tokens": args.chunk_tokens, "--partner": args.partner,
+            "--rerank": args.rerank, "--fuse-from": args.fuse_from, "--fusion": args.fusion}
 
 
 def _retrieval_one(args: argparse.Namespace, system: System) -> int:
@@ -323,9 +328,13 @@ def _retrieval_sweep(args: argparse.Namespace) -> int:
     for flag, value in (("--out", args.out), ("--cache-dir", args.cache_dir)):
         if value is not None:
             raise ValueError(f"{flag}: a sweep's results go under {args.target}/retrieval, so give no {flag}")
+    for flag, value in (("--partner", args.partner), ("--fuse-from", args.fuse_from)):
+        if value is not None:
+            raise ValueError(f"{flag}: a sweep chooses it for each run (the next seed; the dev rerank), so give no {flag}")
     check_results_writable(args.target)
     plan = Plan(args.task, args.split, tuple(args.embed or DEFAULT_EMBEDS), args.blocks, args.pooling,
-                args.finetune_steps, args.finetune_seed, args.hard_negatives)
+                args.finetune_steps, args.finetune_seed, args.hard_negatives, args.chunk_tokens, args.rerank, args.fusion,
+                args.dtype, args.cache_gb)
     outcome, left_out = retrieve_sweep(args.target, plan, device=args.device, progress=not args.no_progress)
     for line in left_out:
         print(f"left out: {line}")
@@ -503,8 +512,28 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the queries: dev, what choices are made on (default), or test, what is reported "
                            "(a BEIR folder's qrels/dev.tsv or qrels/test.tsv)")
     retrieval.add_argument("--bm25", action="store_true", help="evaluate BM25 (no run)")
-    retrieval.add_argument("--embed", nargs="+", choices=list(EMBEDS),
-                           help=f"token embeddings: fw, bw or both (a run: one, fwbw; a sweep: {' '.join(DEFAULT_EMBEDS)})")
+    retrieval.add_argument("--embed", nargs="+", choices=[*EMBEDS, CONTROL_EMBED],
+                           help="token embeddings: fw, bw, both (fwbw), echo (a fw pass over the text read twice, its "
+                           "second copy's states: a fw-only baseline) or fwfw (fwbw's control: the fw views of the run "
+                           f"and of --partner) (a run: one, fwbw; a sweep: {' '.join(DEFAULT_EMBEDS)})")
+    retrieval.add_argument("--partner", type=Path,
+                           help="--embed fwfw's second run, of the run's setting (a sweep pairs each run with the next seed)")
+    retrieval.add_argument("--chunk-tokens", type=int,
+                           help="embed a text longer than N tokens in chunks of N, each starting N/2 after the one before, "
+                           "every chunk's token vectors entering MaxSim (default: the run's context; half of it for "
+                           "--embed echo, which reads each chunk twice)")
+    retrieval.add_argument("--rerank", type=int, metavar="K",
+                           help="rerank BM25's K best documents of each query by the run's score instead of searching all")
+    retrieval.add_argument("--fuse-from", type=Path, metavar="DEV_RESULT",
+                           help="with --rerank: order the candidates by a fusion of both scores, its weight tuned on "
+                           "this finished --rerank result of the same system on the dev queries")
+    retrieval.add_argument("--fusion", action="store_true",
+                           help="a sweep: with --rerank, each run's fusion, tuned on its dev rerank (run that first)")
+    retrieval.add_argument("--dtype", choices=list(MAXSIM_DTYPES), default="fp32",
+                           help="MaxSim's similarities in fp32 (default) or bf16 (about 3x faster where the CPU or GPU "
+                           "has bf16 matmuls; near-ties may swap)")
+    retrieval.add_argument("--cache-gb", type=float, default=DEFAULT_CACHE_GB,
+                           help=f"a sweep: trim its token cache to this size after each result (default {DEFAULT_CACHE_GB:g})")
     retrieval.add_argument("--blocks", type=int, help="embed the states after the first N blocks (default: all)")
     retrieval.add_argument("--pooling", choices=POOLINGS, help="a single-vector baseline instead of late interaction")
     retrieval.add_argument("--finetune-steps", type=int, default=0,

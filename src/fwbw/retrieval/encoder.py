@@ -1,37 +1,53 @@
 """Late-interaction token embeddings from a trained run.
 
-A text is tokenized with the run's tokenizer and cut to the run's context, its first seq_len tokens
-(seq_len - 1 with task tokens, whose marker takes a position). Its token t is embedded as
+A text is tokenized with the run's tokenizer and cut into overlapping chunks of chunk_tokens
+tokens (default: the run's context, seq_len tokens, seq_len - 1 with task tokens, whose marker takes
+a position), each starting chunk_tokens // 2 tokens after the one before and the last ending at
+the text's end; a text that fits is one chunk. Each chunk is encoded on its own, and a text's
+embedding is the token vectors of all its chunks, one chunk after another: MaxSim sees every part
+of a long text, a token where two chunks overlap twice (each time with its own chunk's context).
+A chunk's token t is embedded as
   fw    the final normalised hidden state at t of the fw pass, which has seen tokens 0..t,
-  bw    that of the bw pass, model.hidden(tokens, "bw") in the text's own order, which has seen
+  bw    that of the bw pass, model.hidden(tokens, "bw") in the chunk's own order, which has seen
         tokens t..end,
   fwbw  both: [fw; bw] / sqrt(2), a unit vector whose dot product with another is the mean of the
         fw and the bw cosine,
-each direction L2-normalised. With task tokens the run's markers are added as training added them
-(the fw marker before the text, the bw marker after it) and their own positions dropped. `blocks`
-takes the states after the first n blocks instead (model.truncated(n), its final norm applied).
-A fine-tuned encoder (fwbw.retrieval.finetune) then applies its learned projection and normalises.
+  echo  that of a fw pass over the chunk read twice, at t in the second copy, which has seen the
+        whole chunk, then tokens 0..t again (echo embeddings: Springer et al. 2024, "Repetition
+        improves language model embeddings"): whole-text states from the fw direction alone. Both
+        copies must fit the context, so its chunks are at most half of it (the default),
+each view (a pass: fw, bw or echo; VIEWS) L2-normalised. With task tokens the run's markers are
+added as training added them (the fw marker before the chunk or its two copies, the bw marker
+after it) and their own positions dropped. `blocks` takes the states after the first n blocks
+instead (model.truncated(n), its final norm applied). A fine-tuned encoder
+(fwbw.retrieval.finetune) then applies its learned projection and normalises; fine-tuning embeds
+each text's first chunk only (Encoder.embed_batch).
 
 Single vectors from the same states, the baselines that show what late interaction adds: "mean"
-averages each direction's token vectors, "last" takes the one state that has seen the whole text,
-the last token's for fw and the first token's for bw; each is normalised, then combined as above.
+averages each view's token vectors over every chunk, "last" takes the state that has seen a whole
+chunk at the text's end: the last chunk's last token for fw and echo, the first chunk's first
+token for bw (the whole text, when it is one chunk); each is normalised, then combined as above.
 
-Texts are encoded in batches of similar length, padded on the side a text's positions never see
+Chunks are encoded in batches of similar length, padded on the side a chunk's positions never see
 (fw on the right, bw on the left): the model has no absolute positions, so padding changes
 nothing. That needs the causal bw mask; the study's leaking legacy-flip mask depends on absolute
-positions and lets every position see the whole text, so runs trained with it embed fw only.
+positions and lets every position see the whole text, so runs trained with it embed fw or echo
+only.
 
-Each direction's token vectors are cached in fp16 under cache_dir, one safetensors file per (model
-weights, blocks, direction, token ids of the texts), and reused by every embed, pooling and system
-that needs them; encodings are rounded to fp16 whether cached or not, so both give equal scores.
+Each view's token vectors are cached in fp16 under cache_dir, one safetensors file per (model
+weights, blocks, view, chunk length, token ids of the texts), and reused by every embed, pooling
+and system that needs them; encodings are rounded to fp16 whether cached or not, so both give
+equal scores.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,18 +63,30 @@ from tqdm import tqdm
 from fwbw.data.corpora import load_corpus_tokenizer
 from fwbw.data.tokenizer import Tokenizer
 from fwbw.files import atomic_write, sha256_of
+from fwbw.model.config import ModelConfig
 from fwbw.model.hlb_gpt import HlbGpt
 from fwbw.training import checkpoint
 from fwbw.training.config import TrainConfig
 from fwbw.training.precision import autocast, resolve_device, resolve_dtype
 from fwbw.training.run_dir import MODEL_WEIGHTS, finished_run_config
 
-EMBEDS = {"fw": ("fw",), "bw": ("bw",), "fwbw": ("fw", "bw")}  # embed -> its directions, in order
+
+@dataclass(frozen=True)
+class View:
+    """A pass that embeds a chunk: `direction`'s, over `copies` copies of the chunk one after
+    another, whose states at the copy it reads last are the chunk's token vectors."""
+
+    direction: str
+    copies: int = 1
+
+
+VIEWS = {"fw": View("fw"), "bw": View("bw"), "echo": View("fw", copies=2)}
+EMBEDS = {"fw": ("fw",), "bw": ("bw",), "fwbw": ("fw", "bw"), "echo": ("echo",)}  # embed -> its views, in order
 POOLINGS = ("mean", "last")
 ENCODE_BATCH_TOKENS = 16384  # padded tokens per forward pass
 COMBINE_ROWS = 65536  # token vectors combined at once (bounds the fp32 copy)
-CACHE_FORMAT = 1  # part of every cache key: bump it when what a cache file holds changes
-PAD_ID = 0  # any id: a text's own positions never see the padding
+CACHE_FORMAT = 2  # part of every cache key: bump it when what a cache file holds changes
+PAD_ID = 0  # any id: a chunk's own positions never see the padding
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,7 +95,7 @@ class TokenEmbeddings:
 
     ids: tuple[str, ...]
     vectors: torch.Tensor  # [total tokens, dim], float16
-    lengths: torch.Tensor  # [texts], int64, each >= 1
+    lengths: torch.Tensor  # [texts], int64, each >= 1: the vectors of all its chunks
 
     @property
     def offsets(self) -> torch.Tensor:
@@ -84,14 +112,14 @@ class TokenEmbeddings:
 
 
 def check_embed(embed: str, config: TrainConfig) -> tuple[str, ...]:
-    """The directions of `embed`; ValueError for an unknown one or a bw embedding of a run whose
-    bw mask is not causal."""
+    """The views of `embed`; ValueError for an unknown one or a bw embedding of a run whose bw mask
+    is not causal."""
     if embed not in EMBEDS:
         raise ValueError(f"embed: expected one of {', '.join(EMBEDS)}, got {embed!r}")
-    if "bw" in EMBEDS[embed] and config.bw_mask != "causal":
+    if any(VIEWS[view].direction == "bw" for view in EMBEDS[embed]) and config.bw_mask != "causal":
         raise ValueError(
             f"embed {embed}: the run's bw mask {config.bw_mask} lets every position see the whole text, "
-            "so the run has no bw token embeddings; use --embed fw"
+            "so the run has no bw token embeddings; use --embed fw or echo"
         )
     return EMBEDS[embed]
 
@@ -105,30 +133,66 @@ def check_blocks(blocks: int | None, config: TrainConfig) -> int:
     return blocks
 
 
-def text_tokens(tokenizer: Tokenizer, texts: Mapping[str, str], max_seq_len: int, task_tokens: bool) -> list[list[int]]:
-    """Each text's token ids, cut to what fits the model's context beside a task marker."""
-    limit = max_seq_len - int(task_tokens)
-    tokens = [ids[:limit] for ids in tokenizer.encode_batch(list(texts.values()))]
+def check_chunk_tokens(chunk_tokens: int | None, embed: str, config: TrainConfig) -> int:
+    """The length of `embed`'s chunks (None: the longest whose copies fit the run's context beside
+    a task marker: the context, half of it for echo); ValueError (one line) for one below 2 or
+    above that."""
+    context = config.seq_len - int(config.task_tokens)
+    copies = max(VIEWS[view].copies for view in check_embed(embed, config))
+    longest = context // copies
+    if chunk_tokens is None:
+        return longest
+    if not 2 <= chunk_tokens <= longest:
+        room = f"the run's context of {context} tokens"
+        room = room if copies == 1 else f"embed {embed} reads each chunk {copies} times within {room}"
+        raise ValueError(f"chunk tokens: expected 2..{longest} ({room}), got {chunk_tokens}")
+    return chunk_tokens
+
+
+def text_tokens(tokenizer: Tokenizer, texts: Mapping[str, str]) -> list[list[int]]:
+    """Each text's token ids, all of them."""
+    tokens = tokenizer.encode_batch(list(texts.values()))
     for text_id, ids in zip(texts, tokens):
         if not ids:
             raise ValueError(f"text {text_id!r} is empty: it has no tokens to embed")
     return tokens
 
 
-def token_states(model: HlbGpt, tokens: Sequence[Sequence[int]], direction: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One direction's unit vectors [B, L, width] for texts of token ids, row b position j holding
-    token j of text b (zero past its end), and the mask [B, L]; differentiable."""
-    config = model.config
-    marker = [config.fw_token_id if direction == "fw" else config.bw_token_id] if config.task_tokens else []
-    sequences = [[*marker, *ids] if direction == "fw" else [*ids, *marker] for ids in tokens]
+def chunk_starts(length: int, chunk_tokens: int) -> list[int]:
+    """Where the chunks of a text of `length` tokens start: every chunk_tokens // 2 tokens, and the
+    last chunk where it ends at the text's end (just 0 for a text that fits one chunk)."""
+    last = max(length - chunk_tokens, 0)
+    return [*range(0, last, chunk_tokens // 2), last]
+
+
+def text_chunks(ids: Sequence[int], chunk_tokens: int) -> list[list[int]]:
+    """A text's chunks of token ids (chunk_starts)."""
+    return [list(ids[start : start + chunk_tokens]) for start in chunk_starts(len(ids), chunk_tokens)]
+
+
+def view_inputs(ids: Sequence[int], view: View, config: ModelConfig) -> tuple[list[int], int]:
+    """What one pass of `view` reads for a chunk, with training's task marker (fw's before the
+    copies, bw's after them), and where in it the embedded copy starts."""
+    copies = [*ids] * view.copies
+    if view.direction == "bw":
+        return [*copies, *([config.bw_token_id] if config.task_tokens else [])], 0
+    marker = [config.fw_token_id] if config.task_tokens else []
+    return [*marker, *copies], len(marker) + len(ids) * (view.copies - 1)
+
+
+def token_states(model: HlbGpt, tokens: Sequence[Sequence[int]], view: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One view's unit vectors [B, L, width] for chunks of token ids, row b position j holding
+    token j of chunk b (zero past its end), and the mask [B, L]; differentiable."""
+    direction = VIEWS[view].direction
+    inputs_of = [view_inputs(ids, VIEWS[view], model.config) for ids in tokens]
     lengths = torch.tensor([len(ids) for ids in tokens])
-    padded_length = max(len(sequence) for sequence in sequences)
+    padded_length = max(len(sequence) for sequence, _ in inputs_of)
     inputs = torch.full((len(tokens), padded_length), PAD_ID)
-    starts = []  # where each text's first token sits in its row
-    for row, sequence in enumerate(sequences):
+    starts = []  # where each chunk's embedded copy starts in its row
+    for row, (sequence, embedded) in enumerate(inputs_of):
         first = 0 if direction == "fw" else padded_length - len(sequence)
         inputs[row, first : first + len(sequence)] = torch.tensor(sequence)
-        starts.append(first + (len(marker) if direction == "fw" else 0))
+        starts.append(first + embedded)
     device = next(model.parameters()).device
     hidden = model.hidden(inputs.to(device), direction).float()
     positions = torch.arange(int(lengths.max()))
@@ -139,8 +203,8 @@ def token_states(model: HlbGpt, tokens: Sequence[Sequence[int]], direction: str)
 
 
 def combine(states: Sequence[torch.Tensor], projection: nn.Linear | None = None) -> torch.Tensor:
-    """One embedding from each direction's unit vectors (fw first): their concatenation divided by
-    sqrt(directions), then, for a fine-tuned encoder, its projection, normalised."""
+    """One embedding from each view's unit vectors (in EMBEDS' order): their concatenation divided
+    by sqrt(views), then, for a fine-tuned encoder, its projection, normalised."""
     joined = torch.cat(list(states), dim=-1) / math.sqrt(len(states))
     return joined if projection is None else F.normalize(projection(joined), dim=-1)
 
@@ -159,12 +223,15 @@ class Encoder:
         cache_dir: Path | None = None,
         device: str = "auto",
         progress: bool = True,
+        chunk_tokens: int | None = None,
     ):
-        """weights_digest: the sha256 of the model's weights, naming its cache files."""
+        """weights_digest: the sha256 of the model's weights, naming its cache files; chunk_tokens:
+        see check_chunk_tokens."""
         self.config = config
         self.embed = embed
-        self.directions = check_embed(embed, config)
+        self.views = check_embed(embed, config)
         self.blocks = check_blocks(blocks, config)
+        self.chunk_tokens = check_chunk_tokens(chunk_tokens, embed, config)
         self.device = resolve_device(device)
         self.model = model.truncated(self.blocks).to(self.device) if self.blocks < config.depth else model.to(self.device)
         self.projection = None if projection is None else projection.to(self.device)
@@ -175,80 +242,94 @@ class Encoder:
 
     @property
     def dim(self) -> int:
-        return self.model.config.width * len(self.directions) if self.projection is None else self.projection.out_features
+        return self.model.config.width * len(self.views) if self.projection is None else self.projection.out_features
+
+    def chunked(self, chunk_tokens: int | None) -> Encoder:
+        """This encoder (its model shared) with chunks of chunk_tokens tokens (see check_chunk_tokens)."""
+        encoder = copy.copy(self)
+        encoder.chunk_tokens = check_chunk_tokens(chunk_tokens, self.embed, self.config)
+        return encoder
 
     def precision(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, resolve_dtype(self.config.dtype))
 
     def tokenize(self, texts: Mapping[str, str]) -> list[list[int]]:
-        return text_tokens(self.tokenizer, texts, self.model.config.max_seq_len, self.model.config.task_tokens)
+        return text_tokens(self.tokenizer, texts)
 
     def embed_batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings [B, L, dim] and mask [B, L] of a few texts, differentiable and uncached (fine-tuning)."""
-        tokens = self.tokenize({str(i): text for i, text in enumerate(texts)})
+        """Embeddings [B, L, dim] and mask [B, L] of a few texts, each cut to its first chunk,
+        differentiable and uncached (fine-tuning)."""
+        tokens = [ids[: self.chunk_tokens] for ids in self.tokenize({str(i): text for i, text in enumerate(texts)})]
         with self.precision():
-            states = [token_states(self.model, tokens, direction) for direction in self.directions]
+            states = [token_states(self.model, tokens, view) for view in self.views]
         return combine([vectors for vectors, _ in states], self.projection).float(), states[0][1]
 
-    @torch.no_grad()
     def encode(self, texts: Mapping[str, str]) -> TokenEmbeddings:
-        """Every token's embedding, in fp16."""
-        per_direction = self._direction_embeddings(texts)
-        first = per_direction[0]
-        pieces = [
-            combine([d.vectors[start : start + COMBINE_ROWS].to(self.device).float() for d in per_direction], self.projection)
-            for start in range(0, len(first.vectors), COMBINE_ROWS)
-        ]
-        return TokenEmbeddings(first.ids, torch.cat(pieces).half().cpu(), first.lengths)
+        """Every token's embedding, chunk after chunk, in fp16."""
+        return combine_views(self.view_embeddings(texts), self.projection, self.device)
 
-    @torch.no_grad()
     def encode_pooled(self, texts: Mapping[str, str], pooling: str) -> TokenEmbeddings:
         """One embedding per text (each of length 1), pooled from its token states: see POOLINGS."""
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling: expected one of {', '.join(POOLINGS)}, got {pooling!r}")
-        per_direction = self._direction_embeddings(texts)
-        pooled = [pool(states, direction, pooling).to(self.device) for states, direction in zip(per_direction, self.directions)]
-        first = per_direction[0]
-        return TokenEmbeddings(first.ids, combine(pooled, self.projection).half().cpu(), torch.ones_like(first.lengths))
+        directions = [VIEWS[view].direction for view in self.views]
+        return pool_views(self.view_embeddings(texts), directions, pooling, self.projection, self.device)
 
-    def _direction_embeddings(self, texts: Mapping[str, str]) -> list[TokenEmbeddings]:
+    def view_embeddings(self, texts: Mapping[str, str]) -> list[TokenEmbeddings]:
+        """Each view's unit token vectors of the texts, in self.views' order, before they are combined."""
         tokens = self.tokenize(texts)
-        ids, lengths = tuple(texts), torch.tensor([len(t) for t in tokens])
-        return [TokenEmbeddings(ids, self._cached_vectors(tokens, lengths, direction), lengths) for direction in self.directions]
+        ids, lengths = tuple(texts), torch.tensor([sum(map(len, text_chunks(t, self.chunk_tokens))) for t in tokens])
+        return [TokenEmbeddings(ids, self._cached_vectors(tokens, lengths, view), lengths) for view in self.views]
 
-    def _cached_vectors(self, tokens: list[list[int]], lengths: torch.Tensor, direction: str) -> torch.Tensor:
+    def _cached_vectors(self, tokens: list[list[int]], lengths: torch.Tensor, view: str) -> torch.Tensor:
         if self.cache_dir is None:
-            return self._encode_direction(tokens, direction)
-        path = self.cache_dir / f"{direction}-blocks{self.blocks}-{self._cache_key(tokens, direction)}.safetensors"
+            return self._encode_direction(tokens, view)
+        path = self.cache_dir / f"{view}-blocks{self.blocks}-{self._cache_key(tokens, view)}.safetensors"
         try:
             cached = load_file(str(path))
             if torch.equal(cached["lengths"], lengths):
+                os.utime(path)  # used now: prune_cache removes the least recently used first
                 return cached["vectors"]
         except (OSError, SafetensorError, KeyError):
             pass  # not cached yet, or unreadable: encode again
-        vectors = self._encode_direction(tokens, direction)
+        vectors = self._encode_direction(tokens, view)
         atomic_write(path, lambda tmp: save_file({"vectors": vectors, "lengths": lengths}, str(tmp)))
         return vectors
 
-    def _cache_key(self, tokens: list[list[int]], direction: str) -> str:
+    def _cache_key(self, tokens: list[list[int]], view: str) -> str:
         token_digest = hashlib.sha256()
         for ids in tokens:
             token_digest.update(np.asarray([len(ids), *ids], dtype=np.int64).tobytes())
-        key = [CACHE_FORMAT, self.weights_digest, self.blocks, direction, token_digest.hexdigest()]
+        key = [CACHE_FORMAT, self.weights_digest, self.blocks, view, self.chunk_tokens, token_digest.hexdigest()]
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
-    def _encode_direction(self, tokens: list[list[int]], direction: str) -> torch.Tensor:
-        """Packed fp16 unit vectors [total tokens, width] of one direction, texts in their order."""
-        per_text: list[torch.Tensor | None] = [None] * len(tokens)
+    def _encode_direction(self, tokens: list[list[int]], view: str) -> torch.Tensor:
+        """Packed fp16 unit vectors [total tokens, width] of one view (a direction's, or echo's) of
+        the texts: each text's chunks in order, texts in their order."""
+        chunks = [chunk for ids in tokens for chunk in text_chunks(ids, self.chunk_tokens)]
+        per_chunk: list[torch.Tensor | None] = [None] * len(chunks)
         self.model.eval()
-        with tqdm(total=len(tokens), desc=f"encode {direction}", unit="text", disable=not self.progress) as bar:
-            for batch in length_blocks([len(ids) for ids in tokens], ENCODE_BATCH_TOKENS):
+        with tqdm(total=len(chunks), desc=f"encode {view}", unit="chunk", disable=not self.progress) as bar:
+            for batch in length_blocks([len(ids) * VIEWS[view].copies for ids in chunks], ENCODE_BATCH_TOKENS):
                 with self.precision():
-                    states, _ = token_states(self.model, [tokens[i] for i in batch], direction)
+                    states, _ = token_states(self.model, [chunks[i] for i in batch], view)
                 for row, i in enumerate(batch):
-                    per_text[i] = states[row, : len(tokens[i])].half().cpu()
+                    per_chunk[i] = states[row, : len(chunks[i])].half().cpu()
                 bar.update(len(batch))
-        return torch.cat(per_text)
+        return torch.cat(per_chunk)
+
+
+def prune_cache(cache_dir: Path, max_bytes: int) -> list[Path]:
+    """Remove the least recently used cache files (by modification time, which a read renews) until
+    cache_dir holds at most max_bytes; the files removed."""
+    files = sorted(Path(cache_dir).glob("*.safetensors"), key=lambda path: path.stat().st_mtime) if Path(cache_dir).is_dir() else []
+    total = sum(path.stat().st_size for path in files)
+    removed = []
+    for path in files:
+        if total <= max_bytes:
+            break
+        total -= path.stat().st_size
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def length_blocks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -263,8 +344,32 @@ def length_blocks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return blocks
 
 
+@torch.no_grad()
+def combine_views(per_view: Sequence[TokenEmbeddings], projection: nn.Linear | None, device: torch.device) -> TokenEmbeddings:
+    """The texts' token embeddings from each view's token vectors (combine), in fp16."""
+    first = per_view[0]
+    pieces = [
+        combine([v.vectors[start : start + COMBINE_ROWS].to(device).float() for v in per_view], projection)
+        for start in range(0, len(first.vectors), COMBINE_ROWS)
+    ]
+    return TokenEmbeddings(first.ids, torch.cat(pieces).half().cpu(), first.lengths)
+
+
+@torch.no_grad()
+def pool_views(per_view: Sequence[TokenEmbeddings], directions: Sequence[str], pooling: str, projection: nn.Linear | None,
+               device: torch.device) -> TokenEmbeddings:
+    """One embedding per text (each of length 1): each view pooled (pool; its pass reading in
+    directions[i]), then combined, in fp16."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: expected one of {', '.join(POOLINGS)}, got {pooling!r}")
+    pooled = [pool(states, direction, pooling).to(device) for states, direction in zip(per_view, directions)]
+    first = per_view[0]
+    return TokenEmbeddings(first.ids, combine(pooled, projection).half().cpu(), torch.ones_like(first.lengths))
+
+
 def pool(states: TokenEmbeddings, direction: str, pooling: str) -> torch.Tensor:
-    """One unit vector [texts, width] per text from one direction's token vectors."""
+    """One unit vector [texts, width] per text from one view's token vectors, that view's pass
+    reading in `direction`."""
     if pooling == "mean":
         text_of_token = torch.repeat_interleave(torch.arange(len(states.lengths)), states.lengths)
         sums = torch.zeros(len(states.lengths), states.vectors.shape[1]).index_add_(0, text_of_token, states.vectors.float())
@@ -280,11 +385,14 @@ def load_encoder(
     cache_dir: Path | None = None,
     device: str = "auto",
     progress: bool = True,
+    chunk_tokens: int | None = None,
 ) -> Encoder:
     """The zero-shot encoder of a finished run; ValueError (one line) for a directory that is not one."""
     run_dir = Path(run_dir)
     config = finished_run_config(run_dir)
     check_embed(embed, config)
     check_blocks(blocks, config)
+    check_chunk_tokens(chunk_tokens, embed, config)
     model = checkpoint.load_model(run_dir)
-    return Encoder(model, config, embed, sha256_of(run_dir / MODEL_WEIGHTS), blocks, None, cache_dir, device, progress)
+    return Encoder(model, config, embed, sha256_of(run_dir / MODEL_WEIGHTS), blocks, None, cache_dir, device, progress,
+                   chunk_tokens)

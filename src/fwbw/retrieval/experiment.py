@@ -2,10 +2,20 @@
 
 Systems (System.name):
   bm25                  fwbw.retrieval.bm25, Anserini's setting (k1 0.9, b 0.4)
-  late-interaction      a finished run's token embeddings (embed fw | bw | fwbw, optionally after its
-                        first `blocks` blocks; fwbw.retrieval.encoder) scored by MaxSim
+  late-interaction      a finished run's token embeddings (embed fw | bw | fwbw | echo, optionally
+                        after its first `blocks` blocks, a long text in overlapping chunks of
+                        chunk_tokens; fwbw.retrieval.encoder) scored by MaxSim
   single-vector-mean    one vector per text from the same states, mean-pooled or the last token's
   single-vector-last    (encoder.POOLINGS), scored by their cosine
+  rerank-bm25           BM25's `rerank` best documents of each query ordered by the run's score of
+                        them (any of the above), its candidates (BM25's and the run's score of each)
+                        kept in candidates.csv (fwbw.retrieval.fusion)
+  fusion-bm25           the same candidates ordered by a convex combination of both scores
+                        (fusion.fuse), its weight tuned (fusion.tune_weight) on `fuse_from`: the
+                        finished rerank-bm25 result of the same system on the task's dev queries
+The embed fwfw is fwbw's matched control (fwbw.retrieval.ensemble): the fw views of the run and of
+`partner`, a second run of the same setting, zero-shot. Similarities are computed in
+`maxsim_dtype` (fp32, or bf16: maxsim.maxsim_search).
 A run's system is zero-shot, or with finetune_steps > 0 first fine-tuned (seeded by finetune_seed,
 with BM25 hard negatives or none) on the benchmark's training pairs (fwbw.retrieval.finetune) into
 its own folder. Each query keeps its TREC_DEPTH best documents. A task is evaluated on one split of
@@ -15,14 +25,16 @@ training text may hold their queries.
 
 A result directory holds run_files' files (metrics.json written last: a finished result) and
   settings.json   what the result is of, written before any work: task, split, system, embed,
-                  blocks, pooling, finetune_steps and settings, the run's weights' sha256 (and, not
-                  compared, the run's path)
+                  blocks, chunk_tokens (the length used, the default's too), pooling,
+                  finetune_steps and settings, rerank, the fusion weight, maxsim_dtype, the run's
+                  (and the partner's) weights' sha256 (and, not compared, the run's path)
   timings.json    seconds to load or fine-tune the encoder, to encode the corpus (corpus_encoded:
-                  false when every direction came from the token cache) and the queries, to search,
+                  false when every view came from the token cache) and the queries, to search,
                   and per query (encoding the query and searching); BM25's: to index and search, and
                   that per query
 A directory whose metrics.json exists for the same settings is skipped; one that holds another
-result, or other files and no settings.json, is refused.
+result (one from before chunking, which cut texts to the context and has no chunk_tokens, too), or
+other files and no settings.json, is refused.
 """
 
 from __future__ import annotations
@@ -34,19 +46,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fwbw.files import atomic_write_json, read_json, sha256_of
 from fwbw.retrieval.benchmark import LM_CORPUS, TASKS, Benchmark, check_split
 from fwbw.retrieval.bm25 import bm25_run
 from fwbw.retrieval.encoder import (
+    EMBEDS,
     POOLINGS,
     Encoder,
     TokenEmbeddings,
     check_blocks,
+    check_chunk_tokens,
     check_embed,
     load_encoder,
 )
+from fwbw.retrieval.ensemble import CONTROL_EMBED, load_paired_encoder
 from fwbw.retrieval.finetune import FinetuneSettings, finetune
-from fwbw.retrieval.maxsim import maxsim_search
+from fwbw.retrieval.fusion import (
+    CANDIDATES_FILE,
+    TUNING_SPLIT,
+    fuse,
+    read_candidates,
+    rerank,
+    tune_weight,
+    write_candidates,
+)
+from fwbw.retrieval.maxsim import maxsim_candidates, maxsim_search
 from fwbw.retrieval.run_files import METRICS_FILE, TREC_DEPTH, write_result
 from fwbw.retrieval.tasks import BEIR_PREFIX, load_task, validate_task_spec
 from fwbw.schema import differences
@@ -66,6 +92,8 @@ FINETUNED = "finetuned"  # a result directory's fine-tuning folder, unless given
 BM25 = "bm25"
 LATE_INTERACTION = "late-interaction"
 SINGLE_VECTOR = "single-vector"
+RERANK, FUSION = "rerank-bm25", "fusion-bm25"
+MAXSIM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -73,18 +101,30 @@ class System:
     """What retrieves: BM25 (run None), or a finished run's embeddings (see the module docstring)."""
 
     run: Path | None = None
-    embed: str | None = None  # fw | bw | fwbw, for a run
+    embed: str | None = None  # fw | bw | fwbw | echo, for a run
     blocks: int | None = None  # None: every block
     pooling: str | None = None  # None: late interaction over every token
     finetune_steps: int = 0
     finetune_seed: int = 0
     hard_negatives: str | None = None  # None, or "bm25"
+    chunk_tokens: int | None = None  # a long text's chunk length; None: encoder.check_chunk_tokens's default
+    partner: Path | None = None  # embed fwfw's second run
+    rerank: int | None = None  # rerank BM25's this many best documents of each query
+    fuse_from: Path | None = None  # fuse with BM25, the weight tuned on this dev rerank result
+    maxsim_dtype: str = "fp32"
 
     @property
     def name(self) -> str:
         if self.run is None:
             return BM25
+        if self.rerank is not None:
+            return RERANK if self.fuse_from is None else FUSION
         return LATE_INTERACTION if self.pooling is None else f"{SINGLE_VECTOR}-{self.pooling}"
+
+    @property
+    def encoder_embed(self) -> str:
+        """The embed each run's encoder makes: fw for fwfw, whose two fw views are combined."""
+        return "fw" if self.embed == CONTROL_EMBED else self.embed
 
     def finetune_settings(self) -> FinetuneSettings:
         return FinetuneSettings(embed=self.embed, blocks=self.blocks, steps=self.finetune_steps, seed=self.finetune_seed,
@@ -127,18 +167,52 @@ def check_system(system: System, task: str) -> TrainConfig | None:
         raise ValueError(f"{tuning[0]}: a zero-shot system (finetune steps 0) is not fine-tuned")
     if system.pooling is not None and system.pooling not in POOLINGS:
         raise ValueError(f"pooling: expected one of {', '.join(POOLINGS)}, got {system.pooling!r}")
+    if system.maxsim_dtype not in MAXSIM_DTYPES:
+        raise ValueError(f"maxsim dtype: expected one of {', '.join(MAXSIM_DTYPES)}, got {system.maxsim_dtype!r}")
+    check_hybrid(system)
     if system.run is None:
-        given = [name for name in ("embed", "blocks", "pooling") if getattr(system, name) is not None]
+        given = [name for name in ("embed", "blocks", "pooling", "chunk_tokens", "partner", "rerank")
+                 if getattr(system, name) is not None]
         if given or system.finetune_steps:
             raise ValueError(f"bm25 takes no {', '.join(given) or 'fine-tuning'}: those choose a run's embeddings")
         return None
     config = finished_run(system.run)
     if system.embed is None:
-        raise ValueError("embed: a run's system needs one of fw, bw, fwbw")
-    check_embed(system.embed, config)
+        raise ValueError(f"embed: a run's system needs one of {', '.join([*EMBEDS, CONTROL_EMBED])}")
+    check_partner(system, task, config)
+    check_embed(system.encoder_embed, config)
     check_blocks(system.blocks, config)
+    check_chunk_tokens(system.chunk_tokens, system.encoder_embed, config)
     check_training_data(task, config, system.run)
     return config
+
+
+def check_partner(system: System, task: str, config: TrainConfig) -> None:
+    """ValueError (one line) unless a partner run is given exactly for the fwfw control, zero-shot,
+    and can embed the task at the same blocks."""
+    if (system.embed == CONTROL_EMBED) != (system.partner is not None):
+        raise ValueError(f"partner: the {CONTROL_EMBED} embed takes a second run (--partner), and only it")
+    if system.partner is None:
+        return
+    if system.finetune_steps:
+        raise ValueError(f"embed {CONTROL_EMBED}: a zero-shot control (finetune steps 0)")
+    if Path(system.partner).resolve() == Path(system.run).resolve():
+        raise ValueError(f"partner: {system.partner} is the run itself; give a second run of the same setting")
+    partner = finished_run(system.partner)
+    check_blocks(system.blocks, partner)
+    check_chunk_tokens(system.chunk_tokens, "fw", partner)
+    check_training_data(task, partner, system.partner)
+
+
+def check_hybrid(system: System) -> None:
+    """ValueError (one line) for a rerank depth below 1 or a fusion without a rerank."""
+    if system.rerank is not None and not 1 <= system.rerank <= TREC_DEPTH:
+        raise ValueError(f"rerank: expected 1..{TREC_DEPTH} of BM25's best documents, got {system.rerank}")
+    if system.fuse_from is not None and system.rerank is None:
+        raise ValueError("fuse from: a fusion fuses a rerank's candidates; give rerank too")
+    if system.fuse_from is not None and not (Path(system.fuse_from) / METRICS_FILE).is_file():
+        raise ValueError(f"fuse from: {system.fuse_from} holds no finished retrieval result: run the rerank on the "
+                         f"{TUNING_SPLIT} queries first")
 
 
 def check_training_data(task: str, config: TrainConfig, run: Path) -> None:
@@ -157,12 +231,35 @@ def identity(task: str, split: str, system: System, config: TrainConfig | None) 
         "system": system.name,
         "embed": system.embed,
         "blocks": None if config is None else check_blocks(system.blocks, config),
+        "chunk_tokens": None if config is None else check_chunk_tokens(system.chunk_tokens, system.encoder_embed, config),
         "pooling": system.pooling,
         "finetune_steps": system.finetune_steps,
         "finetune": dataclasses.asdict(system.finetune_settings()) if system.finetune_steps else None,
         "top_k": TREC_DEPTH,
+        "rerank": system.rerank,
+        "fusion_weight": None if system.fuse_from is None else fusion_weight(system, task),
+        "maxsim_dtype": system.maxsim_dtype,
         "run_weights_sha256": None if system.run is None else sha256_of(Path(system.run) / MODEL_WEIGHTS),
+        "partner_weights_sha256": None if system.partner is None else sha256_of(Path(system.partner) / MODEL_WEIGHTS),
     }
+
+
+def fusion_weight(system: System, task: str) -> float:
+    """The fusion weight tuned on system.fuse_from, a finished rerank-bm25 result of the same system on
+    the task's dev queries; ValueError (one line) for any other folder."""
+    source = Path(system.fuse_from)
+    settings = read_json(source / SETTINGS_FILE) if (source / SETTINGS_FILE).is_file() else None
+    if not (source / METRICS_FILE).is_file() or not isinstance(settings, dict):
+        raise ValueError(f"fuse from: {source} holds no finished retrieval result")
+    wanted = {"task": task, "split": TUNING_SPLIT, "system": RERANK, "embed": system.embed, "rerank": system.rerank,
+              "run_weights_sha256": sha256_of(Path(system.run) / MODEL_WEIGHTS), "pooling": system.pooling,
+              "finetune_steps": system.finetune_steps}
+    shown = differences({key: settings.get(key) for key in wanted}, wanted, SHOWN_DIFFERENCES)
+    if shown:
+        raise ValueError(f"fuse from: {source} is not this system's rerank on the dev queries ({shown})")
+    weight, _ = tune_weight(read_candidates(source / CANDIDATES_FILE), load_task(task, TUNING_SPLIT).qrels,
+                            split=settings["split"])
+    return weight
 
 
 def finished_with(out_dir: Path, wanted: Mapping[str, Any]) -> bool:
@@ -219,7 +316,7 @@ def run_retrieval(
         run, timings = _bm25(benchmark)
     else:
         finetune_dir = out_dir / FINETUNED if finetune_dir is None else finetune_dir
-        run, timings = _embedded(benchmark, system, finetune_dir, cache_dir, device, progress)
+        run, timings = _embedded(benchmark, system, finetune_dir, cache_dir, device, progress, out_dir)
     atomic_write_json(out_dir / TIMINGS_FILE, timings)
     metrics = write_result(
         out_dir, task=task, system=system.name, embed=system.embed, finetune_steps=system.finetune_steps, run=run,
@@ -236,14 +333,17 @@ def _bm25(benchmark: Benchmark):
 
 
 def _embedded(benchmark: Benchmark, system: System, finetune_dir: Path, cache_dir: Path | None, device: str,
-              progress: bool):
+              progress: bool, out_dir: Path):
     """The run of a system of a run's embeddings, and its timings."""
     ticks = [time.time()]
     if system.finetune_steps:
         encoder = finetune(system.run, benchmark.train_pairs, finetune_dir, system.finetune_settings(),
-                           cache_dir=cache_dir, device=device, progress=progress)
+                           cache_dir=cache_dir, device=device, progress=progress).chunked(system.chunk_tokens)
+    elif system.partner is not None:
+        encoder = load_paired_encoder(system.run, system.partner, system.blocks, cache_dir, device, progress,
+                                      system.chunk_tokens)
     else:
-        encoder = load_encoder(system.run, system.embed, system.blocks, cache_dir, device, progress)
+        encoder = load_encoder(system.run, system.embed, system.blocks, cache_dir, device, progress, system.chunk_tokens)
     ticks.append(time.time())
     cached_before = _cache_files(cache_dir)
     documents = _encode(encoder, benchmark.corpus, system.pooling)
@@ -251,7 +351,11 @@ def _embedded(benchmark: Benchmark, system: System, finetune_dir: Path, cache_di
     ticks.append(time.time())
     queries = _encode(encoder, benchmark.queries, system.pooling)
     ticks.append(time.time())
-    run = maxsim_search(queries, documents, TREC_DEPTH, device=str(encoder.device))
+    dtype, device = MAXSIM_DTYPES[system.maxsim_dtype], str(encoder.device)
+    if system.rerank is None:
+        run = maxsim_search(queries, documents, TREC_DEPTH, device=device, dtype=dtype)
+    else:
+        run = _hybrid(benchmark, system, queries, documents, device, dtype, out_dir)
     ticks.append(time.time())
     prepare, corpus, query, search = (b - a for a, b in zip(ticks, ticks[1:]))
     return run, {
@@ -259,6 +363,18 @@ def _embedded(benchmark: Benchmark, system: System, finetune_dir: Path, cache_di
         "encode_queries_seconds": query, "search_seconds": search,
         "seconds_per_query": (query + search) / len(benchmark.queries),
     }
+
+
+def _hybrid(benchmark: Benchmark, system: System, queries: TokenEmbeddings, documents: TokenEmbeddings, device: str,
+            dtype: torch.dtype, out_dir: Path) -> dict:
+    """The rerank (or fusion) of BM25's system.rerank best documents, its candidates written to out_dir."""
+    bm25 = bm25_run(benchmark.corpus, benchmark.queries, system.rerank)
+    dense = maxsim_candidates(queries, documents, {qid: list(scores) for qid, scores in bm25.items()}, device, dtype)
+    candidates = {qid: {docid: (score, dense[qid][docid]) for docid, score in scores.items()} for qid, scores in bm25.items()}
+    write_candidates(out_dir / CANDIDATES_FILE, candidates)
+    if system.fuse_from is None:
+        return rerank(candidates)
+    return fuse(candidates, read_json(out_dir / SETTINGS_FILE)["fusion_weight"])
 
 
 def _encode(encoder: Encoder, texts: Mapping[str, str], pooling: str | None) -> TokenEmbeddings:
@@ -274,5 +390,6 @@ def read_experiment(out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     settings = read_json(out_dir / SETTINGS_FILE) if (out_dir / SETTINGS_FILE).is_file() else {}
     timings = read_json(out_dir / TIMINGS_FILE) if (out_dir / TIMINGS_FILE).is_file() else {}
-    shown = {key: settings.get(key) for key in ("split", "blocks", "pooling")}
+    shown = {key: settings.get(key) for key in ("split", "blocks", "chunk_tokens", "pooling", "rerank", "fusion_weight",
+                                                "maxsim_dtype")}
     return {**shown, **timings, **read_json(out_dir / METRICS_FILE)}

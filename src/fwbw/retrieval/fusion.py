@@ -34,6 +34,7 @@ from fwbw.retrieval.metrics import Qrels, Run, evaluate, mean_metrics
 FUSION_GRID = tuple(tenths / 10 for tenths in range(11))  # 0.0, 0.1, ..., 1.0, each the float of its decimal
 TUNING_SPLIT = "dev"
 CANDIDATE_COLUMNS = ("qid", "docid", "bm25", "dense")
+CANDIDATES_FILE = "candidates.csv"  # a rerank result's candidates (fwbw.retrieval.experiment)
 
 
 class CandidateScores(NamedTuple):

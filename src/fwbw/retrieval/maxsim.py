@@ -11,6 +11,8 @@ document padded with copies of one of its own tokens has the same maxima.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 
 from fwbw.retrieval.encoder import TokenEmbeddings, length_blocks
@@ -79,3 +81,20 @@ def _best(scores: torch.Tensor, candidates: torch.Tensor, tie_rank: torch.Tensor
 
 def _blocks(lengths: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
     return [torch.tensor(block) for block in length_blocks(lengths.tolist(), max_tokens)]
+
+
+@torch.no_grad()
+def maxsim_candidates(queries: TokenEmbeddings, documents: TokenEmbeddings, candidates: Mapping[str, Sequence[str]],
+                      device: str = "cpu", dtype: torch.dtype = torch.float32) -> Run:
+    """{qid: {docid: MaxSim score}} for each query's given candidate documents only (a rerank's)."""
+    query_index = {qid: i for i, qid in enumerate(queries.ids)}
+    document_index = {docid: i for i, docid in enumerate(documents.ids)}
+    scores: Run = {}
+    for qid, docids in candidates.items():
+        if not docids:
+            scores[qid] = {}
+            continue
+        query = queries.padded(torch.tensor([query_index[qid]])).to(device, dtype)
+        chosen = documents.padded(torch.tensor([document_index[d] for d in docids]), repeat_last=True).to(device, dtype)
+        scores[qid] = dict(zip(docids, maxsim_matrix(query, chosen)[0].tolist()))
+    return scores

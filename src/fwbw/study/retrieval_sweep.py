@@ -3,24 +3,34 @@ sweep's retrieval/ folder, resumable like the sweep (a finished result is skippe
 only what is missing), then the sweep's tables rebuilt (fwbw.study.results).
 
   retrieval/bm25/<task>-<split>/                                                BM25, once per task and split
-  retrieval/<run_id>/<task>-<split>-<embed>[-b<blocks>][-<pooling>]-ft<N>[-s<S>][-bm25neg]/  a run's system
+  retrieval/<run_id>/<task>-<split>-<embed>[-b<blocks>][-c<C>][-<pooling>]-ft<N>[-s<S>][-bm25neg][-rr<K>|-fu<K>][-bf16]/
+                                                                                a run's system
   retrieval/<run_id>/finetuned/<task>-<embed>[-b<blocks>]-ft<N>[-s<S>][-bm25neg]/  its fine-tuning, shared
-                                                                                by the poolings and splits
+                                                                                by the poolings, splits and chunk lengths
   retrieval/cache/                                                     the fp16 token cache every result shares
 
-<task> is the task's name; a BEIR folder's is beir-<folder name>; <split> dev or test; -s<S> a
-fine-tuning seed other than 0; -bm25neg fine-tuning with BM25 hard negatives. A run the task does not take (experiment.check_system: a wiki-sample
-task and a run trained on another corpus) is left out, with the reason.
+<task> is the task's name; a BEIR folder's is beir-<folder name>; <split> dev or test; -c<C> a
+chunk length given (none: the embed's default, fwbw.retrieval.encoder.check_chunk_tokens); -s<S> a
+fine-tuning seed other than 0; -bm25neg fine-tuning with BM25 hard negatives; -rr<K> a rerank of
+BM25's K best documents, -fu<K> their fusion, its weight tuned on the run's -rr<K> result on the dev
+queries (which must have finished first); -bf16 similarities in bf16. The embed fwfw (the control
+of fwbw: fwbw.retrieval.ensemble) pairs each run with the next seed of its setting among the
+finished runs (the first seed with the last). A run or embed the
+task does not take (experiment.check_system: a wiki-sample task and a run trained on another corpus,
+a chunk length echo cannot read twice in the run's context) is left out, with the reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fwbw.retrieval.encoder import prune_cache
+from fwbw.retrieval.ensemble import CONTROL_EMBED
 from fwbw.retrieval.experiment import (
     BM25,
     FINETUNED,
@@ -29,6 +39,7 @@ from fwbw.retrieval.experiment import (
     check_system,
     run_retrieval,
 )
+from fwbw.retrieval.fusion import TUNING_SPLIT
 from fwbw.retrieval.tasks import BEIR_PREFIX, load_task
 from fwbw.study.results import write_results
 from fwbw.study.sweep_dir import RETRIEVAL, RUNS, read_sweep
@@ -36,6 +47,7 @@ from fwbw.training.run_dir import read_status
 
 DEFAULT_EMBEDS = ("fw", "fwbw")  # the fw-only view and the fw+bw one
 CACHE = "cache"
+DEFAULT_CACHE_GB = 4.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,11 @@ class Plan:
     finetune_steps: int = 0
     finetune_seed: int = 0
     hard_negatives: str | None = None
+    chunk_tokens: int | None = None  # None: each embed's default
+    rerank: int | None = None  # rerank BM25's this many best documents
+    fusion: bool = False  # fuse them with BM25 instead, the weight tuned on the dev rerank
+    maxsim_dtype: str = "fp32"
+    cache_gb: float = DEFAULT_CACHE_GB  # the token cache is trimmed to this size after each result
 
 
 @dataclass(frozen=True)
@@ -68,12 +85,33 @@ def task_label(task: str) -> str:
 
 
 def result_name(plan: Plan, embed: str, pooled: bool = True) -> str:
-    """A run's result folder (pooled=False: its fine-tuning's, the same for every pooling and split)."""
+    """A run's result folder (pooled=False: its fine-tuning's, the same for every pooling, split and
+    chunk length)."""
     blocks = "" if plan.blocks is None else f"-b{plan.blocks}"
+    chunks = f"-c{plan.chunk_tokens}" if pooled and plan.chunk_tokens is not None else ""
     split, pooling = (f"-{plan.split}", f"-{plan.pooling}" if plan.pooling else "") if pooled else ("", "")
     seed = f"-s{plan.finetune_seed}" if plan.finetune_seed else ""
     negatives = f"-{plan.hard_negatives}neg" if plan.hard_negatives else ""
-    return f"{task_label(plan.task)}{split}-{embed}{blocks}{pooling}-ft{plan.finetune_steps}{seed}{negatives}"
+    hybrid = "" if plan.rerank is None or not pooled else f"-{'fu' if plan.fusion else 'rr'}{plan.rerank}"
+    dtype = f"-{plan.maxsim_dtype}" if pooled and plan.maxsim_dtype != "fp32" else ""
+    return (f"{task_label(plan.task)}{split}-{embed}{blocks}{chunks}{pooling}-ft{plan.finetune_steps}{seed}{negatives}"
+            f"{hybrid}{dtype}")
+
+
+def partners(sweep_dir: Path, finished: list[str]) -> dict[str, Path]:
+    """Each finished run's partner for the fwfw control: the finished run of the same setting with the
+    next seed (the first seed's for the last); none for a run alone in its setting."""
+    configs = read_sweep(sweep_dir)["runs"]
+    by_setting: dict[str, list[tuple[int, str]]] = {}
+    for run_id in finished:
+        setting = {key: value for key, value in configs[run_id].items() if key != "seed"}
+        by_setting.setdefault(json.dumps(setting, sort_keys=True), []).append((configs[run_id]["seed"], run_id))
+    paired = {}
+    for runs in by_setting.values():
+        ordered = [run_id for _, run_id in sorted(runs)]
+        if len(ordered) > 1:
+            paired |= {run_id: Path(sweep_dir) / RUNS / ordered[(i + 1) % len(ordered)] for i, run_id in enumerate(ordered)}
+    return paired
 
 
 def plan_jobs(sweep_dir: Path, plan: Plan) -> tuple[list[Job], list[str]]:
@@ -81,17 +119,22 @@ def plan_jobs(sweep_dir: Path, plan: Plan) -> tuple[list[Job], list[str]]:
     sweep_dir = Path(sweep_dir)
     root = sweep_dir / RETRIEVAL
     jobs = [Job(f"{BM25} {plan.task} {plan.split}", root / BM25 / f"{task_label(plan.task)}-{plan.split}", System())]
-    left_out = []
-    for run_id, values in read_sweep(sweep_dir)["runs"].items():
-        run_dir = sweep_dir / RUNS / run_id
-        status = read_status(run_dir)["status"]
-        if status != "done":
+    left_out, finished = [], []
+    for run_id in read_sweep(sweep_dir)["runs"]:
+        status = read_status(sweep_dir / RUNS / run_id)["status"]
+        if status == "done":
+            finished.append(run_id)
+        else:
             left_out.append(f"{run_id}: not finished (status {status})")
-            continue
+    paired = partners(sweep_dir, finished)
+    for run_id in finished:
+        run_dir = sweep_dir / RUNS / run_id
         for embed in plan.embeds:
             system = System(run_dir, embed, plan.blocks, plan.pooling, plan.finetune_steps, plan.finetune_seed,
-                            plan.hard_negatives)
-            reason = _not_applicable(system, plan.task)
+                            plan.hard_negatives, plan.chunk_tokens, paired.get(run_id) if embed == CONTROL_EMBED else None,
+                            plan.rerank, _tuned_on(root / run_id, plan, embed), plan.maxsim_dtype)
+            reason = ("no other finished run of its setting to pair with" if embed == CONTROL_EMBED and run_id not in paired
+                      else _not_applicable(system, plan.task))
             if reason:
                 left_out.append(f"{run_id}: no {embed} embed: {reason}")
                 continue
@@ -99,6 +142,13 @@ def plan_jobs(sweep_dir: Path, plan: Plan) -> tuple[list[Job], list[str]]:
             jobs.append(Job(f"{run_id} {system.name} {embed}", root / run_id / result_name(plan, embed), system,
                             finetune_dir))
     return jobs, left_out
+
+
+def _tuned_on(run_root: Path, plan: Plan, embed: str) -> Path | None:
+    """A fusion's dev rerank result (None without a fusion)."""
+    if not plan.fusion:
+        return None
+    return run_root / result_name(dataclasses.replace(plan, split=TUNING_SPLIT, fusion=False), embed)
 
 
 def _not_applicable(system: System, task: str) -> str | None:
@@ -123,5 +173,6 @@ def retrieve_sweep(sweep_dir: Path, plan: Plan, device: str = "auto", progress: 
         result = run_retrieval(job.out_dir, plan.task, plan.split, job.system, job.finetune_dir,
                                sweep_dir / RETRIEVAL / CACHE, device, progress, benchmark)
         outcome[job.label] = "skipped" if result.skipped else "done"
+        prune_cache(sweep_dir / RETRIEVAL / CACHE, int(plan.cache_gb * 2**30))
     write_results(sweep_dir)
     return outcome, left_out
