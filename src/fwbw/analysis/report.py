@@ -35,11 +35,10 @@ from fwbw.analysis.figures import (
 )
 from fwbw.analysis.overfitting import MEASURES
 from fwbw.analysis.retrieval_stats import (
-    BASE_VS_BM25,
-    BEST_EMBED,
-    FW_EMBED,
-    X_VS_BM25,
+    ANSWER_ORDER,
+    CONTROL,
     RetrievalAnalysis,
+    answer_rows,
     sweep_retrieval,
 )
 from fwbw.analysis.stats import (
@@ -463,62 +462,74 @@ def findings(analysis: Analysis) -> list[str]:
     return [s for statements in findings_by_question(analysis).values() for s in statements]
 
 
-def _tuning(steps: int) -> str:
-    return "zero-shot" if steps == 0 else f"fine-tuned {steps} steps"
+RETRIEVAL_TITLE = "Retrieval: does training both ways make a causal LM a better late-interaction retriever?"
+RETRIEVAL_ANSWERS = {  # how the deciding comparison a − b's intervals lie (_retrieval_direction) -> the answer they allow
+    "better": "Yes: training a causal LM both ways made it a better late-interaction retriever ({a} beat {b} in every "
+              "comparison)",
+    "sometimes": "Not consistently: training a causal LM both ways made it a better late-interaction retriever in "
+                 "some comparisons only",
+    "mixed": "Mixed: {a} beat {b} in some comparisons and lost to it in others",
+    "worse": "No: {a} lost to {b} where the intervals exclude 0",
+    "none": "No evidence that training a causal LM both ways makes it a better late-interaction retriever",
+}
+RETRIEVAL_UNCONTROLLED = ("Not established: without the matched fwfw control, a gain of two views over one is not "
+                          "told apart from seeing both sides")
 
 
-def _noise_verdict(row: dict, unit: str, units: str) -> str:
-    """What the 95% interval of a − b over seeds or queries (retrieval_comparisons.csv's columns) says."""
-    n, low, high = row[f"n_{units}"], row[f"{unit}_ci_low"], row[f"{unit}_ci_high"]
-    if pd.isna(low):
-        return f"n = {n} {unit if n == 1 else units}: no interval"
-    counted = f"95% CI {_signed(low)} … {_signed(high)}, n = {n} {units}"
-    if low > 0:
-        return f"{counted}: {row['a']} better beyond {unit} noise"
-    if high < 0:
-        return f"{counted}: {row['b']} better beyond {unit} noise"
-    return f"{counted}: within {unit} noise"
+def _retrieval_direction(rows: pd.DataFrame) -> str:
+    """Where the two-level 95% intervals of a − b lie: above 0 in all rows, in some, on both sides, below only, or neither."""
+    above, below = int((rows.ci_low > 0).sum()), int((rows.ci_high < 0).sum())
+    if above == len(rows):
+        return "better"
+    if above:
+        return "mixed" if below else "sometimes"
+    return "worse" if below else "none"
 
 
-def _retrieval_pair(row: dict, with_variant: bool) -> str:
-    """Which models a comparison (retrieval_comparisons.csv's row) sets against each other."""
-    arm = arm_label(row) if with_variant else f"p_bw = {row['p_bw']:g}"
-    return {
-        FW_EMBED: f"{arm} against p_bw = 0, both with fw embeddings",
-        BEST_EMBED: f"{arm} ({row['a_embed']} embed) against p_bw = 0 ({row['b_embed']} embed), each with its best embed",
-        X_VS_BM25: f"{arm} ({row['a_embed']} embed, its best) against BM25",
-        BASE_VS_BM25: f"p_bw = 0 ({row['a_embed']} embed, its best) against BM25",
-    }[row["comparison"]]
+def _retrieval_tally(rows: pd.DataFrame) -> str:
+    """One comparison's rows: its difference and interval, or (several rows) where their intervals lie."""
+    name = rows.comparison.iloc[0] + (" (the matched control)" if rows.comparison.iloc[0] == CONTROL else "")
+    if len(rows) == 1:
+        row = rows.iloc[0]
+        return f"{name} {_signed(row.mean_diff)} (95% CI {_signed(row.ci_low)} … {_signed(row.ci_high)})"
+    above, below = int((rows.ci_low > 0).sum()), int((rows.ci_high < 0).sum())
+    return f"{name} above 0 in {above} and below 0 in {below} of {len(rows)} comparisons (mean {_signed(rows.mean_diff.mean())})"
 
 
-def _retrieval_statement(row: dict, with_variant: bool) -> str:
-    cut = not pd.isna(row["blocks"]) and row["blocks"] < row["depth"]
-    task = row["task"] if pd.isna(row["split"]) else f"{row['task']} {row['split']}"
-    where = (f"{task}, {_tuning(row['finetune_steps'])}, {row['system'].replace('-', ' ')}"
-             + (f" after {row['blocks']} of {row['depth']} blocks" if cut else "")
-             + f", {size_label(row['depth'], row['width'])}")
-    return (f"{where}, {_retrieval_pair(row, with_variant)}: nDCG@10 {_num(row['a_mean'])} vs {_num(row['b_mean'])}, "
-            f"difference {_signed(row['mean_diff'])} (over seeds: {_noise_verdict(row, 'seed', 'seeds')}; "
-            f"over queries: {_noise_verdict(row, 'query', 'queries')}).")
+def _retrieval_answer(deciding: pd.DataFrame) -> str:
+    """The answer the deciding comparison's rows allow: a gain only where it is the fwbw − fwfw control."""
+    name, direction = deciding.comparison.iloc[0], _retrieval_direction(deciding)
+    if name != CONTROL and direction in ("better", "sometimes", "mixed"):
+        return RETRIEVAL_UNCONTROLLED
+    a, b = name.split(" − ")
+    return RETRIEVAL_ANSWERS[direction].format(a=a, b=b)
 
 
 def retrieval_statements(retrieval: RetrievalAnalysis) -> list[str]:
-    """One sentence per comparison of the retrieval analysis, with its intervals and verdicts."""
-    comparisons = retrieval.comparisons
-    if comparisons.empty:
-        return ["No p_bw > 0 run has a retrieval result: nothing to compare."]
-    with_variant = comparisons[VARIANT].drop_duplicates().shape[0] > 1
-    return [_retrieval_statement(row, with_variant) for row in comparisons.to_dict("records")]
+    """The one sentence that answers the question, from retrieval_stats.answer_rows (none without them): the
+    deciding comparison is the fwbw − fwfw control where the sweep has it (without it a gain is not established)."""
+    rows = answer_rows(retrieval.comparisons)
+    by_name = [rows[rows.comparison.eq(name)] for name in ANSWER_ORDER if rows.comparison.eq(name).any()]
+    if not by_name:
+        return []
+    tallies = "; ".join(map(_retrieval_tally, by_name))
+    return [f"{_retrieval_answer(by_name[0])}: on the test queries, {tallies} (nDCG@10 of late interaction, a − b within "
+            "each model, with two-level bootstrap 95% intervals over seeds and queries)."]
 
 
 def _retrieval_section(retrieval: RetrievalAnalysis) -> tuple[str, list[tuple]]:
-    return ("Retrieval: fw+bw-trained against fw-only-trained token embeddings", [
-        ("ul", retrieval_statements(retrieval)),
-        ("p", "retrieval_comparisons: per task, query split, system and fine-tuning, each p_bw > 0 model against "
-              "the p_bw = 0 model of the same seed and size (with fw embeddings, and each with its best embed: the "
-              "highest mean nDCG@10 over its seeds on the dev queries), and each against BM25, on nDCG@10 (a − b). "
-              "seed_ci: the 95% t interval of the per-seed differences; query_ci and query_boot: the paired t and "
-              "bootstrap 95% intervals over queries of each query's nDCG@10 averaged over the seeds."),
+    return (RETRIEVAL_TITLE, [
+        *(("p", sentence) for sentence in retrieval_statements(retrieval)),
+        ("p", "retrieval_comparisons: nDCG@10 of a − b, paired by seed and query (fwbw.analysis.retrieval_stats). "
+              "Within each model, per task, split, system, blocks and fine-tuning: bw − fw, fwbw − fw and fwbw − "
+              "fwfw (the matched control: this run's fw beside a second seed's fw) where p_bw > 0, echo − fw (the "
+              "text read twice) at every p_bw. Between models: p_bw > 0 − p_bw = 0 with fw embeddings, and each at "
+              "its best embed and blocks. Against BM25: each model's best dense system, rerank-bm25 and fusion-bm25. "
+              "Best: the highest mean nDCG@10 over the seeds on the dev split, then compared on every split. ci_low, "
+              "ci_high: the two-level bootstrap 95% interval (seeds and queries resampled independently); p_value: its "
+              "two-sided p; goal rows (best dense − BM25 on test, description and ict): p_holm, Holm-adjusted over "
+              "the model's two tasks. seed_ci: the t interval over seeds; query_ci, query_boot: the paired t and "
+              "bootstrap intervals over queries of the values averaged over seeds."),
         ("table", "retrieval_comparisons", retrieval.comparisons),
         ("p", "retrieval_systems: every system's metrics, the mean over its results (one per seed), with nDCG@10's "
               "95% t interval over seeds, the seconds to encode the corpus (small where the token cache held it) "

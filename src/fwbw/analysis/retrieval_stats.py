@@ -1,24 +1,59 @@
-"""The retrieval question in numbers: does fw+bw training make a causal LM a better retriever?
+"""The retrieval question in numbers: does training a causal LM both ways (fw and bw) make it a better
+late-interaction retriever? Answered within one model, and never by choosing on the test split.
 
 From the sweep's retrieval table (fwbw.study.results.RETRIEVAL_COLUMNS, one row per result) and each
 result's per-query nDCG@10 ({result folder: {qid: value}}):
 
-  systems       per task, split, system, blocks, fine-tuning steps (CONFIG), run setting (stats.SETTING) and
-                embed: the mean of every metric over the results (one per seed), nDCG@10's 95% t
-                interval over seeds and the mean timings; BM25 once per task
-  comparisons   per CONFIG and p_bw > 0 setting, against its p_bw = 0 baseline of the same size
-                (stats.arms), seed by seed (the seeds with both results), on nDCG@10:
-                  fw embed          the fw+bw-trained model against the fw-only one, both embedding fw
-                  best embed        each with its best embed: the highest mean nDCG@10 over its seeds
-                                    on the dev split, whichever split is compared (no dev results: no
-                                    best embed, and no comparison that needs it)
-                  fw+bw vs BM25     the fw+bw-trained model with its best embed against BM25
-                  fw-only vs BM25   the fw-only model with its best embed against BM25
-                The difference a − b, with two 95% intervals. Over seeds: the t interval of the seeds'
-                differences of the results' means (stats.mean_ci). Over queries: each query's value
-                averaged over the seeds first, then the paired t and bootstrap intervals
-                (fwbw.retrieval.metrics.paired_difference). Both have the same mean; the first holds the
-                noise of training, the second that of sampling the queries.
+systems (SYSTEM_COLUMNS): per task, split, system, blocks, fine-tuning steps (CONFIG), run setting
+  (stats.SETTING) and embed, the mean of every metric over the results (one per seed), nDCG@10's 95% t
+  interval over seeds and the mean timings; BM25 once per task and split.
+
+comparisons (COMPARISON_COLUMNS): one row per comparison a − b of nDCG@10 that the results allow; one
+  they do not allow is absent. A model is a run setting with one run per seed (the first by run_id, as
+  stats.arms counts them). a and b are paired by seed (the seeds both have; BM25 has no seed and stands
+  for every one) and by query.
+  Within one model, per task, split, system, blocks and fine-tuning steps (the same on both sides):
+    bw − fw, fwbw − fw    its bw embedding, and both directions concatenated, against its fw (p_bw > 0)
+    fwbw − fwfw           the matched control (p_bw > 0): fwfw concatenates this run's fw with the fw of a
+                          second seed's run of the setting, as many dimensions and as much training as
+                          fwbw, so that an ensemble of two views is not taken for seeing both sides
+    echo − fw             the fw-only baseline that reads the text twice (Springer et al. 2024), every setting
+  Between models, each p_bw > 0 setting against its p_bw = 0 baseline of the same size (stats.arms):
+    p_bw > 0 − p_bw = 0, fw embed     both with fw embeddings, per task, split, system, blocks, fine-tuning
+    p_bw > 0 − p_bw = 0, best embed   each at its own best embed and blocks, per task, split, system, fine-tuning
+  Against BM25 of the same task and split, per model:
+    best dense − BM25     its best pure dense system (DENSE: late interaction, zero-shot or fine-tuned, and
+                          single vector), system, embed, blocks and fine-tuning steps chosen together
+    rerank-bm25 − BM25    BM25's top K re-ordered by the dense score, at its best embed, blocks, fine-tuning
+    fusion-bm25 − BM25    the dev-tuned convex fusion of BM25 and the dense score, likewise
+  "Best" is chosen on the dev split alone: the highest mean nDCG@10 over the model's seeds on dev (the first
+  in sort order on a tie) among the model's own embeds (CANDIDATE_EMBEDS; fwfw, made of two runs, is a
+  control and never chosen), then compared on every split (on dev itself optimistically: chosen on those
+  queries). A model without dev results has no best, and the comparisons that need one are absent.
+
+  Columns:
+    comparison                 its name above
+    task, split                where a and b are compared
+    SETTING                    the model's (between models: the p_bw > 0 one's; b is its p_bw = 0 baseline)
+    a, b                       the model ("p_bw = 0.05") or "BM25"
+    a_system, a_embed, a_blocks, a_finetune_steps, and b_ likewise: what each side is (BM25's embed and
+                               blocks are NA)
+    n_seeds, seeds             the seeds paired
+    n_queries                  the queries paired
+    a_mean, b_mean, mean_diff  nDCG@10 of each side over seeds and queries, and a − b
+    ci_low, ci_high            the headline 95% interval of a − b: the two-level bootstrap (two_level_means)
+    p_value                    its two-sided p-value of a − b = 0 (bootstrap_p_value)
+    goal                       the pre-specified goal: best dense − BM25 on the test split of a GOAL_TASKS
+                               task (title is a sanity task: never a goal)
+    p_holm                     on goal rows, p_value Holm-adjusted over the model's goal rows (its two
+                               tasks); NaN elsewhere
+    seed_ci_low, seed_ci_high  secondary: the 95% t interval over seeds of each seed's a − b (its mean over
+                               queries; stats.mean_ci), NaN below 2 seeds
+    per_seed                   each seed's a − b
+    query_ci_low, query_ci_high, query_boot_low, query_boot_high
+                               secondary: over queries of each query's a − b averaged over the seeds, the
+                               paired t and bootstrap 95% intervals (metrics.paired_difference), NaN below
+                               2 queries
 """
 
 from __future__ import annotations
@@ -30,25 +65,46 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fwbw.analysis.stats import SETTING, arms, mean_ci, select
-from fwbw.retrieval.experiment import BM25
-from fwbw.retrieval.metrics import METRICS, paired_difference
+from fwbw.analysis.effects import holm
+from fwbw.analysis.stats import SETTING, Arm, arms, mean_ci, select
+from fwbw.retrieval.ensemble import CONTROL_EMBED
+from fwbw.retrieval.experiment import BM25, FUSION, LATE_INTERACTION, RERANK, SINGLE_VECTOR
+from fwbw.retrieval.metrics import BOOTSTRAP_CHUNK, METRICS, paired_difference
 from fwbw.retrieval.run_files import PER_QUERY_FILE, read_per_query
 from fwbw.study.sweep_dir import RETRIEVAL_CSV, RETRIEVAL_PARQUET
 
 MEASURE = "ndcg_at_10"  # the headline metric, compared
-CONFIG = ["task", "split", "system", "blocks", "finetune_steps"]  # what a comparison holds fixed besides the models
-DEV = "dev"  # the split embeds are chosen on
-FW_EMBED, BEST_EMBED, X_VS_BM25, BASE_VS_BM25 = "fw embed", "best embed", "fw+bw vs BM25", "fw-only vs BM25"
+# what a within-model comparison holds fixed (variant: experiment.variant, chunks, negatives, ...)
+CONFIG = ["task", "split", "system", "blocks", "finetune_steps", "variant"]
+DEV, TEST = "dev", "test"  # choices are made on dev; test is what is reported
+GOAL_TASKS = ("description", "ict")  # the tasks of the pre-specified goal, best dense − BM25 on test
+DENSE = (LATE_INTERACTION, f"{SINGLE_VECTOR}-mean", f"{SINGLE_VECTOR}-last")  # the pure dense systems
+CANDIDATE_EMBEDS = ("fw", "bw", "fwbw", "echo")  # one model's embeddings, what "best" chooses among
+WITHIN = {"bw − fw": ("bw", "fw"), "fwbw − fw": ("fwbw", "fw"), "fwbw − fwfw": ("fwbw", CONTROL_EMBED)}  # p_bw > 0
+ECHO = {"echo − fw": ("echo", "fw")}  # every setting
+CONTROL = "fwbw − fwfw"  # the matched comparison the answer rests on
+ANSWER_ORDER = (CONTROL, "fwbw − fw", "bw − fw")  # the comparisons that answer the question, the deciding one first
+SANITY_TASKS = ("title",)  # checks that retrieval works at all, no answer to the question
+FW_EMBED, BEST_EMBED = "p_bw > 0 − p_bw = 0, fw embed", "p_bw > 0 − p_bw = 0, best embed"
+GOAL = "best dense − BM25"  # the comparison of the pre-specified goal
+AGAINST_BM25 = {GOAL: DENSE, "rerank-bm25 − BM25": (RERANK,), "fusion-bm25 − BM25": (FUSION,)}
+CHOSEN = ["system", "embed", "blocks", "finetune_steps", "variant"]  # what a side is
+RESULT = ["run_id", "seed", *CONFIG, "embed", MEASURE, "result"]  # what a comparison reads of a result
+BOOTSTRAP_RESAMPLES = 10_000  # of the two-level bootstrap
+BOOTSTRAP_SEED = 0
+DECIMALS = 12  # a resampled mean is rounded to these: one that is 0 but for float rounding is 0
+CONFIDENCE = 0.95
 TIMINGS = ["encode_corpus_seconds", "seconds_per_query"]
 SYSTEM_COLUMNS = [*CONFIG, *SETTING, "embed", "n_results", *METRICS, "ndcg_ci_low", "ndcg_ci_high", *TIMINGS]
 COMPARISON_COLUMNS = [
-    *CONFIG, *SETTING, "comparison", "a", "a_embed", "b", "b_embed", "n_seeds", "seeds", "a_mean", "b_mean",
-    "mean_diff", "seed_ci_low", "seed_ci_high", "per_seed", "n_queries", "query_ci_low", "query_ci_high",
-    "query_boot_low", "query_boot_high",
+    "comparison", "task", "split", *SETTING, "a", *(f"a_{c}" for c in CHOSEN), "b", *(f"b_{c}" for c in CHOSEN),
+    "n_seeds", "seeds", "n_queries", "a_mean", "b_mean", "mean_diff", "ci_low", "ci_high", "p_value", "goal",
+    "p_holm", "seed_ci_low", "seed_ci_high", "per_seed", "query_ci_low", "query_ci_high", "query_boot_low",
+    "query_boot_high",
 ]
 
 PerQuery = Mapping[str, Mapping[str, float]]  # result folder -> {qid: nDCG@10}
+Side = tuple[str, pd.DataFrame]  # a model's name and its results, one per seed, indexed by seed
 
 
 @dataclass
@@ -86,82 +142,204 @@ def system_table(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SYSTEM_COLUMNS)
 
 
+# ----------------------------------------------------------------------------- the comparisons
+
 def comparison_table(table: pd.DataFrame, per_query: PerQuery) -> pd.DataFrame:
-    """Every comparison of the module docstring, per CONFIG and p_bw > 0 setting (those with seeds in common)."""
-    models = table[table.run_id.notna()]
-    models = models.astype({"p_bw": float, "depth": int, "width": int, "seed": int, "blocks": "Int64",
-                            "finetune_steps": int})  # as the results table has them, where a CSV made them floats
-    runs = models.drop_duplicates("run_id")[["run_id", *SETTING, "seed"]]
+    """Every comparison of the module docstring that the results allow: within models, between models, against BM25."""
+    models = table[table.run_id.notna()].astype(
+        {"p_bw": float, "depth": int, "width": int, "seed": int, "blocks": "Int64", "finetune_steps": int})  # as a CSV may not
+    runs = models.sort_values("run_id").drop_duplicates([*SETTING, "seed"])[["run_id", *SETTING, "seed"]]  # one per seed
+    models, bm25 = models[RESULT], table.loc[table.system.eq(BM25), RESULT]
+    settings = [(dict(zip(SETTING, key)), models[models.run_id.isin(group.run_id)])
+                for key, group in runs.groupby(SETTING, dropna=False, sort=True)]
+    rows = [row for setting, results in settings for row in _within_model(setting, results, per_query)]
+    rows += [row for arm in arms(runs) for row in _between_models(arm, models, per_query)]
+    rows += [row for setting, results in settings for row in _against_bm25(setting, results, bm25, per_query)]
+    return _with_goal(pd.DataFrame(rows, columns=COMPARISON_COLUMNS))
+
+
+def answer_rows(comparisons: pd.DataFrame) -> pd.DataFrame:
+    """The rows that answer the question: late interaction's ANSWER_ORDER comparisons within each model on
+    the test split, the sanity tasks left out."""
+    chosen = (comparisons.comparison.isin(ANSWER_ORDER) & comparisons.split.eq(TEST)
+              & comparisons.a_system.eq(LATE_INTERACTION) & ~comparisons.task.isin(SANITY_TASKS))
+    return comparisons[chosen]
+
+
+def _within_model(setting: dict, results: pd.DataFrame, per_query: PerQuery) -> list[dict]:
+    """One model's embeds against its fw (and fwbw against fwfw), per CONFIG."""
+    contrasts = {**WITHIN, **ECHO} if setting["p_bw"] > 0 else ECHO
+    name, rows = _model_name(setting), []
+    for _, config in results.groupby(CONFIG, dropna=False, sort=True):
+        embeds = {embed: by_embed.set_index("seed") for embed, by_embed in config.groupby("embed")}
+        rows += [_compare(contrast, (name, embeds[a]), (name, embeds[b]), per_query)
+                 for contrast, (a, b) in contrasts.items() if {a, b} <= embeds.keys()]
+    return [{**setting, **row} for row in rows if row is not None]
+
+
+def _between_models(arm: Arm, models: pd.DataFrame, per_query: PerQuery) -> list[dict]:
+    """The arm's p_bw > 0 model against its p_bw = 0 baseline: both with fw embeddings, and each at its best."""
+    x, base = (models[models.run_id.isin(names)] for names in (arm.runs, arm.baseline))
+    x_name, base_name = _model_name(arm.setting), "p_bw = 0"
     rows = []
-    for arm in arms(runs):
-        chosen = models[models.run_id.isin([*arm.runs, *arm.baseline])]
-        for key, results in chosen.groupby(CONFIG, dropna=False, sort=True):
-            config = dict(zip(CONFIG, key))
-            bm25 = select(table, {"system": BM25, "task": config["task"], "split": config["split"]})
-            dev = select(chosen, {**config, "split": DEV})
-            x, base, x_dev, base_dev = (frame[frame.run_id.isin(names)] for frame in (results, dev)
-                                        for names in (arm.runs, arm.baseline))
-            best = _best_embed(x_dev), _best_embed(base_dev)
-            rows += [{**config, **arm.setting, **row}
-                     for row in _arm_rows(x, base, best, bm25, per_query, arm.setting["p_bw"])]
-    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    for key, config in x.groupby(CONFIG, dropna=False, sort=True):
+        same = select(base, dict(zip(CONFIG, key)))
+        rows.append(_compare(FW_EMBED, (x_name, _by_seed(config, "fw")), (base_name, _by_seed(same, "fw")), per_query))
+    fixed = ["task", "system", "finetune_steps"]
+    for key, x_at in x.groupby(fixed, dropna=False, sort=True):
+        base_at = select(base, dict(zip(fixed, key)))
+        choices = _choose(x_at, ["embed", "blocks", "variant"]), _choose(base_at, ["embed", "blocks", "variant"])
+        if None not in choices:
+            rows += [_compare(BEST_EMBED, (x_name, _chosen(x_at, choices[0], split)),
+                              (base_name, _chosen(base_at, choices[1], split)), per_query)
+                     for split in sorted(set(x_at.split))]
+    return [{**arm.setting, **row} for row in rows if row is not None]
 
 
-def _arm_rows(x: pd.DataFrame, base: pd.DataFrame, best: tuple[str | None, str | None], bm25: pd.DataFrame,
-              per_query: PerQuery, p_bw: float) -> list[dict]:
-    """The comparisons of an arm's results x with its baseline's, best: each one's embed chosen on dev."""
-    x_name, base_name = f"p_bw = {p_bw:g}", "p_bw = 0"
-    x_best, base_best = best
-    pairs = [
-        (FW_EMBED, (x_name, _by_seed(x, "fw")), (base_name, _by_seed(base, "fw"))),
-        (BEST_EMBED, (x_name, _by_seed(x, x_best)), (base_name, _by_seed(base, base_best))),
-        (X_VS_BM25, (x_name, _by_seed(x, x_best)), ("BM25", bm25)),
-        (BASE_VS_BM25, (base_name, _by_seed(base, base_best)), ("BM25", bm25)),
-    ]
-    rows = [_compare(name, a, b, per_query) for name, a, b in pairs]
-    return [row for row in rows if row is not None]
+def _against_bm25(setting: dict, results: pd.DataFrame, bm25: pd.DataFrame, per_query: PerQuery) -> list[dict]:
+    """The model's best of each AGAINST_BM25 kind of system, chosen on dev, against BM25 on each split."""
+    name, rows = _model_name(setting), []
+    for task, on_task in results.groupby("task", sort=True):
+        for comparison, systems in AGAINST_BM25.items():
+            choice = _choose(on_task[on_task.system.isin(systems)], CHOSEN)
+            for split in sorted(set(on_task.split)) if choice else ():
+                model = _chosen(on_task, choice, split)
+                rows.append(_compare(comparison, (name, model),
+                                     ("BM25", _every_seed(select(bm25, {"task": task, "split": split}), model.index)), per_query))
+    return [{**setting, **row} for row in rows if row is not None]
 
 
-def _best_embed(results: pd.DataFrame) -> str | None:
-    """The embed with the highest mean nDCG@10 over its results (the first in name order on a tie)."""
-    means = results.groupby("embed")[MEASURE].mean()
-    return None if means.empty else str(means.idxmax())
+def _with_goal(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with goal and p_holm (module docstring); the Holm family is one model's goal rows."""
+    goal = table.comparison.eq(GOAL) & table.task.isin(GOAL_TASKS) & table.split.eq(TEST)
+    table = table.assign(goal=goal, p_holm=np.nan)
+    for _, rows in table[goal].groupby(SETTING, dropna=False, sort=False):
+        table.loc[rows.index, "p_holm"] = holm(rows.p_value)
+    return table.astype({f"{side}_{c}": "Int64" for side in "ab" for c in ("blocks", "finetune_steps")})
 
 
-def _by_seed(results: pd.DataFrame, embed: str | None) -> pd.DataFrame:
+def _model_name(setting: dict) -> str:
+    return f"p_bw = {setting['p_bw']:g}"
+
+
+def _by_seed(results: pd.DataFrame, embed: str) -> pd.DataFrame:
     return results[results.embed == embed].set_index("seed")
 
 
-def _compare(name: str, a: tuple[str, pd.DataFrame], b: tuple[str, pd.DataFrame], per_query: PerQuery) -> dict | None:
-    """a − b on the seeds of a that b has (BM25, b without seeds, counts for every seed); None without any."""
+def _choose(results: pd.DataFrame, keys: list[str]) -> dict | None:
+    """The values of `keys` (two or more) whose dev results among CANDIDATE_EMBEDS have the highest mean
+    nDCG@10 (the first in sort order on a tie); None without any. Only dev rows are read."""
+    dev = results[results.split.eq(DEV) & results.embed.isin(CANDIDATE_EMBEDS)]
+    means = dev.groupby(keys, dropna=False, sort=True)[MEASURE].mean()
+    return None if means.empty else dict(zip(keys, means.idxmax()))
+
+
+def _chosen(results: pd.DataFrame, choice: dict, split: str) -> pd.DataFrame:
+    return select(results, {**choice, "split": split}).set_index("seed")
+
+
+def _every_seed(bm25: pd.DataFrame, seeds: pd.Index) -> pd.DataFrame:
+    """BM25's result (it has no seed) standing for every seed; empty without one."""
+    return pd.DataFrame([bm25.iloc[0]] * len(seeds), index=seeds) if len(bm25) else bm25
+
+
+# ----------------------------------------------------------------------------- one comparison
+
+def _compare(name: str, a: Side, b: Side, per_query: PerQuery) -> dict | None:
+    """a − b over the seeds both have and their queries (the module docstring's columns); None without a seed."""
     (a_name, a_rows), (b_name, b_rows) = a, b
-    if b_name == "BM25":
-        b_rows = pd.DataFrame([b_rows.iloc[0]] * len(a_rows), index=a_rows.index) if len(b_rows) else b_rows
     seeds = sorted(set(a_rows.index) & set(b_rows.index))
     if not seeds:
         return None
+    for rows in (a_rows, b_rows):
+        if rows.index.has_duplicates:
+            raise ValueError(f"retrieval results {', '.join(rows.result)} are the same system's on one seed: the table "
+                             "cannot tell them apart")
     a_rows, b_rows = a_rows.loc[seeds], b_rows.loc[seeds]
-    differences = a_rows[MEASURE].to_numpy(dtype=float) - b_rows[MEASURE].to_numpy(dtype=float)
-    mean, low, high = mean_ci(differences)
-    a_query, b_query = (_mean_over_seeds(rows.result, per_query) for rows in (a_rows, b_rows))
-    queries = paired_difference(a_query, b_query) if len(a_query) >= 2 else None
-    nan = np.nan
+    qids, a_values, b_values = _per_query(a_rows, b_rows, per_query)
+    d = a_values - b_values
+    means = two_level_means(d)
+    low, high = np.quantile(means, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
+    per_seed = d.mean(axis=1)
+    _, seed_low, seed_high = mean_ci(per_seed, CONFIDENCE)
+    a_first, b_first = a_rows.iloc[0], b_rows.iloc[0]
     return {
-        "comparison": name, "a": a_name, "a_embed": a_rows.embed.iloc[0], "b": b_name,
-        "b_embed": b_rows.embed.iloc[0], "n_seeds": len(seeds), "seeds": ", ".join(str(s) for s in seeds),
-        "a_mean": a_rows[MEASURE].mean(), "b_mean": b_rows[MEASURE].mean(), "mean_diff": mean,
-        "seed_ci_low": low, "seed_ci_high": high,
-        "per_seed": "; ".join(f"{s}: {d:+.3f}" for s, d in zip(seeds, differences)),
-        "n_queries": len(a_query),
-        "query_ci_low": queries.t_low if queries else nan, "query_ci_high": queries.t_high if queries else nan,
-        "query_boot_low": queries.bootstrap_low if queries else nan,
-        "query_boot_high": queries.bootstrap_high if queries else nan,
+        "comparison": name, "task": a_first["task"], "split": a_first["split"],
+        "a": a_name, **{f"a_{c}": a_first[c] for c in CHOSEN}, "b": b_name, **{f"b_{c}": b_first[c] for c in CHOSEN},
+        "n_seeds": len(seeds), "seeds": ", ".join(map(str, seeds)), "n_queries": len(qids),
+        "a_mean": a_values.mean(), "b_mean": b_values.mean(), "mean_diff": d.mean(), "ci_low": low, "ci_high": high,
+        "p_value": bootstrap_p_value(means), "seed_ci_low": seed_low, "seed_ci_high": seed_high,
+        "per_seed": "; ".join(f"{s}: {v:+.3f}" for s, v in zip(seeds, per_seed)),
+        **_over_queries(qids, a_values.mean(axis=0), b_values.mean(axis=0)),
     }
 
 
-def _mean_over_seeds(results: pd.Series, per_query: PerQuery) -> dict[str, float]:
-    """Each query's value averaged over the results (one per seed)."""
-    values = [per_query[result] for result in results]
-    if any(set(seed) != set(values[0]) for seed in values):
+def _per_query(a_rows: pd.DataFrame, b_rows: pd.DataFrame, per_query: PerQuery) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The qids (sorted) and a's and b's nDCG@10 as seeds × queries matrices."""
+    results = list(dict.fromkeys([*a_rows.result, *b_rows.result]))
+    qids = sorted(per_query[results[0]])
+    if any(sorted(per_query[result]) != qids for result in results):
         raise ValueError(f"retrieval results {', '.join(results)} hold different queries: rerun them on one task")
-    return {qid: float(np.mean([seed[qid] for seed in values])) for qid in values[0]}
+    a_values, b_values = (np.array([[per_query[r][q] for q in qids] for r in rows.result], dtype=float)
+                          for rows in (a_rows, b_rows))
+    return qids, a_values, b_values
+
+
+def _over_queries(qids: list[str], a: np.ndarray, b: np.ndarray) -> dict:
+    if len(qids) < 2:
+        return dict.fromkeys(["query_ci_low", "query_ci_high", "query_boot_low", "query_boot_high"], np.nan)
+    paired = paired_difference(dict(zip(qids, a)), dict(zip(qids, b)), CONFIDENCE)
+    return {"query_ci_low": paired.t_low, "query_ci_high": paired.t_high,
+            "query_boot_low": paired.bootstrap_low, "query_boot_high": paired.bootstrap_high}
+
+
+# ----------------------------------------------------------------------------- the two-level bootstrap
+
+def two_level_means(d: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """The bootstrap distribution of the mean of d[seed, query], the differences a − b of one comparison.
+
+    Every seed is scored on every query: seeds and queries are crossed factors, neither nested in the
+    other. Each resample draws the seeds with replacement and, independently, the queries with
+    replacement, and takes the mean of d over every drawn seed × drawn query cell; the headline interval is
+    the 2.5% and 97.5% percentiles of `resamples` such means. Resampling both factors of a crossed design
+    independently is Owen's pigeonhole bootstrap (A. B. Owen, "The pigeonhole bootstrap", Annals of Applied
+    Statistics 1(2), 2007); Davison & Hinkley (Bootstrap Methods and their Application, 1997, §3.8) discuss
+    resampling data with more than one level of variation. Either level alone misses the other's noise:
+    queries alone take the trained models as fixed, seeds alone the query set. With every seed alike it is
+    the query bootstrap of metrics.paired_difference (the queries are drawn as it draws them, from
+    default_rng(seed), in chunks of BOOTSTRAP_CHUNK); with one query it is the bootstrap over seeds (drawn
+    from default_rng(SeedSequence(seed, spawn_key=(1,))), an independent stream). Owen shows the variance
+    it estimates slightly exceeds the true one (the residual enters from both factors), whereas with few
+    seeds the seed level is narrow and coarse (two seeds give three distinct draws): hence the seed t
+    interval kept beside it. Each mean is rounded to DECIMALS places, so that one that is 0 but for float
+    rounding counts as 0, not on either side of it.
+    """
+    n_seeds, n_queries = d.shape
+    query_rng, seed_rng = np.random.default_rng(seed), np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
+    means = []
+    for start in range(0, resamples, BOOTSTRAP_CHUNK):
+        rows = min(BOOTSTRAP_CHUNK, resamples - start)
+        seed_counts = _counts(seed_rng.integers(0, n_seeds, size=(rows, n_seeds)), n_seeds)
+        query_counts = _counts(query_rng.integers(0, n_queries, size=(rows, n_queries)), n_queries)
+        means.append(((seed_counts @ d) * query_counts).sum(axis=1) / (n_seeds * n_queries))
+    return np.round(np.concatenate(means), DECIMALS)
+
+
+def _counts(draws: np.ndarray, n: int) -> np.ndarray:
+    """How often each of 0..n-1 was drawn in each row of `draws`."""
+    rows = len(draws)
+    return np.bincount((draws + n * np.arange(rows)[:, None]).ravel(), minlength=rows * n).reshape(rows, n)
+
+
+def bootstrap_p_value(means: np.ndarray) -> float:
+    """The two-sided p-value of a − b = 0 from the bootstrap means: min(1, 2 (1 + k) / (B + 1)), k the
+    number of the B means on the far side of 0 (the fewer of ≤ 0 and ≥ 0); about the smallest level at which
+    the percentile interval excludes 0, and never 0.
+
+    The goal's p-value (p_holm) is this one and not a t test over seeds: it tests the statistic the headline
+    interval shows, with both sources of noise (the goal claims a gain on the task's queries, not only on
+    these), while a t test over 2 or 3 seeds has 1 or 2 degrees of freedom and takes the query set as
+    fixed. With few seeds it is liberal (two_level_means): read it with the seed interval.
+    """
+    far = min(int(np.sum(means <= 0)), int(np.sum(means >= 0)))
+    return min(1.0, 2 * (1 + far) / (len(means) + 1))

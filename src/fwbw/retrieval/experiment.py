@@ -392,4 +392,19 @@ def read_experiment(out_dir: Path) -> dict[str, Any]:
     timings = read_json(out_dir / TIMINGS_FILE) if (out_dir / TIMINGS_FILE).is_file() else {}
     shown = {key: settings.get(key) for key in ("split", "blocks", "chunk_tokens", "pooling", "rerank", "fusion_weight",
                                                 "maxsim_dtype")}
-    return {**shown, **timings, **read_json(out_dir / METRICS_FILE)}
+    return {**shown, "variant": variant(settings), **timings, **read_json(out_dir / METRICS_FILE)}
+
+
+def variant(settings: Mapping[str, Any]) -> str:
+    """How a result's system ran beyond its system, embed, blocks and fine-tuning steps, in words
+    ('chunks 127, bm25 negatives, top 100, bf16'; '' for BM25): results compared with each other
+    share it."""
+    finetune = settings.get("finetune") or {}
+    parts = [
+        f"chunks {settings['chunk_tokens']}" if settings.get("chunk_tokens") is not None else None,
+        f"finetune seed {finetune['seed']}" if finetune.get("seed") else None,
+        f"{finetune['hard_negatives']} negatives" if finetune.get("hard_negatives") else None,
+        f"top {settings['rerank']}" if settings.get("rerank") is not None else None,
+        settings.get("maxsim_dtype") if settings.get("maxsim_dtype") not in (None, "fp32") else None,
+    ]
+    return ", ".join(part for part in parts if part)

@@ -61,7 +61,7 @@ RETRIEVAL_PHASE = "retrieval"
 # measures and timings (fwbw.retrieval.experiment), and its folder relative to the sweep's
 RETRIEVAL_COLUMNS = [
     "run_id", *CONFIG_COLUMNS, "recipe_id", "phase", "task", "split", "system", "embed", "blocks", "chunk_tokens",
-    "pooling", "finetune_steps", "rerank", "fusion_weight", "maxsim_dtype", "n_queries", "n_docs", *RETRIEVAL_METRICS, "seconds", "encode_corpus_seconds", "corpus_encoded",
+    "pooling", "finetune_steps", "rerank", "fusion_weight", "maxsim_dtype", "variant", "n_queries", "n_docs", *RETRIEVAL_METRICS, "seconds", "encode_corpus_seconds", "corpus_encoded",
     "seconds_per_query", "result",
 ]
 
