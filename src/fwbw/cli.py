@@ -37,6 +37,7 @@ from fwbw.study.results import (
     summary_table,
     write_results,
 )
+from fwbw.study.retrieval_study import run_study
 from fwbw.study.retrieval_sweep import DEFAULT_CACHE_GB, DEFAULT_EMBEDS, Plan, retrieve_sweep
 from fwbw.study.samples import write_samples
 from fwbw.study.status import status_lines
@@ -345,6 +346,14 @@ def _retrieval_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrieval_study(args: argparse.Namespace) -> int:
+    """docs/retrieval-plan.md's evaluations over a finished sweep of the retrieval preset."""
+    check_results_writable(args.sweep)
+    run_study(args.sweep, args.dtype, args.device, progress=not args.no_progress)
+    print(f"retrieval study {args.sweep}: done; `fwbw report {args.sweep}` shows it")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fwbw.training.bench import format_table, run_bench, select_shapes
 
@@ -549,6 +558,15 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--device", choices=DEVICES, default="auto")
     retrieval.add_argument("--no-progress", action="store_true")
     retrieval.set_defaults(handler=cmd_retrieval)
+
+    study = commands.add_parser(
+        "retrieval-study", help="the retrieval study over a sweep of the retrieval preset: choices on dev, then test "
+        "(docs/retrieval-plan.md; resumable)")
+    study.add_argument("sweep", type=Path, help="a sweep of --preset retrieval (its finished runs are evaluated)")
+    study.add_argument("--dtype", choices=list(MAXSIM_DTYPES), default="fp32", help="MaxSim's similarities (as retrieval)")
+    study.add_argument("--device", choices=DEVICES, default="auto")
+    study.add_argument("--no-progress", action="store_true")
+    study.set_defaults(handler=cmd_retrieval_study)
 
     bench = commands.add_parser("bench", help="peak matmul throughput, training tokens/s and MFU on this device")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")

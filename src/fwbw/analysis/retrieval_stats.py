@@ -228,8 +228,14 @@ def _by_seed(results: pd.DataFrame, embed: str) -> pd.DataFrame:
 
 def _choose(results: pd.DataFrame, keys: list[str]) -> dict | None:
     """The values of `keys` (two or more) whose dev results among CANDIDATE_EMBEDS have the highest mean
-    nDCG@10 (the first in sort order on a tie); None without any. Only dev rows are read."""
+    nDCG@10 (the first in sort order on a tie); None without any. Only dev rows' values are read; where
+    the results have test rows, only the values evaluated on test too are candidates (a setting tried
+    on dev alone is never the one reported)."""
     dev = results[results.split.eq(DEV) & results.embed.isin(CANDIDATE_EMBEDS)]
+    reported = results[results.split.ne(DEV)]
+    if not reported.empty:
+        evaluated = pd.MultiIndex.from_frame(reported[keys].drop_duplicates())
+        dev = dev[pd.MultiIndex.from_frame(dev[keys]).isin(evaluated)]
     means = dev.groupby(keys, dropna=False, sort=True)[MEASURE].mean()
     return None if means.empty else dict(zip(keys, means.idxmax()))
 

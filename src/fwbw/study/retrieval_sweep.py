@@ -67,6 +67,7 @@ class Plan:
     fusion: bool = False  # fuse them with BM25 instead, the weight tuned on the dev rerank
     maxsim_dtype: str = "fp32"
     cache_gb: float = DEFAULT_CACHE_GB  # the token cache is trimmed to this size after each result
+    seeds: tuple[int, ...] | None = None  # only the runs of these seeds (None: every finished run)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,8 @@ def plan_jobs(sweep_dir: Path, plan: Plan) -> tuple[list[Job], list[str]]:
         else:
             left_out.append(f"{run_id}: not finished (status {status})")
     paired = partners(sweep_dir, finished)
-    for run_id in finished:
+    configs = read_sweep(sweep_dir)["runs"]
+    for run_id in (r for r in finished if plan.seeds is None or configs[r]["seed"] in plan.seeds):
         run_dir = sweep_dir / RUNS / run_id
         for embed in plan.embeds:
             system = System(run_dir, embed, plan.blocks, plan.pooling, plan.finetune_steps, plan.finetune_seed,

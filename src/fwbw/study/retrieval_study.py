@@ -1,0 +1,134 @@
+"""The retrieval study (issue 19, docs/retrieval-plan.md): every evaluation the plan asks for over a
+sweep of the `retrieval` preset, in an order that makes each choice on dev queries before the test
+queries are read, resumably (each result is skipped once finished: fwbw.study.retrieval_sweep).
+
+For each of GOAL_TASKS:
+  1. dev, every seed: BM25; zero-shot late interaction with every embed of ZERO_SHOT_EMBEDS; a rerank
+     of BM25's RERANK_DEPTH best documents with each of CANDIDATE_EMBEDS (the fusion's weight is
+     tuned on these)
+  2. dev, the first seed of each setting (EXPLORED_SEEDS): what ColBERT practice might add, measured
+     before it is used: fine-tuning of FINETUNED_EMBEDS with in-batch negatives only and with BM25
+     hard negatives, and the embeddings after the first block instead of the last
+  3. choices (choose), from step 2's dev results alone: the hard negatives and the blocks whose mean
+     dev nDCG@10 over those results is the higher (in-batch negatives and every block on a tie)
+  4. test, every seed: BM25, step 1's systems, the fusion of each rerank, and fine-tuning with the
+     chosen negatives; zero-shot at the chosen blocks too where a block less was chosen
+The sanity task (SANITY_TASK) gets BM25 and the fw and fwbw zero-shot embeds on test. Every run's
+texts are read in chunks of CHUNK_TOKENS, half the preset's context, so that echo, which reads a chunk
+twice, sees what every other system sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from fwbw.retrieval.ensemble import CONTROL_EMBED
+from fwbw.retrieval.experiment import LATE_INTERACTION
+from fwbw.study.results import build_retrieval_results
+from fwbw.study.retrieval_sweep import Plan, retrieve_sweep
+from fwbw.study.sweep_dir import read_sweep
+
+GOAL_TASKS = ("description", "ict")
+SANITY_TASK = "title"
+CHUNK_TOKENS = 128  # half the retrieval preset's 256-token context
+CANDIDATE_EMBEDS = ("fw", "bw", "fwbw", "echo")
+ZERO_SHOT_EMBEDS = (*CANDIDATE_EMBEDS, CONTROL_EMBED)
+FINETUNED_EMBEDS = ("fw", "fwbw", "echo")
+FINETUNE_STEPS = 300
+RERANK_DEPTH = 100
+EXPLORED_BLOCKS = 1  # the block sweep's other point: the states after the first block
+MEASURE = "ndcg_at_10"
+
+
+@dataclass(frozen=True)
+class Choices:
+    hard_negatives: str | None  # None: in-batch negatives only
+    blocks: int | None  # None: every block
+
+
+def explored_seeds(sweep_dir: Path) -> tuple[int, ...]:
+    """The first seed of each setting of the sweep."""
+    first: dict[str, int] = {}
+    for config in read_sweep(sweep_dir)["runs"].values():
+        setting = repr(sorted((key, repr(value)) for key, value in config.items() if key != "seed"))
+        first[setting] = min(first.get(setting, config["seed"]), config["seed"])
+    return tuple(sorted(set(first.values())))
+
+
+def dev_plans(task: str, explored: tuple[int, ...], maxsim_dtype: str) -> list[Plan]:
+    """Steps 1 and 2 (module docstring)."""
+    base = Plan(task, "dev", ZERO_SHOT_EMBEDS, chunk_tokens=CHUNK_TOKENS, maxsim_dtype=maxsim_dtype)
+    finetuned = dataclasses.replace(base, embeds=FINETUNED_EMBEDS, finetune_steps=FINETUNE_STEPS, seeds=explored)
+    return [
+        base,
+        dataclasses.replace(base, embeds=CANDIDATE_EMBEDS, rerank=RERANK_DEPTH),
+        finetuned,
+        dataclasses.replace(finetuned, hard_negatives="bm25"),
+        dataclasses.replace(base, embeds=CANDIDATE_EMBEDS, blocks=EXPLORED_BLOCKS, seeds=explored),
+    ]
+
+
+def test_plans(task: str, choices: Choices, maxsim_dtype: str) -> list[Plan]:
+    """Step 4 (module docstring)."""
+    base = Plan(task, "test", ZERO_SHOT_EMBEDS, chunk_tokens=CHUNK_TOKENS, maxsim_dtype=maxsim_dtype)
+    rerank = dataclasses.replace(base, embeds=CANDIDATE_EMBEDS, rerank=RERANK_DEPTH)
+    plans = [base, rerank, dataclasses.replace(rerank, fusion=True),
+             dataclasses.replace(base, embeds=FINETUNED_EMBEDS, finetune_steps=FINETUNE_STEPS,
+                                 hard_negatives=choices.hard_negatives)]
+    if choices.blocks is not None:
+        plans.append(dataclasses.replace(base, embeds=CANDIDATE_EMBEDS, blocks=choices.blocks))
+    return plans
+
+
+def sanity_plans(maxsim_dtype: str) -> list[Plan]:
+    return [Plan(SANITY_TASK, "test", ("fw", "fwbw"), chunk_tokens=CHUNK_TOKENS, maxsim_dtype=maxsim_dtype)]
+
+
+def choose(table: pd.DataFrame, explored: Iterable[int]) -> Choices:
+    """Step 3 (module docstring): read from the dev rows of the explored seeds only."""
+    dev = table[table.split.eq("dev") & table.seed.isin(list(explored)) & table.task.isin(GOAL_TASKS)]
+    finetuned = dev[dev.finetune_steps.eq(FINETUNE_STEPS) & dev.system.eq(LATE_INTERACTION)]
+    negatives = _better(finetuned, lambda rows: rows.variant.str.contains("bm25 negatives"), "bm25", None)
+    zero_shot = dev[dev.finetune_steps.eq(0) & dev.system.eq(LATE_INTERACTION) & dev.embed.isin(CANDIDATE_EMBEDS)]
+    blocks = _better(zero_shot, lambda rows: rows.blocks.eq(EXPLORED_BLOCKS) & rows.blocks.lt(rows.depth),
+                     EXPLORED_BLOCKS, None)
+    return Choices(negatives, blocks)
+
+
+def _better(rows: pd.DataFrame, is_option: Callable[[pd.DataFrame], pd.Series], option, default):
+    """`option` where the rows it marks have a higher mean nDCG@10 than the others, else `default`
+    (also when either has no row)."""
+    marked = is_option(rows).fillna(False).astype(bool)
+    with_option, without = rows[marked][MEASURE], rows[~marked][MEASURE]
+    if with_option.empty or without.empty:
+        return default
+    return option if with_option.mean() > without.mean() else default
+
+
+def run_study(sweep_dir: Path, maxsim_dtype: str = "fp32", device: str = "auto", progress: bool = True,
+              report: Callable[[str], None] = print) -> Choices:
+    """Every step of the module docstring; returns the choices made on dev."""
+    explored = explored_seeds(sweep_dir)
+    for task in GOAL_TASKS:
+        for plan in dev_plans(task, explored, maxsim_dtype):
+            _run(sweep_dir, plan, device, progress, report)
+    choices = choose(build_retrieval_results(sweep_dir), explored)
+    report(f"chosen on dev: hard negatives {choices.hard_negatives or 'none'}, blocks {choices.blocks or 'all'}")
+    for task in GOAL_TASKS:
+        for plan in test_plans(task, choices, maxsim_dtype):
+            _run(sweep_dir, plan, device, progress, report)
+    for plan in sanity_plans(maxsim_dtype):
+        _run(sweep_dir, plan, device, progress, report)
+    return choices
+
+
+def _run(sweep_dir: Path, plan: Plan, device: str, progress: bool, report: Callable[[str], None]) -> None:
+    outcome, left_out = retrieve_sweep(sweep_dir, plan, device=device, progress=progress)
+    done = list(outcome.values())
+    report(f"{plan.task} {plan.split}: {done.count('done')} done, {done.count('skipped')} finished before, "
+           f"{len(left_out)} left out")

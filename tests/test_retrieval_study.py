@@ -1,0 +1,79 @@
+"""The retrieval study's order and choices (fwbw.study.retrieval_study): dev before test, and choices read
+from the explored seeds' dev results alone."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from fwbw.study import retrieval_study as study
+from fwbw.study.configure import build_sweep_spec
+from fwbw.study.retrieval_sweep import Plan
+from fwbw.study.sweep import prepare_sweep
+
+
+def rows(split: str, seed: int, values: dict) -> list[dict]:
+    """Fine-tuned (variant 'negatives' or '') and zero-shot (blocks 1 or 2 of depth 2) rows."""
+    made = []
+    for (kind, option), value in values.items():
+        row = {"task": "description", "split": split, "seed": seed, "system": "late-interaction", "embed": "fw",
+               "depth": 2, "blocks": 2, "finetune_steps": 0, "variant": "chunks 128", "ndcg_at_10": value}
+        if kind == "finetuned":
+            row |= {"finetune_steps": study.FINETUNE_STEPS,
+                    "variant": "chunks 128, bm25 negatives" if option else "chunks 128"}
+        else:
+            row |= {"blocks": 1 if option else 2}
+        made.append(row)
+    return made
+
+
+def table(dev: dict, test: dict, other_seed: dict) -> pd.DataFrame:
+    return pd.DataFrame([*rows("dev", 200, dev), *rows("test", 200, test), *rows("dev", 201, other_seed)])
+
+
+def test_choices_follow_the_explored_seeds_dev_results_and_nothing_else():
+    better_options = {("finetuned", True): 0.6, ("finetuned", False): 0.5, ("zero", True): 0.4, ("zero", False): 0.3}
+    worse_options = {key: 1.0 - value for key, value in better_options.items()}
+    chosen = study.choose(table(better_options, worse_options, worse_options), explored=(200,))
+    assert chosen == study.Choices("bm25", 1)
+    # test rows and the other seeds' dev rows reversed the other way: the same choices
+    assert study.choose(table(better_options, better_options, better_options), explored=(200,)) == chosen
+    # the explored seed's dev rows reversed: the defaults
+    assert study.choose(table(worse_options, better_options, better_options), explored=(200,)) == study.Choices(None, None)
+    ties = dict.fromkeys(better_options, 0.5)
+    assert study.choose(table(ties, better_options, better_options), explored=(200,)) == study.Choices(None, None)
+    assert study.choose(table({}, better_options, better_options), explored=(200,)) == study.Choices(None, None)
+
+
+def test_the_explored_seeds_are_each_setting_s_first(tmp_path):
+    spec = build_sweep_spec(overrides={"depths": [1], "widths": [16], "p_bw": [0.0, 0.5], "seeds": 3, "seed": 7})
+    prepare_sweep(spec, tmp_path)
+    assert study.explored_seeds(tmp_path) == (7,)
+
+
+def test_every_dev_evaluation_runs_before_any_test_one(tmp_path, monkeypatch):
+    ran: list[Plan] = []
+    monkeypatch.setattr(study, "explored_seeds", lambda sweep: (200,))
+    monkeypatch.setattr(study, "retrieve_sweep", lambda sweep, plan, device, progress: (ran.append(plan) or {}, []))
+    monkeypatch.setattr(study, "build_retrieval_results", lambda sweep: pd.DataFrame(rows("dev", 200, {("zero", False): 0.3})))
+    choices = study.run_study(tmp_path, report=lambda line: None)
+    assert choices == study.Choices(None, None)
+    splits = [plan.split for plan in ran]
+    assert splits == sorted(splits)  # dev, then test
+    assert {plan.task for plan in ran if plan.split == "dev"} == set(study.GOAL_TASKS)
+    assert all(plan.chunk_tokens == study.CHUNK_TOKENS for plan in ran)
+    explored = [plan for plan in ran if plan.seeds is not None]
+    assert explored and all(plan.split == "dev" and plan.seeds == (200,) for plan in explored)
+    fusions = [plan for plan in ran if plan.fusion]
+    assert fusions and all(plan.split == "test" for plan in fusions)  # tuned on the dev reranks run before
+    assert ran[-1].task == study.SANITY_TASK
+
+
+@pytest.mark.parametrize("choices, extra_blocks", [(study.Choices(None, None), False), (study.Choices("bm25", 1), True)])
+def test_the_test_plans_use_the_choices(choices, extra_blocks):
+    plans = study.test_plans("ict", choices, "bf16")
+    finetuned = [plan for plan in plans if plan.finetune_steps]
+    assert [plan.hard_negatives for plan in finetuned] == [choices.hard_negatives]
+    assert any(plan.blocks == 1 for plan in plans) == extra_blocks
+    assert {plan.maxsim_dtype for plan in plans} == {"bf16"}
+    assert {plan.split for plan in plans} == {"test"}
