@@ -51,8 +51,18 @@ def test_the_explored_seeds_are_each_setting_s_first(tmp_path):
     assert study.explored_seeds(tmp_path) == (7,)
 
 
+def test_the_study_waits_for_every_run_of_the_sweep(tmp_path):
+    spec = build_sweep_spec(overrides={"depths": [1], "widths": [16], "p_bw": [0.0, 0.5], "seeds": 1})
+    prepare_sweep(spec, tmp_path)
+    with pytest.raises(ValueError, match=r": 2 runs are not finished \(.*\): finish the sweep first"):
+        study.run_study(tmp_path, report=lambda line: None)
+
+
 def test_every_dev_evaluation_runs_before_any_test_one(tmp_path, monkeypatch):
     ran: list[Plan] = []
+    monkeypatch.setattr(study, "read_status", lambda run_dir: {"status": "done"})
+    spec = build_sweep_spec(overrides={"depths": [1], "widths": [16], "p_bw": [0.0, 0.5], "seeds": 1})
+    prepare_sweep(spec, tmp_path)
     monkeypatch.setattr(study, "explored_seeds", lambda sweep: (200,))
     monkeypatch.setattr(study, "retrieve_sweep", lambda sweep, plan, device, progress: (ran.append(plan) or {}, []))
     monkeypatch.setattr(study, "build_retrieval_results", lambda sweep: pd.DataFrame(rows("dev", 200, {("zero", False): 0.3})))

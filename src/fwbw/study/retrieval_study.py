@@ -31,7 +31,8 @@ from fwbw.retrieval.ensemble import CONTROL_EMBED
 from fwbw.retrieval.experiment import LATE_INTERACTION
 from fwbw.study.results import build_retrieval_results
 from fwbw.study.retrieval_sweep import Plan, retrieve_sweep
-from fwbw.study.sweep_dir import read_sweep
+from fwbw.study.sweep_dir import RUNS, read_sweep
+from fwbw.training.run_dir import read_status
 
 GOAL_TASKS = ("description", "ict")
 SANITY_TASK = "title"
@@ -112,7 +113,12 @@ def _better(rows: pd.DataFrame, is_option: Callable[[pd.DataFrame], pd.Series], 
 
 def run_study(sweep_dir: Path, maxsim_dtype: str = "fp32", device: str = "auto", progress: bool = True,
               report: Callable[[str], None] = print) -> Choices:
-    """Every step of the module docstring; returns the choices made on dev."""
+    """Every step of the module docstring; returns the choices made on dev. ValueError (one line)
+    while any of the sweep's runs is unfinished: the choices are made once, on every explored seed."""
+    unfinished = [run_id for run_id in read_sweep(sweep_dir)["runs"] if read_status(Path(sweep_dir) / RUNS / run_id)["status"] != "done"]
+    if unfinished:
+        raise ValueError(f"{sweep_dir}: {len(unfinished)} runs are not finished ({unfinished[0]}, ...): finish the sweep "
+                         "first, so that the choices on dev see every setting")
     explored = explored_seeds(sweep_dir)
     for task in GOAL_TASKS:
         for plan in dev_plans(task, explored, maxsim_dtype):
