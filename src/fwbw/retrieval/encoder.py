@@ -273,6 +273,7 @@ class Encoder:
         directions = [VIEWS[view].direction for view in self.views]
         return pool_views(self.view_embeddings(texts), directions, pooling, self.projection, self.device)
 
+    @torch.no_grad()
     def view_embeddings(self, texts: Mapping[str, str]) -> list[TokenEmbeddings]:
         """Each view's unit token vectors of the texts, in self.views' order, before they are combined."""
         tokens = self.tokenize(texts)
@@ -301,6 +302,7 @@ class Encoder:
         key = [CACHE_FORMAT, self.weights_digest, self.blocks, view, self.chunk_tokens, token_digest.hexdigest()]
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
+    @torch.no_grad()
     def _encode_direction(self, tokens: list[list[int]], view: str) -> torch.Tensor:
         """Packed fp16 unit vectors [total tokens, width] of one view (a direction's, or echo's) of
         the texts: each text's chunks in order, texts in their order."""
