@@ -256,6 +256,15 @@ def test_a_config_nested_too_deeply_is_one_line_naming_the_file(tmp_path, suffix
         build_train_config(path)
 
 
+@pytest.mark.parametrize("field", ["decay_power", "output_decay_power", "weight_decay", "accum_gain"])
+def test_a_negative_power_or_decay_of_the_recipe_is_refused(tmp_path, field):
+    """Found by scripts/probe_inputs.py: a negative one inverted its rule (a learning rate growing after warm-up)."""
+    path = tmp_path / "run.toml"
+    path.write_text(f"[recipe]\n{field} = -1\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: recipe.{field}: must be >= 0, got -1"):
+        build_train_config(path)
+
+
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
     """Nine aliases of nine aliases, eight deep: 43 million strings once expanded (`show` would
     spell them all)."""

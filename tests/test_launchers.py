@@ -575,7 +575,9 @@ def test_the_sweep_files_slurm_table_gives_sbatch_options_and_leaves_the_spec_al
     assert configure.build_sweep_spec(file=with_table) == configure.build_sweep_spec(file=plain)
 
 
-@pytest.mark.parametrize("table", ['slurm = ["account"]', "[slurm]\nmem = 1.5", "[slurm]\nx = { y = 1 }"])
+@pytest.mark.parametrize("table", ['slurm = ["account"]', "[slurm]\nmem = 1.5", "[slurm]\nx = { y = 1 }",
+                                   '[slurm]\naccount = "proj\\n#SBATCH --wrap=true"', '[slurm]\n"" = "proj"',
+                                   '[slurm]\n"acc ount" = "proj"', "[slurm]\nexclusive = false"])
 def test_a_slurm_table_that_is_no_table_of_options_is_refused_naming_the_file(tmp_path, table):
     path = tmp_path / "cluster.toml"
     path.write_text(f"depths = [1]\n{table}\n")

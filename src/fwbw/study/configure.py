@@ -72,15 +72,30 @@ def build_sweep_spec(preset: str | None = None, file: Path | None = None, overri
         return _sweep_spec(values)
 
 
+SBATCH_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # an #SBATCH option's name, without its dashes
+
+
 def slurm_options(file: Path | None) -> dict:
     """The sweep file's [slurm] table: extra #SBATCH options for `fwbw sweep --launcher slurm`
     (`account = "proj"` gives `#SBATCH --account=proj`, `exclusive = true` `#SBATCH --exclusive`);
     {} without a file or table."""
     table = read_config_file(file).get(SLURM_TABLE, {}) if file else {}
-    valid = isinstance(table, dict) and all(
-        isinstance(key, str) and isinstance(value, (str, int)) for key, value in table.items())
-    require(valid, f"{file}: {SLURM_TABLE}", f"must be a table of #SBATCH options (name = text, number or true), got {show(table)}")
+    valid = isinstance(table, dict) and all(_sbatch_option(key, value) for key, value in table.items())
+    require(valid, f"{file}: {SLURM_TABLE}", "must be a table of #SBATCH options (a name of letters, digits, - and _ = "
+            f"text on one line, a whole number or true), got {show(table)}")
     return table
+
+
+def _sbatch_option(name, value) -> bool:
+    """Whether `name = value` makes one #SBATCH line: a plain option name, and text without a line
+    break, a whole number or true."""
+    if not (isinstance(name, str) and SBATCH_NAME.fullmatch(name)):
+        return False
+    if isinstance(value, bool):
+        return value is True
+    if isinstance(value, str):
+        return "\n" not in value and "\r" not in value
+    return isinstance(value, int)
 
 
 SPEC_KEYS = {FILE_KEYS.get(item.name, item.name) for item in dataclasses.fields(SweepSpec)} - {"base"}

@@ -66,6 +66,8 @@ class RecipeConfig:
         require(self.tokens_per_microbatch >= 2, "tokens_per_microbatch", f"must be >= 2, got {self.tokens_per_microbatch}")
         require(self.grad_norm_every >= 1, "grad_norm_every", f"must be >= 1, got {self.grad_norm_every}")
         require(self.accum_floor > 0, "accum_floor", f"must be > 0, got {self.accum_floor}")
+        for name in ("decay_power", "output_decay_power", "weight_decay", "accum_gain"):  # a negative one inverts its rule
+            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         require(self.accum_initial >= 1, "accum_initial", f"must be >= 1, got {self.accum_initial}")
         require(self.accum_max >= self.accum_initial, "accum_max", f"must be >= accum_initial, got {self.accum_max}",
                 related=("accum_initial",))
