@@ -36,3 +36,21 @@ def test_the_temporary_file_names_this_host_and_process_and_is_gone_after_the_wr
     atomic_write(tmp_path / "x.json", lambda tmp: seen.append(tmp.name) or tmp.write_text("{}"))
     assert seen[0].startswith(f".x.json.{socket.gethostname()}-{os.getpid()}.") and seen[0].endswith(".tmp")
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_a_safetensors_file_cut_short_or_garbled_is_not_complete(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from fwbw.files import safetensors_complete
+
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.ones(3, 4), "b": torch.zeros(5)}, str(path))
+    whole = path.read_bytes()
+    assert safetensors_complete(path)
+    for cut in (whole[:-1], whole[:20], b"", b"\xff" * 64):
+        path.write_bytes(cut)
+        assert not safetensors_complete(path), len(cut)
+    path.write_bytes(whole + b"\0")  # longer than its header says: not what was written either
+    assert not safetensors_complete(path)
+    assert not safetensors_complete(tmp_path / "missing.safetensors")

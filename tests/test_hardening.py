@@ -444,6 +444,20 @@ def test_a_done_status_without_a_summary_is_not_trusted(copied_sweep, tmp_path, 
     assert set(table.loc[table.run_id == run.name, "status"]) == {"pending"}
 
 
+def test_a_done_run_whose_model_was_cut_short_is_trained_again(copied_sweep):
+    """The final model is not hashed like the checkpoints: its safetensors header says how long it is."""
+    run = first_run(copied_sweep)
+    model = run / run_dir.MODEL_WEIGHTS
+    whole = model.read_bytes()
+    model.write_bytes(whole[:-100])
+    error = f"{run / run_dir.STATUS}: says done, but {run_dir.MODEL_WEIGHTS} is missing or cut short"
+    assert run_dir.read_status(run) == {"status": "pending", "error": error}
+    assert run.name in sweep.pending_runs(copied_sweep)
+    sweep.work(copied_sweep, progress=False)  # resumed from its last checkpoint: the model written again
+    assert run_dir.read_status(run) == {"status": "done", "error": None}
+    assert model.read_bytes() == whole
+
+
 # --- read-only folders ----------------------------------------------------------------------
 
 

@@ -64,7 +64,8 @@ def dead_pid() -> int:
 
 
 def files(run: Path) -> list[str]:
-    return sorted(path.name for path in run.iterdir())
+    """The run's files but its epoch record (kept for good once a claim was taken)."""
+    return sorted(path.name for path in run.iterdir() if path.name != run_dir.EPOCH)
 
 
 def race(run: Path, workers: list[Worker]) -> list[run_dir.Lease | None]:

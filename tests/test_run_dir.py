@@ -287,7 +287,8 @@ def test_starting_from_scratch_clears_the_outputs_of_the_earlier_attempt(tmp_pat
 
     with pytest.raises(Crash):
         CrashAtOnce(config, run, data=tiny_data, progress=False).run()
-    assert sorted(path.name for path in run.iterdir()) == sorted([run_dir.CONFIG, run_dir.STATUS, run_dir.LOCK, "notes.txt"])
+    assert sorted(path.name for path in run.iterdir()) == sorted([run_dir.CONFIG, run_dir.STATUS, run_dir.LOCK, run_dir.EPOCH,
+                                                                  "notes.txt"])
 
 
 def test_a_checkpoint_of_another_version_is_skipped(tmp_path, tiny_data):

@@ -106,7 +106,9 @@ def test_claim_is_exclusive_while_the_holder_lives(tmp_path):
     run = tmp_path / "run"
     assert run_dir_module.claim(run)
     holder = read_json(run / ".lock")
-    assert holder == {"pid": os.getpid(), "host": socket.gethostname(), "owner": holder["owner"], "lease_s": 600.0}
+    here = run_dir_module.Worker()
+    assert holder == {"pid": os.getpid(), "host": socket.gethostname(), "owner": holder["owner"], "lease_s": 600.0,
+                      "epoch": 1, "boot_id": here.boot_id, "pid_ns": here.pid_ns, "started": holder["started"]}
     assert len(holder["owner"]) == 16
     assert not run_dir_module.claim(run)  # this process holds it and is alive
     assert read_json(run / ".lock") == holder
@@ -141,14 +143,15 @@ def test_lock_held_on_another_host_is_respected(tmp_path):
     assert read_json(run / ".lock") == lock
 
 
-@pytest.mark.parametrize("hook", ["link", "unlink"])
+@pytest.mark.parametrize("hook", ["link", "unlink", "rename"])
 def test_two_workers_claiming_at_once_never_both_win(tmp_path, monkeypatch, hook):
     """A second worker claims the same run at the worst moment: just before the first worker's
-    lock appears (link), or while it takes over a dead worker's lock (unlink). Exactly one wins.
-    (tests/test_leases.py races more workers and hosts.)"""
+    lock appears (link), or while it takes over a dead worker's lock (unlink, and rename, which
+    moves the dead lock aside to remove it). Exactly one wins. (tests/test_leases.py races more
+    workers and hosts.)"""
     run = tmp_path / "run"
     run.mkdir()
-    if hook == "unlink":
+    if hook != "link":
         (run / ".lock").write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
     real = getattr(os, hook)
     second: list[bool] = []
@@ -164,7 +167,7 @@ def test_two_workers_claiming_at_once_never_both_win(tmp_path, monkeypatch, hook
     monkeypatch.undo()
     assert second, f"claim() no longer calls os.{hook}: move this test's interleaving hook"
     assert [first, second[0]].count(True) == 1, f"first worker {first}, second worker {second[0]}: both hold the run"
-    assert sorted(p.name for p in run.iterdir()) == [".lock"], "no private or parked lock files left behind"
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "lease_epoch"], "no private or parked lock files left behind"
 
 
 def test_run_one_skips_a_run_another_worker_holds(tmp_path, corpus, monkeypatch):

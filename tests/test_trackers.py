@@ -1,11 +1,18 @@
 """--tracker: every eval point of metrics.jsonl, read back from what TensorBoard, W&B (offline) and
-MLflow (a SQLite store) wrote, once per step also when a run resumes; a missing extra is one line.
-Nothing leaves the machine: W&B is offline, MLflow's store is in the test's folder."""
+MLflow (a SQLite store) wrote, once per step also when a run resumes; a missing extra is one line;
+a tracker that fails, to open too (a lock refused), is dropped and the run goes on; MLflow's run
+ends as the run did, and needs a tracking server under a multi-host launcher. Nothing leaves the
+machine: W&B is offline (or a fake with the server's rules), MLflow's store is in the test's folder."""
 
+import contextlib
+import errno
 import json
+import os
+import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,7 +30,8 @@ from fwbw.schema import ConfigError
 from fwbw.study.torchrun import torchrun_command, train_in_processes
 from fwbw.training import trackers
 from fwbw.training.recipe import GROUPS
-from fwbw.training.trackers import EvalPoints, Tracker, tracking_home
+from fwbw.training.run_dir import LeaseLost
+from fwbw.training.trackers import EvalPoints, Tracker, check_tracker, tracking_home
 from fwbw.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("cache_env", "one_thread")
@@ -34,7 +42,7 @@ RESUMED_STEP = 3
 
 @pytest.fixture(autouse=True)
 def offline(tmp_path, monkeypatch):
-    for name in ("WANDB_API_KEY", "MLFLOW_TRACKING_URI", "WANDB_PROJECT"):
+    for name in ("WANDB_API_KEY", "MLFLOW_TRACKING_URI", "WANDB_PROJECT", "SUBMITIT_EXECUTOR", "RAY_RAYLET_PID"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -55,17 +63,22 @@ def train(train_flags: list[str], run: Path, tracker: str) -> None:
     assert main(["train", *train_flags, "--out", str(run), "--tracker", tracker]) == 0
 
 
-def train_with_ctrl_c_then_resume(train_flags: list[str], run: Path, tracker: str, monkeypatch) -> None:
+def train_until(error: BaseException, train_flags: list[str], run: Path, tracker: str, monkeypatch) -> int:
+    """`fwbw train`, which raises `error` at CRASH_STEP; its exit code."""
     real_train_step = Trainer.train_step
 
-    def ctrl_c(self, directions=None):
+    def crash(self, directions=None):
         if self.state.step == CRASH_STEP:
-            raise KeyboardInterrupt
+            raise error
         return real_train_step(self, directions)
 
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "train_step", ctrl_c)
-        assert main(["train", *train_flags, "--out", str(run), "--tracker", tracker]) == 130
+        patch.setattr(Trainer, "train_step", crash)
+        return main(["train", *train_flags, "--out", str(run), "--tracker", tracker])
+
+
+def train_with_ctrl_c_then_resume(train_flags: list[str], run: Path, tracker: str, monkeypatch) -> None:
+    assert train_until(KeyboardInterrupt(), train_flags, run, tracker, monkeypatch) == 130
     train(train_flags, run, tracker)
 
 
@@ -110,7 +123,7 @@ def wandb_records(path: Path):
 
 def wandb_offline_runs(run: Path) -> list[dict]:
     """Each offline W&B run in the run directory, oldest first: its id, name, group and history
-    ({step: {key: value}})."""
+    ({training step: {key: value}}, the training step being the metric its charts plot against)."""
     found = []
     for path in sorted((run / "wandb").glob("offline-run-*/run-*.wandb")):
         found.append({"history": {}})
@@ -121,7 +134,7 @@ def wandb_offline_runs(run: Path) -> list[dict]:
                                  project=record.run.project)
             elif kind == "history":
                 row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-                found[-1]["history"][record.history.step.num] = row
+                found[-1]["history"][row[trackers.STEP_METRIC]] = row
     return found
 
 
@@ -226,14 +239,14 @@ class Recording(Tracker):
     opened: list = []
 
     def __init__(self, run_dir: Path, resumed_step: int):
-        self.points, self.closed = [], False
+        self.points, self.closed = [], None
         Recording.opened.append((self, run_dir, resumed_step))
 
     def log(self, record: dict, step: int) -> None:
         self.points.append((step, record))
 
-    def close(self) -> None:
-        self.closed = True
+    def close(self, status: str) -> None:
+        self.closed = status
 
 
 class Optimizer:
@@ -266,9 +279,9 @@ def test_eval_points_carry_the_record_learning_rates_and_training_tokens_per_sec
     assert Recording.opened == []  # opened at the first point: a finished run's rerun opens nothing
     points.log({"step": 6, "tokens": 3000, "fw_loss": 1.5}, Optimizer(), training_seconds=6.0)
     points.log({"step": 8, "tokens": 3000, "fw_loss": 1.25}, Optimizer(), training_seconds=6.0)  # no training between
-    points.close()
+    points.close(trackers.FINISHED)
     [(tracker, run_dir, resumed_step)] = Recording.opened
-    assert (run_dir, resumed_step, tracker.closed) == (tmp_path, 4, True)
+    assert (run_dir, resumed_step, tracker.closed) == (tmp_path, 4, trackers.FINISHED)
     assert tracker.points == [
         (6, {"tokens": 3000, "fw_loss": 1.5, "lr/decay": 0.25, "lr/output": 0.5, "train_tokens_per_s": 500.0}),
         (8, {"tokens": 3000, "fw_loss": 1.25, "lr/decay": 0.25, "lr/output": 0.5}),
@@ -283,7 +296,7 @@ class FailingAtSecondPoint(Recording):
 
 
 def test_each_attempt_from_scratch_gets_its_own_wandb_run_and_a_resumed_one_continues_it(tmp_path):
-    """W&B drops points below a run's latest step: a restart under the old id would lose them."""
+    """A restart under the old id would mix its points with those of the attempt it replaces."""
     run = tmp_path / "run"
     first = trackers.wandb_run_id(run, resumed_step=0)
     assert trackers.wandb_run_id(run, resumed_step=40) == first
@@ -298,9 +311,9 @@ def test_a_tracker_that_fails_after_it_started_is_said_once_and_dropped(monkeypa
     points = EvalPoints("none", tmp_path, resumed_step=0, tokens=0, training_seconds=0.0)
     for step in (2, 4, 6):
         points.log({"step": step, "tokens": 100 * step, "fw_loss": 1.0}, Optimizer(), training_seconds=float(step))
-    points.close()
+    points.close(trackers.FINISHED)
     [(tracker, _, _)] = Recording.opened
-    assert [step for step, _ in tracker.points] == [2] and tracker.closed is False  # nothing sent after the failure
+    assert [step for step, _ in tracker.points] == [2] and tracker.closed is None  # nothing sent after the failure
     assert capsys.readouterr().err == (f"{tmp_path}: --tracker none failed, the run goes on without it (metrics.jsonl "
                                        "has every point): ConnectionError: tracking server gone\n")
 
@@ -368,7 +381,7 @@ from pathlib import Path
 from fwbw.training.trackers import open_tracker
 tracker = open_tracker("mlflow", Path(sys.argv[1]))
 tracker.log({"tokens": 1}, 1)
-tracker.close()
+tracker.close("FINISHED")
 """
 
 
@@ -386,3 +399,193 @@ def test_two_workers_starting_at_once_share_a_new_mlflow_store(tmp_path):
     assert [worker.returncode for worker in workers] == [0, 0], errors
     _, tracked = mlflow_runs(sweep / trackers.MLFLOW_STORE, "grid")
     assert sorted(run.info.run_name for run in tracked) == ["a", "b"]
+
+
+# --- W&B's steps on resume ---------------------------------------------------------------------
+
+
+class WandbServer:
+    """The wandb module as WandbTracker uses it, keeping each run as W&B's server does: a run
+    resumed by id continues its history and its step, a point logged at a step below the run's
+    next one is dropped ("Steps must be monotonically increasing, so this data will be ignored"),
+    and a chart plots a metric against its step_metric (define_metric), else against W&B's step."""
+
+    def __init__(self):
+        self.runs: dict[str, WandbRun] = {}
+
+    def login(self, **options) -> bool:
+        return True
+
+    def init(self, id: str, resume: str, **options):
+        assert resume == "allow"
+        return self.runs.setdefault(id, WandbRun())
+
+
+class WandbRun:
+    def __init__(self):
+        self.rows, self.next_step, self.step_metrics = [], 0, {}
+
+    def define_metric(self, name: str, step_metric: str | None = None) -> None:
+        self.step_metrics[name] = step_metric
+
+    def log(self, data: dict, step: int | None = None) -> None:
+        step = self.next_step if step is None else step
+        if step >= self.next_step:
+            self.rows.append({"_step": step, **data})
+            self.next_step = step + 1
+
+    def finish(self) -> None:
+        pass
+
+    def chart(self, metric: str) -> dict:
+        """x -> y of the metric's chart, the latest point at each x."""
+        x = self.step_metrics.get(metric) or self.step_metrics.get("*") or "_step"
+        return {row[x]: row[metric] for row in self.rows if metric in row}
+
+
+def test_a_resumed_wandb_run_keeps_the_points_it_logs_again_after_its_checkpoint(monkeypatch, tmp_path):
+    server = WandbServer()
+    monkeypatch.setitem(sys.modules, "wandb", server)
+    run = tmp_path / "run"
+    interrupted = trackers.WandbTracker(run, resumed_step=0)
+    for step in (2, 4):  # then interrupted at step 5, its last checkpoint at step 3
+        interrupted.log({"fw_loss": 1.0 + step}, step)
+    interrupted.close(trackers.KILLED)
+    resumed = trackers.WandbTracker(run, resumed_step=3)
+    for step in (4, 6):
+        resumed.log({"fw_loss": 2.0 + step}, step)
+    resumed.close(trackers.FINISHED)
+    [tracked] = server.runs.values()
+    assert tracked.chart("fw_loss") == {2: 3.0, 4: 6.0, 6: 8.0}
+
+
+# --- a tracker's failures, and how its run ends ----------------------------------------------------
+
+
+class FailingToOpen(Recording):
+    def __init__(self, run_dir: Path, resumed_step: int):
+        raise ConnectionError("tracking server out of reach")
+
+
+def failure_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "--tracker" in line]
+
+
+def test_a_tracker_that_cannot_open_is_said_once_and_the_run_goes_on(monkeypatch, tiny_data, tmp_path, capsys):
+    monkeypatch.setitem(trackers.BACKENDS, "none", FailingToOpen)
+    run = tmp_path / "run"
+    summary = Trainer(tiny_config(), run, data=tiny_data, progress=False).run()
+    assert summary["status"] == "done" and read_metrics(run)[-1]["step"] == summary["steps"]
+    assert failure_lines(capsys.readouterr().err) == [f"{run}: --tracker none failed, the run goes on without it "
+                                                      "(metrics.jsonl has every point): ConnectionError: tracking "
+                                                      "server out of reach"]
+
+
+def test_mlflow_refused_its_lock_is_dropped_and_the_run_goes_on(train_flags, tmp_path, monkeypatch, capsys):
+    """A shared filesystem without locks (NFS without lockd) refuses flock with ENOLCK."""
+    real_flock = trackers.fcntl.flock
+
+    def flock(file, operation):
+        if Path(getattr(file, "name", "")).name == trackers.MLFLOW_LOCK:
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        return real_flock(file, operation)
+
+    monkeypatch.setattr(trackers.fcntl, "flock", flock)
+    run = tmp_path / "grid" / "run"
+    train(train_flags, run, "mlflow")
+    assert [record["step"] for record in read_metrics(run)][-1] == json.loads((run / "summary.json").read_text())["steps"]
+    [line] = failure_lines(capsys.readouterr().err)
+    assert line.endswith(f"--tracker mlflow failed, the run goes on without it (metrics.jsonl has every point): "
+                         f"OSError: [Errno {errno.ENOLCK}] {os.strerror(errno.ENOLCK)}")
+
+
+def test_mlflow_finding_its_store_locked_is_dropped_and_the_run_goes_on(train_flags, tmp_path, capsys):
+    """Another process holds the SQLite store longer than SQLite waits: 'database is locked'."""
+    run = tmp_path / "grid" / "run"
+    run.parent.mkdir()
+    holder = sqlite3.connect(run.parent / trackers.MLFLOW_STORE, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        train(train_flags, run, "mlflow")
+    finally:
+        holder.close()
+    assert read_metrics(run)
+    [line] = failure_lines(capsys.readouterr().err)
+    assert line.endswith("OperationalError: (sqlite3.OperationalError) database is locked")
+
+
+@pytest.mark.parametrize(("error", "exit_code", "status"), [
+    (KeyboardInterrupt(), 130, "KILLED"),  # Ctrl-C, or a signal raised as one
+    (RuntimeError("the GPU fell off the bus"), 2, "FAILED"),
+])
+def test_an_mlflow_run_ends_killed_when_interrupted_and_failed_on_an_error(
+    error, exit_code, status, train_flags, tmp_path, monkeypatch
+):
+    assert train_until(error, train_flags, tmp_path / "grid" / "run", "mlflow", monkeypatch) == exit_code
+    _, [tracked] = mlflow_runs(tmp_path / "grid" / trackers.MLFLOW_STORE, "grid")
+    assert tracked.info.status == status
+
+
+def test_an_mlflow_run_that_lost_its_lease_ends_killed(corpus, tmp_path):
+    lost = threading.Event()
+    lost.set()
+    trainer = Trainer(base_config(corpus), tmp_path / "grid" / "run", progress=False, tracker="mlflow", stop=lost)
+    with pytest.raises(LeaseLost):
+        trainer.run()
+    _, [tracked] = mlflow_runs(tmp_path / "grid" / trackers.MLFLOW_STORE, "grid")
+    assert tracked.info.status == "KILLED"
+
+
+@pytest.mark.parametrize(("error", "status"), [
+    (None, "FINISHED"), (RuntimeError("diverged"), "FAILED"), (KeyboardInterrupt(), "KILLED"),
+    (SystemExit(1), "KILLED"), (LeaseLost("another worker holds the run"), "KILLED"),
+])
+def test_eval_points_close_the_tracker_saying_how_the_run_ended(error, status, monkeypatch, tmp_path):
+    monkeypatch.setitem(trackers.BACKENDS, "none", Recording)
+    monkeypatch.setattr(Recording, "opened", [])
+    with pytest.raises(type(error)) if error else contextlib.nullcontext():
+        with EvalPoints("none", tmp_path, resumed_step=0, tokens=0, training_seconds=0.0) as points:
+            points.open()
+            if error:
+                raise error
+    [(tracker, _, _)] = Recording.opened
+    assert tracker.closed == status
+
+
+# --- where MLflow may keep its store --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("variable", "value", "launcher"), [
+    ("SUBMITIT_EXECUTOR", "slurm", "slurm"),  # what submitit's sbatch script exports
+    ("RAY_RAYLET_PID", "4242", "ray"),  # what Ray gives its workers
+    ("SUBMITIT_EXECUTOR", "local", None),  # submitit's local executor: this machine
+])
+def test_mlflow_under_a_multi_host_launcher_needs_a_tracking_server(
+    variable, value, launcher, monkeypatch, tiny_data, tmp_path
+):
+    monkeypatch.setenv(variable, value)
+    assert trackers.cluster_launcher() == launcher
+    if launcher:
+        with pytest.raises(ConfigError, match=f"^--tracker mlflow under --launcher {launcher} needs MLFLOW_TRACKING_URI, "):
+            Trainer(tiny_config(), tmp_path / "run", data=tiny_data, progress=False, tracker="mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'server.db'}")
+    check_tracker("mlflow")
+
+
+RAY_TASK = """
+import logging, subprocess, sys
+import ray
+ray.init(address="local", num_cpus=1, object_store_memory=100 * 2**20, include_dashboard=False, logging_level=logging.WARNING)
+LAUNCHER = "from fwbw.training.trackers import cluster_launcher; print(cluster_launcher())"
+launcher = ray.remote(lambda: subprocess.run([sys.executable, "-c", LAUNCHER], capture_output=True, text=True).stdout)
+print(ray.get(launcher.remote()).strip())
+"""
+
+
+@pytest.mark.slow
+def test_a_process_under_a_ray_task_knows_the_ray_launcher(tmp_path):
+    """The child of a Ray task (as torchrun's ranks are under --nproc-per-run) sees Ray's variable."""
+    env = {key: value for key, value in subprocess_env().items() if key != "RAY_RAYLET_PID"}
+    done = subprocess.run([sys.executable, "-c", RAY_TASK], env=env, capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT, cwd=tmp_path)
+    assert done.stdout.splitlines()[-1:] == ["ray"], done.stderr

@@ -56,7 +56,7 @@ from fwbw.training.data_parallel import is_main_process
 from fwbw.training.data_parallel import leave as leave_process_group
 from fwbw.training.evaluation import cut_run
 from fwbw.training.precision import DTYPE_CHOICES
-from fwbw.training.run_dir import LEASE_S, check_run_dir, check_writable, valid_lease
+from fwbw.training.run_dir import LEASE_S, check_run_dir, check_writable, training_lease, valid_lease
 from fwbw.training.trackers import TRACKERS
 from fwbw.training.trainer import Trainer
 
@@ -158,9 +158,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = train_config_from_args(args)
     trainer = Trainer(config, args.out, progress=not args.no_progress, restart=args.restart, compile=args.compile,
                       tracker=args.tracker)
-    summary = trainer.run()
-    if args.cut:
-        cut_and_sample(trainer)
+    with training_lease(args.out, trainer.parallel.is_main) as lost:  # the run's claim: one `fwbw train` per --out
+        trainer.stop = lost
+        summary = trainer.run()
+        if args.cut:
+            cut_and_sample(trainer)
     leave_process_group()
     if trainer.parallel.is_main:
         print(json.dumps({k: summary[k] for k in ("final_val_loss_fw", "final_val_loss_bw", "num_params", "leaks_labels")}))

@@ -146,6 +146,23 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return dict(pairs)
 
 
+def safetensors_complete(path: Path) -> bool:
+    """Whether a safetensors file holds every byte its header promises: 8 bytes giving the header's
+    length n, the JSON header, then the tensors, the last ending at the largest data offset (a cheap
+    check against a file cut short; it reads the header only)."""
+    try:
+        size = Path(path).stat().st_size
+        with open(path, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            if header_length > size:
+                return False
+            header = json.loads(handle.read(header_length))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        return size == 8 + header_length + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
 def sha256_of(path: Path) -> str:
     """The hex sha256 of a file's bytes, read in blocks."""
     digest = hashlib.sha256()

@@ -46,6 +46,7 @@ from fwbw.training.run_dir import (
     claim,
     config_id,
     hold,
+    passed_on,
     read_status,
     release,
     valid_lease,
@@ -191,7 +192,7 @@ def describe_runs(
         tasks = 1 + config.p_bw if config.bw_mode == "add" else 1
         flops = training_flops_per_token(model, config.seq_len) * tokens * tasks
         total += flops
-        peaks.append(estimate_memory(config, vocab_size, nproc_per_run).total)
+        peaks.append(estimate_memory(config, vocab_size).total)
         lines.append(
             f"{run_id(config):<48} params {short_count(count_params(model)):>6}  tokens {short_count(tokens):>6}  "
             f"tokens/microbatch {config.recipe.tokens_per_microbatch:6d}  mem {short_bytes(peaks[-1]):>9}  "
@@ -200,7 +201,8 @@ def describe_runs(
         )
     lines += memory_warnings(configs, peaks, given_limit)
     if nproc_per_run > 1:
-        lines.append(f"mem: of each of the {nproc_per_run} processes of a run (--nproc-per-run), its share of the batch")
+        lines.append(f"mem: of each of the {nproc_per_run} processes of a run (--nproc-per-run): a whole microbatch, "
+                     "as each trains whole ones while a step has one for every process")
     seconds_h100 = total / (0.4 * 989e12)
     lines.append(f"{len(configs)} runs, {total:.2e} training FLOP: ~{short_duration(seconds_h100)} on one H100 at 40% MFU (bf16)")
     lines.append(times.total_line())
@@ -318,11 +320,13 @@ def train_and_cut(
     config: TrainConfig, run_dir: Path, progress: bool, execution: Execution = Execution(),
     stop: threading.Event | None = None,
 ) -> None:
-    """Train the run (in this process, or in nproc_per_run processes under torchrun), then cut it
-    layer by layer and write its samples; LeaseLost once `stop` is set."""
+    """Train the run (in this process, or in nproc_per_run processes under torchrun, which write
+    under this process's lease), then cut it layer by layer and write its samples; LeaseLost once
+    `stop` is set."""
     if execution.nproc_per_run > 1:
-        train_in_processes(config, run_dir, execution.nproc_per_run, progress, execution.compile, execution.tracker,
-                           stop)
+        with passed_on(run_dir):
+            train_in_processes(config, run_dir, execution.nproc_per_run, progress, execution.compile,
+                               execution.tracker, stop)
         return
     trainer = Trainer(config, run_dir, progress=progress, compile=execution.compile, tracker=execution.tracker,
                       stop=stop)
@@ -358,8 +362,7 @@ def run_one(
         if is_interruption(error):
             _report_interruption(run_dir, error)
             raise
-        _record_failure(run_dir, error)
-        return "failed"
+        return _record_failure(run_dir, error)
     except BaseException as interruption:  # KeyboardInterrupt, SystemExit: the worker stops here
         _report_interruption(run_dir, interruption)
         raise
@@ -386,17 +389,21 @@ def _report_interruption(run_dir: Path, interruption: BaseException) -> None:
           file=sys.stderr, flush=True)
 
 
-def _record_failure(run_dir: Path, error: Exception) -> None:
-    """Report the failed run and mark it failed; when even that cannot be written (a full disk),
-    say so and let the sweep go on."""
+def _record_failure(run_dir: Path, error: Exception) -> str:
+    """Report the failed run and mark it failed: 'failed'; when even that cannot be written (a full
+    disk) say so and let the sweep go on, or 'lost' when the run is another worker's now."""
     message = f"{type(error).__name__}: {error}"
     print(f"run {run_dir.name} failed: {message}", file=sys.stderr)
     if os.environ.get("FWBW_DEBUG"):
         traceback.print_exc()
     try:
         write_status(run_dir, "failed", message)
+    except LeaseLost as lost:  # its status is the new holder's to write
+        print(f"run {run_dir.name}: status not recorded: {lost}", file=sys.stderr)
+        return "lost"
     except OSError as status_error:
         print(f"run {run_dir.name}: status not recorded: {status_error}", file=sys.stderr)
+    return "failed"
 
 
 def run_sweep(

@@ -1,6 +1,6 @@
 """One run of a sweep trained by several processes: `torchrun --standalone` on this machine runs
-`fwbw train --cut` in the run's directory (fwbw.training.data_parallel), and its failure becomes
-the run's error."""
+`fwbw train --cut` in the run's directory (fwbw.training.data_parallel). A rank's error becomes
+the run's; a rank killed by a signal is an interruption (the run is released, resumable)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from fwbw.study.children import die_with_parent
 from fwbw.training.config import TrainConfig
 from fwbw.training.run_dir import CONFIG, CUT, SUMMARY, LeaseLost, start_run
 
+STOP_POLL_S = 1.0  # how often a lost lease is looked for while the processes run
 KEPT_LINES = 80  # of the processes' stderr, for torchrun's report of the rank that died
 ERROR_MARK = ": error: "  # in the one-line error a failed rank prints (fwbw.cli)
 
@@ -31,17 +32,30 @@ def torchrun_command(
     return launcher + train + compile_flag + tracker_flag + ([] if progress else ["--no-progress"])
 
 
-def failure_message(nproc: int, returncode: int, errors: list[str], stderr_tail: list[str]) -> str:
-    """Why the processes failed: the first rank that died, as torchrun reports it (its "Root
-    Cause" section in `stderr_tail`), when a signal killed it (it printed nothing; the others'
-    errors are its consequences); else the first one-line error a rank printed (`errors`: its
-    lines); else torchrun's exit code."""
+class RankKilled(KeyboardInterrupt):
+    """A rank, or torchrun itself, ended by a signal (the OOM killer, a kill from outside): the run
+    was stopped, not failed by an error of its own, so it is released without a status, resumable,
+    like any interruption (fwbw.study.sweep.run_one)."""
+
+
+def killed_message(nproc: int, returncode: int, stderr_tail: list[str]) -> str | None:
+    """How the processes were killed, or None: the first rank that died by a signal, as torchrun
+    reports it (its "Root Cause" section in `stderr_tail`; the others' errors are its
+    consequences), or torchrun itself ended by one (`returncode` below 0)."""
     report = "\n".join(stderr_tail)
     root = report[report.find("Root Cause"):] if "Root Cause" in report else ""
     rank, exit_code = (re.search(rf"{field}\s*:\s*(-?\d+)", root) for field in ("rank", "exitcode"))
     if rank and exit_code and int(exit_code[1]) < 0 and -int(exit_code[1]) in signal.valid_signals():
         name = signal.Signals(-int(exit_code[1])).name
         return f"rank {rank[1]} of {nproc} under torchrun died (exit code {exit_code[1]}: {name}) without an error"
+    if returncode < 0 and -returncode in signal.valid_signals():
+        return f"torchrun was killed ({signal.Signals(-returncode).name})"
+    return None
+
+
+def failure_message(nproc: int, returncode: int, errors: list[str]) -> str:
+    """Why the processes failed: the first one-line error a rank printed (`errors`: its lines),
+    else torchrun's exit code."""
     if errors:
         return errors[0].split(ERROR_MARK, 1)[1]
     return f"{nproc} training processes under torchrun failed (exit code {returncode}) without an error"
@@ -53,12 +67,15 @@ def train_in_processes(
 ) -> None:
     """Train (then cut and sample) the run with `nproc` data-parallel processes, their stderr
     passed through as it comes (progress bars included); RuntimeError with the error when they
-    fail; once `stop` is set, the processes are stopped and LeaseLost raised."""
+    fail, RankKilled when a signal ended one; once `stop` is set (watched whether or not the
+    processes print), they are stopped and LeaseLost raised."""
     start_run(run_dir, config)
     command = torchrun_command(nproc, run_dir, progress, compile, tracker)
     tail: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
     errors: list[str] = []
     with subprocess.Popen(command, stderr=subprocess.PIPE, preexec_fn=die_with_parent) as processes:
+        if stop is not None:
+            threading.Thread(target=_stop_when_set, args=(stop, processes), daemon=True).start()
         try:
             for line in processes.stderr:  # bytes split at newlines only: a bar's carriage returns pass through
                 sys.stderr.buffer.write(line)
@@ -66,8 +83,6 @@ def train_in_processes(
                 text = line.decode(errors="replace").rstrip("\n")
                 tail.append(text)
                 errors += [text] if ERROR_MARK in text else []
-                if stop is not None and stop.is_set():
-                    processes.terminate()
         except BaseException:  # Ctrl-C or SIGTERM to the sweep: torchrun passes it on to the ranks
             processes.terminate()
             processes.wait()
@@ -75,10 +90,22 @@ def train_in_processes(
     if stop is not None and stop.is_set():
         raise LeaseLost(f"{run_dir}: another worker holds the run now")
     if processes.returncode != 0 and not finished(run_dir):
-        raise RuntimeError(failure_message(nproc, processes.returncode, errors, list(tail)))
+        killed = killed_message(nproc, processes.returncode, list(tail))
+        if killed:
+            raise RankKilled(f"{killed}; rerun the sweep to resume the run")
+        raise RuntimeError(failure_message(nproc, processes.returncode, errors))
+
+
+def _stop_when_set(stop: threading.Event, processes: subprocess.Popen) -> None:
+    """Terminate the processes once `stop` is set (a lost lease), even if they print nothing."""
+    while processes.poll() is None:
+        if stop.wait(STOP_POLL_S):
+            processes.terminate()
+            return
 
 
 def finished(run_dir: Path) -> bool:
-    """Whether the run was trained and cut: a process that fails as it exits (a C++ thread of the
-    process group aborting, seen rarely) does not fail a run whose results are written."""
+    """Whether the run was trained and cut: a process that fails as it exits does not fail a run
+    whose results are written (a gloo thread aborting the exit is prevented at its source:
+    fwbw.training.data_parallel.leave)."""
     return (run_dir / SUMMARY).is_file() and (run_dir / CUT).is_file()

@@ -5,7 +5,9 @@ optimizer moments, RNG states) and `state.json` (everything else). It is written
 temporary name and renamed into place, and `state.json` records the sha256 of the tensor file,
 so a half-written or corrupted checkpoint is detected and skipped in favour of an older one.
 `state.json` also records the id of the config it was trained with (run_dir.config_id): a
-checkpoint is only ever resumed into that config.
+checkpoint is only ever resumed into that config; and the epoch of the lease it was written under
+(None without one). Every write into a run directory is fenced (run_dir.check_fence): a worker
+that lost the run's lease writes no checkpoint, model or weights.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fwbw.files import (
@@ -29,11 +31,14 @@ from fwbw.files import (
 )
 from fwbw.model.config import ModelConfig
 from fwbw.model.hlb_gpt import HlbGpt, build_model
-from fwbw.training.run_dir import CHECKPOINTS, MODEL_CONFIG, MODEL_WEIGHTS
+from fwbw.training.run_dir import CHECKPOINTS, MODEL_CONFIG, MODEL_WEIGHTS, check_fence
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 KEEP = 2
+
+
+ON_DEVICE = ("model", "optimizer", "average")  # the parts a resumed run uses on its device
 
 
 class CorruptCheckpoint(RuntimeError):
@@ -79,7 +84,10 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def save(run_dir: Path, step: int, payload: dict, config_id: str) -> Path:
     """Write `payload` (nested dicts of tensors and plain data) as the checkpoint of `step` of the
-    config `config_id`; keep the newest KEEP checkpoints of that config and remove the rest."""
+    config `config_id`; keep the newest KEEP checkpoints of that config and remove the rest.
+    LeaseLost before anything is written, and again before it is put in place, once this process's
+    lease on the run is lost (a newer holder may be writing the same step)."""
+    check_fence(run_dir)
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{step:08d}"
     partial = root / f".partial_step_{step:08d}"
@@ -89,7 +97,8 @@ def save(run_dir: Path, step: int, payload: dict, config_id: str) -> Path:
         tensors: dict[str, torch.Tensor] = {}
         plain = flatten("root", payload, tensors)
         _save_tensors(tensors, partial / TENSORS)
-        state = {"step": step, "config": config_id, "sha256": sha256_of(partial / TENSORS), "payload": plain}
+        state = {"step": step, "config": config_id, "lease_epoch": check_fence(run_dir),
+                 "sha256": sha256_of(partial / TENSORS), "payload": plain}
         atomic_write_text(partial / STATE, json.dumps(state))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -120,13 +129,14 @@ def _config_of(path: Path) -> str | None:
         return None
 
 
-def load(path: Path) -> dict:
+def load(path: Path, device: str | torch.device = "cpu") -> dict:
+    """A checkpoint's payload, the tensors of ON_DEVICE's parts on `device`."""
     path = Path(path)
     meta = _read_state(path)
     try:
         if sha256_of(path / TENSORS) != meta["sha256"]:
             raise CorruptCheckpoint(f"{path}: tensor file does not match its recorded sha256")
-        payload = unflatten(meta["payload"], load_file(str(path / TENSORS)))
+        payload = unflatten(meta["payload"], _read_tensors(path / TENSORS, device))
     except (OSError, ValueError, KeyError, SafetensorError) as error:
         raise CorruptCheckpoint(f"{path}: {error}") from error
     if "optimizer" in payload:
@@ -134,16 +144,29 @@ def load(path: Path) -> dict:
     return payload
 
 
-def load_latest(run_dir: Path, config_id: str, keys: tuple[str, ...] = (), warn=print) -> dict | None:
+def _read_tensors(file: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The file's tensors, those of ON_DEVICE's parts moved to `device` one at a time (a rank never
+    holds a whole CPU copy of them); the rest, generator states and kept weights, on the CPU."""
+    with safe_open(str(file), framework="pt", device="cpu") as handle:
+        return {key: _placed(key, handle.get_tensor(key), device) for key in handle.keys()}
+
+
+def _placed(key: str, tensor: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    part = key.split(".")[1]  # keys are root.<part>.<path> (save's flatten)
+    return tensor.to(device) if part in ON_DEVICE else tensor
+
+
+def load_latest(run_dir: Path, config_id: str, keys: tuple[str, ...] = (), warn=print,
+                device: str | torch.device = "cpu") -> dict | None:
     """The newest checkpoint of the config `config_id` that loads intact and holds every key of
-    `keys`, or None; corrupt ones, those of another config and those without the keys (written
-    by another version) are reported and skipped."""
+    `keys` (on `device`: load), or None; corrupt ones, those of another config and those without
+    the keys (written by another version) are reported and skipped."""
     for path in sorted((Path(run_dir) / CHECKPOINTS).glob("step_*"), reverse=True):
         try:
             if _read_state(path).get("config") != config_id:
                 warn(f"skipping checkpoint {path}: it was written for another config")
                 continue
-            payload = load(path)
+            payload = load(path, device)
         except CorruptCheckpoint as error:
             warn(f"skipping corrupt checkpoint: {error}")
             continue
@@ -158,12 +181,14 @@ def load_latest(run_dir: Path, config_id: str, keys: tuple[str, ...] = (), warn=
 def save_model(run_dir: Path, model: HlbGpt) -> None:
     """The trained weights and their shape, for `load_model` (cut, analysis, sampling)."""
     run_dir = Path(run_dir)
+    check_fence(run_dir)
     atomic_write_json(run_dir / MODEL_CONFIG, dataclasses.asdict(model.config))
     save_weights(run_dir / MODEL_WEIGHTS, model.state_dict())
 
 
 def save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
     """A state dict as safetensors (e.g. the weights early stopping selected)."""
+    check_fence(Path(path).parent)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()}
     atomic_write(Path(path), lambda tmp: _save_tensors(tensors, tmp))
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -94,23 +93,23 @@ def loss_chunk_bytes(model: ModelConfig, tokens: int, itemsize: int) -> int:
     return rows * vocab * per_logit + low * vocab * model.width * itemsize
 
 
-def microbatch_tokens(config: TrainConfig, world_size: int = 1) -> int:
-    """Data tokens of the run's largest microbatch share (its windows split among `world_size`
-    data-parallel ranks, the largest share): at its full sequence length, where the attention
-    scores per token are largest."""
-    return math.ceil(batch_size_for(config.seq_len, config.recipe) / world_size) * config.seq_len
+def microbatch_tokens(config: TrainConfig) -> int:
+    """Data tokens of the run's largest microbatch, at its full sequence length, where the attention
+    scores per token are largest. Data-parallel ranks train whole microbatches while a step has at
+    least one per rank (fwbw.training.data_parallel), so this is also each rank's largest part."""
+    return batch_size_for(config.seq_len, config.recipe) * config.seq_len
 
 
-def estimate_memory(config: TrainConfig, vocab_size: int, world_size: int = 1) -> MemoryEstimate:
-    """The peak memory of `config`'s training step on a tokenizer of `vocab_size` ids, on each of
-    `world_size` data-parallel ranks (formula and derivation: docs/method.md#memory-estimate).
+def estimate_memory(config: TrainConfig, vocab_size: int) -> MemoryEstimate:
+    """The peak memory of `config`'s training step on a tokenizer of `vocab_size` ids, on one process
+    or on each data-parallel rank alike (formula and derivation: docs/method.md#memory-estimate).
     Conservative: everything is counted as alive at once, gradients included, and the attention
     scores as saved."""
     model = config.model_config(vocab_size)
     params = count_params(model)
     itemsize = TORCH_DTYPES[resolve_dtype(config.dtype)].itemsize
     tasks = stacked_tasks(config)
-    tokens = microbatch_tokens(config, world_size)
+    tokens = microbatch_tokens(config)
     return MemoryEstimate(
         weights=FP32 * params,
         grads=FP32 * params,

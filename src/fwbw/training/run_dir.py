@@ -10,26 +10,55 @@ status, and the lease of the worker that trains it.
   cut.json             the layer-cut evaluation (fwbw.training.evaluation)
   samples.json         fw and bw continuations of held-out prompts (fwbw.study.samples)
   status.json          pending | running | done | failed, with the error (written by a sweep)
-  .lock                the claim (a lease) of the sweep worker training it: see below
+  .lock                the claim (a lease) of the worker training it, a sweep's or `fwbw train`'s: see below
+  lease_epoch          the newest epoch of the run's claims (kept for good)
   tensorboard/, wandb/ what --tracker tensorboard / wandb write (fwbw.training.trackers)
 
-The claim is a lease: .lock holds the worker's host, pid, owner token and lease length; its
-modification time is the heartbeat, on the holder's clock. It is written in full under a private
-name and hard-linked into place (never half-written, never replacing another). While the run
-trains, `hold` moves the heartbeat every lease / 4 through the claim's open file descriptor, which
-touches only that claim's own file: a holder that lost its claim never revives it, and at its
-next heartbeat sees another owner in .lock and says so (training goes on). A claim is stale when
-its pid is dead on this host (at once), or, from another host, its heartbeat is older than its own
-lease; a live claim is never taken. Clocks of hosts may differ by seconds; leases are minutes.
-To remove a claim (a stale one, or one's own on release) a worker first takes its gate, a claim
-at .lock.<owner>.end (one worker gets it), then reads .lock again and unlinks it only if it still
-holds that owner's claim (and it is still stale). Only a gate's holder removes a claim and links
-never replace, so the claim cannot change in between; a taker then links its own claim, which a
-newcomer may beat: one worker holds the run either way. A gate left by a worker that died in
-those milliseconds is itself a stale claim. Only link, unlink and utime touch shared names, all
-atomic on NFS. An old-format claim (pid and host only) gets the default lease from its file's
-time; a claim whose lease is not a finite number of seconds > 0 is unreadable, hence stale. A
-worker paused longer than its lease can lose the run and learns so at its next heartbeat.
+The claim is a lease: .lock holds the worker's host, boot id, pid namespace, pid and the pid's
+start time, an owner token, the lease length and the claim's epoch; its modification time is the
+heartbeat, on the holder's clock. Clocks of hosts may differ by seconds; leases are minutes.
+
+Taking. A claim is written in full under a private name and hard-linked into place: never
+half-written, never replacing another (a retransmitted NFS link that fails with EEXIST after it
+succeeded is told by the private file's link count, 2). Its epoch is one above the newest:
+recorded in lease_epoch, or of the stale claim it ends; once in place it is recorded there
+(written aside, renamed over). Only a taker paused for longer than a lease between choosing its
+epoch and linking can repeat one: the fence below compares owner tokens too.
+
+Liveness. A claim is live (never taken) while: from another host, its heartbeat is younger than
+its own lease; on its own host, it was made since the last boot (its boot id; another one:
+stale at once) and its pid runs with the start time it had then (a dead or reused pid: stale at
+once); made in another pid namespace of the host (a container), as from another host. An
+old-format claim (pid and host only) is judged by its pid here and by the default lease from its
+file's time elsewhere; a claim whose lease is not a finite number of seconds > 0 is unreadable,
+hence stale.
+
+Heartbeat. While the run trains, `hold` moves the heartbeat every lease / 4 through the claim's
+open file descriptor, which touches only that claim's own file: a holder that lost its claim
+never revives it. It sets the event the trainer watches once .lock holds another owner, or after
+FAILED_CHECKS heartbeats in a row that could not confirm the claim (EIO, ETIMEDOUT, no claim
+found): within 3/4 of a lease, before others may judge the claim stale.
+
+Ending. To remove a claim (a stale one, or one's own on release) a worker first takes its gate,
+a claim at .lock.<owner>.end (one worker gets it; a release tries again while a taker holds it).
+It then renames .lock aside to a private name and unlinks what it moved only if that is the
+claim meant (and still stale, for a taker); anything else is linked back, never over a claim
+linked meanwhile. So a worker paused past its gate's lease, whose gate another worker ended to
+complete the takeover, never removes the claim that replaced the stale one. A gate left by a
+worker that died is itself a stale claim.
+
+Fencing. Every write of a holder to the run (status, config, checkpoints, metrics, model,
+summary) first checks that .lock still holds its claim and lease_epoch no newer epoch
+(check_fence: two reads of small files), else raises LeaseLost (one line) and writes nothing;
+each checkpoint records its epoch. A holder that lost the run writes nothing after the newer
+claim is in place, but for a write already past its check (milliseconds; a lease is minutes).
+`fwbw train` takes the same claim (training_lease); the torchrun processes of a sweep worker
+write under the worker's lease (LEASE_ENV).
+
+What NFS must guarantee: link, rename and unlink are atomic on the server, and link never
+replaces a file; close-to-open consistency (a claim fsynced before it is linked is read whole by
+whoever opens it after); attributes such as a heartbeat may be cached for up to a minute, far
+less than a lease.
 """
 
 from __future__ import annotations
@@ -50,7 +79,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from fwbw.files import atomic_write_json, read_json
+from fwbw.files import atomic_write_json, atomic_write_text, read_json, safetensors_complete
 from fwbw.schema import ConfigError, differences
 from fwbw.training.config import TrainConfig, identity_of
 
@@ -73,7 +102,16 @@ OUT_EXAMPLE = "runs/my-run"
 RESTART_HINT = "--restart starts it over, or give another --out"
 LEASE_S = 600.0  # default lease: a claim not renewed for this long is stale (Execution.lease_s)
 RENEWALS_PER_LEASE = 4  # heartbeats per lease: a late one or two do not lose the run
+FAILED_CHECKS = 3  # heartbeats in a row that cannot confirm the claim lose it: < RENEWALS_PER_LEASE, before it can go stale
 CLAIM_ATTEMPTS = 3  # links tried: again after a stale claim was ended or the claim vanished
+RELEASE_ATTEMPTS = 5  # gates tried by a release while a taker holds the gate (it judges the claim, in milliseconds)
+RELEASE_WAIT_S = 0.1  # between them
+EPOCH = "lease_epoch"  # the newest epoch of the run's claims: kept for good, a restart included
+ASIDE = ".gone"  # .lock.<random>.gone: a claim renamed aside, to be removed if it is the one meant
+LEASE_ENV = "FWBW_LEASE"  # names a sweep worker's lease to the `fwbw train` processes it starts under torchrun
+BOOT_ID = "/proc/sys/kernel/random/boot_id"  # changes when the host reboots
+PID_NAMESPACE = "/proc/self/ns/pid"  # pids are comparable within one namespace only
+STARTTIME_FIELD = 22  # of /proc/<pid>/stat: when the process started (a reused pid starts later)
 OWNER_HEX = 16  # hex digits of an owner token
 OWNER = re.compile(r"[0-9a-f]+")  # an owner token: safe in a gate's file name
 GATE = ".end"  # .lock.<owner>.end: the gate of the claim of <owner>
@@ -167,7 +205,7 @@ def check_owner(run_dir: Path, config: TrainConfig, restart: bool = False) -> No
 
 
 def _is_run_file(name: str) -> bool:
-    return name in RUN_FILES or name == CHECKPOINTS or name.startswith(LOCK)
+    return name in RUN_FILES or name in (CHECKPOINTS, EPOCH) or name.startswith(LOCK)
 
 
 def _check_holds_no_other_files(run_dir: Path) -> None:
@@ -186,6 +224,7 @@ def start_run(run_dir: Path, config: TrainConfig, restart: bool = False) -> None
     with `restart` first remove every file of the run it holds, then write config.json."""
     run_dir = Path(run_dir)
     check_owner(run_dir, config, restart)
+    check_fence(run_dir)
     if restart:
         clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -202,21 +241,22 @@ def clear_run(run_dir: Path) -> None:
 def clear_outputs(run_dir: Path) -> None:
     """Remove what training and the cut wrote, checkpoints included, keeping config.json, the
     status and the lock: the run starts from scratch without files of an earlier attempt."""
+    check_fence(run_dir)
     run_dir = Path(run_dir)
     for name in OUTPUTS:
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
 
 
-# --- status and lease (sweeps) --------------------------------------------------------------
+# --- status and lease (sweeps, and `fwbw train`) --------------------------------------------
 
 
 def read_status(run_dir: Path, corrupt_is_pending: bool = True) -> dict:
     """status.json; a run without one is pending. An unreadable one is pending too, its error
     naming the file (a worker then trains the run again from its checkpoints), or with
     `corrupt_is_pending=False` raises ValueError naming the file (the results table). A run it
-    says is done is pending while it has no summary.json (written when training ends), its error
-    saying so."""
+    says is done is pending while it has no summary.json (written when training ends) or its
+    model.safetensors is missing or cut short (files.safetensors_complete), its error saying so."""
     path = Path(run_dir) / STATUS
     try:
         status = read_json(path)
@@ -230,55 +270,103 @@ def read_status(run_dir: Path, corrupt_is_pending: bool = True) -> dict:
         return {"status": "pending", "error": str(error)}
     if status["status"] == "done" and not (Path(run_dir) / SUMMARY).is_file():
         return {"status": "pending", "error": f"{path}: says done, but the run has no {SUMMARY}"}
+    if status["status"] == "done" and not safetensors_complete(Path(run_dir) / MODEL_WEIGHTS):
+        return {"status": "pending", "error": f"{path}: says done, but {MODEL_WEIGHTS} is missing or cut short"}
     return status
 
 
 def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
+    """status.json, by the run's lease holder while it holds the lease (check_fence)."""
+    check_fence(run_dir)
     atomic_write_json(Path(run_dir) / STATUS, {"status": status, "error": error})
+
+
+def _proc_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:  # no /proc (not Linux), or not readable
+        return None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink(PID_NAMESPACE)
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot (/proc/<pid>/stat field 22); None
+    where unreadable (a dead pid, another pid namespace's, no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[STARTTIME_FIELD - 3])  # fields after "(comm)" start at 3
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @dataclass(frozen=True)
 class Worker:
-    """Who claims runs and judges claims, on which clock: this host and process by default (tests
-    simulate other hosts and clocks)."""
+    """Who claims runs and judges claims, on which clock: this host, boot, pid namespace and
+    process by default (tests simulate other hosts, boots, namespaces and clocks)."""
 
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     clock: Callable[[], float] = time.time
+    boot_id: str | None = field(default_factory=lambda: _proc_text(BOOT_ID))
+    pid_ns: str | None = field(default_factory=_pid_namespace)
 
 
 @dataclass(frozen=True)
 class Claim:
     """A claim as read from its file. `identity` is its owner token; a claim of the old format
-    (pid and host only) or an unreadable one (host None) is named by a hash of its bytes."""
+    (pid and host only) or an unreadable one (host None) is named by a hash of its bytes. A claim
+    of an older fwbw has no epoch (0), boot id, pid namespace or start time (None)."""
 
     identity: str
     host: str | None
     pid: int | None
     lease_s: float
     heartbeat: float  # the file's modification time, on its holder's clock
+    epoch: int = 0
+    boot_id: str | None = None
+    pid_ns: str | None = None
+    started: int | None = None  # the pid's start time (_start_time) when it claimed
 
     def age(self, judge: Worker) -> float:
         return judge.clock() - self.heartbeat
 
     def is_stale(self, judge: Worker) -> bool:
-        """On the holder's host its pid decides, at once; elsewhere its heartbeat, older than its
-        own lease. An unreadable claim is stale."""
+        """From another host, or another pid namespace of this one (its pids are not ours to
+        see), when its heartbeat is older than its own lease; on this host, at once when it was
+        made before a reboot (another boot id), else when its pid is dead or now another
+        process's (another start time). An unreadable claim is stale. (Hosts are told apart by
+        name: two machines of one name look like one rebooted.)"""
         if self.host is None:
             return True
-        if self.host == judge.host:
-            return not _pid_alive(self.pid)
-        return self.age(judge) > self.lease_s
+        if self.host != judge.host:
+            return self.age(judge) > self.lease_s
+        if _known_and_differ(self.boot_id, judge.boot_id):
+            return True
+        if _known_and_differ(self.pid_ns, judge.pid_ns):
+            return self.age(judge) > self.lease_s
+        return not _pid_alive(self.pid, self.started)
 
 
-def _pid_alive(pid: int) -> bool:
+def _known_and_differ(ours: str | None, theirs: str | None) -> bool:
+    return None not in (ours, theirs) and ours != theirs
+
+
+def _pid_alive(pid: int, started: int | None) -> bool:
+    """Whether `pid` runs and, if its start time is known then and now, is the same process."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
-    return True
+        pass
+    now = _start_time(pid)
+    return started is None or now is None or now == started
 
 
 def read_claim(path: Path) -> Claim | None:
@@ -293,14 +381,27 @@ def read_claim(path: Path) -> Claim | None:
         data = handle.read()
     try:
         record = json.loads(data)
-        host, pid, lease_s = str(record["host"]), int(record["pid"]), float(record.get("lease_s", LEASE_S))
-        if not valid_lease(lease_s):  # a lease that never (inf, nan) or always ends: unreadable
-            raise ValueError(f"lease_s {lease_s}")
+        fields = _claim_fields(record)
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
         return Claim(_hashed(data), None, None, 0.0, heartbeat)
     owner = record.get("owner")
     identity = owner if isinstance(owner, str) and OWNER.fullmatch(owner) else _hashed(data)
-    return Claim(identity, host, pid, lease_s, heartbeat)
+    return Claim(identity, heartbeat=heartbeat, **fields)
+
+
+def _claim_fields(record: dict) -> dict:
+    """A claim's record as Claim's fields; ValueError (or KeyError, TypeError) when unreadable."""
+    lease_s = float(record.get("lease_s", LEASE_S))
+    if not valid_lease(lease_s):  # a lease that never (inf, nan) or always ends: unreadable
+        raise ValueError(f"lease_s {lease_s}")
+    started = record.get("started")
+    return {"host": str(record["host"]), "pid": int(record["pid"]), "lease_s": lease_s,
+            "epoch": int(record.get("epoch", 0)), "boot_id": _text(record.get("boot_id")),
+            "pid_ns": _text(record.get("pid_ns")), "started": None if started is None else int(started)}
+
+
+def _text(value) -> str | None:
+    return None if value is None else str(value)
 
 
 def valid_lease(lease_s: float) -> bool:
@@ -312,24 +413,50 @@ def _hashed(data: bytes) -> str:
     return "h" + hashlib.sha256(data).hexdigest()[:OWNER_HEX]
 
 
+def _private(path: Path, suffix: str) -> Path:
+    """A name beside `path` that no other worker uses."""
+    return path.with_name(f"{path.name}.{uuid.uuid4().hex[:OWNER_HEX]}{suffix}")
+
+
+def _link(source: Path, target: Path) -> bool:
+    """Hard-link `source` (a file of one link) to `target`, never replacing a file there; whether
+    it was linked. On NFS a retransmitted link can fail with EEXIST after it succeeded: the
+    source's link count, 2, then says it did (the recipe of open(2)'s O_EXCL note)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        return os.stat(source).st_nlink == 2
+    return True
+
+
+def _rename(source: Path, target: Path) -> bool:
+    """Rename `source` to a private `target`; False when there was nothing at `source`. On NFS a
+    retransmitted rename can fail with ENOENT after it succeeded: the private target then says it did."""
+    try:
+        os.rename(source, target)
+    except FileNotFoundError:
+        return target.exists()
+    return True
+
+
 def _link_new(path: Path, content: bytes, now: float) -> int | None:
     """Write a claim in full under a private name, its heartbeat `now`, and hard-link it to `path`:
     an open descriptor of its file, or None if `path` is taken."""
-    private = path.with_name(f"{path.name}.{uuid.uuid4().hex[:OWNER_HEX]}.new")
+    private = _private(path, ".new")
     private.write_bytes(content)
     fd = os.open(private, os.O_RDONLY)
     try:
         os.fsync(fd)  # on NFS: in the file before another host can open it
         os.utime(fd, (now, now))
-        os.link(private, path)
-    except FileExistsError:
-        os.close(fd)
-        return None
+        linked = _link(private, path)
     except BaseException:
         os.close(fd)
         raise
     finally:
         private.unlink(missing_ok=True)
+    if not linked:
+        os.close(fd)
+        return None
     return fd
 
 
@@ -349,22 +476,81 @@ def _take(path: Path, content: bytes, worker: Worker) -> int | None:
     return None
 
 
-def _end(path: Path, identity: str, content: bytes, worker: Worker, only_stale: bool) -> None:
-    """Remove the claim `identity` from `path`, if this worker takes its gate (a claim at
-    PATH.<identity>.end) and `path` still holds that claim (still stale, with `only_stale`).
-    Whoever removes a claim holds its gate, and links never replace a file, so between that
-    check and the removal no other worker can change `path`."""
+def _end(path: Path, identity: str, content: bytes, worker: Worker, only_stale: bool) -> bool:
+    """Remove the claim `identity` from `path` (only while it is stale, with `only_stale`), if this
+    worker (its claim `content`) takes the claim's gate PATH.<identity>.end; False when another
+    worker holds the gate. One worker at a time ends a claim; if its gate goes stale (the worker
+    paused) and another ends it, _remove still never removes another claim."""
     gate = path.with_name(f"{path.name}.{identity}{GATE}")
     fd = _take(gate, content, worker)
     if fd is None:
-        return  # another worker is ending it
+        return False
     os.close(fd)
     try:
-        current = read_claim(path)
-        if current is not None and current.identity == identity and (current.is_stale(worker) or not only_stale):
-            path.unlink(missing_ok=True)
+        _remove(path, identity, worker if only_stale else None)
     finally:
-        gate.unlink(missing_ok=True)
+        _remove(gate, json.loads(content)["owner"])
+    return True
+
+
+def _remove(path: Path, identity: str, judge: Worker | None = None) -> None:
+    """Unlink the claim `identity` at `path` while it is there (and stale to `judge`, if given).
+    There is no compare-and-unlink: the file is renamed aside first (atomic), the claim moved is
+    read again, and one other than meant (a claim that replaced it while this worker paused) is
+    linked back (a link never replaces: a claim linked meanwhile stays, and the one moved aside
+    has lost the run, which its holder's next check finds)."""
+    if not _meant(read_claim(path), identity, judge):
+        return
+    aside = _private(path, ASIDE)
+    if not _rename(path, aside):
+        return
+    try:
+        if not _meant(read_claim(aside), identity, judge):
+            _link(aside, path)
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+def _meant(found: Claim | None, identity: str, judge: Worker | None) -> bool:
+    return found is not None and found.identity == identity and (judge is None or found.is_stale(judge))
+
+
+def recorded_epoch(run_dir: Path) -> int:
+    """The newest epoch recorded in the run directory (0 before the first claim)."""
+    try:
+        return int((Path(run_dir) / EPOCH).read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _next_epoch(run_dir: Path) -> int:
+    """One above the newest epoch: the recorded one, or that of the claim at .lock (whose holder
+    may have died before recording it)."""
+    found = read_claim(run_dir / LOCK)
+    return max(recorded_epoch(run_dir), 0 if found is None else found.epoch) + 1
+
+
+class LeaseLost(RuntimeError):
+    """Another worker took over the run while this one trained it (its heartbeat was late), or
+    this one's claim is gone: it writes nothing more to the run."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What a lease holder's writes check first (check_fence): its claim is still the one at
+    .lock, and no newer epoch was recorded. Two reads of small files."""
+
+    run_dir: Path
+    identity: str
+    epoch: int
+
+    def check(self) -> int:
+        """The epoch; LeaseLost (one line) once the claim is not the run's newest."""
+        current = read_claim(self.run_dir / LOCK)
+        if current is None or current.identity != self.identity or recorded_epoch(self.run_dir) > self.epoch:
+            raise LeaseLost(f"{self.run_dir}: lease of epoch {self.epoch} lost ({_holder_text(current)} holds the run "
+                            "now): this worker writes nothing more to it")
+        return self.epoch
 
 
 @dataclass(frozen=True)
@@ -378,6 +564,11 @@ class Lease:
     worker: Worker
     lease_s: float
     fd: int
+    epoch: int
+
+    @property
+    def fence(self) -> Fence:
+        return Fence(self.path.parent, self.identity, self.epoch)
 
     def renew(self) -> bool:
         """Move the heartbeat to now; False once another worker holds the run instead."""
@@ -387,27 +578,50 @@ class Lease:
         return current is not None and current.identity == self.identity
 
     def release(self) -> None:
-        """Remove the claim, unless another worker has taken it over."""
+        """Remove the claim, unless another worker has taken it over. While a taker holds its
+        gate (it judges the claim), tried again RELEASE_ATTEMPTS times, RELEASE_WAIT_S apart."""
         try:
-            _end(self.path, self.identity, self.content, self.worker, only_stale=False)
+            for attempt in range(RELEASE_ATTEMPTS):
+                if attempt:
+                    time.sleep(RELEASE_WAIT_S)
+                if _end(self.path, self.identity, self.content, self.worker, only_stale=False):
+                    return
         finally:
             os.close(self.fd)
 
     def keep_alive(self, stop: threading.Event, lost: threading.Event) -> None:
-        """Renew RENEWALS_PER_LEASE times per lease until `stop`; once another worker holds the
-        run, set `lost` (the training stops at its next step) and say so."""
-        while not stop.wait(self.lease_s / RENEWALS_PER_LEASE):
-            try:
-                still_held = self.renew()
-            except OSError as error:  # e.g. ESTALE once another host removed the claim
-                print(f"{self.path.parent}: heartbeat not written: {error}", file=sys.stderr, flush=True)
-                current = read_claim(self.path)
-                still_held = current is not None and current.identity == self.identity
-            if not still_held:
-                print(f"{self.path.parent}: lease lost: {_holder_text(read_claim(self.path))} "
-                      "holds the run now; this worker stops training it", file=sys.stderr, flush=True)
+        """Renew RENEWALS_PER_LEASE times per lease until `stop`. Once another worker holds the run,
+        or FAILED_CHECKS heartbeats in a row could not confirm the claim (an OSError such as EIO,
+        ETIMEDOUT or ESTALE, each tried again at the next heartbeat, or no claim found), say so
+        and set `lost` (the training stops at its next step); `lost` is set however the thread
+        ends unless stopped, so that a run never goes on without its heartbeat."""
+        failures = 0
+        try:
+            while not stop.wait(self.lease_s / RENEWALS_PER_LEASE):
+                found = None
+                try:
+                    if self.renew():
+                        failures = 0
+                        continue
+                    found = read_claim(self.path)
+                except OSError as error:
+                    _say(f"{self.path.parent}: heartbeat not written: {error}")
+                if found is not None and found.identity != self.identity:
+                    _say(f"{self.path.parent}: lease lost: {_holder_text(found)} holds the run now; "
+                         "this worker stops training it")
+                    return
+                failures += 1
+                if failures == FAILED_CHECKS:
+                    _say(f"{self.path.parent}: lease lost: {failures} heartbeats in a row could not confirm its "
+                         "claim; this worker stops training it")
+                    return
+        finally:
+            if not stop.is_set():
                 lost.set()
-                return
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _holder_text(claim: Claim | None) -> str:
@@ -416,31 +630,43 @@ def _holder_text(claim: Claim | None) -> str:
 
 def take_lease(run_dir: Path, lease_s: float = LEASE_S, worker: Worker | None = None) -> Lease | None:
     """Claim the run for `worker` (this process by default) with a lease of `lease_s` seconds,
-    taking over a stale claim; None while a live one holds it."""
+    taking over a stale claim, under the run's next epoch (then recorded); None while a live
+    claim holds it."""
     if not valid_lease(lease_s):
         raise ValueError(f"a lease is a finite number of seconds > 0, got {lease_s}")
     worker = worker or Worker()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    owner = uuid.uuid4().hex[:OWNER_HEX]
-    content = json.dumps({"host": worker.host, "pid": worker.pid, "owner": owner, "lease_s": lease_s}).encode()
+    owner, epoch = uuid.uuid4().hex[:OWNER_HEX], _next_epoch(run_dir)
+    content = json.dumps({"host": worker.host, "pid": worker.pid, "owner": owner, "lease_s": lease_s, "epoch": epoch,
+                          "boot_id": worker.boot_id, "pid_ns": worker.pid_ns, "started": _start_time(worker.pid)}).encode()
     fd = _take(run_dir / LOCK, content, worker)
-    return None if fd is None else Lease(run_dir / LOCK, owner, content, worker, lease_s, fd)
+    if fd is None:
+        return None
+    if recorded_epoch(run_dir) < epoch:
+        atomic_write_text(run_dir / EPOCH, f"{epoch}\n")
+    return Lease(run_dir / LOCK, owner, content, worker, lease_s, fd, epoch)
 
 
-_HELD: dict[str, Lease] = {}  # this process's leases by run directory: claim, hold, release
+_HELD: dict[str, Lease] = {}  # the leases this process took, by run directory: claim, hold, release
+_FENCES: dict[str, Fence] = {}  # what its writes to a run directory check: its own leases' and inherited ones
 
 
 def claim(run_dir: Path, lease_s: float = LEASE_S, worker: Worker | None = None) -> bool:
-    """Take the run's lease (take_lease) and keep it for hold and release; True if taken."""
+    """Take the run's lease (take_lease) and keep it for hold, release and the writes' fence
+    (check_fence); True if taken."""
     lease = take_lease(run_dir, lease_s, worker)
     if lease is not None:
         _HELD[os.path.abspath(run_dir)] = lease
+        _FENCES[os.path.abspath(run_dir)] = lease.fence
     return lease is not None
 
 
-class LeaseLost(RuntimeError):
-    """Another worker took over the run while this one trained it (its heartbeat was late)."""
+def check_fence(run_dir: Path) -> int | None:
+    """Before a write to the run directory: LeaseLost (one line) once this process's lease on it
+    is no longer the run's newest claim; its epoch, or None where it holds none (a plain train())."""
+    fence = _FENCES.get(os.path.abspath(run_dir))
+    return None if fence is None else fence.check()
 
 
 @contextlib.contextmanager
@@ -464,6 +690,64 @@ def hold(run_dir: Path) -> Iterator[threading.Event]:
 
 def release(run_dir: Path) -> None:
     """Give up this process's lease on the run, if it holds one."""
+    _FENCES.pop(os.path.abspath(run_dir), None)
     lease = _HELD.pop(os.path.abspath(run_dir), None)
     if lease is not None:
         lease.release()
+
+
+@contextlib.contextmanager
+def passed_on(run_dir: Path) -> Iterator[None]:
+    """While the block runs, LEASE_ENV names this process's lease on the run, so that the
+    processes it starts (torchrun's `fwbw train`) write under it (training_lease)."""
+    key, before = os.path.abspath(run_dir), os.environ.get(LEASE_ENV)
+    fence = _FENCES.get(key)
+    if fence is not None:
+        os.environ[LEASE_ENV] = json.dumps({"run_dir": key, "owner": fence.identity, "epoch": fence.epoch})
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(LEASE_ENV, None)
+        else:
+            os.environ[LEASE_ENV] = before
+
+
+def _inherited_fence(run_dir: Path) -> Fence | None:
+    """The lease LEASE_ENV names, if it is one on `run_dir`."""
+    try:
+        record = json.loads(os.environ[LEASE_ENV])
+        if os.path.abspath(record["run_dir"]) == os.path.abspath(run_dir):
+            return Fence(Path(run_dir), str(record["owner"]), int(record["epoch"]))
+    except (KeyError, ValueError, TypeError):
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def training_lease(run_dir: Path, main: bool = True) -> Iterator[threading.Event]:
+    """What `fwbw train` trains under; the event it yields is set once the lease is lost. The lease
+    of the sweep worker that started it (LEASE_ENV names it; that worker renews and releases it),
+    or one of its own, taken here, renewed while the block runs and released after (ConfigError,
+    one line, while another worker's live claim holds the run). Ranks other than the main one
+    (`main` False) write nothing and hold nothing."""
+    key, inherited = os.path.abspath(run_dir), _inherited_fence(run_dir)
+    if not main:
+        yield threading.Event()
+    elif inherited is not None:
+        _FENCES[key] = inherited
+        try:
+            inherited.check()
+            yield threading.Event()
+        finally:
+            _FENCES.pop(key, None)
+    elif not claim(run_dir):
+        holder = _holder_text(read_claim(Path(run_dir) / LOCK))
+        raise ConfigError(f"out: {run_dir} is being trained by {holder}, whose claim is live: "
+                          "wait for it to end, or give another --out")
+    else:
+        try:
+            with hold(run_dir) as lost:
+                yield lost
+        finally:
+            release(run_dir)

@@ -6,14 +6,16 @@ sweep, see tracking_home). What goes where:
   tensorboard  event files in RUN/tensorboard/
   wandb        online when W&B credentials are configured (WANDB_API_KEY, `wandb login`), else
                offline in RUN/wandb/ (`wandb sync RUN/wandb/offline-run-*` uploads it later);
-               WANDB_MODE overrides both, WANDB_PROJECT the project (fwbw)
-  mlflow       MLFLOW_TRACKING_URI, else the SQLite store HOME/mlflow.db (artifacts in
-               HOME/mlflow-artifacts/), in the experiment named after HOME
+               WANDB_MODE overrides both, WANDB_PROJECT the project (fwbw); charts plot against
+               the training step, the metric `step`
+  mlflow       MLFLOW_TRACKING_URI, else (local launcher and fwbw train only) the SQLite store
+               HOME/mlflow.db (artifacts in HOME/mlflow-artifacts/), in the experiment named after
+               HOME; the MLflow run ends FINISHED, FAILED (an error) or KILLED (an interruption)
 
 A run that resumes from a checkpoint continues its tracker run: TensorBoard hides the points the
 interrupted attempt logged after that checkpoint (they are logged again), W&B continues the run
 of the same id, MLflow the newest run tagged with the run directory's key, skipping the steps it
-already holds. A run started from scratch is a new MLflow run, and the same W&B run.
+already holds. A run started from scratch is a new MLflow run and a new W&B run.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 from fwbw.extras import import_extra
 from fwbw.files import atomic_write_text
 from fwbw.schema import ConfigError
-from fwbw.training.run_dir import RUNS, SWEEP_FILE
+from fwbw.training.run_dir import RUNS, SWEEP_FILE, LeaseLost
 
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_STORE = "mlflow.db"
@@ -43,6 +45,8 @@ ATTEMPT_HEX = 6  # hex digits telling attempts at a run apart in its W&B id
 RUN_KEY_TAG = "fwbw_run_key"  # MLflow: the tag that finds a resumed run's MLflow run
 LR_PREFIX = "lr/"  # lr/<param group> (fwbw.training.recipe.GROUPS)
 TOKENS_PER_S = "train_tokens_per_s"  # training tokens per second since the previous eval point
+STEP_METRIC = "step"  # W&B: the training step, as a metric (the x axis of the run's charts)
+FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"  # how a run ended (MLflow's run statuses)
 
 
 def tracking_home(run_dir: Path) -> Path:
@@ -72,11 +76,17 @@ class Tracker:
         """The backend's library, or RuntimeError naming the extra that installs it."""
         return import_extra(cls.library, cls.extra, f"--tracker {cls.extra}")
 
+    @classmethod
+    def check(cls) -> None:
+        """Fail before any work where the backend cannot run here: its library is not installed."""
+        if cls.extra is not None:
+            cls.import_library()
+
     def log(self, record: dict[str, float], step: int) -> None:
         pass
 
-    def close(self) -> None:
-        pass
+    def close(self, status: str) -> None:
+        """`status`: how the run ended (FINISHED, FAILED or KILLED)."""
 
 
 class TensorBoardTracker(Tracker):
@@ -92,7 +102,7 @@ class TensorBoardTracker(Tracker):
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, status: str) -> None:
         self.writer.close()
 
 
@@ -106,18 +116,24 @@ class WandbTracker(Tracker):
             resume="allow",
             name=Path(run_dir).name, group=tracking_home(run_dir).name, dir=run_dir, mode=wandb_mode(wandb),
         )
+        # W&B's own step must increase: a point logged below the run's latest is dropped, and a
+        # resumed attempt logs again the points after its checkpoint, which the interrupted one
+        # may have logged. So W&B counts its steps itself (one per point, continued on resume) and
+        # the charts plot against the training step, a metric of each point (W&B's custom x axis).
+        self.run.define_metric(STEP_METRIC)
+        self.run.define_metric("*", step_metric=STEP_METRIC)
 
     def log(self, record: dict[str, float], step: int) -> None:
-        self.run.log(record, step=step)
+        self.run.log({**record, STEP_METRIC: step})
 
-    def close(self) -> None:
+    def close(self, status: str) -> None:
         self.run.finish()
 
 
 def wandb_run_id(run_dir: Path, resumed_step: int) -> str:
     """The W&B run id of this attempt at the run: a resumed attempt continues the id of the attempt
     whose checkpoint it resumed (kept in RUN/wandb/WANDB_ID_FILE); one that starts from scratch gets
-    a new id, since W&B drops the points of a run below its latest step."""
+    a new id, so that its points do not mix with those of the attempt it replaces."""
     path = Path(run_dir) / WANDB_DIR / WANDB_ID_FILE
     if resumed_step > 0 and path.is_file():
         return path.read_text().strip()
@@ -143,8 +159,27 @@ def exclusive(lock: Path):
         yield
 
 
+def cluster_launcher() -> str | None:
+    """The multi-host launcher that started this process (or an ancestor: torchrun's ranks), as its
+    environment says: submitit's SLURM job (the slurm launcher), a Ray worker (the ray launcher);
+    None for the local launcher and fwbw train."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        return "slurm"
+    return "ray" if os.environ.get("RAY_RAYLET_PID") else None
+
+
 class MlflowTracker(Tracker):
     extra, library = "mlflow", "mlflow"
+
+    @classmethod
+    def check(cls) -> None:
+        """Also: the workers of a multi-host launcher need a tracking server, since the SQLite store
+        in the sweep directory is a file on a shared filesystem, whose locks do not hold."""
+        super().check()
+        launcher = cluster_launcher()
+        if launcher and not os.environ.get("MLFLOW_TRACKING_URI"):
+            raise ConfigError(f"--tracker mlflow under --launcher {launcher} needs MLFLOW_TRACKING_URI, a tracking server "
+                              "every host reaches (the SQLite store in the sweep directory is for --launcher local)")
 
     def __init__(self, run_dir: Path, resumed_step: int):
         mlflow = self.import_library()
@@ -181,8 +216,8 @@ class MlflowTracker(Tracker):
         metrics = [self.metric(key, float(value), now, step) for key, value in record.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
 
 
 BACKENDS: dict[str, type[Tracker]] = {
@@ -192,11 +227,10 @@ TRACKERS = tuple(BACKENDS)
 
 
 def check_tracker(name: str) -> None:
-    """Fail before any work on an unknown tracker or one whose library is not installed."""
+    """Fail before any work on an unknown tracker or one that cannot run here (Tracker.check)."""
     if name not in BACKENDS:
         raise ConfigError(f"tracker: must be one of {', '.join(TRACKERS)}, got {name!r}")
-    if BACKENDS[name].extra is not None:
-        BACKENDS[name].import_library()
+    BACKENDS[name].check()
 
 
 def open_tracker(name: str, run_dir: Path, resumed_step: int = 0) -> Tracker:
@@ -210,8 +244,10 @@ class EvalPoints:
     """Sends each eval point of a run to its tracker, opened before training or at the first point
     (a finished run's rerun opens none): the record's values but its step, the learning rate of
     every optimizer param group, and the training tokens/s since the previous point (or since the
-    run resumed). A tracker that fails once it has started (a server gone away) is said once and
-    dropped: metrics.jsonl is the record, and a run is not lost for its tracker."""
+    run resumed). A tracker that fails, to open (a server out of reach, a lock refused) or later
+    (a server gone away), is said once and dropped: metrics.jsonl is the record, and a run is not
+    lost for its tracker. As a context manager around the run, it closes the tracker with how the
+    run ended (end_status)."""
 
     def __init__(self, tracker: str, run_dir: Path, resumed_step: int, tokens: int, training_seconds: float):
         self.name, self.run_dir, self.resumed_step = tracker, run_dir, resumed_step
@@ -219,11 +255,19 @@ class EvalPoints:
         self.failed = False
         self.previous = (tokens, training_seconds)
 
+    def __enter__(self) -> EvalPoints:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(end_status(error))
+
     def open(self) -> None:
-        """Open the tracker now (before training: a tracker that cannot start fails the run at
-        once, not at its first eval point)."""
-        if self.tracker is None:
-            self.tracker = open_tracker(self.name, self.run_dir, self.resumed_step)
+        """Open the tracker now, unless it is open or failed."""
+        if self.tracker is None and not self.failed:
+            self._call(self._open)
+
+    def _open(self) -> None:
+        self.tracker = open_tracker(self.name, self.run_dir, self.resumed_step)
 
     def log(self, record: dict, optimizer, training_seconds: float) -> None:
         """`training_seconds`: of the whole run until this point, evaluation left out."""
@@ -234,18 +278,27 @@ class EvalPoints:
             values[TOKENS_PER_S] = (record["tokens"] - tokens) / (training_seconds - seconds)
         self.previous = (record["tokens"], training_seconds)
         self.open()
-        self._call(self.tracker.log, values, record["step"])
-
-    def close(self) -> None:
         if self.tracker is not None:
-            self._call(self.tracker.close)
+            self._call(self.tracker.log, values, record["step"])
+
+    def close(self, status: str) -> None:
+        """Close the tracker, if open, saying how the run ended (FINISHED, FAILED or KILLED)."""
+        if self.tracker is not None:
+            self._call(self.tracker.close, status)
 
     def _call(self, method, *args) -> None:
-        if self.failed:
-            return
         try:
             method(*args)
-        except Exception as error:  # any backend's own errors
-            self.failed = True
+        except Exception as error:  # any backend's own errors, file locks (flock, SQLite's) included
+            self.tracker, self.failed = None, True
+            first_line = str(error).strip().partition("\n")[0]  # SQLAlchemy's errors go on with the SQL
             print(f"{self.run_dir}: --tracker {self.name} failed, the run goes on without it (metrics.jsonl has "
-                  f"every point): {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+                  f"every point): {type(error).__name__}: {first_line}", file=sys.stderr, flush=True)
+
+
+def end_status(error: BaseException | None) -> str:
+    """How a run that raised `error` (None: none) ended: FINISHED, FAILED on an error of its own,
+    KILLED when stopped from outside (Ctrl-C, a signal, an exit, a lost lease)."""
+    if error is None:
+        return FINISHED
+    return KILLED if isinstance(error, LeaseLost) or not isinstance(error, Exception) else FAILED

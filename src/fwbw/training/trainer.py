@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fwbw.data.corpora import TokenData
+from fwbw.data.corpora import TokenData, default_cache_dir, load_token_data
 from fwbw.data.windows import WindowSampler, validation_windows
 from fwbw.files import atomic_write_json, atomic_write_text
 from fwbw.model.masks import DIRECTIONS, leaks_labels
@@ -27,7 +27,7 @@ from fwbw.schema import ConfigError
 from fwbw.training import checkpoint
 from fwbw.training.allocator import tune_allocator
 from fwbw.training.config import TrainConfig
-from fwbw.training.data_parallel import from_environment
+from fwbw.training.data_parallel import from_environment, is_main_process, one_process_at_a_time
 from fwbw.training.evaluation import EVAL_METRICS, eval_batch_size, evaluate
 from fwbw.training.precision import resolve_device
 from fwbw.training.probes import leak_summary
@@ -44,6 +44,7 @@ from fwbw.training.run_dir import (
     METRICS,
     SUMMARY,
     LeaseLost,
+    check_fence,
     check_owner,
     check_run_dir,
     clear_outputs,
@@ -59,6 +60,7 @@ COMPILE_MIN_CPU_STEPS = 1000  # see compile_by_default
 # what every checkpoint holds; one without them all was written by another version
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "sampler", "task_rng", "microbatching", "train_state")
 REPLAY = "replay"  # the step-loss key of the replayed fw task
+TOKENIZE_LOCK = ".tokenize.lock"  # in the token cache: see load_data_alone
 
 
 class TrainingDiverged(RuntimeError):
@@ -143,13 +145,23 @@ def compile_blocks(model) -> None:
 
 
 def check_shares(config: TrainConfig, world_size: int) -> None:
-    """Every rank needs a window of each microbatch, also at the full sequence length."""
+    """Every rank needs a window of each microbatch split among the ranks (DataParallel.part), also
+    at the full sequence length."""
     windows = batch_size_for(config.seq_len, config.recipe)
     if windows < world_size:
         raise ConfigError(
             f"recipe.tokens_per_microbatch: {config.recipe.tokens_per_microbatch} tokens make {windows} windows of "
             f"seq_len {config.seq_len} per microbatch, fewer than the {world_size} ranks (each needs one)"
         )
+
+
+def load_data_alone(config: TrainConfig, progress: bool) -> TokenData:
+    """The run's tokens, loaded before this process joins the others of its run (so that a long
+    download or tokenization cannot run into their COLLECTIVE_TIMEOUT) and by one process at a
+    time: the first tokenizes into the cache, the others read it. Progress from rank 0 only."""
+    with one_process_at_a_time(default_cache_dir() / TOKENIZE_LOCK):
+        return load_token_data(config.data, config.tokenizer, progress=progress and is_main_process(),
+                               train_fraction=config.train_fraction, subset_seed=config.subset_seed)
 
 
 class Trainer(RunSetup):
@@ -168,6 +180,7 @@ class Trainer(RunSetup):
         check_tracker(tracker)
         check_owner(run_dir, config, restart)
         tune_allocator()
+        data = data or load_data_alone(config, progress)
         parallel = from_environment(resolve_device(config.device).type)
         check_shares(config, parallel.world_size)
         if config.threads is not None:
@@ -214,6 +227,7 @@ class Trainer(RunSetup):
         if not self.parallel.is_main:
             return
         lines = "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.state.metrics)
+        check_fence(self.run_dir)  # LeaseLost once another worker holds the run
         atomic_write_text(self.run_dir / METRICS, lines)
 
     def _save_checkpoint(self) -> None:
@@ -255,7 +269,8 @@ class Trainer(RunSetup):
         """Continue from the newest checkpoint that loads; without one, start from scratch with
         the outputs of any earlier attempt removed, so the folder never mixes two runs."""
         warn = tqdm.write if self.parallel.is_main else lambda line: None
-        saved = checkpoint.load_latest(self.run_dir, config_id(self.config), self._checkpoint_keys(), warn=warn)
+        saved = checkpoint.load_latest(self.run_dir, config_id(self.config), self._checkpoint_keys(), warn=warn,
+                                       device=self.device)
         step = -1 if saved is None else int(saved["train_state"]["step"])
         if not self.parallel.same_everywhere(step):
             raise RuntimeError(f"{self.run_dir}: the ranks found different checkpoints (this one step {step}): "
@@ -319,7 +334,7 @@ class Trainer(RunSetup):
         loss_sums = self._accumulate_in_memory(batches, directions, replayed)
         self.parallel.sum_gradients(self.model.parameters())
         tasks = directions + ((REPLAY,) if replayed else ())
-        step_losses = dict(zip(tasks, (self.parallel.all_reduce_sum(loss_sums) / microbatches).tolist()))
+        step_losses = {task: loss_sum / microbatches for task, loss_sum in zip(tasks, loss_sums)}
         mean_loss = sum(step_losses.values()) / len(tasks)
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"training loss became {mean_loss} at step {self.state.step}")
@@ -360,53 +375,62 @@ class Trainer(RunSetup):
 
     def _accumulate(self, batches: list[torch.Tensor], directions: tuple[str, ...],
                     replayed: list[torch.Tensor]) -> torch.Tensor:
-        """Forward and backward of this rank's share of every microbatch (and of its replayed
-        windows, trained on fw), each loss weighted by its share of the global microbatch (the
-        ranks' gradients then sum to the global batch's); the per-task loss sums of this rank's
-        shares: directions, then the replay's."""
-        loss_sums = torch.zeros(len(directions) + (1 if replayed else 0), dtype=torch.float64)
-        for index, windows in enumerate(batches):
-            losses = self._accumulate_microbatch(windows, directions, len(batches))
+        """Forward and backward of this rank's part of the step's microbatches (whole ones and
+        shares: DataParallel.microbatches), each with its replayed windows, trained on fw; the
+        per-task loss sums of its parts, on the device: directions, then the replay's."""
+        loss_sums = torch.zeros(len(directions) + (1 if replayed else 0), dtype=torch.float64, device=self.device)
+        count = len(batches)
+        for index in self.parallel.microbatches(count):
+            losses = self._accumulate_microbatch(batches[index], index, count, directions)
             if replayed:
-                losses = torch.cat([losses, self._accumulate_microbatch(replayed[index], ("fw",), len(batches))])
+                losses = torch.cat([losses, self._accumulate_microbatch(replayed[index], index, count, ("fw",))])
             loss_sums += losses
         return loss_sums
 
-    def _accumulate_microbatch(self, windows: torch.Tensor, directions: tuple[str, ...], count: int) -> torch.Tensor:
-        """Forward and backward of this rank's share of one of the step's `count` microbatches, in
-        microbatch_split pieces; the per-direction loss sums."""
-        loss_sums = torch.zeros(len(directions), dtype=torch.float64)
-        on_device = windows.to(self.device)  # once: the share and its pieces are views of it
-        share = self.parallel.share(on_device)
-        for piece in share.split(math.ceil(len(share) / self.state.microbatch_split)):
+    def _accumulate_microbatch(self, windows: torch.Tensor, index: int, count: int,
+                               directions: tuple[str, ...]) -> torch.Tensor:
+        """Forward and backward of this rank's part of microbatch `index` of the step's `count`
+        (DataParallel.part), in microbatch_split pieces. A piece p of the microbatch's windows m
+        backpropagates its task losses L_p (means over its windows) weighted by |p| / |m| / count:
+        the pieces of m, on whichever ranks, add up to L_m / count, so the gradients summed over
+        ranks are those of the step's mean loss over its microbatches, as in one process. Returns
+        the per-direction sums of |p| / |m| * L_p, on the device."""
+        loss_sums = torch.zeros(len(directions), dtype=torch.float64, device=self.device)
+        on_device = windows.to(self.device)  # once: the part and its pieces are views of it
+        part = self.parallel.part(index, count, on_device)
+        for piece in part.split(math.ceil(len(part) / self.state.microbatch_split)):
             with self.precision():
                 stats = task_stats(self.model, piece, directions, accuracy=False, counted_windows=on_device)
                 losses = torch.stack([stats[d][0] for d in directions])
             weight = len(piece) / len(windows)
             (losses.sum() * weight / count).backward()
-            loss_sums += losses.detach().cpu() * weight
+            loss_sums += losses.detach() * weight
         return loss_sums
 
     def _accumulate_in_memory(self, batches: list[torch.Tensor], directions: tuple[str, ...],
-                              replayed: list[torch.Tensor]) -> torch.Tensor:
+                              replayed: list[torch.Tensor]) -> list[float]:
         """_accumulate, retried with each microbatch in twice as many pieces (the same tokens per
-        step) whenever some rank runs out of memory; every rank retries together."""
+        step) whenever some rank runs out of memory; every rank retries together. The per-task loss
+        sums over all ranks: one all-reduce carries them and whether some rank ran out of memory,
+        and reading it is the step's one wait for the device."""
+        tasks = len(directions) + (1 if replayed else 0)
         while True:
-            out_of_memory = False
+            sums = torch.zeros(tasks + 1, dtype=torch.float64, device=self.device)  # the loss sums, then out of memory
             try:
-                loss_sums = self._accumulate(batches, directions, replayed)
+                sums[:tasks] = self._accumulate(batches, directions, replayed)
             except torch.OutOfMemoryError:
-                out_of_memory = True  # handled below, once the traceback no longer holds the tensors
-            if not self.parallel.any(out_of_memory):
+                sums[tasks] = 1  # handled below, once the traceback no longer holds the tensors
+            *loss_sums, out_of_memory = self.parallel.all_reduce_sum(sums).tolist()
+            if not out_of_memory:
                 return loss_sums
-            self._split_microbatches(largest_share=math.ceil(len(batches[0]) / self.parallel.world_size))
+            self._split_microbatches(largest_part=self.parallel.largest_part(len(batches), len(batches[0])))
 
-    def _split_microbatches(self, largest_share: int) -> None:
+    def _split_microbatches(self, largest_part: int) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         seq_len = seq_len_at(self.state.step, self.config.seq_len, self.config.recipe)
-        if self.state.microbatch_split >= largest_share:
+        if self.state.microbatch_split >= largest_part:
             raise torch.OutOfMemoryError(
                 f"out of memory at step {self.state.step} on {self.device} with one window of seq_len {seq_len} "
                 "per piece: a smaller model, seq_len or a larger device is needed")
@@ -498,18 +522,17 @@ class Trainer(RunSetup):
         self.parallel.broadcast_parameters(self.model)
         self.eval_points = EvalPoints(self.tracker_name, self.run_dir, self.state.step, self.state.tokens,
                                       self.state.training_seconds)
-        try:
-            if self._training_left():
-                self.eval_points.open()
-            self._train_to_budget()
-            if not self.state.metrics or self.state.metrics[-1]["step"] != self.state.step:
-                self._evaluate()
-            return self._finish()
-        except KeyboardInterrupt as interruption:  # Ctrl-C, or a signal raised as one (its reason kept)
-            reason = str(interruption) or "interrupted"
-            raise Interrupted(f"{reason} at step {self.state.step}; rerun the same command to resume") from None
-        finally:
-            self.eval_points.close()
+        with self.eval_points:  # closes the tracker saying how the run ended: finished, failed or killed
+            try:
+                if self._training_left():
+                    self.eval_points.open()
+                self._train_to_budget()
+                if not self.state.metrics or self.state.metrics[-1]["step"] != self.state.step:
+                    self._evaluate()
+                return self._finish()
+            except KeyboardInterrupt as interruption:  # Ctrl-C, or a signal raised as one (its reason kept)
+                reason = str(interruption) or "interrupted"
+                raise Interrupted(f"{reason} at step {self.state.step}; rerun the same command to resume") from None
 
     def _train_to_budget(self) -> None:
         bar = tqdm(
@@ -570,6 +593,7 @@ class Trainer(RunSetup):
             checkpoint.save_model(self.run_dir, self.model)
             if self.selects:
                 checkpoint.save_weights(self.run_dir / BEST_WEIGHTS, self.best_weights)
+            check_fence(self.run_dir)
             atomic_write_json(self.run_dir / SUMMARY, summary)
         return summary
 
