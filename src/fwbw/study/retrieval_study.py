@@ -3,12 +3,13 @@ sweep of the `retrieval` preset, in an order that makes each choice on dev queri
 queries are read, resumably (each result is skipped once finished: fwbw.study.retrieval_sweep).
 
 For each of GOAL_TASKS:
-  1. dev, every seed: BM25; zero-shot late interaction with every embed of ZERO_SHOT_EMBEDS; a rerank
-     of BM25's RERANK_DEPTH best documents with each of CANDIDATE_EMBEDS (the fusion's weight is
-     tuned on these)
-  2. dev, the first seed of each setting (EXPLORED_SEEDS): what ColBERT practice might add, measured
-     before it is used: fine-tuning of FINETUNED_EMBEDS with in-batch negatives only and with BM25
-     hard negatives, and the embeddings after the first block instead of the last
+  1. dev, the first seed of each setting (explored_seeds; "tune once on dev, one seed per arm"):
+     BM25 and zero-shot late interaction with every embed of ZERO_SHOT_EMBEDS, what each model's
+     embed is chosen on; every seed: a rerank of BM25's RERANK_DEPTH best documents with each of
+     CANDIDATE_EMBEDS (cheap: each run's fusion weight is tuned on its own)
+  2. dev, the explored seeds: what ColBERT practice might add, measured before it is used:
+     fine-tuning of FINETUNED_EMBEDS with in-batch negatives only and with BM25 hard negatives, and
+     the embeddings after the first block instead of the last
   3. choices (choose), from step 2's dev results alone: the hard negatives and the blocks whose mean
      dev nDCG@10 over those results is the higher (in-batch negatives and every block on a tie)
   4. test, every seed: BM25, step 1's systems, the fusion of each rerank, and fine-tuning with the
@@ -63,14 +64,14 @@ def explored_seeds(sweep_dir: Path) -> tuple[int, ...]:
 
 def dev_plans(task: str, explored: tuple[int, ...], maxsim_dtype: str) -> list[Plan]:
     """Steps 1 and 2 (module docstring)."""
-    base = Plan(task, "dev", ZERO_SHOT_EMBEDS, chunk_tokens=CHUNK_TOKENS, maxsim_dtype=maxsim_dtype)
-    finetuned = dataclasses.replace(base, embeds=FINETUNED_EMBEDS, finetune_steps=FINETUNE_STEPS, seeds=explored)
+    base = Plan(task, "dev", ZERO_SHOT_EMBEDS, chunk_tokens=CHUNK_TOKENS, maxsim_dtype=maxsim_dtype, seeds=explored)
+    finetuned = dataclasses.replace(base, embeds=FINETUNED_EMBEDS, finetune_steps=FINETUNE_STEPS)
     return [
         base,
-        dataclasses.replace(base, embeds=CANDIDATE_EMBEDS, rerank=RERANK_DEPTH),
+        dataclasses.replace(base, embeds=CANDIDATE_EMBEDS, rerank=RERANK_DEPTH, seeds=None),
         finetuned,
         dataclasses.replace(finetuned, hard_negatives="bm25"),
-        dataclasses.replace(base, embeds=CANDIDATE_EMBEDS, blocks=EXPLORED_BLOCKS, seeds=explored),
+        dataclasses.replace(base, embeds=CANDIDATE_EMBEDS, blocks=EXPLORED_BLOCKS),
     ]
 
 
