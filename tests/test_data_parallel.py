@@ -96,6 +96,16 @@ def rank_parts(calls: list[dict], world_size: int) -> list[list[dict]]:
 
 
 @pytest.mark.slow
+def assert_metrics_match_one_process(folder: Path, nproc: int) -> None:
+    """The metrics.jsonl of the run in folder/nproc{nproc} matches that of folder/nproc1, point by point."""
+    whole_metrics = without_seconds(read_metrics(folder / "nproc1" / "run"))
+    split_metrics = without_seconds(read_metrics(folder / f"nproc{nproc}" / "run"))
+    assert [m["step"] for m in whole_metrics] == [m["step"] for m in split_metrics]
+    for a, b in zip(whole_metrics, split_metrics):
+        for key in ("fw_loss", "bw_loss", "train_loss"):
+            assert a[key] == pytest.approx(b[key], abs=LOSS_TOLERANCE)
+
+
 def test_two_ranks_train_exactly_the_windows_and_tasks_of_one_process(corpus, tmp_path):
     config = dp_config(corpus)
     (single,) = recorded_run(corpus, tmp_path, 1, config)
@@ -112,12 +122,7 @@ def test_two_ranks_train_exactly_the_windows_and_tasks_of_one_process(corpus, tm
     differences = [abs(a - b) for a, b in zip(single["losses"], ranks[0]["losses"])]
     assert len(differences) == len(one) and max(differences) < LOSS_TOLERANCE
     assert max(differences) > 0, "identical to the bit: was the 2-rank run really split?"
-    whole_metrics = without_seconds(read_metrics(tmp_path / "nproc1" / "run"))
-    split_metrics = without_seconds(read_metrics(tmp_path / "nproc2" / "run"))
-    assert [m["step"] for m in whole_metrics] == [m["step"] for m in split_metrics]
-    for a, b in zip(whole_metrics, split_metrics):
-        for key in ("fw_loss", "bw_loss", "train_loss"):
-            assert a[key] == pytest.approx(b[key], abs=LOSS_TOLERANCE)
+    assert_metrics_match_one_process(tmp_path, 2)
     assert_steps_strictly_increase(tmp_path / "nproc2" / "run")
     assert sorted(p.name for p in (tmp_path / "nproc2").iterdir()) == ["config.json", "rank0.json", "rank1.json", "run"]
 

@@ -8,8 +8,17 @@ import subprocess
 
 import pytest
 import torch
-from conftest import SUBPROCESS_TIMEOUT, read_metrics, subprocess_env, tiny_config, without_seconds
-from test_data_parallel import LOSS_TOLERANCE, RECIPE, dp_config, rank_parts, recorded_run, steps_of, torchrun
+from conftest import SUBPROCESS_TIMEOUT, subprocess_env, tiny_config
+from test_data_parallel import (
+    LOSS_TOLERANCE,
+    RECIPE,
+    assert_metrics_match_one_process,
+    dp_config,
+    rank_parts,
+    recorded_run,
+    steps_of,
+    torchrun,
+)
 
 import fwbw.training.trainer as trainer_module
 from fwbw.model.tasks import window_length
@@ -83,12 +92,7 @@ def test_three_ranks_with_microbatches_left_over_train_the_one_process_run(corpu
     assert ranks[0]["losses"] == ranks[1]["losses"] == ranks[2]["losses"]
     differences = [abs(a - b) for a, b in zip(single["losses"], ranks[0]["losses"])]
     assert len(differences) == len(one) and max(differences) < LOSS_TOLERANCE
-    whole_metrics = without_seconds(read_metrics(tmp_path / "nproc1" / "run"))
-    split_metrics = without_seconds(read_metrics(tmp_path / "nproc3" / "run"))
-    assert [m["step"] for m in whole_metrics] == [m["step"] for m in split_metrics]
-    for a, b in zip(whole_metrics, split_metrics):
-        for key in ("fw_loss", "bw_loss", "train_loss"):
-            assert a[key] == pytest.approx(b[key], abs=LOSS_TOLERANCE)
+    assert_metrics_match_one_process(tmp_path, 3)
 
 
 def test_a_rank_loads_its_tokens_before_it_joins_the_others(corpus, tmp_path, monkeypatch):

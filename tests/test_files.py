@@ -54,3 +54,11 @@ def test_a_safetensors_file_cut_short_or_garbled_is_not_complete(tmp_path):
     path.write_bytes(whole + b"\0")  # longer than its header says: not what was written either
     assert not safetensors_complete(path)
     assert not safetensors_complete(tmp_path / "missing.safetensors")
+
+
+def test_a_safetensors_header_that_is_no_table_is_not_complete(tmp_path):
+    from fwbw.files import safetensors_complete
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes((2).to_bytes(8, "little") + b"[]")
+    assert not safetensors_complete(path)

@@ -12,12 +12,12 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import base_config, read_json, tiny_config
+from test_leases import wait_for
 
 from fwbw import cli
 from fwbw.study import sweep
@@ -209,15 +209,6 @@ def test_a_taker_paused_past_its_gates_lease_neither_removes_the_newer_claim_nor
 
 
 # --- the heartbeat ------------------------------------------------------------------------------
-
-
-def wait_for(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_a_heartbeat_that_keeps_failing_loses_the_lease_instead_of_dying(tmp_path, monkeypatch, capsys):

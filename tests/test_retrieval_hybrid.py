@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,10 @@ def test_a_fusion_tuned_on_anything_but_the_system_s_dev_rerank_is_refused(run, 
     with pytest.raises(ValueError, match=r"holds no finished retrieval result: run the rerank on the dev queries first$"):
         run_retrieval(tmp_path / "fused2", task, "test", System(run, "fw", rerank=K, fuse_from=tmp_path / "none"),
                       progress=False)
+    other_blocks = tmp_path / "dev-rerank-b1"
+    run_retrieval(other_blocks, task, "dev", System(run, "fw", blocks=1, rerank=K), progress=False)
+    with pytest.raises(ValueError, match=r"is not this system's rerank on the dev queries \(blocks: 1 -> 3\)$"):
+        run_retrieval(tmp_path / "fused3", task, "test", System(run, "fw", rerank=K, fuse_from=other_blocks), progress=False)
     with pytest.raises(ValueError, match=r"^rerank: expected 1\.\.100"):
         run_retrieval(tmp_path / "deep", task, "test", System(run, "fw", rerank=0), progress=False)
 
@@ -145,6 +151,13 @@ def test_the_fwfw_control_needs_a_second_zero_shot_run(finished, beir, tmp_path)
     for system, message in cases:
         with pytest.raises(ValueError, match=message):
             run_retrieval(tmp_path / "x", task, "test", system, progress=False)
+    other_setting = next(run for run in run_dirs(finished.out).values()
+                         if TrainConfig.load(run / "config.json").depth != TrainConfig.load(first / "config.json").depth)
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    for partner, message in ((other_setting, r"is not a run of the same setting \(depth: "), (copy, r"holds the run's own weights")):
+        with pytest.raises(ValueError, match=f"^partner: {re.escape(str(partner))} {message}"):
+            run_retrieval(tmp_path / "x", task, "test", System(first, "fwfw", partner=partner), progress=False)
     outcome = run_retrieval(tmp_path / "ok", task, "test", System(first, "fwfw", partner=second), progress=False)
     assert outcome.metrics["embed"] == "fwfw"
     settings = json.loads((tmp_path / "ok" / "settings.json").read_text())
@@ -153,7 +166,7 @@ def test_the_fwfw_control_needs_a_second_zero_shot_run(finished, beir, tmp_path)
 
 def test_a_sweep_pairs_each_run_with_the_next_seed_of_its_setting(finished, beir):
     runs = run_dirs(finished.out)
-    paired = partners(finished.out, list(runs))
+    paired = partners(finished.out)
     seeds = {run_id: TrainConfig.load(path / "config.json") for run_id, path in runs.items()}
     for run_id, partner in paired.items():
         mine, theirs = seeds[run_id], seeds[partner.name]
@@ -162,7 +175,7 @@ def test_a_sweep_pairs_each_run_with_the_next_seed_of_its_setting(finished, beir
     assert len(paired) == len(runs) - 1  # the task-token run is alone in its setting
     jobs, left_out = plan_jobs(finished.out, Plan(f"beir:{beir['same']}", "test", embeds=("fwfw",)))
     assert len([job for job in jobs if job.system.partner is not None]) == len(paired)
-    assert [line for line in left_out if line.endswith("no fwfw embed: no other finished run of its setting to pair with")]
+    assert [line for line in left_out if line.endswith("no fwfw embed: no other run of its setting to pair with")]
 
 
 def test_bf16_similarities_give_the_same_ndcg_to_3_decimals(run, beir, tmp_path):
@@ -192,3 +205,15 @@ def test_encoding_builds_no_autograd_graph(run):
     assert not any(view.vectors.requires_grad for view in encoder.view_embeddings(texts))
     assert not encoder.encode(texts).vectors.requires_grad
     assert not encoder.encode_pooled(texts, "mean").vectors.requires_grad
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cache-gb", "inf"], "--cache-gb: expected a size in GB above 0, got inf"),
+    (["--cache-gb", "-1"], "--cache-gb: expected a size in GB above 0, got -1.0"),
+    (["--fusion"], "--fusion: fuses each run's rerank with BM25; give --rerank K too"),
+])
+def test_bad_sweep_retrieval_flags_are_one_line_before_any_work(finished, flags, message, capsys):
+    from fwbw.cli import main
+
+    assert main(["retrieval", str(finished.out), "--task", "description", *flags, "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"fwbw retrieval: error: {message}\n"

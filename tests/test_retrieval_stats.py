@@ -110,13 +110,14 @@ def test_only_bm25_gives_an_empty_table_of_the_columns():
     assert comparisons.empty and comparisons.columns.tolist() == COMPARISON_COLUMNS
 
 
-def test_two_results_of_one_seed_and_system_are_refused_in_one_line():
+def test_two_folders_of_one_setting_count_once():
+    """`--embed echo` (its default chunk length) and the study's `--chunk-tokens` of the same length
+    write two folders of one setting: the first by folder name counts, the comparisons unchanged."""
     table, per_query = within_table()
     twin = table[table.result.eq("p0.5-s1/description-test-late-interaction-bw-bNone-ft0")].assign(result="twin")
-    with pytest.raises(ValueError, match=r"^retrieval results p0\.5-s1/description-test-late-interaction-bw-bNone-ft0, "
-                                         r"p0\.5-s2/description-test-late-interaction-bw-bNone-ft0, twin are the same "
-                                         r"system's on one seed: the table cannot tell them apart$"):
-        analyse_retrieval(pd.concat([table, twin], ignore_index=True), {**per_query, "twin": {"q1": 0.3, "q2": 0.5}})
+    alone = analyse_retrieval(table, per_query).comparisons
+    doubled = analyse_retrieval(pd.concat([table, twin], ignore_index=True), {**per_query, "twin": {"q1": 0.0, "q2": 0.0}})
+    pd.testing.assert_frame_equal(doubled.comparisons, alone)
 
 
 def test_results_of_different_queries_are_refused_in_one_line():
@@ -271,3 +272,19 @@ def test_a_model_without_dev_results_has_no_best_and_bm25_stands_for_every_seed(
     one_task = table[table.task.eq("ict") & (table.run_id.isna() | table.seed.eq(2))]
     rows = analyse_retrieval(one_task, per_query).comparisons
     assert rows[rows.b.eq("BM25")].seeds.eq("2").all()
+
+
+def test_a_fusion_run_on_test_alone_is_compared_at_the_embed_its_dev_rerank_chose():
+    """The study runs fusion on test only (its weight is tuned on the dev rerank): its embed is the
+    one the dev rerank chose, whatever the fusions score on test."""
+    results = [result((0.5, 0.5)), result((0.5, 0.5), split="dev")]
+    for seed in (1, 2):
+        for embed, dev_rerank, test_fusion in (("fw", 0.2, 0.7), ("fwbw", 0.6, 0.55)):
+            common = {"p_bw": 0.5, "seed": seed, "embed": embed}
+            results += [result((dev_rerank,) * 2, split="dev", system="rerank-bm25", **common),
+                        result((0.4, 0.4), split="test", system="rerank-bm25", **common),
+                        result((test_fusion,) * 2, split="test", system="fusion-bm25", **common)]
+    comparisons = analyse_retrieval(*build(results)).comparisons
+    fusion = comparisons[comparisons.comparison.eq("fusion-bm25 − BM25") & comparisons.split.eq("test")]
+    assert fusion.a_embed.tolist() == ["fwbw"]
+    assert fusion.a_mean.tolist() == [pytest.approx(0.55)] and fusion.mean_diff.tolist() == [pytest.approx(0.05)]

@@ -17,7 +17,8 @@ def rows(split: str, seed: int, values: dict) -> list[dict]:
     made = []
     for (kind, option), value in values.items():
         row = {"task": "description", "split": split, "seed": seed, "system": "late-interaction", "embed": "fw",
-               "depth": 2, "blocks": 2, "finetune_steps": 0, "variant": "chunks 128", "ndcg_at_10": value}
+               "depth": 2, "blocks": 2, "finetune_steps": 0, "variant": "chunks 128", "ndcg_at_10": value,
+               "chunk_tokens": study.CHUNK_TOKENS, "maxsim_dtype": "fp32", "pooling": None}
         if kind == "finetuned":
             row |= {"finetune_steps": study.FINETUNE_STEPS,
                     "variant": "chunks 128, bm25 negatives" if option else "chunks 128"}
@@ -40,6 +41,8 @@ def test_choices_follow_the_explored_seeds_dev_results_and_nothing_else():
     assert study.choose(table(better_options, better_options, better_options), explored=(200,)) == chosen
     # the explored seed's dev rows reversed: the defaults
     assert study.choose(table(worse_options, better_options, better_options), explored=(200,)) == study.Choices(None, None)
+    other_chunks = table(worse_options, better_options, better_options).assign(chunk_tokens=64)
+    assert study.choose(pd.concat([table(better_options, {}, {}), other_chunks]), explored=(200,)) == chosen
     ties = dict.fromkeys(better_options, 0.5)
     assert study.choose(table(ties, better_options, better_options), explored=(200,)) == study.Choices(None, None)
     assert study.choose(table({}, better_options, better_options), explored=(200,)) == study.Choices(None, None)

@@ -84,6 +84,30 @@ def test_a_sweep_with_the_defaults_runs_on_a_cpu_only_cluster_and_wait_returns_w
     print(f"sweep of 2 runs on SLURM: {time.monotonic() - started:.0f} s")
 
 
+@pytest.mark.slow
+def test_a_two_rank_run_inside_a_slurm_job_equals_the_one_process_run(tmp_path, corpus, slurm_cluster):
+    """--nproc-per-run 2: each job trains its run with torchrun on 2 CPU ranks; the losses are those
+    of the same sweep trained by one process (fp32: equal to rounding)."""
+    out, single = tmp_path / "grid", tmp_path / "single"
+    code, output = run(tiny_sweep(corpus, out, "--wait", "--nproc-per-run", "2", "--cpus-per-run", "2"),
+                       tmp_path / "sweep.log")
+    assert code == 0, output
+    local = tiny_sweep(corpus, single)
+    del local[local.index("--launcher"):local.index("--launcher") + 2]
+    code, output = run(local, tmp_path / "single.log")
+    assert code == 0, output
+    ranked, alone = run_dirs(out), run_dirs(single)
+    assert sorted(ranked) == sorted(alone) and len(ranked) == 2
+    for run_id, run_dir in ranked.items():
+        assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
+        points = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        expected = [json.loads(line) for line in (alone[run_id] / "metrics.jsonl").read_text().splitlines()]
+        assert [p["step"] for p in points] == [p["step"] for p in expected]
+        for point, reference in zip(points, expected):
+            for key in ("fw_loss", "train_loss"):
+                assert point[key] == pytest.approx(reference[key], abs=1e-5), (run_id, point["step"], key)
+
+
 def submitted_jobs(log: Path) -> list[str]:
     """The job ids the sweep printed: 'submitted 2 pull-worker jobs for 2 pending runs: 5_0 5_1 (logs in ...)'."""
     lines = [line for line in log.read_text().splitlines() if line.startswith("submitted ")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -334,6 +335,10 @@ def _retrieval_sweep(args: argparse.Namespace) -> int:
     for flag, value in (("--partner", args.partner), ("--fuse-from", args.fuse_from)):
         if value is not None:
             raise ValueError(f"{flag}: a sweep chooses it for each run (the next seed; the dev rerank), so give no {flag}")
+    if args.fusion and args.rerank is None:
+        raise ValueError("--fusion: fuses each run's rerank with BM25; give --rerank K too")
+    if not 0 < args.cache_gb < math.inf:
+        raise ValueError(f"--cache-gb: expected a size in GB above 0, got {args.cache_gb}")
     check_results_writable(args.target)
     plan = Plan(args.task, args.split, tuple(args.embed or DEFAULT_EMBEDS), args.blocks, args.pooling,
                 args.finetune_steps, args.finetune_seed, args.hard_negatives, args.chunk_tokens, args.rerank, args.fusion,

@@ -159,7 +159,7 @@ def safetensors_complete(path: Path) -> bool:
             header = json.loads(handle.read(header_length))
         ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
         return size == 8 + header_length + max(ends, default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):  # AttributeError: a header not a table
         return False
 
 

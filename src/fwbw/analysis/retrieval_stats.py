@@ -45,8 +45,8 @@ comparisons (COMPARISON_COLUMNS): one row per comparison a − b of nDCG@10 that
     p_value                    its two-sided p-value of a − b = 0 (bootstrap_p_value)
     goal                       the pre-specified goal: best dense − BM25 on the test split of a GOAL_TASKS
                                task (title is a sanity task: never a goal)
-    p_holm                     on goal rows, p_value Holm-adjusted over the model's goal rows (its two
-                               tasks); NaN elsewhere
+    p_holm                     on goal rows, p_value Holm-adjusted over every goal row (each model on
+                               each of its two tasks); NaN elsewhere
     seed_ci_low, seed_ci_high  secondary: the 95% t interval over seeds of each seed's a − b (its mean over
                                queries; stats.mean_ci), NaN below 2 seeds
     per_seed                   each seed's a − b
@@ -88,6 +88,9 @@ SANITY_TASKS = ("title",)  # checks that retrieval works at all, no answer to th
 FW_EMBED, BEST_EMBED = "p_bw > 0 − p_bw = 0, fw embed", "p_bw > 0 − p_bw = 0, best embed"
 GOAL = "best dense − BM25"  # the comparison of the pre-specified goal
 AGAINST_BM25 = {GOAL: DENSE, "rerank-bm25 − BM25": (RERANK,), "fusion-bm25 − BM25": (FUSION,)}
+# a fusion's candidates and scores are its rerank's, and its weight is tuned on the dev rerank: its
+# embed, blocks and variant are chosen on the dev rerank's results
+CHOSEN_ON = {(FUSION,): (RERANK,)}
 CHOSEN = ["system", "embed", "blocks", "finetune_steps", "variant"]  # what a side is
 RESULT = ["run_id", "seed", *CONFIG, "embed", MEASURE, "result"]  # what a comparison reads of a result
 BOOTSTRAP_RESAMPLES = 10_000  # of the two-level bootstrap
@@ -148,6 +151,8 @@ def comparison_table(table: pd.DataFrame, per_query: PerQuery) -> pd.DataFrame:
     """Every comparison of the module docstring that the results allow: within models, between models, against BM25."""
     models = table[table.run_id.notna()].astype(
         {"p_bw": float, "depth": int, "width": int, "seed": int, "blocks": "Int64", "finetune_steps": int})  # as a CSV may not
+    # two folders of one setting (a chunk length given, and the same one by default) count once
+    models = models.sort_values("result").drop_duplicates(["run_id", *CONFIG, "embed", "pooling"])
     runs = models.sort_values("run_id").drop_duplicates([*SETTING, "seed"])[["run_id", *SETTING, "seed"]]  # one per seed
     models, bm25 = models[RESULT], table.loc[table.system.eq(BM25), RESULT]
     settings = [(dict(zip(SETTING, key)), models[models.run_id.isin(group.run_id)])
@@ -159,10 +164,12 @@ def comparison_table(table: pd.DataFrame, per_query: PerQuery) -> pd.DataFrame:
 
 
 def answer_rows(comparisons: pd.DataFrame) -> pd.DataFrame:
-    """The rows that answer the question: late interaction's ANSWER_ORDER comparisons within each model on
-    the test split, the sanity tasks left out."""
+    """The rows that answer the question: zero-shot late interaction's ANSWER_ORDER comparisons within
+    each model, at every block, on the test split, the sanity tasks left out."""
     chosen = (comparisons.comparison.isin(ANSWER_ORDER) & comparisons.split.eq(TEST)
-              & comparisons.a_system.eq(LATE_INTERACTION) & ~comparisons.task.isin(SANITY_TASKS))
+              & comparisons.a_system.eq(LATE_INTERACTION) & ~comparisons.task.isin(SANITY_TASKS)
+              & comparisons.a_finetune_steps.eq(0)
+              & (comparisons.a_blocks.isna() | comparisons.a_blocks.eq(comparisons.depth)).fillna(False))
     return comparisons[chosen]
 
 
@@ -201,7 +208,8 @@ def _against_bm25(setting: dict, results: pd.DataFrame, bm25: pd.DataFrame, per_
     name, rows = _model_name(setting), []
     for task, on_task in results.groupby("task", sort=True):
         for comparison, systems in AGAINST_BM25.items():
-            choice = _choose(on_task[on_task.system.isin(systems)], CHOSEN)
+            choice = _choose(on_task[on_task.system.isin(CHOSEN_ON.get(systems, systems))], CHOSEN)
+            choice = choice and {**choice, "system": systems[0]} if systems in CHOSEN_ON else choice
             for split in sorted(set(on_task.split)) if choice else ():
                 model = _chosen(on_task, choice, split)
                 rows.append(_compare(comparison, (name, model),
@@ -210,11 +218,12 @@ def _against_bm25(setting: dict, results: pd.DataFrame, bm25: pd.DataFrame, per_
 
 
 def _with_goal(table: pd.DataFrame) -> pd.DataFrame:
-    """The table with goal and p_holm (module docstring); the Holm family is one model's goal rows."""
+    """The table with goal and p_holm (module docstring); the Holm family is every goal row (each
+    model on each goal task)."""
     goal = table.comparison.eq(GOAL) & table.task.isin(GOAL_TASKS) & table.split.eq(TEST)
     table = table.assign(goal=goal, p_holm=np.nan)
-    for _, rows in table[goal].groupby(SETTING, dropna=False, sort=False):
-        table.loc[rows.index, "p_holm"] = holm(rows.p_value)
+    if goal.any():
+        table.loc[goal, "p_holm"] = holm(table.loc[goal, "p_value"])
     return table.astype({f"{side}_{c}": "Int64" for side in "ab" for c in ("blocks", "finetune_steps")})
 
 

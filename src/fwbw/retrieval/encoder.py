@@ -287,7 +287,7 @@ class Encoder:
         try:
             cached = load_file(str(path))
             if torch.equal(cached["lengths"], lengths):
-                os.utime(path)  # used now: prune_cache removes the least recently used first
+                _touch(path)
                 return cached["vectors"]
         except (OSError, SafetensorError, KeyError):
             pass  # not cached yet, or unreadable: encode again
@@ -319,16 +319,27 @@ class Encoder:
         return torch.cat(per_chunk)
 
 
+def _touch(path: Path) -> None:
+    """Mark a cache file used now (prune_cache removes the least recently used first), unless another
+    process pruned it meanwhile."""
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(path)
+
+
 def prune_cache(cache_dir: Path, max_bytes: int) -> list[Path]:
     """Remove the least recently used cache files (by modification time, which a read renews) until
-    cache_dir holds at most max_bytes; the files removed."""
-    files = sorted(Path(cache_dir).glob("*.safetensors"), key=lambda path: path.stat().st_mtime) if Path(cache_dir).is_dir() else []
-    total = sum(path.stat().st_size for path in files)
+    cache_dir holds at most max_bytes; the files removed. Files another process removes meanwhile are
+    passed over."""
+    sizes = {}
+    for path in Path(cache_dir).glob("*.safetensors") if Path(cache_dir).is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):
+            sizes[path] = (path.stat().st_mtime, path.stat().st_size)
+    total = sum(size for _, size in sizes.values())
     removed = []
-    for path in files:
+    for path in sorted(sizes, key=lambda path: sizes[path][0]):
         if total <= max_bytes:
             break
-        total -= path.stat().st_size
+        total -= sizes[path][1]
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed

@@ -199,6 +199,12 @@ def check_partner(system: System, task: str, config: TrainConfig) -> None:
     if Path(system.partner).resolve() == Path(system.run).resolve():
         raise ValueError(f"partner: {system.partner} is the run itself; give a second run of the same setting")
     partner = finished_run(system.partner)
+    shown = differences({k: v for k, v in partner.to_dict().items() if k != "seed"},
+                        {k: v for k, v in config.to_dict().items() if k != "seed"}, SHOWN_DIFFERENCES)
+    if shown:
+        raise ValueError(f"partner: {system.partner} is not a run of the same setting ({shown}); give another seed's run")
+    if sha256_of(Path(system.partner) / MODEL_WEIGHTS) == sha256_of(Path(system.run) / MODEL_WEIGHTS):
+        raise ValueError(f"partner: {system.partner} holds the run's own weights; give a second run of the same setting")
     check_blocks(system.blocks, partner)
     check_chunk_tokens(system.chunk_tokens, "fw", partner)
     check_training_data(task, partner, system.partner)
@@ -237,23 +243,21 @@ def identity(task: str, split: str, system: System, config: TrainConfig | None) 
         "finetune": dataclasses.asdict(system.finetune_settings()) if system.finetune_steps else None,
         "top_k": TREC_DEPTH,
         "rerank": system.rerank,
-        "fusion_weight": None if system.fuse_from is None else fusion_weight(system, task),
+        "fusion_weight": None if system.fuse_from is None else fusion_weight(system, task, config),
         "maxsim_dtype": system.maxsim_dtype,
         "run_weights_sha256": None if system.run is None else sha256_of(Path(system.run) / MODEL_WEIGHTS),
         "partner_weights_sha256": None if system.partner is None else sha256_of(Path(system.partner) / MODEL_WEIGHTS),
     }
 
 
-def fusion_weight(system: System, task: str) -> float:
-    """The fusion weight tuned on system.fuse_from, a finished rerank-bm25 result of the same system on
-    the task's dev queries; ValueError (one line) for any other folder."""
+def fusion_weight(system: System, task: str, config: TrainConfig) -> float:
+    """The fusion weight tuned on system.fuse_from, a finished rerank-bm25 result of the same system
+    (every setting of its identity) on the task's dev queries; ValueError (one line) for any other folder."""
     source = Path(system.fuse_from)
     settings = read_json(source / SETTINGS_FILE) if (source / SETTINGS_FILE).is_file() else None
     if not (source / METRICS_FILE).is_file() or not isinstance(settings, dict):
         raise ValueError(f"fuse from: {source} holds no finished retrieval result")
-    wanted = {"task": task, "split": TUNING_SPLIT, "system": RERANK, "embed": system.embed, "rerank": system.rerank,
-              "run_weights_sha256": sha256_of(Path(system.run) / MODEL_WEIGHTS), "pooling": system.pooling,
-              "finetune_steps": system.finetune_steps}
+    wanted = identity(task, TUNING_SPLIT, dataclasses.replace(system, fuse_from=None), config)
     shown = differences({key: settings.get(key) for key in wanted}, wanted, SHOWN_DIFFERENCES)
     if shown:
         raise ValueError(f"fuse from: {source} is not this system's rerank on the dev queries ({shown})")

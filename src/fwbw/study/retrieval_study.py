@@ -91,9 +91,11 @@ def sanity_plans(maxsim_dtype: str) -> list[Plan]:
     return [Plan(SANITY_TASK, "test", ("fw", "fwbw"), chunk_tokens=CHUNK_TOKENS, maxsim_dtype=maxsim_dtype)]
 
 
-def choose(table: pd.DataFrame, explored: Iterable[int]) -> Choices:
-    """Step 3 (module docstring): read from the dev rows of the explored seeds only."""
-    dev = table[table.split.eq("dev") & table.seed.isin(list(explored)) & table.task.isin(GOAL_TASKS)]
+def choose(table: pd.DataFrame, explored: Iterable[int], maxsim_dtype: str = "fp32") -> Choices:
+    """Step 3 (module docstring): read from the explored seeds' dev rows of the study's own settings
+    (its chunk length and similarity dtype, late interaction) only."""
+    dev = table[table.split.eq("dev") & table.seed.isin(list(explored)) & table.task.isin(GOAL_TASKS)
+                & table.chunk_tokens.eq(CHUNK_TOKENS) & table.maxsim_dtype.eq(maxsim_dtype) & table.pooling.isna()]
     finetuned = dev[dev.finetune_steps.eq(FINETUNE_STEPS) & dev.system.eq(LATE_INTERACTION)]
     negatives = _better(finetuned, lambda rows: rows.variant.str.contains("bm25 negatives"), "bm25", None)
     zero_shot = dev[dev.finetune_steps.eq(0) & dev.system.eq(LATE_INTERACTION) & dev.embed.isin(CANDIDATE_EMBEDS)]
@@ -124,7 +126,7 @@ def run_study(sweep_dir: Path, maxsim_dtype: str = "fp32", device: str = "auto",
     for task in GOAL_TASKS:
         for plan in dev_plans(task, explored, maxsim_dtype):
             _run(sweep_dir, plan, device, progress, report)
-    choices = choose(build_retrieval_results(sweep_dir), explored)
+    choices = choose(build_retrieval_results(sweep_dir), explored, maxsim_dtype)
     report(f"chosen on dev: hard negatives {choices.hard_negatives or 'none'}, blocks {choices.blocks or 'all'}")
     for task in GOAL_TASKS:
         for plan in test_plans(task, choices, maxsim_dtype):

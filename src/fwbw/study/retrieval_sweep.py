@@ -99,14 +99,15 @@ def result_name(plan: Plan, embed: str, pooled: bool = True) -> str:
             f"{hybrid}{dtype}")
 
 
-def partners(sweep_dir: Path, finished: list[str]) -> dict[str, Path]:
-    """Each finished run's partner for the fwfw control: the finished run of the same setting with the
-    next seed (the first seed's for the last); none for a run alone in its setting."""
+def partners(sweep_dir: Path) -> dict[str, Path]:
+    """Each run's partner for the fwfw control: the run of the same setting with the next seed (the
+    first seed's for the last), among all of the sweep's runs, finished or not (so a run's partner
+    never changes); none for a run alone in its setting."""
     configs = read_sweep(sweep_dir)["runs"]
     by_setting: dict[str, list[tuple[int, str]]] = {}
-    for run_id in finished:
-        setting = {key: value for key, value in configs[run_id].items() if key != "seed"}
-        by_setting.setdefault(json.dumps(setting, sort_keys=True), []).append((configs[run_id]["seed"], run_id))
+    for run_id, config in configs.items():
+        setting = {key: value for key, value in config.items() if key != "seed"}
+        by_setting.setdefault(json.dumps(setting, sort_keys=True), []).append((config["seed"], run_id))
     paired = {}
     for runs in by_setting.values():
         ordered = [run_id for _, run_id in sorted(runs)]
@@ -127,7 +128,7 @@ def plan_jobs(sweep_dir: Path, plan: Plan) -> tuple[list[Job], list[str]]:
             finished.append(run_id)
         else:
             left_out.append(f"{run_id}: not finished (status {status})")
-    paired = partners(sweep_dir, finished)
+    paired = partners(sweep_dir)
     configs = read_sweep(sweep_dir)["runs"]
     for run_id in (r for r in finished if plan.seeds is None or configs[r]["seed"] in plan.seeds):
         run_dir = sweep_dir / RUNS / run_id
@@ -135,8 +136,7 @@ def plan_jobs(sweep_dir: Path, plan: Plan) -> tuple[list[Job], list[str]]:
             system = System(run_dir, embed, plan.blocks, plan.pooling, plan.finetune_steps, plan.finetune_seed,
                             plan.hard_negatives, plan.chunk_tokens, paired.get(run_id) if embed == CONTROL_EMBED else None,
                             plan.rerank, _tuned_on(root / run_id, plan, embed), plan.maxsim_dtype)
-            reason = ("no other finished run of its setting to pair with" if embed == CONTROL_EMBED and run_id not in paired
-                      else _not_applicable(system, plan.task))
+            reason = (_unpaired(run_id, paired) if embed == CONTROL_EMBED else None) or _not_applicable(system, plan.task)
             if reason:
                 left_out.append(f"{run_id}: no {embed} embed: {reason}")
                 continue
@@ -144,6 +144,14 @@ def plan_jobs(sweep_dir: Path, plan: Plan) -> tuple[list[Job], list[str]]:
             jobs.append(Job(f"{run_id} {system.name} {embed}", root / run_id / result_name(plan, embed), system,
                             finetune_dir))
     return jobs, left_out
+
+
+def _unpaired(run_id: str, paired: dict[str, Path]) -> str | None:
+    """Why the run has no fwfw control yet: no other run of its setting, or its partner unfinished."""
+    if run_id not in paired:
+        return "no other run of its setting to pair with"
+    status = read_status(paired[run_id])["status"]
+    return None if status == "done" else f"its partner {paired[run_id].name} is not finished (status {status})"
 
 
 def _tuned_on(run_root: Path, plan: Plan, embed: str) -> Path | None:

@@ -137,7 +137,7 @@ def load(path: Path, device: str | torch.device = "cpu") -> dict:
         if sha256_of(path / TENSORS) != meta["sha256"]:
             raise CorruptCheckpoint(f"{path}: tensor file does not match its recorded sha256")
         payload = unflatten(meta["payload"], _read_tensors(path / TENSORS, device))
-    except (OSError, ValueError, KeyError, SafetensorError) as error:
+    except (OSError, ValueError, KeyError, IndexError, SafetensorError) as error:
         raise CorruptCheckpoint(f"{path}: {error}") from error
     if "optimizer" in payload:
         payload["optimizer"] = _optimizer_keys_to_int(payload["optimizer"])
