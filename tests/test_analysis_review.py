@@ -8,10 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from test_analysis import A, failed_row, one, run_rows
+from test_analysis_v2 import skipped_rows
 from test_effects import SMALL, run
 
 from fwbw.analysis.effects import arrow_of_time
-from fwbw.analysis.report import _verdict, findings, sample_blocks
+from fwbw.analysis.report import findings, sample_blocks
+from fwbw.analysis.sections.equal_data import percent_verdict
 from fwbw.analysis.stats import CONTEXT, _fw_at
 from fwbw.analysis.sweep_analysis import analyse
 from fwbw.study import sweep
@@ -44,8 +46,8 @@ def test_adaptive_p_bw_runs_have_no_fw_tokens_or_flops():
     final = analysis.ratios[(analysis.ratios.phase == "final") & (analysis.ratios.ratio == "ratio1")]
     assert set(final.loc[final.axis.isin(["fw_tokens", "flops"]), "n"]) == {0}
     assert set(final.loc[final.axis.isin(["epoch", "seconds"]), "n"]) == {1}
-    assert any(s.startswith("adaptive_p_bw settings are compared at equal epochs and seconds only")
-               for s in findings(analysis))
+    assert one(skipped_rows(analysis), part="equal compute").reason.startswith(
+        "adaptive p_bw: its training FLOPs are unknown")
 
 
 def test_eval_tokens_and_dtype_are_part_of_the_setting():
@@ -71,7 +73,7 @@ def test_a_seed_with_two_runs_counts_once():
 
 def test_the_paired_verdict_reads_the_percent_interval_near_its_boundary():
     """Raw differences 0.1, 0.2, 0.4 (their t interval holds 0) but log ratios 0.095, 0.095, 0.049
-    (their interval excludes 0): both the paired statement and the headline say bw hurt."""
+    (their interval excludes 0): both the paired statement and the answer's verdict say bw hurt."""
     rows = []
     for s, (base, x) in enumerate(((1.0, 1.1), (2.0, 2.2), (8.0, 8.4))):
         rows += [*run_rows(f"a0-s{s}", A, 0.0, s, base, 6.0), *run_rows(f"a5-s{s}", A, 0.05, s, x, 6.0)]
@@ -84,7 +86,7 @@ def test_the_paired_verdict_reads_the_percent_interval_near_its_boundary():
     assert paired.pct_ci_low > 0 and bool(paired.exceeds_noise)
     statement = next(s for s in findings(analysis) if s.startswith("At depth 2 / width 8"))
     assert "larger than seed noise" in statement
-    assert _verdict(paired.pct_ci_low, paired.pct_ci_high, paired.n) == "bw training hurts (n = 3 seeds)"
+    assert percent_verdict(paired.pct_ci_low, paired.pct_ci_high) == "bw training raised fw loss"
 
 
 def test_a_sample_failure_does_not_fail_a_trained_run(monkeypatch, tmp_path, capsys):
@@ -134,3 +136,16 @@ def test_a_flat_axis_is_never_interpolated():
     assert np.isnan(values["loss_fw"]).all() and np.isnan(values["ppl_fw"]).all()
     rising = run_points.assign(fw_tokens=[0.0, 10.0, 20.0])
     assert _fw_at(rising, "fw_tokens", np.array([5.0]))["loss_fw"] == pytest.approx([4.75])
+
+
+def test_a_bw_loss_never_measured_is_no_divergence():
+    """eval_bw false (or a fw-only run by default) leaves loss_bw NaN at every point: that is no
+    divergence; a NaN where the run evaluates bw, or a non-finite fw loss, is."""
+    from fwbw.analysis.stats import diverged_runs
+
+    runs = pd.DataFrame({"run_id": ["off", "fw-only", "both", "blown", "fw-blown"], "p_bw": [0.25, 0.0, 0.25, 0.25, 0.0],
+                         "eval_bw": [False, None, None, True, None], "status": ["done"] * 5, "error": [None] * 5})
+    nan = float("nan")
+    points = pd.DataFrame({"run_id": ["off", "fw-only", "both", "blown", "fw-blown"],
+                           "loss_fw": [3.0, 3.0, 3.0, 3.0, float("inf")], "loss_bw": [nan, nan, 3.5, nan, nan]})
+    assert diverged_runs(points, runs) == {"blown", "fw-blown"}

@@ -12,6 +12,8 @@ from test_analysis import OFFSETS, A, B, by_epoch, mean, one, run_rows
 
 from fwbw.analysis.figures import _seed_band
 from fwbw.analysis.report import findings
+from fwbw.analysis.sections.inputs import Inputs
+from fwbw.analysis.sections.skipped import skipped_table
 from fwbw.analysis.sweep_analysis import analyse
 from fwbw.study.results import build_results, recipe_id
 from fwbw.study.sweep import SweepSpec, write_sweep_file
@@ -67,6 +69,11 @@ def test_points_farther_than_half_an_eval_interval_are_not_paired():
     assert list(samples.ratio1_loss) == pytest.approx([(4.0 + 0.75) / (4.1 + 0.75), (4.0 + 0.5) / 4.1])
 
 
+def skipped_rows(analysis):
+    """The report's skipped table (part, setting, reason) of the analysis."""
+    return skipped_table(Inputs(analysis, pd.DataFrame(), {}, []))
+
+
 def test_finals_of_different_budgets_are_not_paired():
     base = run_rows("a0-s0", A, 0.0, 0, 4.0, 6.0, epochs=(0.5, 1.0), steps=(10, 20), budget=1.0)
     x = run_rows("a5-s0", A, 0.05, 0, 4.1, 4.5)  # trained for 2 epochs
@@ -76,11 +83,9 @@ def test_finals_of_different_budgets_are_not_paired():
     assert math.isnan(row.value) and (row.n, row.n_base, row.n_x) == (0, 0, 1)
     assert one(analysis.skipped, p_bw=0.05).reason == (
         "the p_bw = 0 runs of this size differ in epochs 2 here, 1 at p_bw = 0: not compared")
-    statements = findings(analysis)
-    assert ("Not compared: depth 2 / width 8, p_bw = 0.05, add, causal mask: the p_bw = 0 runs of this size "
-            "differ in epochs 2 here, 1 at p_bw = 0: not compared.") in statements
-    assert ("Ratio 1 of final fw loss, p_bw = 0.05, add, causal mask: no value at depth 2 / width 8: no p_bw = 0 "
-            "run of the same setting (see the skipped table).") in statements
+    assert one(skipped_rows(analysis), part="equal data").reason == (
+        "the p_bw = 0 runs of this size differ in epochs 2 here, 1 at p_bw = 0: not compared")
+    assert not [s for s in findings(analysis) if s.startswith(("Not compared", "Ratio 1 of final fw loss"))]
 
 
 # defect 3 ---------------------------------------------------------------------------------------
@@ -108,12 +113,11 @@ def test_sentences_agree_with_the_tables_when_seeds_do_not_overlap():
     for averaging in ("mean_then_ratio", "ratio_then_mean"):
         row = final_ratio1(analysis, averaging)
         assert math.isnan(row.value) and (row.n, row.n_base, row.n_x) == (0, 1, 1)
-    statements = findings(analysis)
-    assert ("Ratio 1 of final fw loss, p_bw = 0.05, add, causal mask: no value at depth 2 / width 8: no seed has "
-            "both runs (1 seed(s) at p_bw = 0.05, 1 at p_bw = 0).") in statements
-    assert ("Ratio 1 (fw loss) in epochs [0, 1], depth 2 / width 8, p_bw = 0.05, add, causal mask: no value: the "
-            "p_bw = 0.05 runs have 2 validation points here, none with a p_bw = 0 point of the same seed within "
-            "half an eval interval (n = 0).") in statements
+    assert not [s for s in findings(analysis) if s.startswith(("Ratio 1", "At depth"))]  # no value: skipped, not said
+    skipped = skipped_rows(analysis)
+    assert one(skipped, part="equal data").reason == "no seed has both a p_bw = 0 and a p_bw = x run"
+    assert one(skipped, part="equal data, epochs [0, 1]").reason == (
+        "none of the 2 validation points has a p_bw = 0 point of the same seed within half an eval interval")
 
 
 # defect 5 ---------------------------------------------------------------------------------------
@@ -203,9 +207,11 @@ def test_loss_curves_keep_every_point_at_its_nominal_epoch():
 def test_the_size_count_counts_sizes_with_a_value():
     rows = [run_rows("a0-s0", A, 0.0, 0, 4.0, 6.0), run_rows("a5-s0", A, 0.05, 0, 4.1, 4.5),
             run_rows("b5-s0", B, 0.05, 0, 3.0, 3.5)]
-    statement = next(s for s in findings(analyse(table(*rows))) if s.startswith("Ratio 1 of final fw loss"))
+    analysis = analyse(table(*rows))
+    statement = next(s for s in findings(analysis) if s.startswith("Ratio 1 of final fw loss"))
     assert statement == (
         f"Ratio 1 of final fw loss, p_bw = 0.05, add, causal mask, over 1 model size(s) with a value: ratio_then_mean "
         f"{4.0 / 4.1:.3f} (n = 1 seed pairs); mean_then_ratio {4.0 / 4.1:.3f} (n = 1 seed pairs). Above 1 means the "
-        "bw task helped the fw task. No value at depth 4 / width 16: no p_bw = 0 run of the same setting "
-        "(see the skipped table).")
+        "bw task helped the fw task.")
+    assert one(skipped_rows(analysis), part="equal data", depth=4).reason == (
+        "no p_bw = 0 run of this size, task tokens and heads")

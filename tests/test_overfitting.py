@@ -7,10 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fwbw.analysis import report
 from fwbw.analysis.effects import detectable_noncentrality
 from fwbw.analysis.figures import overfitting_curves
-from fwbw.analysis.report import findings_by_question, headline
+from fwbw.analysis.report import findings_by_question
+from fwbw.analysis.sections.answer import answer_table
+from fwbw.analysis.sections.inputs import Inputs
+from fwbw.analysis.sections.many_epochs import change_verdict
 from fwbw.analysis.stats import mean_ci, select
 from fwbw.analysis.sweep_analysis import analyse
 from fwbw.study.results import EVAL_PHASE, TRAIN_SPLIT_PHASE
@@ -131,19 +133,21 @@ def test_report_states_the_changes_with_their_intervals(analysis):
             "95% CI NaN … NaN: no interval: every pair differs by the same amount)") in statement
     assert statement.endswith("Still improving at the last evaluation (best epoch censored at the budget): 1 of 3 "
                               "p_bw = 0.25 runs, 0 of 3 p_bw = 0 runs.")
-    first = headline(analysis)[0]
-    assert first.startswith("Many epochs, where the p_bw = 0 runs overfit, change with bw training (95% CI over seeds): "
-                            "p_bw = 0.25 (add, causal mask), depth 2 / width 8, n = 3 seed pairs: best fw val loss at "
-                            "equal data -0.033 (")
-    assert "its rise after the best -0.217 (" in first and "1 of 3 p_bw = 0.25 runs" in first
+    answer = answer_table(Inputs(analysis, pd.DataFrame(), {}, []))
+    rows = answer[answer.question == "many epochs"].set_index("comparison")
+    assert list(rows.index) == [f"depth 2 / width 8, p_bw = 0.25 (add, causal mask): {m}" for m in (
+        "best fw val loss", "best fw val loss at equal compute", "rise after the best", "final train–val gap")]
+    best = rows.loc["depth 2 / width 8, p_bw = 0.25 (add, causal mask): best fw val loss"]
+    assert (round(best.effect, 3), best.n, best.n_unit, best.unit) == (-0.033, 3, "seed pair", "nats")
+    assert round(rows.loc["depth 2 / width 8, p_bw = 0.25 (add, causal mask): rise after the best"].effect, 3) == -0.217
 
 
-def test_headline_speaks_of_many_epochs_only_where_the_baselines_overfit():
+def test_the_answer_speaks_of_many_epochs_only_where_the_baselines_overfit():
     """Here only the p_bw = 0.25 runs rise after their best; the baselines keep improving."""
     monotone = {key: (sorted(valid, reverse=True) if key[0] == 0 else valid, train) for key, (valid, train) in CURVES.items()}
     analysis = analyse(table(monotone))
     assert (analysis.run_fit.rise_after_best > 0).any()
-    assert not headline(analysis)[0].startswith("Many epochs")
+    assert "many epochs" not in set(answer_table(Inputs(analysis, pd.DataFrame(), {}, [])).question)
 
 
 @pytest.mark.parametrize(("measure", "low", "high", "verdict"), [
@@ -154,7 +158,7 @@ def test_headline_speaks_of_many_epochs_only_where_the_baselines_overfit():
 ])
 def test_verdict_words_follow_the_interval_and_the_measure(measure, low, high, verdict):
     row = {"measure": measure, "n": 4, "ci_low": low, "ci_high": high, "mde": 0.25, "unit": "nats"}
-    assert report._change_verdict(row) == verdict
+    assert change_verdict(row) == verdict
 
 
 def test_without_the_training_split_the_gap_is_unknown_and_said():

@@ -16,6 +16,8 @@ from fwbw.analysis import data_efficiency as de
 from fwbw.analysis import report
 from fwbw.analysis.efficiency_report import FIGURES, TABLE_FILES, efficiency_analysis
 from fwbw.analysis.report import EFFICIENCY_TITLE, efficiency_statements, write_report
+from fwbw.analysis.sections.efficiency import _primary_verdict, matched_statement, multiplier_statement
+from fwbw.analysis.sections.render import md
 from fwbw.model.config import ModelConfig
 from fwbw.model.hlb_gpt import count_params, training_flops_per_token
 
@@ -123,7 +125,12 @@ def test_sentences_state_the_tables_numbers(sweep, tmp_path):
     assert f"slope over p_bw 0, 0.25, 0.5 of held-out test fw loss: {slope.mean_diff:+.3f} nats per unit p_bw" in said[3]
     page = write_report(sweep, tmp_path / "out").read_text()
     answer = page[page.index("<h2>The answer</h2>"):page.index(f"<h2>{EFFICIENCY_TITLE}</h2>")]
-    assert f"<li>{html.escape(said[0])}</li>" in answer
+    assert (f"<td>{primary.mean_diff:+.3f} nats</td>\n      <td>{primary.ci_low:+.3f} … {primary.ci_high:+.3f}</td>\n"
+            "      <td>3 seeds</td>\n      <td>bw training lowered held-out fw loss</td>") in answer
+    rows = pd.read_csv(tmp_path / "out" / "answer.csv").query("question == 'data efficiency'")
+    assert rows[["effect", "ci_low", "ci_high"]].values.ravel().tolist() == pytest.approx(
+        [primary.mean_diff, primary.ci_low, primary.ci_high, multiplier.multiplier, multiplier.ci_low, multiplier.ci_high])
+    assert rows.verdict.tolist() == ["bw training lowered held-out fw loss", "bw training acted like more unique data"]
     section = page[page.index(f"<h2>{EFFICIENCY_TITLE}</h2>"):]
     assert all(f"<li>{html.escape(s)}</li>" in section for s in said)
 
@@ -136,7 +143,7 @@ def test_csvs_are_the_analysis_tables_and_figures_are_pngs(sweep, tmp_path):
     for stem in FIGURES:
         assert (out / "figures" / f"{stem}.png").read_bytes().startswith(PNG)
     markdown = (out / "report.md").read_text()
-    assert all(f"![{report._md(stem)}](figures/{stem}.png)" in markdown for stem in FIGURES)
+    assert all(f"![{md(stem)}](figures/{stem}.png)" in markdown for stem in FIGURES)
 
 
 def test_a_sweep_without_efficiency_arms_has_no_section(tmp_path, monkeypatch):
@@ -163,7 +170,7 @@ def test_skipped_parts_are_a_table_not_sentences(tmp_path, monkeypatch):
 def test_multiplier_outside_the_curve_states_its_bound():
     runs = efficiency_runs(q2=False)
     far = runs.assign(test_fw_loss=np.where(runs.p_bw == 0.25, 3.0, runs.test_fw_loss))
-    said = report.multiplier_statement(de.effective_data_multiplier(de.runs_with_flops(far), n_boot=50))
+    said = multiplier_statement(de.effective_data_multiplier(de.runs_with_flops(far), n_boot=50))
     assert "below the fw-only curve at its largest share, so m > 4.00 (95% bootstrap CI ∞ … ∞; 0% of draws past " \
            "the curve's low end, 100% past its high end;" in said
 
@@ -172,7 +179,7 @@ def test_multiplier_outside_the_curve_states_its_bound():
     (-0.3, -0.1, "bw training lowered held-out fw loss"), (0.1, 0.3, "bw training raised held-out fw loss"),
     (-0.02, 0.03, "no effect of ±0.050 nats or more"), (-0.02, 0.08, "inconclusive")])
 def test_primary_verdict_follows_the_plan(low, high, verdict):
-    assert report._primary_verdict({"ci_low": low, "ci_high": high, "mde": 0.05}) == verdict
+    assert _primary_verdict({"ci_low": low, "ci_high": high, "mde": 0.05}) == verdict
 
 
 def load_publish():
@@ -192,8 +199,8 @@ def test_publish_writes_the_reports_files_and_a_summary(tmp_path):
     assert (out / "runs.csv").read_bytes() == (sweep / "runs.csv").read_bytes()
     assert all((out / f"{stem}.png").read_bytes().startswith(PNG) for stem in FIGURES)
     said = efficiency_statements(tables_of(sweep))
-    assert all(report._md(s) in summary for s in said)
-    assert all(f"![{report._md(stem)}]({stem}.png)" in summary for stem in FIGURES)
+    assert all(md(s) in summary for s in said)
+    assert all(f"![{md(stem)}]({stem}.png)" in summary for stem in FIGURES)
 
 
 def test_publish_refuses_a_sweep_without_efficiency_arms(tmp_path):
@@ -209,7 +216,7 @@ def test_the_regulariser_sentence_gives_each_grid_values_difference_with_its_hol
         {"train_split_fw_loss": 4.3, "n": 6, "mean_diff": -0.001, "ci_low": -0.025, "ci_high": 0.022, "p_value": 0.887,
          "p_holm": 0.887},
     ])
-    assert report.matched_statement(matched) == (
+    assert matched_statement(matched) == (
         "Regulariser test, validation fw loss of fw+bw minus fw at the same training-split fw loss (Holm over 2; "
         "below 0 would mean bw regularises): at 3.800 +0.047 nats (95% CI +0.032 … +0.062, Holm p = 0.003, "
         "n = 6 seeds); at 4.300 -0.001 nats (95% CI -0.025 … +0.022, Holm p = 0.887, n = 6 seeds).")

@@ -4,6 +4,7 @@ two-level intervals, then the comparisons table; absent where the sweep has no r
 
 from __future__ import annotations
 
+import html
 import math
 import re
 
@@ -16,6 +17,7 @@ from test_report_layout import SECTIONS, TAIL
 from fwbw.analysis import report
 from fwbw.analysis.report import RETRIEVAL_TITLE, retrieval_statements, write_report
 from fwbw.analysis.retrieval_stats import COMPARISON_COLUMNS, analyse_retrieval, sweep_retrieval
+from fwbw.analysis.sections.render import md
 from fwbw.retrieval.metrics import METRICS
 from fwbw.study.results import RETRIEVAL_COLUMNS
 
@@ -148,11 +150,11 @@ def sweep(tmp_path, monkeypatch):
 
 def test_the_report_leads_with_the_answer_then_the_comparisons(sweep, tmp_path):
     page = write_report(sweep, tmp_path / "out").read_text()
-    assert re.findall(r"<h2>(.*?)</h2>", page) == SECTIONS + [report.html.escape(RETRIEVAL_TITLE)] + TAIL
+    assert re.findall(r"<h2>(.*?)</h2>", page) == SECTIONS + [html.escape(RETRIEVAL_TITLE)] + TAIL
     [sentence] = retrieval_statements(sweep_retrieval(sweep))
     assert sentence == answer(*hand_built())
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert f"## {report._md(RETRIEVAL_TITLE)}\n\n{report._md(sentence)}\n\nretrieval\\_comparisons: " in markdown
+    assert f"## {md(RETRIEVAL_TITLE)}\n\n{md(sentence)}\n\nretrieval\\_comparisons: " in markdown
     comparisons = pd.read_csv(tmp_path / "out" / "retrieval_comparisons.csv")
     assert comparisons.columns.tolist() == COMPARISON_COLUMNS
     assert comparisons.comparison.tolist() == ["bw − fw", "fwbw − fw", "fwbw − fwfw", "p_bw > 0 − p_bw = 0, fw embed"]

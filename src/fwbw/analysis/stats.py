@@ -180,11 +180,22 @@ def nominal_epochs(points: pd.DataFrame) -> pd.Series:
 
 
 def diverged_runs(points: pd.DataFrame, runs: pd.DataFrame) -> set[str]:
-    """Done runs with a non-finite validation loss at any point, and failed runs whose training
-    diverged (error "TrainingDiverged: ...", as the sweep records it); `runs` is runs_table."""
-    losses = points[[f"loss_{d}" for d in DIRECTIONS]].astype(float)
+    """Done runs with a non-finite validation loss at any point in a direction they evaluate (a run
+    with eval_bw false, or a fw-only run by default, has no bw loss: TrainConfig.evaluates_bw), and
+    failed runs whose training diverged (error "TrainingDiverged: ...", as the sweep records it);
+    `runs` is runs_table."""
+    measured = {"fw": pd.Series(True, index=points.index),
+                "bw": points.run_id.map(_evaluates_bw(runs)).fillna(True).astype(bool)}
+    bad = pd.concat([~np.isfinite(points[f"loss_{d}"].astype(float)) & measured[d] for d in DIRECTIONS], axis=1)
     failed = (runs.status == "failed") & runs.error.fillna("").astype(str).str.startswith(TrainingDiverged.__name__)
-    return set(points.run_id[~np.isfinite(losses).all(axis=1)]) | set(runs.run_id[failed])
+    return set(points.run_id[bad.any(axis=1)]) | set(runs.run_id[failed])
+
+
+def _evaluates_bw(runs: pd.DataFrame) -> pd.Series:
+    """run_id -> whether the run evaluates the bw task: eval_bw where set, else whether it trains it."""
+    eval_bw = runs.get("eval_bw", pd.Series(pd.NA, index=runs.index))
+    trains_bw = runs.p_bw.astype(float) > 0
+    return pd.Series(eval_bw.astype("boolean").fillna(trains_bw).astype(bool).to_numpy(), index=runs.run_id)
 
 
 def last_points(points: pd.DataFrame) -> pd.DataFrame:

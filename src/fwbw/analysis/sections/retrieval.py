@@ -1,0 +1,136 @@
+"""Retrieval: does training both ways make a causal LM a better late-interaction retriever? The one sentence
+that answers it from the within-model comparisons on test (the fwbw − fwfw control deciding), the comparisons
+and systems tables, and the deciding comparison's rows for the answer."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from fwbw.analysis import retrieval_stats
+from fwbw.analysis.figures import size_label
+from fwbw.analysis.retrieval_stats import ANSWER_ORDER, CONTROL, MEASURE, RetrievalAnalysis
+from fwbw.analysis.sections.inputs import Inputs
+from fwbw.analysis.sections.tables import answer_row, skip
+from fwbw.analysis.sections.text import signed
+
+QUESTION = "retrieval"
+RETRIEVAL_TITLE = "Retrieval: does training both ways make a causal LM a better late-interaction retriever?"
+RETRIEVAL_ANSWERS = {  # how the deciding comparison a − b's intervals lie (_retrieval_direction) -> the answer they allow
+    "better": "Yes: training a causal LM both ways made it a better late-interaction retriever ({a} beat {b} in every "
+              "comparison)",
+    "sometimes": "Not consistently: training a causal LM both ways made it a better late-interaction retriever in "
+                 "some comparisons only",
+    "mixed": "Mixed: {a} beat {b} in some comparisons and lost to it in others",
+    "worse": "No: {a} lost to {b} where the intervals exclude 0",
+    "none": "No evidence that training a causal LM both ways makes it a better late-interaction retriever",
+}
+RETRIEVAL_UNCONTROLLED = ("Not established: without the matched fwfw control, a gain of two views over one is not "
+                          "told apart from seeing both sides")
+
+
+def _retrieval_direction(rows: pd.DataFrame) -> str:
+    """Where the two-level 95% intervals of a − b lie: above 0 in all rows, in some, on both sides, below only, or neither."""
+    above, below = int((rows.ci_low > 0).sum()), int((rows.ci_high < 0).sum())
+    if above == len(rows):
+        return "better"
+    if above:
+        return "mixed" if below else "sometimes"
+    return "worse" if below else "none"
+
+
+def _retrieval_tally(rows: pd.DataFrame) -> str:
+    """One comparison's rows: its difference and interval, or (several rows) where their intervals lie."""
+    name = rows.comparison.iloc[0] + (" (the matched control)" if rows.comparison.iloc[0] == CONTROL else "")
+    if len(rows) == 1:
+        row = rows.iloc[0]
+        return f"{name} {signed(row.mean_diff)} (95% CI {signed(row.ci_low)} … {signed(row.ci_high)})"
+    above, below = int((rows.ci_low > 0).sum()), int((rows.ci_high < 0).sum())
+    return f"{name} above 0 in {above} and below 0 in {below} of {len(rows)} comparisons (mean {signed(rows.mean_diff.mean())})"
+
+
+def _retrieval_answer(deciding: pd.DataFrame) -> str:
+    """The answer the deciding comparison's rows allow: a gain only where it is the fwbw − fwfw control."""
+    name, direction = deciding.comparison.iloc[0], _retrieval_direction(deciding)
+    if name != CONTROL and direction in ("better", "sometimes", "mixed"):
+        return RETRIEVAL_UNCONTROLLED
+    a, b = name.split(" − ")
+    return RETRIEVAL_ANSWERS[direction].format(a=a, b=b)
+
+
+def _by_comparison(retrieval: RetrievalAnalysis) -> list[pd.DataFrame]:
+    """retrieval_stats.answer_rows by comparison, in ANSWER_ORDER (the deciding comparison first)."""
+    rows = retrieval_stats.answer_rows(retrieval.comparisons)
+    return [rows[rows.comparison.eq(name)] for name in ANSWER_ORDER if rows.comparison.eq(name).any()]
+
+
+def retrieval_statements(retrieval: RetrievalAnalysis) -> list[str]:
+    """The one sentence that answers the question, from retrieval_stats.answer_rows (none without them): the
+    deciding comparison is the fwbw − fwfw control where the sweep has it (without it a gain is not established)."""
+    by_name = _by_comparison(retrieval)
+    if not by_name:
+        return []
+    tallies = "; ".join(map(_retrieval_tally, by_name))
+    return [f"{_retrieval_answer(by_name[0])}: on the test queries, {tallies} (nDCG@10 of late interaction, a − b within "
+            "each model, with two-level bootstrap 95% intervals over seeds and queries)."]
+
+
+def section(inputs: Inputs) -> tuple[str, list[tuple]] | None:
+    """The one sentence that answers, then the comparisons and systems tables; none without retrieval results."""
+    retrieval = inputs.retrieval
+    if retrieval is None:
+        return None
+    return (RETRIEVAL_TITLE, [
+        *(("p", sentence) for sentence in retrieval_statements(retrieval)),
+        ("p", "retrieval_comparisons: nDCG@10 of a − b, paired by seed and query (fwbw.analysis.retrieval_stats). "
+              "Within each model, per task, split, system, blocks and fine-tuning: bw − fw, fwbw − fw and fwbw − "
+              "fwfw (the matched control: this run's fw beside a second seed's fw) where p_bw > 0, echo − fw (the "
+              "text read twice) at every p_bw. Between models: p_bw > 0 − p_bw = 0 with fw embeddings, and each at "
+              "its best embed and blocks. Against BM25: each model's best dense system, rerank-bm25 and fusion-bm25. "
+              "Best: the highest mean nDCG@10 over the seeds on the dev split, then compared on every split. ci_low, "
+              "ci_high: the two-level bootstrap 95% interval (seeds and queries resampled independently); p_value: its "
+              "two-sided p; goal rows (best dense − BM25 on test, description and ict): p_holm, Holm-adjusted over "
+              "the model's two tasks. seed_ci: the t interval over seeds; query_ci, query_boot: the paired t and "
+              "bootstrap intervals over queries of the values averaged over seeds."),
+        ("table", "retrieval_comparisons", retrieval.comparisons),
+        ("p", "retrieval_systems: every system's metrics, the mean over its results (one per seed), with nDCG@10's "
+              "95% t interval over seeds, the seconds to encode the corpus (small where the token cache held it) "
+              "and per query."),
+        ("table", "retrieval_systems", retrieval.systems),
+    ])
+
+
+def _deciding(inputs: Inputs) -> pd.DataFrame | None:
+    """The rows of the comparison the answer rests on (_by_comparison's first), or None."""
+    by_name = [] if inputs.retrieval is None else _by_comparison(inputs.retrieval)
+    return by_name[0] if by_name else None
+
+
+def answer_sentences(inputs: Inputs) -> list[str]:
+    """The answer the deciding comparison allows, as a sentence; none without it."""
+    deciding = _deciding(inputs)
+    return [] if deciding is None else [f"Retrieval: {_retrieval_answer(deciding)}."]
+
+
+def _row_verdict(row: dict) -> str:
+    a, b = row["comparison"].split(" − ")
+    if row["ci_low"] > 0:
+        return f"{a} retrieved better than {b}"
+    if row["ci_high"] < 0:
+        return f"{a} retrieved worse than {b}"
+    return "no resolvable difference"
+
+
+def answer_rows(inputs: Inputs) -> list[dict]:
+    """Each row of the deciding comparison: nDCG@10 of a − b on one task's test queries, within one model."""
+    deciding = _deciding(inputs)
+    return [answer_row(QUESTION, f"{row['comparison']}, {size_label(row['depth'], row['width'])}, {row['a']}: "
+                                 f"nDCG@10 on {row['task']}", MEASURE, row["mean_diff"], (row["ci_low"], row["ci_high"]),
+                       row["n_seeds"], "seed", _row_verdict(row))
+            for row in ([] if deciding is None else deciding.to_dict("records"))]
+
+
+def skipped(inputs: Inputs) -> list[dict]:
+    """The question, where the sweep has retrieval results but none of the comparisons that answer it."""
+    if inputs.retrieval is None or _deciding(inputs) is not None:
+        return []
+    return [skip(QUESTION, "no late-interaction comparison within a model on the test split")]
