@@ -450,7 +450,7 @@ def test_a_done_run_whose_model_was_cut_short_is_trained_again(copied_sweep):
     model = run / run_dir.MODEL_WEIGHTS
     whole = model.read_bytes()
     model.write_bytes(whole[:-100])
-    error = f"{run / run_dir.STATUS}: says done, but {run_dir.MODEL_WEIGHTS} is missing or cut short"
+    error = f"{run / run_dir.STATUS}: says done, but its {run_dir.MODEL_WEIGHTS} is cut short"
     assert run_dir.read_status(run) == {"status": "pending", "error": error}
     assert run.name in sweep.pending_runs(copied_sweep)
     sweep.work(copied_sweep, progress=False)  # resumed from its last checkpoint: the model written again

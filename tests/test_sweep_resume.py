@@ -201,8 +201,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, corp
     resumed_from = []
     real_load_latest = checkpoint.load_latest
 
-    def spy(run_dir, config_id, keys=(), warn=print):
-        payload = real_load_latest(run_dir, config_id, keys, warn=lambda message: None)
+    def spy(run_dir, config_id, keys=(), warn=print, device="cpu"):
+        payload = real_load_latest(run_dir, config_id, keys, warn=lambda message: None, device=device)
         resumed_from.append(None if payload is None else payload["train_state"]["step"])
         return payload
 

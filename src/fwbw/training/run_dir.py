@@ -256,7 +256,7 @@ def read_status(run_dir: Path, corrupt_is_pending: bool = True) -> dict:
     naming the file (a worker then trains the run again from its checkpoints), or with
     `corrupt_is_pending=False` raises ValueError naming the file (the results table). A run it
     says is done is pending while it has no summary.json (written when training ends) or its
-    model.safetensors is missing or cut short (files.safetensors_complete), its error saying so."""
+    model.safetensors is cut short (files.safetensors_complete), its error saying so."""
     path = Path(run_dir) / STATUS
     try:
         status = read_json(path)
@@ -270,8 +270,9 @@ def read_status(run_dir: Path, corrupt_is_pending: bool = True) -> dict:
         return {"status": "pending", "error": str(error)}
     if status["status"] == "done" and not (Path(run_dir) / SUMMARY).is_file():
         return {"status": "pending", "error": f"{path}: says done, but the run has no {SUMMARY}"}
-    if status["status"] == "done" and not safetensors_complete(Path(run_dir) / MODEL_WEIGHTS):
-        return {"status": "pending", "error": f"{path}: says done, but {MODEL_WEIGHTS} is missing or cut short"}
+    model = Path(run_dir) / MODEL_WEIGHTS
+    if status["status"] == "done" and model.exists() and not safetensors_complete(model):
+        return {"status": "pending", "error": f"{path}: says done, but its {MODEL_WEIGHTS} is cut short"}
     return status
 
 
