@@ -1,7 +1,7 @@
 """The answer: one table, one row per question and setting (data efficiency, many epochs, equal data, equal
 compute, model size, bw leak, retrieval; where the sweep has them), each with its effect, 95% interval, n
 and verdict in plain words; a few short sentences below it and the answer's figures. Settings without an
-answer go to the skipped table; a question none of whose settings has one says "not measured"."""
+answer go to the skipped table, and so does a question none of whose settings has one."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fwbw.analysis.sections import efficiency, equal_compute, equal_data, many_e
 from fwbw.analysis.sections.figure_blocks import figure_block
 from fwbw.analysis.sections.inputs import Inputs, finished, leaking_masks
 from fwbw.analysis.sections.runs import no_statistics, status_statement
-from fwbw.analysis.sections.tables import SKIPPED_TITLE, answer_frame, answer_row, skip
+from fwbw.analysis.sections.tables import SKIPPED_TITLE, answer_frame, skip
 from fwbw.analysis.sections.text import num, signed
 from fwbw.analysis.stats import Analysis
 from fwbw.study.estimate import plural
@@ -44,28 +44,18 @@ def _absent(analysis: Analysis) -> str:
     return "no p_bw = 0 run overfits (its fw val loss never rose after its best beyond seed noise)"
 
 
-def _not_measured(label: str, settings: list[dict]) -> dict:
-    """The row of a question asked of some settings and answered for none (`settings`: their skipped rows)."""
-    reasons = {row["reason"] for row in settings}
-    why = reasons.pop() if len(reasons) == 1 else f"{plural(len(settings), 'setting')} skipped, see {SKIPPED_TITLE}"
-    return answer_row(label, "", "", math.nan, (math.nan, math.nan), math.nan, "", f"not measured: {why}")
-
-
 def _study(analysis: Analysis, module) -> Answered:
     """A study question (a STUDY module: its QUESTION, answer_rows and skipped) with the leak-free settings'
-    rows; without one, a row saying it was not measured where its settings were skipped, or else why the
-    whole question is skipped (every measured setting leaks, or _absent)."""
+    rows; without one, no row: its settings' skipped rows say why, or one skipped row says why the whole
+    question is (every measured setting leaks, or _absent)."""
     label = module.QUESTION
     if not finished(analysis):
         return label, [], [skip(label, "no run has finished")]
     rows, skipped = module.answer_rows(analysis, leaking_masks(analysis.mask_summary)), module.skipped(analysis)
-    settings = [row for row in skipped if row["part"] == label and pd.notna(row["p_bw"])]
     if rows:
         return label, rows, skipped
     if module.answer_rows(analysis, set()):
         return label, [], [*skipped, skip(label, "every compared setting's bw mask leaks its labels")]
-    if settings:
-        return label, [_not_measured(label, settings)], skipped
     return label, [], skipped or [skip(label, _absent(analysis))]
 
 
