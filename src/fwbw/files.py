@@ -51,11 +51,12 @@ def _remove_orphans(path: Path) -> None:
     ours = re.compile(re.escape(f".{path.name}.{socket.gethostname()}-") + r"(\d+)\.[a-z0-9_]+\.tmp")
     for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         match = ours.fullmatch(candidate.name)
-        if match and not _process_alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             candidate.unlink(missing_ok=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this host (another user's counts); True for no pid of its own (<= 0)."""
     if pid <= 0:
         return True  # no process of its own: leave the file
     try:

@@ -231,7 +231,7 @@ def check_training_data(task: str, config: TrainConfig, run: Path) -> None:
 
 def identity(task: str, split: str, system: System, config: TrainConfig | None) -> dict[str, Any]:
     """What makes two results the same: settings.json's compared fields."""
-    return {
+    fields = {
         "task": task,
         "split": split,
         "system": system.name,
@@ -243,21 +243,25 @@ def identity(task: str, split: str, system: System, config: TrainConfig | None) 
         "finetune": dataclasses.asdict(system.finetune_settings()) if system.finetune_steps else None,
         "top_k": TREC_DEPTH,
         "rerank": system.rerank,
-        "fusion_weight": None if system.fuse_from is None else fusion_weight(system, task, config),
+        "fusion_weight": None,
         "maxsim_dtype": system.maxsim_dtype,
         "run_weights_sha256": None if system.run is None else sha256_of(Path(system.run) / MODEL_WEIGHTS),
         "partner_weights_sha256": None if system.partner is None else sha256_of(Path(system.partner) / MODEL_WEIGHTS),
     }
+    if system.fuse_from is not None:
+        fields["fusion_weight"] = fusion_weight(system, task, fields)
+    return fields
 
 
-def fusion_weight(system: System, task: str, config: TrainConfig) -> float:
+def fusion_weight(system: System, task: str, fused: Mapping[str, Any]) -> float:
     """The fusion weight tuned on system.fuse_from, a finished rerank-bm25 result of the same system
-    (every setting of its identity) on the task's dev queries; ValueError (one line) for any other folder."""
+    (every field of `fused`, the fusion's identity, but its split, system and weight) on the task's dev
+    queries; ValueError (one line) for any other folder."""
     source = Path(system.fuse_from)
     settings = read_json(source / SETTINGS_FILE) if (source / SETTINGS_FILE).is_file() else None
     if not (source / METRICS_FILE).is_file() or not isinstance(settings, dict):
         raise ValueError(f"fuse from: {source} holds no finished retrieval result")
-    wanted = identity(task, TUNING_SPLIT, dataclasses.replace(system, fuse_from=None), config)
+    wanted = {**fused, "split": TUNING_SPLIT, "system": RERANK, "fusion_weight": None}
     shown = differences({key: settings.get(key) for key in wanted}, wanted, SHOWN_DIFFERENCES)
     if shown:
         raise ValueError(f"fuse from: {source} is not this system's rerank on the dev queries ({shown})")

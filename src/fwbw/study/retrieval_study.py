@@ -31,7 +31,7 @@ import pandas as pd
 from fwbw.retrieval.ensemble import CONTROL_EMBED
 from fwbw.retrieval.experiment import LATE_INTERACTION
 from fwbw.study.results import build_retrieval_results
-from fwbw.study.retrieval_sweep import Plan, retrieve_sweep
+from fwbw.study.retrieval_sweep import Plan, retrieve_sweep, runs_by_setting
 from fwbw.study.sweep_dir import RUNS, read_sweep
 from fwbw.training.run_dir import read_status
 
@@ -55,11 +55,8 @@ class Choices:
 
 def explored_seeds(sweep_dir: Path) -> tuple[int, ...]:
     """The first seed of each setting of the sweep."""
-    first: dict[str, int] = {}
-    for config in read_sweep(sweep_dir)["runs"].values():
-        setting = repr(sorted((key, repr(value)) for key, value in config.items() if key != "seed"))
-        first[setting] = min(first.get(setting, config["seed"]), config["seed"])
-    return tuple(sorted(set(first.values())))
+    configs = read_sweep(sweep_dir)["runs"]
+    return tuple(sorted({configs[runs[0]]["seed"] for runs in runs_by_setting(sweep_dir)}))
 
 
 def dev_plans(task: str, explored: tuple[int, ...], maxsim_dtype: str) -> list[Plan]:

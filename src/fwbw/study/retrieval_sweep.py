@@ -99,18 +99,21 @@ def result_name(plan: Plan, embed: str, pooled: bool = True) -> str:
             f"{hybrid}{dtype}")
 
 
+def runs_by_setting(sweep_dir: Path) -> list[list[str]]:
+    """The sweep's run ids grouped by setting (the config but its seed), each group in seed order."""
+    by_setting: dict[str, list[tuple[int, str]]] = {}
+    for run_id, config in read_sweep(sweep_dir)["runs"].items():
+        setting = {key: value for key, value in config.items() if key != "seed"}
+        by_setting.setdefault(json.dumps(setting, sort_keys=True), []).append((config["seed"], run_id))
+    return [[run_id for _, run_id in sorted(runs)] for runs in by_setting.values()]
+
+
 def partners(sweep_dir: Path) -> dict[str, Path]:
     """Each run's partner for the fwfw control: the run of the same setting with the next seed (the
     first seed's for the last), among all of the sweep's runs, finished or not (so a run's partner
     never changes); none for a run alone in its setting."""
-    configs = read_sweep(sweep_dir)["runs"]
-    by_setting: dict[str, list[tuple[int, str]]] = {}
-    for run_id, config in configs.items():
-        setting = {key: value for key, value in config.items() if key != "seed"}
-        by_setting.setdefault(json.dumps(setting, sort_keys=True), []).append((config["seed"], run_id))
     paired = {}
-    for runs in by_setting.values():
-        ordered = [run_id for _, run_id in sorted(runs)]
+    for ordered in runs_by_setting(sweep_dir):
         if len(ordered) > 1:
             paired |= {run_id: Path(sweep_dir) / RUNS / ordered[(i + 1) % len(ordered)] for i, run_id in enumerate(ordered)}
     return paired

@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from fwbw.files import atomic_write_json, atomic_write_text, read_json, safetensors_complete
+from fwbw.files import atomic_write_json, atomic_write_text, process_alive, read_json, safetensors_complete
 from fwbw.schema import ConfigError, differences
 from fwbw.training.config import TrainConfig, identity_of
 
@@ -360,12 +360,8 @@ def _known_and_differ(ours: str | None, theirs: str | None) -> bool:
 
 def _pid_alive(pid: int, started: int | None) -> bool:
     """Whether `pid` runs and, if its start time is known then and now, is the same process."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_alive(pid):
         return False
-    except PermissionError:  # another user's process
-        pass
     now = _start_time(pid)
     return started is None or now is None or now == started
 
