@@ -1,8 +1,10 @@
-"""A private single-node SLURM cluster for the tests (Debian's slurm-wlm and munge packages):
-munged, slurmctld and slurmd started as root on this machine, each with its own state, spool and
-log directories under one temporary directory, its own munge key and socket, its own ports and a
-generated slurm.conf describing this machine's CPUs and memory (`slurmd -C`). No accounting
-(sacct then fails, as on many small clusters), select/cons_tres, proctrack/linuxproc, no cgroups.
+"""A private two-node SLURM cluster for the tests (Debian's slurm-wlm and munge packages):
+munged, slurmctld and one slurmd per node started as root on this machine (slurm-wlm is built to
+run several slurmds on one host, each as its own node), each with its own state, spool and log
+directories under one temporary directory, its own munge key and socket, its own ports and a
+generated slurm.conf describing this machine's CPUs and memory (`slurmd -C`) for each node. No
+accounting (sacct then fails, as on many small clusters), select/cons_tres, proctrack/linuxproc,
+no cgroups. Jobs land on either node; a run spread over nodes (--nodes-per-run 2) uses both.
 
 `slurm_cluster` (session-scoped) starts it once, points SLURM_CONF at it for the tests and their
 subprocesses (sbatch, squeue, scancel, srun and submitit read it), and stops every daemon at the
@@ -29,7 +31,7 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scancel", "srun", "sinfo")
 START_TIMEOUT_S = 60
 STOP_TIMEOUT_S = 15
-NODE = "fwbw-node"
+NODES = ("fwbw-node1", "fwbw-node2")
 PARTITION = "fwbw"
 MIN_CPUS = 4
 # a requeued job waits cred_expire (120 s by default) before it may start again, and pending jobs are
@@ -85,24 +87,27 @@ def node_resources() -> str:
     return " ".join(f"{key}={value}" for key, value in resources.items())
 
 
-def slurm_conf(root: Path, ctld_port: int, slurmd_port: int, resources: str) -> str:
+def slurm_conf(root: Path, ctld_port: int, slurmd_ports: list[int], resources: str) -> str:
+    """The cluster's slurm.conf: NODES, all on this host, the slurmd of each at its own port and with
+    its own spool, pid and log files (%n: the node's name)."""
     host = socket.gethostname().split(".")[0]
-    return f"""# a private single-node cluster for fwbw's tests (tests/slurm_cluster.py)
+    nodes = "\n".join(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} {resources} State=UNKNOWN"
+                      for node, port in zip(NODES, slurmd_ports))
+    return f"""# a private two-node cluster for fwbw's tests (tests/slurm_cluster.py)
 ClusterName=fwbwtest
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={root}/munge/munge.socket,cred_expire={CRED_EXPIRE_S}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -117,8 +122,8 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 KillWait=10
 MinJobAge=300
-NodeName={NODE} NodeAddr=127.0.0.1 {resources} State=UNKNOWN
-PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName={PARTITION} Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -151,23 +156,26 @@ class Cluster:
             parts.append(f"--- {path.name}\n" + "\n".join(tail))
         return "\n".join(parts)
 
-    def node_state(self) -> str:
-        return self.command("sinfo", "--noheader", "--nodes", NODE, "--format=%t", check=False).strip()
+    def node_states(self) -> list[str]:
+        """Each node's state (sinfo's short name: idle, alloc, ...)."""
+        listed = self.command("sinfo", "--noheader", "--Node", "--nodes", ",".join(NODES), "--format=%t", check=False)
+        return listed.split()
 
 
 def start_cluster() -> Cluster:
-    """munged, slurmctld and slurmd, up and the node idle; RuntimeError with their logs if not."""
+    """munged, slurmctld and a slurmd per node, up and every node idle; RuntimeError with their logs
+    if not."""
     # not under pytest's 0700 tmp folders: munged wants its socket's folders searchable by all
     root = Path(tempfile.mkdtemp(prefix="fwbw-slurm-"))
     root.chmod(0o755)
-    for name in ("munge", "state", "spool", "log"):
+    for name in ("munge", "state", "spool", "log", *(f"spool/{node}" for node in NODES)):
         (root / name).mkdir(mode=0o755)
     key = root / "munge" / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
-    ctld_port, slurmd_port = free_ports(2)
+    ctld_port, *slurmd_ports = free_ports(1 + len(NODES))
     conf = root / "slurm.conf"
-    conf.write_text(slurm_conf(root, ctld_port, slurmd_port, node_resources()))
+    conf.write_text(slurm_conf(root, ctld_port, slurmd_ports, node_resources()))
     cluster = Cluster(root, conf, {})
     munge = root / "munge"
     commands = {
@@ -175,7 +183,7 @@ def start_cluster() -> Cluster:
                    f"--pid-file={munge}/munged.pid", f"--seed-file={munge}/munged.seed",
                    f"--log-file={root}/log/munged.log"],
         "slurmctld": [_which("slurmctld"), "-D", "-i", "-f", str(conf)],
-        "slurmd": [_which("slurmd"), "-D", "-N", NODE, "-f", str(conf)],
+        **{f"slurmd-{node}": [_which("slurmd"), "-D", "-N", node, "-f", str(conf)] for node in NODES},
     }
     try:
         for name, command in commands.items():
@@ -184,7 +192,7 @@ def start_cluster() -> Cluster:
                                                            env=cluster.env, start_new_session=True)
             if name == "munged":
                 _wait_until(lambda: (munge / "munge.socket").exists(), cluster, "munged's socket")
-        _wait_until(lambda: cluster.node_state() == "idle", cluster, f"node {NODE} idle")
+        _wait_until(lambda: cluster.node_states() == ["idle"] * len(NODES), cluster, f"nodes {', '.join(NODES)} idle")
     except BaseException:
         stop_cluster(cluster, remove=False)
         raise
@@ -202,8 +210,8 @@ def _wait_until(ready, cluster: Cluster, what: str) -> None:
 
 
 def stop_cluster(cluster: Cluster, remove: bool = True) -> None:
-    """Cancel every job, wait for them to end, then stop the daemons (slurmd, slurmctld, munged)."""
-    if "slurmd" in cluster.processes and cluster.processes["slurmd"].poll() is None:
+    """Cancel every job, wait for them to end, then stop the daemons (slurmds, slurmctld, munged)."""
+    if any(name.startswith("slurmd") and process.poll() is None for name, process in cluster.processes.items()):
         try:
             cluster.command("scancel", "--full", "--user", "root", check=False)
             deadline = time.monotonic() + STOP_TIMEOUT_S
@@ -235,7 +243,7 @@ def skip_or_fail(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A private single-node SLURM cluster, SLURM_CONF pointing at it for the whole session."""
+    """A private two-node SLURM cluster, SLURM_CONF pointing at it for the whole session."""
     reason = unavailable_reason()
     if reason:
         skip_or_fail(reason)

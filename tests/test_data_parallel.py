@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -38,7 +39,7 @@ import fwbw.training.trainer as trainer_module
 from fwbw.files import atomic_write_json
 from fwbw.schema import ConfigError
 from fwbw.study import torchrun as torchrun_module
-from fwbw.study.torchrun import RankKilled, failure_message, killed_message
+from fwbw.study.torchrun import RankKilled, Ranks, failure_message, killed_message
 from fwbw.training.config import RecipeConfig
 from fwbw.training.data_parallel import DataParallel
 from fwbw.training.run_dir import LeaseLost
@@ -277,6 +278,30 @@ def test_a_failed_torchrun_is_reported_by_the_error_a_rank_printed_and_a_killed_
     assert issubclass(RankKilled, KeyboardInterrupt)  # sweep.run_one releases the run, no status
 
 
+def test_one_machine_runs_torchrun_standalone_and_several_nodes_srun_a_torchrun_on_each_meeting_at_this_host(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-a")
+    alone = torchrun_module.torchrun_command(Ranks(4), tmp_path, progress=True)
+    assert alone[:6] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone"]
+    assert alone[6:] == ["-m", "fwbw", "train", "--config", str(tmp_path / "config.json"), "--out", str(tmp_path), "--cut"]
+    spread = torchrun_module.torchrun_command(Ranks(8, nodes=2), tmp_path, progress=False)
+    torchrun = spread.index(sys.executable)
+    assert spread[:torchrun] == ["srun", "--overlap", "--kill-on-bad-exit=1", "--nodes=2", "--ntasks=2",
+                                 "--ntasks-per-node=1"]
+    launcher = spread[torchrun:spread.index("fwbw") - 1]
+    options = dict(zip(launcher[3::2], launcher[4::2]))
+    assert launcher[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--standalone" not in spread
+    assert options.keys() == {"--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id"}
+    assert (options["--nproc_per_node"], options["--nnodes"], options["--rdzv_backend"]) == ("8", "2", "c10d")
+    host, port = options["--rdzv_endpoint"].split(":")
+    assert host == "node-a" and 0 < int(port) < 65536
+    with socket.socket() as listener:  # the port was free: this host can serve the rendezvous on it
+        listener.bind(("", int(port)))
+    again = torchrun_module.torchrun_command(Ranks(8, nodes=2), tmp_path, progress=False)
+    assert again[again.index("--rdzv_id") + 1] != options["--rdzv_id"]  # each launch its own rendezvous
+    assert Ranks(8, nodes=2).world_size == 16 and Ranks(3).world_size == 3
+
+
 def test_a_lost_lease_stops_the_processes_even_when_they_print_nothing(tmp_path, monkeypatch):
     """The lease was looked at only when a rank wrote to stderr: with --no-progress the old holder trained on."""
     quiet = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -286,7 +311,7 @@ def test_a_lost_lease_stops_the_processes_even_when_they_print_nothing(tmp_path,
     threading.Timer(0.5, stop.set).start()
     started = time.monotonic()
     with pytest.raises(LeaseLost):
-        torchrun_module.train_in_processes(None, tmp_path, 2, progress=False, stop=stop)
+        torchrun_module.train_in_processes(None, tmp_path, Ranks(2), progress=False, stop=stop)
     assert time.monotonic() - started < 30
 
 

@@ -39,7 +39,8 @@ from fwbw.study.launchers import local, slurm
 from fwbw.study.launchers import ray as ray_launcher
 from fwbw.study.launchers import worker as worker_module
 from fwbw.study.launchers.base import Assignment, Launch, as_recorded, merge_outcomes, outcome_counts
-from fwbw.study.sweep import SweepSpec, prepare_sweep, run_id, work
+from fwbw.study.sweep import Execution, SweepSpec, prepare_sweep, run_id, work
+from fwbw.study.torchrun import Ranks
 from fwbw.training import run_dir as run_dir_module
 from fwbw.training.config import TrainConfig
 
@@ -213,9 +214,9 @@ def test_outcomes_merge_to_the_status_of_the_worker_that_trained_each_run():
 
 def test_worker_command_round_trips_the_assignment(tmp_path):
     from fwbw.study.launchers import worker
-    from fwbw.study.sweep import Execution
 
-    assignment = Assignment(tmp_path / "grid", (1, 3), True, False, Execution(nproc_per_run=2, compile=False))
+    assignment = Assignment(tmp_path / "grid", (1, 3), True, False, Execution(nproc_per_run=2, nodes_per_run=3,
+                                                                               compile=False))
     command = worker.worker_command(assignment, tmp_path / "outcome.json")
     assert command[:3] == [sys.executable, "-m", "fwbw.study.launchers"]
     args = worker.build_parser().parse_args(command[3:])
@@ -550,7 +551,7 @@ def test_a_pull_worker_job_is_checkpointable_so_submitit_requeues_it_at_the_time
 
 def test_slurm_jobs_ask_for_gpus_only_when_told_or_on_cuda(tmp_path, corpus):
     def gpus(options: Launch, device: str, nproc: int = 1):
-        executor = slurm.slurm_executor(tmp_path, options, [base_config(corpus, device=device)], 1, nproc_per_run=nproc)
+        executor = slurm.slurm_executor(tmp_path, options, [base_config(corpus, device=device)], 1, ranks=Ranks(nproc))
         return executor._executor.parameters.get("gpus_per_node")
 
     assert gpus(Launch("slurm"), "auto") is None  # the default: a CPU-only cluster takes the job
@@ -559,6 +560,34 @@ def test_slurm_jobs_ask_for_gpus_only_when_told_or_on_cuda(tmp_path, corpus):
     assert gpus(Launch("slurm"), "cuda", nproc=2) == 2
     assert gpus(Launch("slurm", gpus_per_run=2), "auto") == 2
     assert gpus(Launch("slurm", gpus_per_run=0), "cuda") is None
+
+
+def test_a_slurm_job_of_a_run_on_several_nodes_holds_them_all_and_starts_one_pull_worker(tmp_path, corpus):
+    """--nodes-per-run 4 --nproc-per-run 2 on cuda: sbatch asks for 4 nodes with 2 GPUs and 2 CPUs on
+    each, the job's srun starts the pull-worker alone (it starts the run's processes: torchrun), and
+    submitit waits for that one task's result (told of 4 tasks, it would wait for 3 that never run)."""
+    executor = slurm.slurm_executor(tmp_path, Launch("slurm", slurm_options={"account": "proj"}),
+                                    [base_config(corpus, device="cuda")], 1, ranks=Ranks(2, nodes=4))
+    script = executor._executor._make_submission_file_text("python -m submitit", "uid")
+    assert "#SBATCH --nodes=4\n" in script
+    assert "#SBATCH --gpus-per-node=2\n" in script and "#SBATCH --cpus-per-task=2\n" in script
+    assert "#SBATCH --account=proj\n" in script
+    assert " --nodes=1 --ntasks=1 python -m submitit" in script
+    assert executor._executor._num_tasks() == 1
+    one_machine = slurm.slurm_executor(tmp_path, Launch("slurm"), [base_config(corpus)], 1, ranks=Ranks(2))
+    alone = one_machine._executor._make_submission_file_text("python -m submitit", "uid")
+    assert "#SBATCH --nodes=1\n" in alone and "--ntasks=1" not in alone
+
+
+@pytest.mark.parametrize("launcher", ["local", "ray"])
+def test_nodes_per_run_is_refused_outside_slurm_before_anything_is_written(tmp_path, corpus, capsys, launcher):
+    out = tmp_path / "grid"
+    command = ["sweep", "--data", corpus.spec, "--tokenizer", TOKENIZER, "--depths", "1", "--widths", "16",
+               "--p-bw", "0", "--seeds", "1", "--launcher", launcher, "--nodes-per-run", "2", "--out", str(out),
+               "--no-progress"]
+    assert cli.main(command) == 2 and not out.exists()
+    assert capsys.readouterr().err == ("fwbw sweep: error: --nodes-per-run: only with --launcher slurm (srun starts a "
+                                       "run's processes on each node of its job)\n")
 
 
 # --- the sweep file's [slurm] table ------------------------------------------------------------

@@ -20,8 +20,8 @@ from conftest import base_config, read_json, tiny_config
 from test_leases import wait_for
 
 from fwbw import cli
-from fwbw.study import sweep
-from fwbw.training import checkpoint, run_dir
+from fwbw.study import samples, sweep
+from fwbw.training import checkpoint, evaluation, run_dir
 from fwbw.training.run_dir import (
     EPOCH,
     LOCK,
@@ -127,6 +127,21 @@ def test_a_holder_whose_claim_was_taken_over_writes_nothing_more(tmp_path):
     run_dir.release(run)
     assert holder(run) == newer.identity
     assert newer.fence.check() == 2
+
+
+def test_a_holder_whose_claim_was_taken_over_writes_neither_the_cut_nor_the_samples(tmp_path, corpus):
+    """What a sweep's worker writes after training (sweep.cut_and_sample) is fenced too."""
+    run = tmp_path / "run"
+    assert run_dir.claim(run, LEASE, at("a", T0))
+    trainer = Trainer(base_config(corpus, depth=2), run, progress=False)
+    trainer.run()
+    take_lease(run, LEASE, at("b", T0 + LEASE + 1))  # "a" paused past its lease
+    before = snapshot(run)
+    for write in (lambda: evaluation.write_cut(run, trainer.model, trainer.valid), lambda: samples.write_samples(run)):
+        with pytest.raises(LeaseLost, match=lost_line(run, 1, "b")):
+            write()
+    assert snapshot(run) == before and not (run / run_dir.CUT).exists() and not (run / run_dir.SAMPLES).exists()
+    run_dir.release(run)
 
 
 def test_a_newer_epoch_recorded_in_the_run_refuses_the_older_holders_writes(tmp_path):

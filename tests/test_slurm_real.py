@@ -1,4 +1,4 @@
-"""`fwbw sweep --launcher slurm` on a real SLURM: a private single-node cluster on this machine
+"""`fwbw sweep --launcher slurm` on a real SLURM: a private two-node cluster on this machine
 (tests/slurm_cluster.py), CPU only and without accounting, as a new user's small cluster may be.
 Without slurm-wlm and munge, or when not root, these tests skip in one line (under CI=true they
 fail)."""
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -84,20 +85,38 @@ def test_a_sweep_with_the_defaults_runs_on_a_cpu_only_cluster_and_wait_returns_w
     print(f"sweep of 2 runs on SLURM: {time.monotonic() - started:.0f} s")
 
 
-@pytest.mark.slow
-def test_a_two_rank_run_inside_a_slurm_job_equals_the_one_process_run(tmp_path, corpus, slurm_cluster):
-    """--nproc-per-run 2: each job trains its run with torchrun on 2 CPU ranks; the losses are those
-    of the same sweep trained by one process (fp32: equal to rounding)."""
-    out, single = tmp_path / "grid", tmp_path / "single"
-    code, output = run(tiny_sweep(corpus, out, "--wait", "--nproc-per-run", "2", "--cpus-per-run", "2"),
-                       tmp_path / "sweep.log")
-    assert code == 0, output
-    local = tiny_sweep(corpus, single)
+@pytest.fixture(scope="module")
+def one_process_sweep(tmp_path_factory, corpus, cache_env) -> dict[str, Path]:
+    """The tiny sweep trained by one process on this machine: run id -> its directory."""
+    folder = tmp_path_factory.mktemp("one-process")
+    local = tiny_sweep(corpus, folder / "grid")
     del local[local.index("--launcher"):local.index("--launcher") + 2]
-    code, output = run(local, tmp_path / "single.log")
+    code, output = run(local, folder / "sweep.log")
     assert code == 0, output
-    ranked, alone = run_dirs(out), run_dirs(single)
+    return run_dirs(folder / "grid")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [
+    pytest.param(("--nproc-per-run", "2", "--cpus-per-run", "2"), id="torchrun-standalone-2-ranks"),
+    pytest.param(("--nodes-per-run", "1", "--nproc-per-run", "2", "--cpus-per-run", "2"), id="srun-1-node-x-2-ranks"),
+    pytest.param(("--nodes-per-run", "2"), id="srun-2-nodes-x-1-rank"),
+])
+def test_a_run_on_several_ranks_inside_a_slurm_job_equals_the_one_process_run(
+        tmp_path, corpus, slurm_cluster, one_process_sweep, ranks):
+    """Each job trains its run on 2 CPU ranks: torchrun alone on the job's node (--nproc-per-run 2),
+    or srun starting torchrun on each of the job's nodes, meeting at a c10d rendezvous (--nodes-per-run:
+    1 node x 2 ranks, and 2 nodes x 1 rank, the job then holding both nodes of the cluster); the
+    losses are those of the same sweep trained by one process (fp32: equal to rounding)."""
+    out = tmp_path / "grid"
+    code, output = run(tiny_sweep(corpus, out, "--wait", *ranks), tmp_path / "sweep.log")
+    assert code == 0, output
+    ranked, alone = run_dirs(out), one_process_sweep
     assert sorted(ranked) == sorted(alone) and len(ranked) == 2
+    script = next((out / sweep_dir.SLURM).glob("*_submission.sh")).read_text()
+    if "--nodes-per-run" in ranks:
+        nodes = ranks[ranks.index("--nodes-per-run") + 1]
+        assert f"#SBATCH --nodes={nodes}\n" in script and "--nodes=1 --ntasks=1" in script  # one pull-worker task
     for run_id, run_dir in ranked.items():
         assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
         points = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -281,12 +300,16 @@ def test_without_slurm_the_tests_skip_in_one_line_but_under_ci_they_fail(monkeyp
 
 
 def test_the_generated_slurm_conf_is_private_and_describes_this_machine(tmp_path):
-    conf = local_slurm.slurm_conf(tmp_path, 40001, 40002, "CPUs=2 RealMemory=2048")
+    conf = local_slurm.slurm_conf(tmp_path, 40001, [40002, 40003], "CPUs=2 RealMemory=2048")
     settings = dict(line.split("=", 1) for line in conf.splitlines()
                     if line and not line.startswith(("#", "NodeName", "Partition")))
-    assert settings["SlurmctldPort"] == "40001" and settings["SlurmdPort"] == "40002"
+    assert settings["SlurmctldPort"] == "40001" and "SlurmdPort" not in settings
     assert settings["AccountingStorageType"] == "accounting_storage/none"
     assert settings["SelectType"] == "select/cons_tres" and settings["ProctrackType"] == "proctrack/linuxproc"
     assert all(value.startswith(str(tmp_path))
                for key, value in settings.items() if key.endswith(("Dir", "Location", "File")))
-    assert f"NodeName={local_slurm.NODE} NodeAddr=127.0.0.1 CPUs=2 RealMemory=2048 State=UNKNOWN" in conf
+    assert all(settings[key].endswith("%n") for key in ("SlurmdSpoolDir",)) and "%n" in settings["SlurmdPidFile"]
+    host = socket.gethostname().split(".")[0]
+    for node, port in zip(local_slurm.NODES, (40002, 40003)):
+        assert f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs=2 RealMemory=2048 State=UNKNOWN" in conf
+    assert f"Nodes={','.join(local_slurm.NODES)} " in conf

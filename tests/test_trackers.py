@@ -27,7 +27,7 @@ from conftest import (
 
 from fwbw.cli import main
 from fwbw.schema import ConfigError
-from fwbw.study.torchrun import torchrun_command, train_in_processes
+from fwbw.study.torchrun import Ranks, torchrun_command, train_in_processes
 from fwbw.training import trackers
 from fwbw.training.recipe import GROUPS
 from fwbw.training.run_dir import LeaseLost
@@ -329,8 +329,8 @@ def test_a_run_belongs_to_its_sweep_else_to_the_folder_that_holds_it(tmp_path):
 
 
 def test_torchrun_passes_the_tracker_to_every_rank(tmp_path):
-    assert torchrun_command(2, tmp_path, progress=False, tracker="wandb")[-3:] == ["--tracker", "wandb", "--no-progress"]
-    assert "--tracker" not in torchrun_command(2, tmp_path, progress=False)
+    assert torchrun_command(Ranks(2), tmp_path, progress=False, tracker="wandb")[-3:] == ["--tracker", "wandb", "--no-progress"]
+    assert "--tracker" not in torchrun_command(Ranks(2), tmp_path, progress=False)
 
 
 def sweep(corpus, out: Path, tracker: str) -> dict[str, Path]:
@@ -368,7 +368,7 @@ def test_of_two_ranks_under_torchrun_only_rank_0_writes_to_the_tracker(corpus, t
     for name, value in subprocess_env().items():
         monkeypatch.setenv(name, value)
     run = tmp_path / "run"
-    train_in_processes(base_config(corpus), run, nproc=2, progress=False, tracker="tensorboard")
+    train_in_processes(base_config(corpus), run, Ranks(2), progress=False, tracker="tensorboard")
     [event_file] = (run / trackers.TENSORBOARD_DIR).iterdir()
     scalars = tensorboard_scalars(run)
     for key, by_step in losses(read_metrics(run)).items():

@@ -180,14 +180,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     terminate_on_sigterm()  # a killed sweep stops its workers and torchrun processes first
     spec = sweep_spec_from_args(args)
     shard = parse_shard(args.shard)
+    execution = Execution(nproc_per_run=args.nproc_per_run, nodes_per_run=args.nodes_per_run, compile=args.compile,
+                          tracker=args.tracker, lease_s=args.lease_minutes * 60)
     if args.dry_run:
-        print(describe_runs(spec, device_memory_gib=args.device_memory, nproc_per_run=args.nproc_per_run))
+        print(describe_runs(spec, device_memory_gib=args.device_memory, nproc_per_run=execution.ranks.world_size))
         return 0
     if args.out is None:
         raise ValueError("--out: give the sweep's folder, e.g. --out runs/grid")
     check_run_dir(args.out)
-    execution = Execution(nproc_per_run=args.nproc_per_run, compile=args.compile, tracker=args.tracker,
-                          lease_s=args.lease_minutes * 60)
     assignment = Assignment(args.out, shard, args.retry_failed, not args.no_progress, execution)
     outcome = launch_sweep(spec, launch_from_args(args), assignment)
     if outcome is None:  # jobs submitted, not waited for
@@ -465,7 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
     sweep.add_argument("--retry-failed", action="store_true")
     sweep.add_argument("--nproc-per-run", type=int, default=1, metavar="N",
-                       help="train each run with N data-parallel processes (torchrun on this machine: one per GPU)")
+                       help="train each run with N data-parallel processes (torchrun on this machine: one per GPU; "
+                       "with --nodes-per-run, N on each node)")
+    sweep.add_argument("--nodes-per-run", type=int, metavar="N",
+                       help="slurm: train each run on N nodes of one job (srun starts torchrun on each; they meet at "
+                       "a c10d rendezvous on the job's first node)")
     sweep.add_argument("--lease-minutes", type=lease_minutes, default=LEASE_S / 60, metavar="M",
                        help="a worker's claim on a run that has had no heartbeat for M minutes is taken over by "
                        f"another worker, on any host ({LEASE_S / 60:g})")

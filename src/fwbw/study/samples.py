@@ -19,7 +19,7 @@ from fwbw.model.generate import context_tokens, continue_tokens
 from fwbw.model.hlb_gpt import HlbGpt
 from fwbw.model.masks import leaks_labels
 from fwbw.training import checkpoint
-from fwbw.training.run_dir import SAMPLES, check_writable, finished_run_config
+from fwbw.training.run_dir import SAMPLES, check_fence, check_writable, finished_run_config
 
 PROMPT_TOKENS = 16  # at most: a prompt also fits the model's context
 
@@ -46,6 +46,7 @@ def write_samples(run_dir: Path, prompts: int = 3, new_tokens: int = 24, device:
         "task_tokens": model.config.task_tokens,
         "samples": [_sample(model, tokenizer, valid, start, length, new_tokens) for start in starts],
     }
+    check_fence(run_dir)  # written by the run's lease holder while it holds it (a sweep's worker)
     atomic_write_json(run_dir / SAMPLES, samples)
     return samples
 

@@ -30,7 +30,7 @@ from fwbw.study.estimate import (
 from fwbw.study.results import write_results
 from fwbw.study.samples import write_samples
 from fwbw.study.sweep_dir import RUNS, SWEEP_FILE, check_owner, read_sweep
-from fwbw.study.torchrun import train_in_processes
+from fwbw.study.torchrun import Ranks, train_in_processes
 from fwbw.training.config import TrainConfig
 from fwbw.training.evaluation import write_cut
 from fwbw.training.memory import (
@@ -201,7 +201,7 @@ def describe_runs(
         )
     lines += memory_warnings(configs, peaks, given_limit)
     if nproc_per_run > 1:
-        lines.append(f"mem: of each of the {nproc_per_run} processes of a run (--nproc-per-run): a whole microbatch, "
+        lines.append(f"mem: of each of the {nproc_per_run} processes of a run (--nproc-per-run, on each node): a whole microbatch, "
                      "as each trains whole ones while a step has one for every process")
     seconds_h100 = total / (0.4 * 989e12)
     lines.append(f"{len(configs)} runs, {total:.2e} training FLOP: ~{short_duration(seconds_h100)} on one H100 at 40% MFU (bf16)")
@@ -291,17 +291,26 @@ def write_sweep_file(out: Path, spec: SweepSpec, configs: list[TrainConfig]) -> 
 @dataclass(frozen=True)
 class Execution:
     """How a sweep's runs are executed, which changes neither their results nor their ids: the
-    data-parallel processes per run, torch.compile (None: the device's default) and the tracker
-    that also receives every eval point (fwbw.training.trackers)."""
+    data-parallel processes per run (nproc_per_run on each of nodes_per_run nodes of a SLURM job;
+    None: on this machine), torch.compile (None: the device's default) and the tracker that also
+    receives every eval point (fwbw.training.trackers)."""
 
     nproc_per_run: int = 1
+    nodes_per_run: int | None = None
     compile: bool | None = None
     tracker: str = "none"
     lease_s: float = LEASE_S  # a worker's claim on a run goes stale this long after its last heartbeat
 
     def __post_init__(self) -> None:
-        require(self.nproc_per_run >= 1, "nproc_per_run", f"must be >= 1, got {self.nproc_per_run}")
+        require(self.nproc_per_run >= 1, "--nproc-per-run", f"must be >= 1, got {self.nproc_per_run}")
+        require(self.nodes_per_run is None or self.nodes_per_run >= 1, "--nodes-per-run",
+                f"must be >= 1, got {self.nodes_per_run}")
         require(valid_lease(self.lease_s), "lease_s", f"must be a finite number of seconds > 0, got {self.lease_s:g}")
+
+    @property
+    def ranks(self) -> Ranks:
+        """The processes that train one run."""
+        return Ranks(self.nproc_per_run, self.nodes_per_run)
 
 
 def cut_and_sample(trainer: Trainer) -> None:
@@ -320,13 +329,12 @@ def train_and_cut(
     config: TrainConfig, run_dir: Path, progress: bool, execution: Execution = Execution(),
     stop: threading.Event | None = None,
 ) -> None:
-    """Train the run (in this process, or in nproc_per_run processes under torchrun, which write
-    under this process's lease), then cut it layer by layer and write its samples; LeaseLost once
-    `stop` is set."""
-    if execution.nproc_per_run > 1:
+    """Train the run (in this process, or in the processes of execution.ranks under torchrun, which
+    write under this process's lease), then cut it layer by layer and write its samples; LeaseLost
+    once `stop` is set."""
+    if execution.ranks != Ranks(1):
         with passed_on(run_dir):
-            train_in_processes(config, run_dir, execution.nproc_per_run, progress, execution.compile,
-                               execution.tracker, stop)
+            train_in_processes(config, run_dir, execution.ranks, progress, execution.compile, execution.tracker, stop)
         return
     trainer = Trainer(config, run_dir, progress=progress, compile=execution.compile, tracker=execution.tracker,
                       stop=stop)

@@ -14,7 +14,7 @@ from fwbw.model.tasks import task_stats
 from fwbw.training import checkpoint
 from fwbw.training.config import TrainConfig
 from fwbw.training.data_parallel import SINGLE_PROCESS, DataParallel
-from fwbw.training.run_dir import CONFIG, CUT, check_writable, finished_run_config
+from fwbw.training.run_dir import CONFIG, CUT, check_fence, check_writable, finished_run_config
 from fwbw.training.run_setup import RunSetup
 
 EVAL_METRICS = ("loss", "acc", "ppl")  # what `evaluate` reports per direction
@@ -74,9 +74,11 @@ def layer_cut(
 def write_cut(
     run_dir: Path, model, windows: torch.Tensor, precision=None, parallel: DataParallel = SINGLE_PROCESS
 ) -> list[dict]:
-    """Run the layer cut on a trained model and save it as the run's cut.json (rank 0 writes)."""
+    """Run the layer cut on a trained model and save it as the run's cut.json (rank 0 writes, while
+    it holds the run's lease: check_fence)."""
     rows = layer_cut(model, windows, eval_batch_size(windows), precision, parallel)
     if parallel.is_main:
+        check_fence(run_dir)
         atomic_write_json(Path(run_dir) / CUT, rows)
     return rows
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from fwbw.schema import ConfigError
 from fwbw.study.launchers import local, ray, slurm
 from fwbw.study.launchers.base import LAUNCHER_NAMES, Assignment, Launch
 from fwbw.study.sweep import SweepSpec, prepare_sweep
@@ -27,8 +28,10 @@ def launch_sweep(spec: SweepSpec, options: Launch, assignment: Assignment) -> di
     assignment.out; launch it, naming the sweep by its absolute path (workers of a cluster start in
     other directories). Run id -> status, or None for jobs submitted and not waited for."""
     launcher = LAUNCHERS[options.launcher]
+    if assignment.execution.nodes_per_run is not None and options.launcher != "slurm":
+        raise ConfigError("--nodes-per-run: only with --launcher slurm (srun starts a run's processes on each node of its job)")
     launcher.check(options)
     for config in spec.configs():
-        check_shares(config, assignment.execution.nproc_per_run)
+        check_shares(config, assignment.execution.ranks.world_size)
     prepare_sweep(spec, assignment.out)
     return launcher.launch(dataclasses.replace(assignment, out=Path(assignment.out).absolute()), options)

@@ -37,6 +37,7 @@ from fwbw.study.launchers.base import (
 from fwbw.study.results import write_results
 from fwbw.study.sweep import sweep_runs
 from fwbw.study.sweep_dir import RUNS, SLURM
+from fwbw.study.torchrun import Ranks
 from fwbw.training.config import TrainConfig
 from fwbw.training.run_dir import read_status
 
@@ -69,7 +70,7 @@ def launch(assignment: Assignment, options: Launch, cluster: str = "slurm") -> d
         return assignment.work()
     count = min(len(pending), options.slurm_max_parallel or len(pending))
     executor = slurm_executor(Path(assignment.out), options, list(pending.values()), count, cluster,
-                              assignment.execution.nproc_per_run)
+                              assignment.execution.ranks)
     jobs = submit(executor, assignment, count)
     print(f"submitted {plural(count, 'pull-worker job')} for {plural(len(pending), 'pending run')}: "
           f"{' '.join(job.job_id for job in jobs)} (logs in {executor.folder})", flush=True)
@@ -81,22 +82,29 @@ def launch(assignment: Assignment, options: Launch, cluster: str = "slurm") -> d
 
 
 def slurm_executor(
-    out: Path, options: Launch, pending: list[TrainConfig], count: int, cluster: str = "slurm", nproc_per_run: int = 1
+    out: Path, options: Launch, pending: list[TrainConfig], count: int, cluster: str = "slurm", ranks: Ranks = Ranks(1)
 ):
     """A submitit executor for `count` pull-workers with the resources `options` asks for (the
-    GPUs of a job: --gpus-per-run, else one per process of a run if the runs' device is cuda;
-    none otherwise, so that a CPU-only cluster takes the jobs)."""
+    GPUs of a job's node: --gpus-per-run, else one per process of a run on it if the runs' device
+    is cuda; none otherwise, so that a CPU-only cluster takes the jobs). A job of a run on several
+    nodes (ranks.nodes) holds them all, its pull-worker one task on the first (it starts the
+    run's processes on every node: fwbw.study.torchrun)."""
     submitit = import_extra("submitit", "slurm", "--launcher slurm")
     executor = submitit.AutoExecutor(folder=out / SLURM, cluster=cluster, slurm_max_num_timeout=SLURM_REQUEUES)
+    # a job on several nodes, of which submitit knows only the task it starts (asked to start one task per node, it
+    # would wait for every task's result)
+    nodes = {} if ranks.nodes is None else {"nodes": ranks.nodes}
+    pull_worker_alone = {} if ranks.nodes is None else {"slurm_srun_args": ["--nodes=1", "--ntasks=1"]}
     executor.update_parameters(
         name=f"fwbw-{out.name}",
         timeout_min=options.slurm_time or SLURM_MINUTES,
         # 0 GPUs: no GPU option at all
-        gpus_per_node=options.run_gpus(pending, nproc_per_run=nproc_per_run, auto_uses_gpus=False) or None,
-        cpus_per_task=options.run_cpus(nproc_per_run),
+        gpus_per_node=options.run_gpus(pending, nproc_per_run=ranks.per_node, auto_uses_gpus=False) or None,
+        cpus_per_task=options.run_cpus(ranks.per_node),
+        **pull_worker_alone,
         slurm_partition=options.slurm_partition,
         slurm_array_parallelism=count,
-        slurm_additional_parameters=dict(options.slurm_options) or None,
+        slurm_additional_parameters={**options.slurm_options, **nodes} or None,
     )
     return executor
 
