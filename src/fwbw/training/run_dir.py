@@ -48,12 +48,19 @@ complete the takeover, never removes the claim that replaced the stale one. A ga
 worker that died is itself a stale claim.
 
 Fencing. Every write of a holder to the run (status, config, checkpoints, metrics, model,
-summary) first checks that .lock still holds its claim and lease_epoch no newer epoch
+summary, cut, samples) first checks that .lock still holds its claim and lease_epoch no newer epoch
 (check_fence: two reads of small files), else raises LeaseLost (one line) and writes nothing;
 each checkpoint records its epoch. A holder that lost the run writes nothing after the newer
 claim is in place, but for a write already past its check (milliseconds; a lease is minutes).
 `fwbw train` takes the same claim (training_lease); the torchrun processes of a sweep worker
 write under the worker's lease (LEASE_ENV).
+
+Why not flufl.lock: it takes a lock the same NFS-safe way (a private file linked into place, its
+link count read when link fails) and breaks one whose lifetime ran out, but it holds no epoch, so
+a holder paused past its lifetime is not stopped from writing over the run once another broke
+its lock, and on its own host it reads a lock's pid alone (flufl.lock 10's LockFile.state), so
+a reused pid, or a container sharing the host's name, looks like the holder. Both would have to be built around it; the gate, the fence and the liveness
+rules above are the larger part of this module, so fwbw keeps one implementation of its own.
 
 What NFS must guarantee: link, rename and unlink are atomic on the server, and link never
 replaces a file; close-to-open consistency (a claim fsynced before it is linked is read whole by
