@@ -71,15 +71,22 @@ def test_every_dev_evaluation_runs_before_any_test_one(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "build_retrieval_results", lambda sweep: pd.DataFrame(rows("dev", 200, {("zero", False): 0.3})))
     choices = study.run_study(tmp_path, report=lambda line: None)
     assert choices == study.Choices(None, None)
-    splits = [plan.split for plan in ran]
-    assert splits == sorted(splits)  # dev, then test
+    last_dev = max(index for index, plan in enumerate(ran) if plan.split == "dev")
+    early_tests = [plan for plan in ran[:last_dev] if plan.split == "test"]
+    # before the last dev evaluation, only what no choice enters: zero-shot at every block, on both goal tasks
+    assert [plan.task for plan in early_tests] == list(study.GOAL_TASKS)
+    assert all(plan == study.zero_shot_plan(plan.task, "test", "fp32") for plan in early_tests)
+    assert ran.index(early_tests[0]) > max(index for index, plan in enumerate(ran)
+                                           if plan == study.zero_shot_plan(plan.task, "dev", "fp32", (200,)))
+    chosen = [plan for plan in ran[last_dev:] if plan.split == "test"]
     assert {plan.task for plan in ran if plan.split == "dev"} == set(study.GOAL_TASKS)
+    assert any(plan.finetune_steps for plan in chosen) and any(plan.fusion for plan in chosen)  # after the choices
     assert all(plan.chunk_tokens == study.CHUNK_TOKENS for plan in ran)
     explored = [plan for plan in ran if plan.seeds is not None]
-    assert explored and all(plan.split == "dev" and plan.seeds == (200,) for plan in explored)
-    fusions = [plan for plan in ran if plan.fusion]
-    assert fusions and all(plan.split == "test" for plan in fusions)  # tuned on the dev reranks run before
-    assert ran[-1].task == study.SANITY_TASK
+    assert explored and all(plan.seeds == (200,) for plan in explored)
+    assert all(plan.split == "dev" for plan in explored if plan.task in study.GOAL_TASKS)
+    assert ran[-1] == study.sanity_plan((200,), "fp32")  # the sanity task on the explored seeds only
+    assert len(ran) == len(set(ran))
 
 
 @pytest.mark.parametrize("choices, extra_blocks", [(study.Choices(None, None), False), (study.Choices("bm25", 1), True)])

@@ -1,22 +1,27 @@
 """The retrieval study (issue 19, docs/retrieval-plan.md): every evaluation the plan asks for over a
 sweep of the `retrieval` preset, in an order that makes each choice on dev queries before the test
-queries are read, resumably (each result is skipped once finished: fwbw.study.retrieval_sweep).
+queries of any system that depends on it are read, resumably (each result is skipped once
+finished: fwbw.study.retrieval_sweep).
 
-For each of GOAL_TASKS:
   1. dev, the first seed of each setting (explored_seeds; "tune once on dev, one seed per arm"):
-     BM25 and zero-shot late interaction with every embed of ZERO_SHOT_EMBEDS, what each model's
-     embed is chosen on; every seed: a rerank of BM25's RERANK_DEPTH best documents with each of
-     CANDIDATE_EMBEDS (cheap: each run's fusion weight is tuned on its own)
-  2. dev, the explored seeds: what ColBERT practice might add, measured before it is used:
-     fine-tuning of FINETUNED_EMBEDS with in-batch negatives only and with BM25 hard negatives, and
-     the embeddings after the first block instead of the last
-  3. choices (choose), from step 2's dev results alone: the hard negatives and the blocks whose mean
+     BM25 and zero-shot late interaction with every embed of ZERO_SHOT_EMBEDS, what each model's embed is
+     chosen on
+  2. test, every seed: BM25 and zero-shot late interaction with every embed of ZERO_SHOT_EMBEDS, at every
+     block: the primary endpoint (fwbw - fwfw) and the contrasts between embeds, which no choice
+     enters, measured first so that they are had even if the study stops before its end
+  3. dev: on every seed a rerank of BM25's RERANK_DEPTH best documents with each of
+     CANDIDATE_EMBEDS (cheap: each run's fusion weight is tuned on its own); on the explored seeds,
+     what ColBERT practice might add, measured before it is used: fine-tuning of FINETUNED_EMBEDS
+     with in-batch negatives only and with BM25 hard negatives, and the embeddings after the first
+     block instead of the last
+  4. choices (choose), from step 3's dev results alone: the hard negatives and the blocks whose mean
      dev nDCG@10 over those results is the higher (in-batch negatives and every block on a tie)
-  4. test, every seed: BM25, step 1's systems, the fusion of each rerank, and fine-tuning with the
-     chosen negatives; zero-shot at the chosen blocks too where a block less was chosen
-The sanity task (SANITY_TASK) gets BM25 and the fw and fwbw zero-shot embeds on test. Every run's
-texts are read in chunks of CHUNK_TOKENS, half the preset's context, so that echo, which reads a chunk
-twice, sees what every other system sees.
+  5. test, every seed: the reranks and their fusions, fine-tuning with the chosen negatives,
+     and zero-shot at the chosen blocks too where a block less was chosen
+Steps 1-3 and 5 each go over both GOAL_TASKS. The sanity task (SANITY_TASK) gets the fw and fwbw
+zero-shot embeds on test, on the explored seeds only. Every run's texts are read in chunks of
+CHUNK_TOKENS, half the preset's context, so that echo, which reads a chunk twice, sees what every
+other system sees.
 """
 
 from __future__ import annotations
@@ -59,12 +64,16 @@ def explored_seeds(sweep_dir: Path) -> tuple[int, ...]:
     return tuple(sorted({configs[runs[0]]["seed"] for runs in runs_by_setting(sweep_dir)}))
 
 
+def zero_shot_plan(task: str, split: str, maxsim_dtype: str, seeds: tuple[int, ...] | None = None) -> Plan:
+    """Steps 1 (dev, the explored seeds) and 2 (test, every seed) of the module docstring."""
+    return Plan(task, split, ZERO_SHOT_EMBEDS, chunk_tokens=CHUNK_TOKENS, maxsim_dtype=maxsim_dtype, seeds=seeds)
+
+
 def dev_plans(task: str, explored: tuple[int, ...], maxsim_dtype: str) -> list[Plan]:
-    """Steps 1 and 2 (module docstring)."""
-    base = Plan(task, "dev", ZERO_SHOT_EMBEDS, chunk_tokens=CHUNK_TOKENS, maxsim_dtype=maxsim_dtype, seeds=explored)
+    """Step 3 (module docstring)."""
+    base = zero_shot_plan(task, "dev", maxsim_dtype, explored)
     finetuned = dataclasses.replace(base, embeds=FINETUNED_EMBEDS, finetune_steps=FINETUNE_STEPS)
     return [
-        base,
         dataclasses.replace(base, embeds=CANDIDATE_EMBEDS, rerank=RERANK_DEPTH, seeds=None),
         finetuned,
         dataclasses.replace(finetuned, hard_negatives="bm25"),
@@ -73,10 +82,10 @@ def dev_plans(task: str, explored: tuple[int, ...], maxsim_dtype: str) -> list[P
 
 
 def test_plans(task: str, choices: Choices, maxsim_dtype: str) -> list[Plan]:
-    """Step 4 (module docstring)."""
-    base = Plan(task, "test", ZERO_SHOT_EMBEDS, chunk_tokens=CHUNK_TOKENS, maxsim_dtype=maxsim_dtype)
+    """Step 5 (module docstring)."""
+    base = zero_shot_plan(task, "test", maxsim_dtype)
     rerank = dataclasses.replace(base, embeds=CANDIDATE_EMBEDS, rerank=RERANK_DEPTH)
-    plans = [base, rerank, dataclasses.replace(rerank, fusion=True),
+    plans = [rerank, dataclasses.replace(rerank, fusion=True),
              dataclasses.replace(base, embeds=FINETUNED_EMBEDS, finetune_steps=FINETUNE_STEPS,
                                  hard_negatives=choices.hard_negatives)]
     if choices.blocks is not None:
@@ -84,8 +93,8 @@ def test_plans(task: str, choices: Choices, maxsim_dtype: str) -> list[Plan]:
     return plans
 
 
-def sanity_plans(maxsim_dtype: str) -> list[Plan]:
-    return [Plan(SANITY_TASK, "test", ("fw", "fwbw"), chunk_tokens=CHUNK_TOKENS, maxsim_dtype=maxsim_dtype)]
+def sanity_plan(explored: tuple[int, ...], maxsim_dtype: str) -> Plan:
+    return Plan(SANITY_TASK, "test", ("fw", "fwbw"), chunk_tokens=CHUNK_TOKENS, maxsim_dtype=maxsim_dtype, seeds=explored)
 
 
 def choose(table: pd.DataFrame, explored: Iterable[int], maxsim_dtype: str = "fp32") -> Choices:
@@ -120,15 +129,17 @@ def run_study(sweep_dir: Path, maxsim_dtype: str = "fp32", device: str = "auto",
         raise ValueError(f"{sweep_dir}: {len(unfinished)} runs are not finished ({unfinished[0]}, ...): finish the sweep "
                          "first, so that the choices on dev see every setting")
     explored = explored_seeds(sweep_dir)
-    for task in GOAL_TASKS:
-        for plan in dev_plans(task, explored, maxsim_dtype):
-            _run(sweep_dir, plan, device, progress, report)
+    before_choices = [
+        *(zero_shot_plan(task, "dev", maxsim_dtype, explored) for task in GOAL_TASKS),
+        *(zero_shot_plan(task, "test", maxsim_dtype) for task in GOAL_TASKS),
+        *(plan for task in GOAL_TASKS for plan in dev_plans(task, explored, maxsim_dtype)),
+    ]
+    for plan in before_choices:
+        _run(sweep_dir, plan, device, progress, report)
     choices = choose(build_retrieval_results(sweep_dir), explored, maxsim_dtype)
     report(f"chosen on dev: hard negatives {choices.hard_negatives or 'none'}, blocks {choices.blocks or 'all'}")
-    for task in GOAL_TASKS:
-        for plan in test_plans(task, choices, maxsim_dtype):
-            _run(sweep_dir, plan, device, progress, report)
-    for plan in sanity_plans(maxsim_dtype):
+    for plan in [*(plan for task in GOAL_TASKS for plan in test_plans(task, choices, maxsim_dtype)),
+                 sanity_plan(explored, maxsim_dtype)]:
         _run(sweep_dir, plan, device, progress, report)
     return choices
 
