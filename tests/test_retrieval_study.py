@@ -54,11 +54,22 @@ def test_the_explored_seeds_are_each_setting_s_first(tmp_path):
     assert study.explored_seeds(tmp_path) == (7,)
 
 
-def test_the_study_waits_for_every_run_of_the_sweep(tmp_path):
-    spec = build_sweep_spec(overrides={"depths": [1], "widths": [16], "p_bw": [0.0, 0.5], "seeds": 1})
+def test_the_study_waits_for_the_explored_seeds_runs_and_leaves_out_the_others_saying_so(tmp_path, monkeypatch):
+    spec = build_sweep_spec(overrides={"depths": [1], "widths": [16], "p_bw": [0.0, 0.5], "seeds": 2, "seed": 7})
     prepare_sweep(spec, tmp_path)
-    with pytest.raises(ValueError, match=r": 2 runs are not finished \(.*\): finish the sweep first"):
+    first = study.explored_runs(tmp_path)
+    assert len(first) == 2 and all("-s7-" in run_id for run_id in first)
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: 2 runs of the first seed of a setting are not finished "
+                       rf"\({first[0]}, {first[1]}\): the choices on dev are made on them, so finish them first$"):
         study.run_study(tmp_path, report=lambda line: None)
+    monkeypatch.setattr(study, "read_status", lambda run_dir: {"status": "done" if run_dir.name in first else "running"})
+    ran: list[Plan] = []
+    monkeypatch.setattr(study, "retrieve_sweep", lambda sweep, plan, device, progress: (ran.append(plan) or {}, []))
+    monkeypatch.setattr(study, "build_retrieval_results", lambda sweep: pd.DataFrame(rows("dev", 7, {("zero", False): 0.3})))
+    lines: list[str] = []
+    study.run_study(tmp_path, report=lines.append)
+    assert ran and lines[-1].startswith("2 runs were not finished when the study started (")
+    assert lines[-1].endswith("): run the study again once the sweep is done, to evaluate them too")
 
 
 def test_every_dev_evaluation_runs_before_any_test_one(tmp_path, monkeypatch):

@@ -58,10 +58,15 @@ class Choices:
     blocks: int | None  # None: every block
 
 
+def explored_runs(sweep_dir: Path) -> list[str]:
+    """The run of each setting of the sweep with the first seed."""
+    return [runs[0] for runs in runs_by_setting(sweep_dir)]
+
+
 def explored_seeds(sweep_dir: Path) -> tuple[int, ...]:
     """The first seed of each setting of the sweep."""
     configs = read_sweep(sweep_dir)["runs"]
-    return tuple(sorted({configs[runs[0]]["seed"] for runs in runs_by_setting(sweep_dir)}))
+    return tuple(sorted({configs[run_id]["seed"] for run_id in explored_runs(sweep_dir)}))
 
 
 def zero_shot_plan(task: str, split: str, maxsim_dtype: str, seeds: tuple[int, ...] | None = None) -> Plan:
@@ -122,12 +127,15 @@ def _better(rows: pd.DataFrame, is_option: Callable[[pd.DataFrame], pd.Series], 
 
 def run_study(sweep_dir: Path, maxsim_dtype: str = "fp32", device: str = "auto", progress: bool = True,
               report: Callable[[str], None] = print) -> Choices:
-    """Every step of the module docstring; returns the choices made on dev. ValueError (one line)
-    while any of the sweep's runs is unfinished: the choices are made once, on every explored seed."""
+    """Every step of the module docstring over the sweep's finished runs; returns the choices made
+    on dev. ValueError (one line) while the run of an explored seed is unfinished: the choices are
+    made once, on every setting. Runs unfinished when it starts are left out (said at the end): the
+    study run again once they are done evaluates them and skips every result already had."""
     unfinished = [run_id for run_id in read_sweep(sweep_dir)["runs"] if read_status(Path(sweep_dir) / RUNS / run_id)["status"] != "done"]
-    if unfinished:
-        raise ValueError(f"{sweep_dir}: {len(unfinished)} runs are not finished ({unfinished[0]}, ...): finish the sweep "
-                         "first, so that the choices on dev see every setting")
+    waiting = [run_id for run_id in explored_runs(sweep_dir) if run_id in unfinished]
+    if waiting:
+        raise ValueError(f"{sweep_dir}: {len(waiting)} runs of the first seed of a setting are not finished "
+                         f"({', '.join(waiting)}): the choices on dev are made on them, so finish them first")
     explored = explored_seeds(sweep_dir)
     before_choices = [
         *(zero_shot_plan(task, "dev", maxsim_dtype, explored) for task in GOAL_TASKS),
@@ -141,6 +149,9 @@ def run_study(sweep_dir: Path, maxsim_dtype: str = "fp32", device: str = "auto",
     for plan in [*(plan for task in GOAL_TASKS for plan in test_plans(task, choices, maxsim_dtype)),
                  sanity_plan(explored, maxsim_dtype)]:
         _run(sweep_dir, plan, device, progress, report)
+    if unfinished:
+        report(f"{len(unfinished)} runs were not finished when the study started ({unfinished[0]}, ...): run the "
+               "study again once the sweep is done, to evaluate them too")
     return choices
 
 
