@@ -7,17 +7,16 @@ result, the figures, the parts skipped), written as `fwbw report` writes its dat
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
 from fwbw.analysis.efficiency_report import TABLE_FILES, efficiency_analysis, read_runs, write_efficiency
-from fwbw.analysis.report import EFFICIENCY_TITLE, efficiency_lead, read_results, render_markdown
-from fwbw.files import atomic_write, atomic_write_text
+from fwbw.analysis.publish import publisher_main, write_summary
+from fwbw.analysis.report import EFFICIENCY_TITLE, efficiency_lead, read_results
+from fwbw.files import atomic_write
 from fwbw.study.sweep_dir import RUNS_CSV
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "data-efficiency"
-SUMMARY = "summary.md"
 
 
 def publish(sweep_dir: Path, out_dir: Path = DEFAULT_OUT) -> Path:
@@ -32,19 +31,8 @@ def publish(sweep_dir: Path, out_dir: Path = DEFAULT_OUT) -> Path:
     files = ", ".join(f"{stem}.csv" for stem in TABLE_FILES.values())
     blocks = [*efficiency_lead(efficiency, figures),
               ("p", f"Tables: {files}; every run: {RUNS_CSV}. Analysed as pre-registered in docs/analysis-plan.md.")]
-    summary = render_markdown(f"{EFFICIENCY_TITLE}: {sweep_dir.name}", [("Results", blocks)], out_dir)
-    atomic_write_text(out_dir / SUMMARY, summary)
-    return out_dir / SUMMARY
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Write the data-efficiency experiment's tables, figures, runs.csv "
-                                                 "and summary.md where the README can cite them.")
-    parser.add_argument("sweep", type=Path, help="the sweep's folder (with runs.csv and its results table)")
-    parser.add_argument("out", type=Path, nargs="?", default=DEFAULT_OUT, help=f"default: {DEFAULT_OUT}")
-    args = parser.parse_args()
-    print(publish(args.sweep, args.out))
+    return write_summary(f"{EFFICIENCY_TITLE}: {sweep_dir.name}", blocks, out_dir)
 
 
 if __name__ == "__main__":
-    main()
+    publisher_main(publish, "the data-efficiency experiment's tables, figures and runs.csv", DEFAULT_OUT)

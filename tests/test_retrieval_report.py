@@ -7,6 +7,10 @@ from __future__ import annotations
 import html
 import math
 import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,10 +18,11 @@ import pytest
 from test_analysis import build_results
 from test_report_layout import SECTIONS, TAIL
 
-from fwbw.analysis import report
+from fwbw.analysis import figures, report
 from fwbw.analysis.report import RETRIEVAL_TITLE, retrieval_statements, write_report
 from fwbw.analysis.retrieval_stats import COMPARISON_COLUMNS, analyse_retrieval, sweep_retrieval
 from fwbw.analysis.sections.render import md
+from fwbw.analysis.sections.retrieval import FOREST, forest_rows
 from fwbw.retrieval.metrics import METRICS
 from fwbw.study.results import RETRIEVAL_COLUMNS
 
@@ -166,3 +171,64 @@ def test_no_retrieval_results_no_section_and_no_tables(sweep, tmp_path):
     page = write_report(sweep, tmp_path / "out").read_text()
     assert "Retrieval" not in page
     assert not list((tmp_path / "out").glob("retrieval_*.csv"))
+
+
+def publish(sweep_dir, out_dir):
+    return runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "publish_retrieval.py"))["publish"](
+        sweep_dir, out_dir)
+
+
+def test_publish_writes_the_tables_the_forest_plot_and_a_summary_led_by_the_answer(sweep, tmp_path):
+    out = tmp_path / "published"
+    summary = publish(sweep, out).read_text()
+    assert sorted(path.name for path in out.iterdir()) == [
+        "retrieval_comparisons.csv", "retrieval_forest.png", "retrieval_forest.svg", "retrieval_systems.csv", "summary.md"]
+    retrieval = sweep_retrieval(sweep)
+    assert (out / "retrieval_comparisons.csv").read_text() == retrieval.comparisons.to_csv(index=False)
+    assert (out / "retrieval_systems.csv").read_text() == retrieval.systems.to_csv(index=False)
+    assert (out / "retrieval_forest.png").read_bytes().startswith(b"\x89PNG")
+    [sentence] = retrieval_statements(retrieval)
+    assert summary.startswith(f"# {md(RETRIEVAL_TITLE)}: sweep\n\n## Results\n\n{md(sentence)}\n\n"
+                              "![retrieval\\_forest](retrieval_forest.png)\n\n_retrieval\\_forest: ")
+    assert summary.endswith("\n\nTables: retrieval\\_comparisons.csv, retrieval\\_systems.csv. Analysed as "
+                            "pre-registered in docs/retrieval-plan.md.\n")
+
+
+def test_the_forest_plot_has_a_row_per_test_comparison_and_marks_the_primary(tmp_path, monkeypatch):
+    """Two tasks on test (tiny2's fwfw is fwbw − 0.05 in every cell); dev results and the sanity task title get no row."""
+    test, per_query = hand_built({"tiny2": -0.05})
+    dev, dev_queries = hand_built(split="dev")
+    title, title_queries = hand_built({"title": -0.5})
+    table = pd.concat([test, dev, title[title.task.eq("title")]], ignore_index=True)
+    rows = forest_rows(analyse_retrieval(table, {**per_query, **dev_queries, **title_queries}))
+    assert rows.label.tolist() == [f"{name}: p_bw = 0.05, depth 2 / width 8, {task}"
+                                   for name in ("fwbw − fwfw", "fwbw − fw", "bw − fw") for task in ("tiny", "tiny2")]
+    assert rows.primary.tolist() == [True, True, False, False, False, False]
+    assert np.allclose(rows[["mean_diff", "ci_low", "ci_high"]].to_numpy(dtype=float), [
+        [0.05, 0.0, 0.1], [0.05, 0.05, 0.05], [0.175, 0.1, 0.2], [0.175, 0.1, 0.2], [0.0, -0.1, 0.1], [0.0, -0.1, 0.1]])
+    kept = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out_dir, name: kept.setdefault(name, fig))
+    figures.comparison_forest(rows, tmp_path, FOREST)
+    [ax] = kept[FOREST].axes
+    ticks = sorted(ax.get_yticklabels(), key=lambda tick: -tick.get_position()[1])  # top to bottom
+    assert [tick.get_text() for tick in ticks] == rows.label.tolist()
+    assert [tick.get_fontweight() == "bold" for tick in ticks] == rows.primary.tolist()
+
+
+def test_publish_refuses_a_sweep_without_retrieval_results_and_writes_nothing(sweep, tmp_path):
+    (sweep / "retrieval.csv").unlink()
+    out = tmp_path / "published"
+    with pytest.raises(ValueError, match=r"sweep: no retrieval results in its retrieval\.parquet or retrieval\.csv$") as raised:
+        publish(sweep, out)
+    assert "\n" not in str(raised.value)
+    assert not out.exists()
+
+
+def test_the_publish_command_says_in_one_line_why_it_cannot_publish(sweep, tmp_path):
+    (sweep / "retrieval.csv").unlink()
+    script = Path(__file__).resolve().parents[1] / "scripts" / "publish_retrieval.py"
+    done = subprocess.run([sys.executable, str(script), str(sweep), str(tmp_path / "published")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (f"publish_retrieval.py: error: {sweep}: no retrieval results in its retrieval.parquet or "
+                           "retrieval.csv\n")

@@ -533,6 +533,31 @@ def data_efficiency_figure(curve: pd.DataFrame, dose_curve: pd.DataFrame, multip
     return _save(fig, Path(out_dir), name)
 
 
+# ----------------------------------------------------------------------------- retrieval
+
+def comparison_forest(rows: pd.DataFrame, out_dir: Path, name: str) -> Path:
+    """A forest plot of retrieval comparisons (rows, top to bottom: label, mean_diff, ci_low, ci_high, primary):
+    a dot at each a − b of nDCG@10 with its 95% interval, 0 dashed, the primary comparison's rows in red."""
+    fig, axes = _figure(1, panel=(PANEL[0] + 3.0, 0.3 * len(rows) + 1.6))
+    ax = axes[0, 0]
+    y = np.arange(len(rows))[::-1]
+    for primary, style, color, label in ((False, "o", "0.3", "secondary comparison"), (True, "D", "C3", "primary comparison")):
+        at = (rows.primary == primary).to_numpy()
+        if at.any():  # the interval as a line, not error bars: a percentile interval need not hold the mean
+            ax.hlines(y[at], rows.ci_low[at].astype(float), rows.ci_high[at].astype(float), color=color, lw=1.5)
+            ax.plot(rows.mean_diff[at], y[at], style, color=color, label=label)
+    ax.axvline(0.0, color="0.5", ls="--", lw=1)
+    ax.set_yticks(y, rows.label, fontsize="small")
+    for tick, primary in zip(ax.get_yticklabels(), rows.primary):
+        if primary:
+            tick.set(color="C3", fontweight="bold")
+    ax.set(xlabel="nDCG@10 difference, a − b", ylim=(-0.7, len(rows) - 0.3))
+    fig.legend(loc="outside lower center", ncols=2, fontsize="small")
+    fig.suptitle("nDCG@10 of a − b on the test queries, within each model\ndot: mean over seeds and queries, bar: "
+                 "two-level bootstrap 95% interval", fontsize="medium")
+    return _save(fig, Path(out_dir), name)
+
+
 def make_figures(analysis: Analysis, out_dir: Path) -> dict[str, list[Path]]:
     """Every figure of the report, by kind; an empty list where there is nothing to draw."""
     return {

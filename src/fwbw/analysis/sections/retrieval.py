@@ -1,6 +1,7 @@
 """Retrieval: does training both ways make a causal LM a better late-interaction retriever? The one sentence
 that answers it from the within-model comparisons on test (the fwbw − fwfw control deciding), the comparisons
-and systems tables, and the deciding comparison's rows for the answer."""
+and systems tables, the deciding comparison's rows for the answer, and the rows of the forest plot that
+scripts/publish_retrieval.py draws."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ RETRIEVAL_ANSWERS = {  # how the deciding comparison a − b's intervals lie (_r
     "worse": "No: {a} lost to {b} where the intervals exclude 0",
     "none": "No evidence that training a causal LM both ways makes it a better late-interaction retriever",
 }
+FOREST = "retrieval_forest"  # the forest plot's file stem
+FOREST_CAPTION = ("The comparisons the answer rests on: nDCG@10 of a − b on the test queries within each model, zero-shot "
+                  "late interaction after the last block, one row per comparison, model and task; dot: the mean over "
+                  "seeds and queries, bar: its two-level bootstrap 95% interval; dashed: 0; red: the primary comparison, "
+                  f"{CONTROL} (the matched control). Right of 0: a retrieved better than b.")
 RETRIEVAL_UNCONTROLLED = ("Not established: without the matched fwfw control, a gain of two views over one is not "
                           "told apart from seeing both sides")
 
@@ -72,6 +78,15 @@ def retrieval_statements(retrieval: RetrievalAnalysis) -> list[str]:
     tallies = "; ".join(map(_retrieval_tally, by_name))
     return [f"{_retrieval_answer(by_name[0])}: on the test queries, {tallies} (nDCG@10 of late interaction, a − b within "
             "each model, with two-level bootstrap 95% intervals over seeds and queries)."]
+
+
+def forest_rows(retrieval: RetrievalAnalysis) -> pd.DataFrame:
+    """The rows of the forest plot (figures.comparison_forest), top to bottom: _by_comparison's, each with its label
+    (comparison: model, task) and whether it is the primary comparison (CONTROL); none without them."""
+    by_name = _by_comparison(retrieval)
+    rows = pd.concat(by_name) if by_name else retrieval.comparisons.iloc[:0]
+    labels = [f"{row.comparison}: {row.a}, {size_label(row.depth, row.width)}, {row.task}" for row in rows.itertuples()]
+    return rows.assign(label=labels, primary=rows.comparison.eq(CONTROL))
 
 
 def section(inputs: Inputs) -> tuple[str, list[tuple]] | None:
