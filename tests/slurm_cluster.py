@@ -15,6 +15,7 @@ CI=true that is a failure instead. scripts/test.sh installs the packages where i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -155,6 +156,11 @@ class Cluster:
             tail = path.read_text(errors="replace").splitlines()[-lines:]
             parts.append(f"--- {path.name}\n" + "\n".join(tail))
         return "\n".join(parts)
+
+    def launched_steps(self, node: str) -> set[str]:
+        """The job steps ("12.1": job 12's second step) whose tasks the node's slurmd has launched."""
+        log = self.root / "log" / f"slurmd-{node}.log"
+        return set(re.findall(r"launch task StepId=(\d+\.\d+) ", log.read_text(errors="replace")))
 
     def node_states(self) -> list[str]:
         """Each node's state (sinfo's short name: idle, alloc, ...)."""

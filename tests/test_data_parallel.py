@@ -10,6 +10,7 @@ rates any rounding difference grows (docs/method.md#data-parallel-training).
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -284,22 +285,55 @@ def test_one_machine_runs_torchrun_standalone_and_several_nodes_srun_a_torchrun_
     alone = torchrun_module.torchrun_command(Ranks(4), tmp_path, progress=True)
     assert alone[:6] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone"]
     assert alone[6:] == ["-m", "fwbw", "train", "--config", str(tmp_path / "config.json"), "--out", str(tmp_path), "--cut"]
-    spread = torchrun_module.torchrun_command(Ranks(8, nodes=2), tmp_path, progress=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")
+    spread = torchrun_module.torchrun_command(Ranks(8, nodes=2), tmp_path, progress=False, rendezvous_port=29511)
     torchrun = spread.index(sys.executable)
-    assert spread[:torchrun] == ["srun", "--overlap", "--kill-on-bad-exit=1", "--nodes=2", "--ntasks=2",
-                                 "--ntasks-per-node=1"]
+    assert spread[:torchrun] == ["srun", "--overlap", "--export=ALL", "--mem=0", "--kill-on-bad-exit=1", "--nodes=2",
+                                 "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=32"]
     launcher = spread[torchrun:spread.index("fwbw") - 1]
     options = dict(zip(launcher[3::2], launcher[4::2]))
     assert launcher[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--standalone" not in spread
-    assert options.keys() == {"--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id"}
-    assert (options["--nproc_per_node"], options["--nnodes"], options["--rdzv_backend"]) == ("8", "2", "c10d")
-    host, port = options["--rdzv_endpoint"].split(":")
-    assert host == "node-a" and 0 < int(port) < 65536
-    with socket.socket() as listener:  # the port was free: this host can serve the rendezvous on it
-        listener.bind(("", int(port)))
-    again = torchrun_module.torchrun_command(Ranks(8, nodes=2), tmp_path, progress=False)
+    assert options == {"--nproc_per_node": "8", "--nnodes": "2", "--rdzv_backend": "c10d", "--rdzv_conf": "is_host=0",
+                       "--rdzv_endpoint": "node-a:29511", "--rdzv_id": options["--rdzv_id"]}
+    again = torchrun_module.torchrun_command(Ranks(8, nodes=2), tmp_path, progress=False, rendezvous_port=29511)
     assert again[again.index("--rdzv_id") + 1] != options["--rdzv_id"]  # each launch its own rendezvous
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert not any(arg.startswith("--cpus-per-task") for arg in torchrun_module.launcher_command(Ranks(1, nodes=2), 1))
     assert Ranks(8, nodes=2).world_size == 16 and Ranks(3).world_size == 3
+
+
+def test_the_rendezvous_store_of_a_run_on_several_nodes_is_served_here_while_the_run_trains():
+    with torchrun_module.rendezvous_store(Ranks(2)) as port:
+        assert port is None  # one machine: torchrun --standalone serves its own
+    with torchrun_module.rendezvous_store(Ranks(1, nodes=2)) as port:
+        client = torch.distributed.TCPStore(socket.gethostname(), port, is_master=False,
+                                            timeout=datetime.timedelta(seconds=10))
+        client.set("rank", "0")
+        assert client.get("rank") == b"0"
+    with pytest.raises(Exception), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass  # closed once the run ends
+
+
+def torchrun_root_cause(rank: int, exit_code: int, time_text: str = "2026-12-07_02:21:01") -> list[str]:
+    """torchrun's report of the first failure it observed, as it prints it."""
+    return ["Root Cause (first observed failure):", "[0]:", f"  time      : {time_text}", "  host      : node-a",
+            f"  rank      : {rank} (local_rank: 0)", f"  exitcode  : {exit_code} (pid: 14819)",
+            "  error_file: <N/A>", "============================================================"]
+
+
+def test_under_srun_the_earliest_failure_of_any_node_decides_and_srun_lines_are_not_rank_errors():
+    # node b's rank was killed; node a's ranks then failed in a collective, a second later
+    killed_first = [*torchrun_root_cause(0, 1, "2026-12-07_02:21:02"), *torchrun_root_cause(1, -9, "2026-12-07_02:21:01")]
+    assert killed_message(2, 1, killed_first) == "rank 1 of 2 under torchrun died (exit code -9: SIGKILL) without an error"
+    # a rank failed with an error; srun then ended the other node's tasks (the same second)
+    failed_first = [*torchrun_root_cause(1, -15), *torchrun_root_cause(0, 1), "srun: error: node-b: task 1: Terminated"]
+    assert killed_message(2, 1, failed_first) is None
+    # a node's torchrun killed whole: no report of its own, only srun's
+    whole = ["srun: error: node-b: task 1: Killed", "srun: error: node-a: task 0: Exited with exit code 1"]
+    assert killed_message(2, 1, whole) == "srun's task 1 on node-b was ended by a signal (Killed) without an error"
+    assert killed_message(2, 1, ["srun: error: node-a: task 0: Exited with exit code 1"]) is None
+    assert not torchrun_module.is_rank_error("srun: error: node-b: task 1: Killed")
+    assert torchrun_module.is_rank_error("fwbw train: error: out: /x holds the run of another config")
 
 
 def test_a_lost_lease_stops_the_processes_even_when_they_print_nothing(tmp_path, monkeypatch):

@@ -572,11 +572,11 @@ def test_a_slurm_job_of_a_run_on_several_nodes_holds_them_all_and_starts_one_pul
     assert "#SBATCH --nodes=4\n" in script
     assert "#SBATCH --gpus-per-node=2\n" in script and "#SBATCH --cpus-per-task=2\n" in script
     assert "#SBATCH --account=proj\n" in script
-    assert " --nodes=1 --ntasks=1 python -m submitit" in script
+    assert " --cpus-per-task=2 --nodes=1 --ntasks=1 python -m submitit" in script  # srun 22.05 needs the CPUs again
     assert executor._executor._num_tasks() == 1
     one_machine = slurm.slurm_executor(tmp_path, Launch("slurm"), [base_config(corpus)], 1, ranks=Ranks(2))
     alone = one_machine._executor._make_submission_file_text("python -m submitit", "uid")
-    assert "#SBATCH --nodes=1\n" in alone and "--ntasks=1" not in alone
+    assert "#SBATCH --nodes=1\n" in alone and "--ntasks=1" not in alone and " --cpus-per-task=2 python" in alone
 
 
 @pytest.mark.parametrize("launcher", ["local", "ray"])

@@ -87,7 +87,7 @@ def test_each_data_parallel_rank_is_planned_for_a_whole_microbatch():
     lines = describe_runs(spec, untimed, device_memory_gib=1.0, nproc_per_run=2).splitlines()
     peak = estimate_memory(spec.configs()[0], vocab_size_of(spec.base.tokenizer)).total
     assert f"  mem {short_bytes(peak):>9}  " in lines[0]
-    assert lines[3] == ("mem: of each of the 2 processes of a run (--nproc-per-run, on each node): a whole microbatch, as each "
+    assert lines[3] == ("mem: of each of the 2 processes of a run (--nproc-per-run, times --nodes-per-run): a whole microbatch, as each "
                         "trains whole ones while a step has one for every process")
 
 

@@ -109,14 +109,21 @@ def test_a_run_on_several_ranks_inside_a_slurm_job_equals_the_one_process_run(
     1 node x 2 ranks, and 2 nodes x 1 rank, the job then holding both nodes of the cluster); the
     losses are those of the same sweep trained by one process (fp32: equal to rounding)."""
     out = tmp_path / "grid"
+    before = {node: slurm_cluster.launched_steps(node) for node in local_slurm.NODES}
     code, output = run(tiny_sweep(corpus, out, "--wait", *ranks), tmp_path / "sweep.log")
     assert code == 0, output
     ranked, alone = run_dirs(out), one_process_sweep
     assert sorted(ranked) == sorted(alone) and len(ranked) == 2
     script = next((out / sweep_dir.SLURM).glob("*_submission.sh")).read_text()
     if "--nodes-per-run" in ranks:
-        nodes = ranks[ranks.index("--nodes-per-run") + 1]
+        nodes = int(ranks[ranks.index("--nodes-per-run") + 1])
         assert f"#SBATCH --nodes={nodes}\n" in script and "--nodes=1 --ntasks=1" in script  # one pull-worker task
+        # each run's processes: a job step of its own (after the pull-worker's, step 0) on `nodes` nodes
+        started = {node: {step for step in slurm_cluster.launched_steps(node) - before[node] if not step.endswith(".0")}
+                   for node in local_slurm.NODES}
+        assert sum(len(steps) for steps in started.values()) == 2 * nodes  # 2 runs
+        if nodes == 2:
+            assert started[local_slurm.NODES[0]] == started[local_slurm.NODES[1]]  # every step on both nodes
     for run_id, run_dir in ranked.items():
         assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
         points = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -409,9 +409,10 @@ def add_launcher_flags(parser: argparse.ArgumentParser) -> None:
         help="local: one worker per GPU, pinned with CUDA_VISIBLE_DEVICES (indices of the GPUs this process sees: "
         "inside CUDA_VISIBLE_DEVICES=4,5,6,7, 0 is GPU 4)")
     add("--gpus-per-run", type=int, metavar="N",
-        help="slurm, ray: GPUs per run (default, per process of a run: slurm 1 only with --device cuda; ray 1 "
-        "unless the runs' device is cpu, 0 on a cluster without GPUs)")
-    add("--cpus-per-run", type=int, metavar="N", help="slurm, ray: CPU cores per run (1)")
+        help="slurm, ray: GPUs per run, per node with --nodes-per-run (default, per process of a run: slurm 1 only "
+        "with --device cuda; ray 1 unless the runs' device is cpu, 0 on a cluster without GPUs)")
+    add("--cpus-per-run", type=int, metavar="N",
+        help="slurm, ray: CPU cores per run, per node with --nodes-per-run (default: one per process of a run)")
     add("--slurm-partition", metavar="NAME")
     add("--slurm-time", type=int, metavar="MINUTES",
         help=f"each job's time limit ({SLURM_MINUTES}); 90 s before it the job releases its run and is requeued, "

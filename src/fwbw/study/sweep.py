@@ -201,7 +201,7 @@ def describe_runs(
         )
     lines += memory_warnings(configs, peaks, given_limit)
     if nproc_per_run > 1:
-        lines.append(f"mem: of each of the {nproc_per_run} processes of a run (--nproc-per-run, on each node): a whole microbatch, "
+        lines.append(f"mem: of each of the {nproc_per_run} processes of a run (--nproc-per-run, times --nodes-per-run): a whole microbatch, "
                      "as each trains whole ones while a step has one for every process")
     seconds_h100 = total / (0.4 * 989e12)
     lines.append(f"{len(configs)} runs, {total:.2e} training FLOP: ~{short_duration(seconds_h100)} on one H100 at 40% MFU (bf16)")

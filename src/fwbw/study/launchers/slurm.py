@@ -94,14 +94,16 @@ def slurm_executor(
     # a job on several nodes, of which submitit knows only the task it starts (asked to start one task per node, it
     # would wait for every task's result)
     nodes = {} if ranks.nodes is None else {"nodes": ranks.nodes}
-    pull_worker_alone = {} if ranks.nodes is None else {"slurm_srun_args": ["--nodes=1", "--ntasks=1"]}
+    cpus = options.run_cpus(ranks.per_node)
+    # the step's CPUs given again: srun 22.05 does not take them from the job's
+    srun_args = [f"--cpus-per-task={cpus}", *([] if ranks.nodes is None else ["--nodes=1", "--ntasks=1"])]
     executor.update_parameters(
         name=f"fwbw-{out.name}",
         timeout_min=options.slurm_time or SLURM_MINUTES,
         # 0 GPUs: no GPU option at all
         gpus_per_node=options.run_gpus(pending, nproc_per_run=ranks.per_node, auto_uses_gpus=False) or None,
-        cpus_per_task=options.run_cpus(ranks.per_node),
-        **pull_worker_alone,
+        cpus_per_task=cpus,
+        slurm_srun_args=srun_args,
         slurm_partition=options.slurm_partition,
         slurm_array_parallelism=count,
         slurm_additional_parameters={**options.slurm_options, **nodes} or None,
