@@ -199,16 +199,18 @@ def job_logs(out: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ranks", [pytest.param((), id="in-the-job"), pytest.param(("--nodes-per-run", "2"), id="srun-2-nodes")])
 def test_scancel_leaves_a_run_resumable_and_preemption_requeues_the_job_which_finishes_every_run_once(
-        tmp_path, corpus, slurm_cluster):
+        tmp_path, corpus, slurm_cluster, ranks):
     """Two jobs, each mid-run: one cancelled (scancel: SIGTERM), the other sent the preemption
     signal (scancel --signal=USR2, as SLURM does 90 s before the time limit). Neither run is marked
     failed: the cancelled job releases its run; the preempted one releases its run and is requeued
     (its function is checkpointable), starts again and resumes both runs from their checkpoints.
-    --wait returns once it ended, though sacct cannot say so."""
+    --wait returns once it ended, though sacct cannot say so. Likewise when each run's processes
+    are a job step of their own on both nodes (--nodes-per-run 2), which the signals reach too."""
     out, log = tmp_path / "grid", tmp_path / "sweep.log"
     command = tiny_sweep(corpus, out, "--wait", "--slurm-time", "5", "--eval-every", "2", "--checkpoint-every", "20",
-                         "--no-compile", train_tokens=200_000)
+                         "--no-compile", *ranks, train_tokens=200_000)
     sweep = start(command, log)
     before = runs_under_way(out, 2, sweep, log)  # both runs trained a while
     job_ids = submitted_jobs(log)
