@@ -84,6 +84,52 @@ def test_the_answer_is_one_sentence_no_stronger_than_the_controls_interval():
         f"{FWBW}; {BW} {MEANING}")
 
 
+def test_with_the_fw_only_models_control_a_second_sentence_says_what_bw_training_adds():
+    """The fw-only model's bw view reads the text reversed untrained: its fwbw − fwfw ([[0.1, 0], [0, 0.1]] here,
+    as the p_bw 0.05 model's) is what any causal LM gets; bw training added nothing beyond it."""
+    table, per_query = hand_built()
+    extra = {(0.0, 100, "fwbw"): (0.6, 0.3), (0.0, 101, "fwbw"): (0.7, 0.4),
+             (0.0, 100, "fwfw"): (0.5, 0.3), (0.0, 101, "fwfw"): (0.7, 0.3)}
+    rows = [result_row(key, "tiny", "test", values) for key, values in extra.items()]
+    table = pd.concat([table, pd.DataFrame(rows).reindex(columns=RETRIEVAL_COLUMNS)], ignore_index=True)
+    per_query |= {row["result"]: dict(zip(QIDS, values)) for row, values in zip(rows, extra.values())}
+    first, second = retrieval_statements(analyse_retrieval(table, per_query))
+    assert first == answer(*hand_built())  # the answer itself reads the models trained both ways alone
+    assert second == ("Secondary, whether bw training is what makes the difference: fwbw − fwfw, p_bw > 0 − p_bw = 0 "
+                      "+0.000 (95% CI +0.000 … +0.000) (fwbw − fwfw in the model trained both ways minus the same in the "
+                      "fw-only model of its seed, whose bw view reads the text reversed without having been trained to; "
+                      "above 0: bw training added to what reading the text reversed gives any causal LM).")
+    assert len(retrieval_statements(analyse_retrieval(*hand_built()))) == 1  # without the fw-only model's control
+
+
+@pytest.mark.parametrize("fw_only_control, verdict", [
+    ((0.1, 0.2, 0.1, 0.2), "Reading the text reversed helped, but bw training is not shown to be why: fwbw beat fwfw in "
+                           "every comparison, and the fw-only model's own fwbw, its bw view never trained, beat its fwfw by "
+                           "amounts not told apart from these"),
+    ((-0.1, 0.0, 0.0, -0.1), "Yes: training a causal LM both ways made it a better late-interaction retriever (fwbw beat "
+                             "fwfw in every comparison)"),
+    (None, "Yes: training a causal LM both ways made it a better late-interaction retriever (fwbw beat fwfw in every "
+           "comparison)"),
+])
+def test_a_win_over_the_control_is_credited_to_bw_training_only_beyond_the_fw_only_models_own(fw_only_control, verdict):
+    """fwbw − fwfw of p_bw 0.05 is [[0.2, 0.1], [0.1, 0.2]]: above 0. The fw-only model's fwbw − fwfw (its cells, seed
+    by seed), where given: the same (the difference of differences holds 0) or below it (above 0)."""
+    table, per_query = hand_built()
+    lowered = table.embed.eq("fwfw") & table.p_bw.eq(0.05)
+    table.loc[lowered, "ndcg_at_10"] -= 0.1
+    for result in table.loc[lowered, "result"]:
+        per_query[result] = {qid: value - 0.1 for qid, value in per_query[result].items()}
+    if fw_only_control is not None:
+        fwbw = {100: (0.6, 0.4), 101: (0.7, 0.5)}
+        cells = {**{(0.0, seed, "fwbw"): values for seed, values in fwbw.items()},
+                 **{(0.0, seed, "fwfw"): tuple(v - d for v, d in zip(values, fw_only_control[2 * i:2 * i + 2]))
+                    for i, (seed, values) in enumerate(fwbw.items())}}
+        rows = [result_row(key, "tiny", "test", values) for key, values in cells.items()]
+        table = pd.concat([table, pd.DataFrame(rows).reindex(columns=RETRIEVAL_COLUMNS)], ignore_index=True)
+        per_query |= {row["result"]: dict(zip(QIDS, values)) for row, values in zip(rows, cells.values())}
+    assert retrieval_statements(analyse_retrieval(table, per_query))[0].startswith(verdict + ": on the test queries, ")
+
+
 @pytest.mark.parametrize("shift, verdict, control", [
     (-0.05, "Not consistently: training a causal LM both ways made it a better late-interaction retriever in some "
             "comparisons only", "above 0 in 1 and below 0 in 0 of 2 comparisons (mean +0.050)"),

@@ -14,9 +14,11 @@ from fwbw.analysis.retrieval_stats import (
     AGAINST_BM25,
     BEST_EMBED,
     BOOTSTRAP_RESAMPLES,
+    BW_TRAINING,
     COMPARISON_COLUMNS,
     FW_EMBED,
     analyse_retrieval,
+    answer_rows,
     bootstrap_p_value,
     two_level_means,
 )
@@ -58,7 +60,9 @@ WITHIN = {
     (0.5, "fwfw"): {1: (0.25, 0.55), 2: (0.55, 0.85)},  # fwbw − fwfw: −0.05 in every cell
     (0.5, "echo"): {1: (0.2, 0.4), 2: (0.3, 0.5)},  # − fw: 0
     (0.0, "fw"): {1: (0.1, 0.3), 2: (0.2, 0.4)},
-    (0.0, "fwbw"): {1: (0.6, 0.6), 2: (0.6, 0.6)},  # at p_bw = 0 only echo − fw is a within-model contrast
+    (0.0, "bw"): {1: (0.1, 0.3), 2: (0.2, 0.4)},  # the bw view of a model never trained bw; − fw: 0
+    (0.0, "fwbw"): {1: (0.6, 0.6), 2: (0.6, 0.6)},  # − fw: [[0.5, 0.3], [0.4, 0.2]]
+    (0.0, "fwfw"): {1: (0.5, 0.7), 2: (0.6, 0.6)},  # fwbw − fwfw: [[0.1, −0.1], [0.0, 0.0]]
     (0.0, "echo"): {1: (0.1, 0.3), 2: (0.3, 0.5)},  # − fw: [[0.0, 0.0], [0.1, 0.1]]
 }
 
@@ -72,9 +76,9 @@ def test_within_model_contrasts_with_their_exact_intervals():
     """A 2 x 2 matrix d[seed, query]: the resample of one cell alone has probability 1/16, so the two-level
     2.5% and 97.5% points are d's smallest and largest cells."""
     comparisons = analyse_retrieval(*within_table()).comparisons
+    within = ["bw − fw", "fwbw − fw", "fwbw − fwfw", "echo − fw"]
     assert list(zip(comparisons.comparison, comparisons.p_bw)) == [
-        ("echo − fw", 0.0), ("bw − fw", 0.5), ("fwbw − fw", 0.5), ("fwbw − fwfw", 0.5), ("echo − fw", 0.5),
-        (FW_EMBED, 0.5)]
+        *((name, 0.0) for name in within), *((name, 0.5) for name in within), (FW_EMBED, 0.5), (BW_TRAINING, 0.5)]
     rows = comparisons.set_index(["comparison", "p_bw"])
     fwbw = rows.loc[("fwbw − fw", 0.5)]
     assert (fwbw.a, fwbw.a_embed, fwbw.b, fwbw.b_embed, fwbw.a_system) == (
@@ -87,11 +91,21 @@ def test_within_model_contrasts_with_their_exact_intervals():
     assert (fwbw.query_boot_low, fwbw.query_boot_high) == pytest.approx((0.1, 0.2))
     assert fwbw.p_value == pytest.approx(2 / 16, abs=0.015)  # P(d's 0 cell alone) = 1/16, on one side of 0
     for name, p_bw, interval in [("bw − fw", 0.5, (0.1, 0.1)), ("fwbw − fwfw", 0.5, (-0.05, -0.05)),
-                                 ("echo − fw", 0.5, (0.0, 0.0)), ("echo − fw", 0.0, (0.0, 0.1)), (FW_EMBED, 0.5, (0.1, 0.1))]:
+                                 ("echo − fw", 0.5, (0.0, 0.0)), ("echo − fw", 0.0, (0.0, 0.1)), (FW_EMBED, 0.5, (0.1, 0.1)),
+                                 ("fwbw − fwfw", 0.0, (-0.1, 0.1)), ("fwbw − fw", 0.0, (0.2, 0.5))]:
         assert (rows.loc[(name, p_bw)].ci_low, rows.loc[(name, p_bw)].ci_high) == pytest.approx(interval, abs=1e-12)
     assert rows.loc[("bw − fw", 0.5)].p_value == rows.loc[("fwbw − fwfw", 0.5)].p_value == 2 / (B + 1)
     assert rows.loc[("echo − fw", 0.5)].p_value == 1.0
     assert not comparisons.goal.any() and comparisons.p_holm.isna().all()
+    # (fwbw − fwfw at 0.5) − (fwbw − fwfw at 0): −0.05 − [[0.1, −0.1], [0.0, 0.0]] = [[−0.15, 0.05], [−0.05, −0.05]]
+    added = rows.loc[(BW_TRAINING, 0.5)]
+    assert (added.a, added.b, added.a_embed, added.b_embed, added.n_seeds, added.n_queries) == (
+        "p_bw = 0.5", "p_bw = 0", "fwbw", "fwbw", 2, 2)
+    assert (added.a_mean, added.b_mean, added.mean_diff) == pytest.approx((-0.05, 0.0, -0.05))
+    assert (added.ci_low, added.ci_high) == pytest.approx((-0.15, 0.05), abs=1e-12)
+    assert added.per_seed == "1: -0.050; 2: -0.050"
+    # only the models trained both ways answer: the p_bw = 0 rows are references
+    assert set(answer_rows(comparisons).p_bw) == {0.5}
 
 
 def test_a_comparison_that_cannot_be_made_is_absent():

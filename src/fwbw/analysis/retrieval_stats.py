@@ -12,14 +12,20 @@ comparisons (COMPARISON_COLUMNS): one row per comparison a − b of nDCG@10 that
   they do not allow is absent. A model is a run setting with one run per seed (the first by run_id, as
   stats.arms counts them). a and b are paired by seed (the seeds both have; BM25 has no seed and stands
   for every one) and by query.
-  Within one model, per task, split, system, blocks and fine-tuning steps (the same on both sides):
-    bw − fw, fwbw − fw    its bw embedding, and both directions concatenated, against its fw (p_bw > 0)
-    fwbw − fwfw           the matched control (p_bw > 0): fwfw concatenates this run's fw with the fw of a
+  Within one model, per task, split, system, blocks and fine-tuning steps (the same on both sides), every
+  setting (a p_bw = 0 model's bw view reads the text reversed with a direction it never trained: its rows
+  are the reference for what bw training adds, and never answer the question):
+    bw − fw, fwbw − fw    its bw embedding, and both directions concatenated, against its fw
+    fwbw − fwfw           the matched control: fwfw concatenates this run's fw with the fw of a
                           second seed's run of the setting, as many dimensions and as much training as
                           fwbw, so that an ensemble of two views is not taken for seeing both sides
-    echo − fw             the fw-only baseline that reads the text twice (Springer et al. 2024), every setting
+    echo − fw             the fw-only baseline that reads the text twice (Springer et al. 2024)
   Between models, each p_bw > 0 setting against its p_bw = 0 baseline of the same size (stats.arms):
     p_bw > 0 − p_bw = 0, fw embed     both with fw embeddings, per task, split, system, blocks, fine-tuning
+    fwbw − fwfw, p_bw > 0 − p_bw = 0  the control's difference in the p_bw > 0 model minus the same in the
+                          baseline, per query and seed ((fwbw − fwfw) − (fwbw − fwfw)), likewise: what bw training
+                          adds beyond what reading the text reversed gives a model never trained so; a_mean and
+                          b_mean are the two models' fwbw − fwfw
     p_bw > 0 − p_bw = 0, best embed   each at its own best embed and blocks, per task, split, system, fine-tuning
   Against BM25 of the same task and split, per model:
     best dense − BM25     its best pure dense system (DENSE: late interaction, zero-shot or fine-tuned, and
@@ -80,9 +86,11 @@ DEV, TEST = "dev", "test"  # choices are made on dev; test is what is reported
 GOAL_TASKS = ("description", "ict")  # the tasks of the pre-specified goal, best dense − BM25 on test
 DENSE = (LATE_INTERACTION, f"{SINGLE_VECTOR}-mean", f"{SINGLE_VECTOR}-last")  # the pure dense systems
 CANDIDATE_EMBEDS = ("fw", "bw", "fwbw", "echo")  # one model's embeddings, what "best" chooses among
-WITHIN = {"bw − fw": ("bw", "fw"), "fwbw − fw": ("fwbw", "fw"), "fwbw − fwfw": ("fwbw", CONTROL_EMBED)}  # p_bw > 0
+# every setting's; those of p_bw = 0 (its bw view never trained) are the reference for what bw training adds
+WITHIN = {"bw − fw": ("bw", "fw"), "fwbw − fw": ("fwbw", "fw"), "fwbw − fwfw": ("fwbw", CONTROL_EMBED)}
 ECHO = {"echo − fw": ("echo", "fw")}  # every setting
 CONTROL = "fwbw − fwfw"  # the matched comparison the answer rests on
+BW_TRAINING = "fwbw − fwfw, p_bw > 0 − p_bw = 0"  # what bw training adds to the control's difference
 ANSWER_ORDER = (CONTROL, "fwbw − fw", "bw − fw")  # the comparisons that answer the question, the deciding one first
 SANITY_TASKS = ("title",)  # checks that retrieval works at all, no answer to the question
 FW_EMBED, BEST_EMBED = "p_bw > 0 − p_bw = 0, fw embed", "p_bw > 0 − p_bw = 0, best embed"
@@ -163,10 +171,11 @@ def comparison_table(table: pd.DataFrame, per_query: PerQuery) -> pd.DataFrame:
     return _with_goal(pd.DataFrame(rows, columns=COMPARISON_COLUMNS))
 
 
-def answer_rows(comparisons: pd.DataFrame) -> pd.DataFrame:
-    """The rows that answer the question: zero-shot late interaction's ANSWER_ORDER comparisons within
-    each model, at every block, on the test split, the sanity tasks left out."""
-    chosen = (comparisons.comparison.isin(ANSWER_ORDER) & comparisons.split.eq(TEST)
+def answer_rows(comparisons: pd.DataFrame, names: tuple[str, ...] = ANSWER_ORDER) -> pd.DataFrame:
+    """The rows that answer the question: zero-shot late interaction's comparisons of `names` (within
+    each model trained both ways, p_bw > 0, by default; BW_TRAINING: what bw training adds), at every
+    block, on the test split, the sanity tasks left out."""
+    chosen = (comparisons.comparison.isin(names) & comparisons.split.eq(TEST) & comparisons.p_bw.gt(0)
               & comparisons.a_system.eq(LATE_INTERACTION) & ~comparisons.task.isin(SANITY_TASKS)
               & comparisons.a_finetune_steps.eq(0)
               & (comparisons.a_blocks.isna() | comparisons.a_blocks.eq(comparisons.depth)).fillna(False))
@@ -175,23 +184,26 @@ def answer_rows(comparisons: pd.DataFrame) -> pd.DataFrame:
 
 def _within_model(setting: dict, results: pd.DataFrame, per_query: PerQuery) -> list[dict]:
     """One model's embeds against its fw (and fwbw against fwfw), per CONFIG."""
-    contrasts = {**WITHIN, **ECHO} if setting["p_bw"] > 0 else ECHO
     name, rows = _model_name(setting), []
     for _, config in results.groupby(CONFIG, dropna=False, sort=True):
         embeds = {embed: by_embed.set_index("seed") for embed, by_embed in config.groupby("embed")}
         rows += [_compare(contrast, (name, embeds[a]), (name, embeds[b]), per_query)
-                 for contrast, (a, b) in contrasts.items() if {a, b} <= embeds.keys()]
+                 for contrast, (a, b) in {**WITHIN, **ECHO}.items() if {a, b} <= embeds.keys()]
     return [{**setting, **row} for row in rows if row is not None]
 
 
 def _between_models(arm: Arm, models: pd.DataFrame, per_query: PerQuery) -> list[dict]:
-    """The arm's p_bw > 0 model against its p_bw = 0 baseline: both with fw embeddings, and each at its best."""
+    """The arm's p_bw > 0 model against its p_bw = 0 baseline: both with fw embeddings, fwbw − fwfw in one
+    against the same in the other (BW_TRAINING), and each at its best."""
     x, base = (models[models.run_id.isin(names)] for names in (arm.runs, arm.baseline))
     x_name, base_name = _model_name(arm.setting), "p_bw = 0"
     rows = []
+    a, b = WITHIN[CONTROL]
     for key, config in x.groupby(CONFIG, dropna=False, sort=True):
         same = select(base, dict(zip(CONFIG, key)))
         rows.append(_compare(FW_EMBED, (x_name, _by_seed(config, "fw")), (base_name, _by_seed(same, "fw")), per_query))
+        rows.append(_compare_differences(BW_TRAINING, (x_name, _by_seed(config, a), _by_seed(config, b)),
+                                         (base_name, _by_seed(same, a), _by_seed(same, b)), per_query))
     fixed = ["task", "system", "finetune_steps"]
     for key, x_at in x.groupby(fixed, dropna=False, sort=True):
         base_at = select(base, dict(zip(fixed, key)))
@@ -263,21 +275,52 @@ def _every_seed(bm25: pd.DataFrame, seeds: pd.Index) -> pd.DataFrame:
 def _compare(name: str, a: Side, b: Side, per_query: PerQuery) -> dict | None:
     """a − b over the seeds both have and their queries (the module docstring's columns); None without a seed."""
     (a_name, a_rows), (b_name, b_rows) = a, b
-    seeds = sorted(set(a_rows.index) & set(b_rows.index))
+    seeds = _common_seeds(a_rows, b_rows)
     if not seeds:
         return None
-    for rows in (a_rows, b_rows):
+    a_rows, b_rows = a_rows.loc[seeds], b_rows.loc[seeds]
+    qids, a_values, b_values = _per_query(a_rows, b_rows, per_query)
+    return _difference_row(name, (a_name, a_rows.iloc[0], a_values), (b_name, b_rows.iloc[0], b_values), seeds, qids)
+
+
+def _compare_differences(name: str, x: tuple[str, pd.DataFrame, pd.DataFrame],
+                         base: tuple[str, pd.DataFrame, pd.DataFrame], per_query: PerQuery) -> dict | None:
+    """(x's a − b) − (base's a − b): one within-model difference in one model against the same in another,
+    over the seeds all four sides have and their queries; a and b of the row are x's and base's within-model
+    differences (their means are a_mean and b_mean), described by their first sides. None without a seed."""
+    (x_name, x_a, x_b), (base_name, base_a, base_b) = x, base
+    seeds = _common_seeds(x_a, x_b, base_a, base_b)
+    if not seeds:
+        return None
+    x_a, x_b, base_a, base_b = (rows.loc[seeds] for rows in (x_a, x_b, base_a, base_b))
+    qids, xa_values, xb_values = _per_query(x_a, x_b, per_query)
+    base_qids, base_a_values, base_b_values = _per_query(base_a, base_b, per_query)
+    if base_qids != qids:
+        raise ValueError(f"retrieval results {', '.join([*x_a.result, *base_a.result])} hold different queries: rerun "
+                         "them on one task")
+    return _difference_row(name, (x_name, x_a.iloc[0], xa_values - xb_values),
+                           (base_name, base_a.iloc[0], base_a_values - base_b_values), seeds, qids)
+
+
+def _common_seeds(*sides: pd.DataFrame) -> list[int]:
+    """The seeds every side has (each side's results indexed by seed, one per seed)."""
+    for rows in sides:
         if rows.index.has_duplicates:
             raise ValueError(f"retrieval results {', '.join(rows.result)} are the same system's on one seed: the table "
                              "cannot tell them apart")
-    a_rows, b_rows = a_rows.loc[seeds], b_rows.loc[seeds]
-    qids, a_values, b_values = _per_query(a_rows, b_rows, per_query)
+    return sorted(set.intersection(*(set(rows.index) for rows in sides)))
+
+
+def _difference_row(name: str, a: tuple[str, pd.Series, np.ndarray], b: tuple[str, pd.Series, np.ndarray],
+                    seeds: list[int], qids: list[str]) -> dict:
+    """The row of a − b (COMPARISON_COLUMNS): each side's name, first result (what it is) and values
+    (seeds × queries)."""
+    (a_name, a_first, a_values), (b_name, b_first, b_values) = a, b
     d = a_values - b_values
     means = two_level_means(d)
     low, high = np.quantile(means, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
     per_seed = d.mean(axis=1)
     _, seed_low, seed_high = mean_ci(per_seed, CONFIDENCE)
-    a_first, b_first = a_rows.iloc[0], b_rows.iloc[0]
     return {
         "comparison": name, "task": a_first["task"], "split": a_first["split"],
         "a": a_name, **{f"a_{c}": a_first[c] for c in CHOSEN}, "b": b_name, **{f"b_{c}": b_first[c] for c in CHOSEN},
