@@ -100,6 +100,8 @@ def test_with_the_fw_only_models_control_a_second_sentence_says_what_bw_training
                       "fw-only model of its seed, whose bw view reads the text reversed without having been trained to; "
                       "above 0: bw training added to what reading the text reversed gives any causal LM).")
     assert len(retrieval_statements(analyse_retrieval(*hand_built()))) == 1  # without the fw-only model's control
+    last = forest_rows(analyse_retrieval(table, per_query)).iloc[-1]  # drawn last, not as the primary
+    assert (last.label, last.primary) == ("fwbw − fwfw, p_bw > 0 − p_bw = 0: p_bw = 0.05, depth 2 / width 8, tiny", False)
 
 
 @pytest.mark.parametrize("fw_only_control, verdict", [

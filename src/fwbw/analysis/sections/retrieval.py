@@ -29,7 +29,8 @@ FOREST = "retrieval_forest"  # the forest plot's file stem
 FOREST_CAPTION = ("The comparisons the answer rests on: nDCG@10 of a − b on the test queries within each model, zero-shot "
                   "late interaction after the last block, one row per comparison, model and task; dot: the mean over "
                   "seeds and queries, bar: its two-level bootstrap 95% interval; dashed: 0; red: the primary comparison, "
-                  f"{CONTROL} (the matched control). Right of 0: a retrieved better than b.")
+                  f"{CONTROL} (the matched control). Right of 0: a retrieved better than b. Last, where the fw-only "
+                  f"model has the control too, {BW_TRAINING}: the control's difference minus the fw-only model's.")
 RETRIEVAL_NOT_BW_TRAINING = ("Reading the text reversed helped, but bw training is not shown to be why: fwbw beat fwfw in "
                              "every comparison, and the fw-only model's own fwbw, its bw view never trained, beat its fwfw "
                              "by amounts not told apart from these")
@@ -106,10 +107,11 @@ def _bw_training(rows: pd.DataFrame) -> list[str]:
 
 
 def forest_rows(retrieval: RetrievalAnalysis) -> pd.DataFrame:
-    """The rows of the forest plot (figures.comparison_forest), top to bottom: _by_comparison's, each with its label
-    (comparison: model, task) and whether it is the primary comparison (CONTROL); none without them."""
+    """The rows of the forest plot (figures.comparison_forest), top to bottom: _by_comparison's, then BW_TRAINING's,
+    each with its label (comparison: model, task) and whether it is the primary comparison (CONTROL); none without
+    them."""
     by_name = _by_comparison(retrieval)
-    rows = pd.concat(by_name) if by_name else retrieval.comparisons.iloc[:0]
+    rows = pd.concat([*by_name, _bw_training_rows(retrieval)]) if by_name else retrieval.comparisons.iloc[:0]
     labels = [f"{row.comparison}: {row.a}, {size_label(row.depth, row.width)}, {row.task}" for row in rows.itertuples()]
     return rows.assign(label=labels, primary=rows.comparison.eq(CONTROL))
 
