@@ -108,6 +108,21 @@ def test_within_model_contrasts_with_their_exact_intervals():
     assert set(answer_rows(comparisons).p_bw) == {0.5}
 
 
+def test_what_bw_training_adds_pairs_each_seed_and_query_with_its_own_in_the_fw_only_model():
+    """fwbw − fwfw of p_bw 0.5 [[0.1, 0.3], [0.2, 0.0]] minus that of p_bw 0 [[0.0, 0.1], [0.3, 0.1]], cell by cell:
+    [[0.1, 0.2], [-0.1, -0.1]]; pairing another seed or query with it would change every number checked."""
+    cells = {(0.5, "fwbw"): {1: (0.5, 0.6), 2: (0.6, 0.5)}, (0.5, "fwfw"): {1: (0.4, 0.3), 2: (0.4, 0.5)},
+             (0.0, "fwbw"): {1: (0.5, 0.5), 2: (0.6, 0.4)}, (0.0, "fwfw"): {1: (0.5, 0.4), 2: (0.3, 0.3)}}
+    comparisons = analyse_retrieval(*build([result(values, p_bw=p_bw, seed=seed, embed=embed)
+                                            for (p_bw, embed), seeds in cells.items()
+                                            for seed, values in seeds.items()])).comparisons
+    added = comparisons.set_index("comparison").loc[BW_TRAINING]
+    assert added.per_seed == "1: +0.150; 2: -0.100"
+    assert (added.a_mean, added.b_mean, added.mean_diff) == pytest.approx((0.15, 0.125, 0.025))
+    assert (added.ci_low, added.ci_high) == pytest.approx((-0.1, 0.2), abs=1e-12)
+    assert (added.query_boot_low, added.query_boot_high) == pytest.approx((0.0, 0.05))  # over queries: 0.0 and 0.05
+
+
 def test_a_comparison_that_cannot_be_made_is_absent():
     table, per_query = within_table()
     without_control = analyse_retrieval(table[table.embed.ne("fwfw")], per_query).comparisons

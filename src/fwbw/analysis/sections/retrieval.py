@@ -31,9 +31,12 @@ FOREST_CAPTION = ("The comparisons the answer rests on: nDCG@10 of a − b on th
                   "seeds and queries, bar: its two-level bootstrap 95% interval; dashed: 0; red: the primary comparison, "
                   f"{CONTROL} (the matched control). Right of 0: a retrieved better than b. Last, where the fw-only "
                   f"model has the control too, {BW_TRAINING}: the control's difference minus the fw-only model's.")
-RETRIEVAL_NOT_BW_TRAINING = ("Reading the text reversed helped, but bw training is not shown to be why: fwbw beat fwfw in "
-                             "every comparison, and the fw-only model's own fwbw, its bw view never trained, beat its fwfw "
-                             "by amounts not told apart from these")
+# the deciding comparison's direction -> the answer where bw training is not shown to be why (_credited)
+NOT_BW_TRAINING = {
+    "better": "fwbw beat its matched control fwfw in every comparison, but bw training is not shown to be why: {why}",
+    "sometimes": "Not consistently: fwbw beat its matched control fwfw in some comparisons only, and bw training is not "
+                 "shown to be why: {why}",
+}
 RETRIEVAL_UNCONTROLLED = ("Not established: without the matched fwfw control, a gain of two views over one is not "
                           "told apart from seeing both sides")
 
@@ -60,15 +63,33 @@ def _retrieval_tally(rows: pd.DataFrame) -> str:
 
 def _retrieval_answer(deciding: pd.DataFrame, bw_training: pd.DataFrame) -> str:
     """The answer the deciding comparison's rows allow: a gain only where it is the fwbw − fwfw control, and
-    credited to bw training only where the fw-only model's own fwbw − fwfw (bw_training's rows, where there are
-    any) does not match it (docs/retrieval-plan.md)."""
+    credited to training both ways only where bw training is shown to be why (_credited; docs/retrieval-plan.md)."""
     name, direction = deciding.comparison.iloc[0], _retrieval_direction(deciding)
     if name != CONTROL and direction in ("better", "sometimes", "mixed"):
         return RETRIEVAL_UNCONTROLLED
-    if direction == "better" and len(bw_training) and _retrieval_direction(bw_training) != "better":
-        return RETRIEVAL_NOT_BW_TRAINING
+    why = _credited(deciding, bw_training) if direction in NOT_BW_TRAINING else None
+    if why:
+        return NOT_BW_TRAINING[direction].format(why=why)
     a, b = name.split(" − ")
     return RETRIEVAL_ANSWERS[direction].format(a=a, b=b)
+
+
+def _credited(deciding: pd.DataFrame, bw_training: pd.DataFrame) -> str | None:
+    """None where every deciding row above 0 has its BW_TRAINING row (the same model, task and blocks, over the same
+    seeds) above 0 too: bw training is shown to be why; else why not, in words."""
+    keys = ["p_bw", "depth", "width", "task", "a_blocks", "seeds"]
+    won = deciding[deciding.ci_low > 0]
+    matched = won.merge(bw_training[[*keys, "ci_low", "ci_high"]], on=keys, how="left", suffixes=("", "_bw"))
+    missing = int(matched.ci_low_bw.isna().sum())
+    if missing:
+        return (f"for {missing} of the {len(won)} comparisons it won there is no fw-only model's {CONTROL} over the "
+                "same seeds, to tell bw training from what reading the text reversed gives a model never trained so")
+    below, held = int((matched.ci_high_bw < 0).sum()), int((matched.ci_low_bw <= 0).sum())
+    if held:
+        return (f"beyond the fw-only model's own {CONTROL}, its bw view never trained, the difference of the "
+                f"{len(won)} comparisons it won lies above 0 in {len(won) - held}, below 0 in {below} and holds 0 in "
+                f"{held - below}")
+    return None
 
 
 def _by_comparison(retrieval: RetrievalAnalysis) -> list[pd.DataFrame]:
@@ -103,7 +124,9 @@ def _bw_training(rows: pd.DataFrame) -> list[str]:
     return [f"Secondary, whether bw training is what makes the difference: {_retrieval_tally(rows)} (fwbw − fwfw "
             "in the model trained both ways minus the same in the fw-only model of its seed, whose bw view reads the "
             "text reversed without having been trained to; above 0: bw training added to what reading the text "
-            "reversed gives any causal LM)."]
+            "reversed gives any causal LM, roughly what it did for the bw view less what it cost the fw view. fwfw of "
+            "a seed borrows the next seed's fw view, in both models, so neighbouring seeds share runs and the seed "
+            "level of the interval is approximate: see seed_ci and per_seed in retrieval_comparisons)."]
 
 
 def forest_rows(retrieval: RetrievalAnalysis) -> pd.DataFrame:
@@ -125,9 +148,10 @@ def section(inputs: Inputs) -> tuple[str, list[tuple]] | None:
         *(("p", sentence) for sentence in retrieval_statements(retrieval)),
         ("p", "retrieval_comparisons: nDCG@10 of a − b, paired by seed and query (fwbw.analysis.retrieval_stats). "
               "Within each model, per task, split, system, blocks and fine-tuning: bw − fw, fwbw − fw and fwbw − "
-              "fwfw (the matched control: this run's fw beside a second seed's fw) where p_bw > 0, echo − fw (the "
-              "text read twice) at every p_bw. Between models: p_bw > 0 − p_bw = 0 with fw embeddings, and each at "
-              "its best embed and blocks. Against BM25: each model's best dense system, rerank-bm25 and fusion-bm25. "
+              "fwfw (the matched control: this run's fw beside a second seed's fw), echo − fw (the text read twice), "
+              "at every p_bw (at p_bw = 0, whose bw view was never trained, as references that never answer). Between "
+              f"models: p_bw > 0 − p_bw = 0 with fw embeddings, {BW_TRAINING} (the control's difference less the "
+              "fw-only model's), and each at its best embed and blocks. Against BM25: each model's best dense system, rerank-bm25 and fusion-bm25. "
               "Best: the highest mean nDCG@10 over the seeds on the dev split, then compared on every split. ci_low, "
               "ci_high: the two-level bootstrap 95% interval (seeds and queries resampled independently); p_value: its "
               "two-sided p; goal rows (best dense − BM25 on test, description and ict): p_holm, Holm-adjusted over "
