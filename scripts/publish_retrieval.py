@@ -12,11 +12,10 @@ from pathlib import Path
 
 from fwbw.analysis.figures import comparison_forest
 from fwbw.analysis.publish import publisher_main, write_summary
-from fwbw.analysis.report import RETRIEVAL_TABLES, RETRIEVAL_TITLE, retrieval_statements
+from fwbw.analysis.report import RETRIEVAL_TABLES, RETRIEVAL_TITLE, retrieval_statements, retrieval_tables, write_csv_tables
 from fwbw.analysis.retrieval_stats import sweep_retrieval
 from fwbw.analysis.sections.figure_blocks import figure_block
 from fwbw.analysis.sections.retrieval import FOREST, FOREST_CAPTION, forest_rows
-from fwbw.files import atomic_write
 from fwbw.study.sweep_dir import RETRIEVAL_CSV, RETRIEVAL_PARQUET
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "retrieval"
@@ -29,9 +28,7 @@ def publish(sweep_dir: Path, out_dir: Path = DEFAULT_OUT) -> Path:
     retrieval = sweep_retrieval(sweep_dir)
     if retrieval is None:
         raise ValueError(f"{sweep_dir}: no retrieval results in its {RETRIEVAL_PARQUET} or {RETRIEVAL_CSV}")
-    for name in RETRIEVAL_TABLES:
-        table = getattr(retrieval, name.removeprefix("retrieval_"))
-        atomic_write(out_dir / f"{name}.csv", lambda tmp, table=table: table.to_csv(tmp, index=False))
+    write_csv_tables(retrieval_tables(retrieval), out_dir)
     rows = forest_rows(retrieval)
     figures = [(comparison_forest(rows, out_dir, FOREST), FOREST_CAPTION)] if len(rows) else []
     files = ", ".join(f"{name}.csv" for name in RETRIEVAL_TABLES)

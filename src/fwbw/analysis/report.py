@@ -40,8 +40,18 @@ RETRIEVAL_TABLES = ("retrieval_comparisons", "retrieval_systems")  # written whe
 def _csv_tables(analysis: Analysis, retrieval: RetrievalAnalysis | None) -> dict[str, pd.DataFrame]:
     """The analyses' tables by CSV name: CSV_TABLES, and RETRIEVAL_TABLES where the sweep has them."""
     tables = {name: getattr(analysis, name) for name in CSV_TABLES}
-    shown = RETRIEVAL_TABLES if retrieval is not None else ()
-    return tables | {name: getattr(retrieval, name.removeprefix("retrieval_")) for name in shown}
+    return tables | ({} if retrieval is None else retrieval_tables(retrieval))
+
+
+def retrieval_tables(retrieval: RetrievalAnalysis) -> dict[str, pd.DataFrame]:
+    """The retrieval analysis's tables by CSV name (RETRIEVAL_TABLES)."""
+    return {name: getattr(retrieval, name.removeprefix("retrieval_")) for name in RETRIEVAL_TABLES}
+
+
+def write_csv_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> None:
+    """Each table as out_dir/<name>.csv, atomically."""
+    for name, table in tables.items():
+        atomic_write(out_dir / f"{name}.csv", lambda tmp, table=table: table.to_csv(tmp, index=False))
 
 
 def _inputs(sweep_dir: Path, out_dir: Path, windows: Sequence[Window]) -> Inputs:
@@ -63,8 +73,7 @@ def write_report(sweep_dir: Path, out_dir: Path, windows: Sequence[Window] = DEF
     sweep_dir, out_dir = Path(sweep_dir), Path(out_dir)
     inputs = _inputs(sweep_dir, out_dir, windows)
     tables = report_tables(inputs)
-    for name, table in (_csv_tables(inputs.analysis, inputs.retrieval) | tables).items():
-        atomic_write(out_dir / f"{name}.csv", lambda tmp, table=table: table.to_csv(tmp, index=False))
+    write_csv_tables(_csv_tables(inputs.analysis, inputs.retrieval) | tables, out_dir)
     shown = sections(inputs, tables)
     title = f"fwbw sweep report: {sweep_dir.name}"
     atomic_write_text(out_dir / "report.md", render_markdown(title, shown, out_dir))
