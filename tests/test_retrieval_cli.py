@@ -57,9 +57,9 @@ def encoded(monkeypatch) -> list[tuple[str, int]]:
     calls = []
     original = Encoder._encode_direction
 
-    def counting(self, tokens, direction):
+    def counting(self, tokens, direction, fillers):
         calls.append((direction, len(tokens)))
-        return original(self, tokens, direction)
+        return original(self, tokens, direction, fillers)
 
     monkeypatch.setattr(Encoder, "_encode_direction", counting)
     return calls
@@ -127,6 +127,19 @@ def test_a_second_call_encodes_nothing_and_a_shared_cache_encodes_each_direction
     assert encoded[2:] == [("bw", 24), ("bw", 6)]  # fw read from the cache
     assert json.loads((tmp_path / "fwbw" / "timings.json").read_text())["corpus_encoded"] is True
     assert (tmp_path / "fw" / "run.trec").read_text() == first
+
+
+def test_the_around_embed_and_query_fillers_end_to_end(run, beir, tmp_path):
+    base = ["--task", f"beir:{beir}", "--split", "test", "--no-progress"]
+    assert main(["retrieval", str(run), "--embed", "around", "--out", str(tmp_path / "around"), *base]) == 0
+    assert_metrics_reproduced(tmp_path / "around")
+    assert main(["retrieval", str(run), "--embed", "fwbw", "--query-fillers", "3", "--out", str(tmp_path / "filled"),
+                 *base]) == 0
+    metrics = assert_metrics_reproduced(tmp_path / "filled")
+    assert (metrics["embed"], metrics["n_queries"]) == ("fwbw", 6)
+    settings = json.loads((tmp_path / "filled" / "settings.json").read_text())
+    assert (settings["query_fillers"], settings["embed"]) == (3, "fwbw")
+    assert json.loads((tmp_path / "around" / "settings.json").read_text())["query_fillers"] == 0
 
 
 def test_a_result_of_other_settings_or_other_files_are_refused(run, beir, tmp_path, capsys):
@@ -290,6 +303,13 @@ def bad_beir(tmp_path: Path) -> Path:
          "--out: a sweep's results go under {sweep}/retrieval, so give no --out"),
         (["{sweep}", "--task", "beir:{tmp}/bad", "--split", "test"],
          "{tmp}/bad/qrels/test.tsv: missing (a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv)"),
+        (["--bm25", "--task", "beir:{beir}", "--split", "test", "--query-fillers", "2", "--out", "{tmp}/r"],
+         "--bm25 takes no --query-fillers: BM25 uses no run (a sweep's evaluation includes BM25)"),
+        (["{beir_run}", "--task", "beir:{beir}", "--split", "test", "--query-fillers", "2", "--pooling", "mean",
+          "--out", "{tmp}/r"], "query fillers: late interaction only (a pooled text is one vector; its fillers would "
+         "not add one)"),
+        (["{beir_run}", "--task", "beir:{beir}", "--split", "test", "--embed", "around", "--pooling", "last",
+          "--out", "{tmp}/r"], "pooling last: embed around's states never see a whole chunk; pool it by mean"),
         (["{beir_run}", "--task", "beir:{beir}", "--split", "test", "--blocks", "4", "--out", "{tmp}/r"],
          "blocks: the run has 3 blocks, so expected 1..3, got 4"),
         (["{beir_run}", "--task", "beir:{beir}", "--split", "test", "--finetune-steps", "2", "--out", "{tmp}/r"],

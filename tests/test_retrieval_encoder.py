@@ -207,13 +207,13 @@ def test_a_directory_that_is_not_a_finished_run_is_one_line(runs, tmp_path):
 
 
 def test_an_unknown_embed_and_a_bw_embed_of_a_leaking_run_are_refused(runs, tmp_path):
-    with pytest.raises(ValueError, match="^embed: expected one of fw, bw, fwbw, echo, got 'both'$"):
+    with pytest.raises(ValueError, match="^embed: expected one of fw, bw, fwbw, echo, around, got 'both'$"):
         load_encoder(runs["plain"], "both")
     leaking = tmp_path / "leaking"
     shutil.copytree(runs["plain"], leaking)
     config = json.loads((leaking / "config.json").read_text())
     (leaking / "config.json").write_text(json.dumps({**config, "bw_mask": "legacy-flip"}))
-    for embed in ("bw", "fwbw"):
+    for embed in ("bw", "fwbw", "around"):
         with pytest.raises(ValueError, match=f"^embed {embed}: the run's bw mask legacy-flip lets every position"):
             load_encoder(leaking, embed)
     fw = load_encoder(leaking, "fw", progress=False).encode(SHARED_PREFIX)

@@ -304,13 +304,14 @@ def _retrieval_run(args: argparse.Namespace) -> int:
         raise ValueError("--fusion: a sweep's fusion; for one run give --fuse-from DEV_RERANK_RESULT")
     return _retrieval_one(args, System(args.target, embed, args.blocks, args.pooling, args.finetune_steps,
                                        args.finetune_seed, args.hard_negatives, args.chunk_tokens, args.partner,
-                                       args.rerank, args.fuse_from, args.dtype))
+                                       args.rerank, args.fuse_from, args.dtype, args.query_fillers))
 
 
 def _embedding_flags(args: argparse.Namespace) -> dict[str, object]:
     return {"--embed": args.embed, "--blocks": args.blocks, "--pooling": args.pooling,
             "--finetune-steps": args.finetune_steps, "--finetune-seed": args.finetune_seed,
             "--hard-negatives": args.hard_negatives, "--chunk-tokens": args.chunk_tokens, "--partner": args.partner,
+            "--query-fillers": args.query_fillers,
             "--rerank": args.rerank, "--fuse-from": args.fuse_from, "--fusion": args.fusion}
 
 
@@ -342,7 +343,7 @@ def _retrieval_sweep(args: argparse.Namespace) -> int:
     check_results_writable(args.target)
     plan = Plan(args.task, args.split, tuple(args.embed or DEFAULT_EMBEDS), args.blocks, args.pooling,
                 args.finetune_steps, args.finetune_seed, args.hard_negatives, args.chunk_tokens, args.rerank, args.fusion,
-                args.dtype, args.cache_gb)
+                args.dtype, args.cache_gb, query_fillers=args.query_fillers)
     outcome, left_out = retrieve_sweep(args.target, plan, device=args.device, progress=not args.no_progress)
     for line in left_out:
         print(f"left out: {line}")
@@ -535,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--bm25", action="store_true", help="evaluate BM25 (no run)")
     retrieval.add_argument("--embed", nargs="+", choices=[*EMBEDS, CONTROL_EMBED],
                            help="token embeddings: fw, bw, both (fwbw), echo (a fw pass over the text read twice, its "
-                           "second copy's states: a fw-only baseline) or fwfw (fwbw's control: the fw views of the run "
+                           "second copy's states: a fw-only baseline), around (the fw state before each token and the bw "
+                           "state after it, the two that predict it) or fwfw (fwbw's control: the fw views of the run "
                            f"and of --partner) (a run: one, fwbw; a sweep: {' '.join(DEFAULT_EMBEDS)})")
     retrieval.add_argument("--partner", type=Path,
                            help="--embed fwfw's second run, of the run's setting (a sweep pairs each run with the next seed)")
@@ -543,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="embed a text longer than N tokens in chunks of N, each starting N/2 after the one before, "
                            "every chunk's token vectors entering MaxSim (default: the run's context; half of it for "
                            "--embed echo, which reads each chunk twice)")
+    retrieval.add_argument("--query-fillers", type=int, default=0, metavar="N",
+                           help="query augmentation (zero-shot): read each query with N filler tokens, after it for fw and "
+                           "before it for bw, and embed their states too (default 0)")
     retrieval.add_argument("--rerank", type=int, metavar="K",
                            help="rerank BM25's K best documents of each query by the run's score instead of searching all")
     retrieval.add_argument("--fuse-from", type=Path, metavar="DEV_RESULT",

@@ -16,9 +16,22 @@ A chunk's token t is embedded as
         whole chunk, then tokens 0..t again (echo embeddings: Springer et al. 2024, "Repetition
         improves language model embeddings"): whole-text states from the fw direction alone. Both
         copies must fit the context, so its chunks are at most half of it (the default),
-each view (a pass: fw, bw or echo; VIEWS) L2-normalised. With task tokens the run's markers are
+  around  the two states that predict token t, [fw at t-1; bw at t+1] / sqrt(2): the text on
+        both sides of t but not t itself (the fw state at t-1 has seen tokens 0..t-1, the bw one at
+        t+1 tokens t+1..end). At a chunk's first token the fw half is the fw task marker's state
+        (which predicts it), or a zero vector without task tokens; at its last the bw half likewise,
+each view (a pass: fw, bw or echo, or a pass's states one position off: fw-prev, bw-next; VIEWS)
+L2-normalised (a missing state stays a zero vector). With task tokens the run's markers are
 added as training added them (the fw marker before the chunk or its two copies, the bw marker
-after it) and their own positions dropped. `blocks` takes the states after the first n blocks
+after it) and their own positions dropped.
+
+Query fillers (query augmentation, ColBERT's [MASK] padding of queries: Khattab & Zaharia 2020):
+with `fillers` N > 0 each chunk of a text (in practice a query) is read with N filler tokens
+(FILLER_TEXT's one token) after it by a fw pass and before it by a bw pass, and their N states,
+each of which has read the whole chunk, are embedded after the chunk's own tokens; the fw view's
+filler i (the i-th after the chunk) is paired with the bw view's filler that has as many fillers
+between it and the chunk. A text then takes chunks of chunk_tokens - N tokens, so that chunk and
+fillers fit where a chunk did. `blocks` takes the states after the first n blocks
 instead (model.truncated(n), its final norm applied). A fine-tuned encoder
 (fwbw.retrieval.finetune) then applies its learned projection and normalises; fine-tuning embeds
 each text's first chunk only (Encoder.embed_batch).
@@ -78,10 +91,14 @@ class View:
 
     direction: str
     copies: int = 1
+    shift: int = 0  # embed the state this many positions after each token's (-1: the one before)
 
 
-VIEWS = {"fw": View("fw"), "bw": View("bw"), "echo": View("fw", copies=2)}
-EMBEDS = {"fw": ("fw",), "bw": ("bw",), "fwbw": ("fw", "bw"), "echo": ("echo",)}  # embed -> its views, in order
+VIEWS = {"fw": View("fw"), "bw": View("bw"), "echo": View("fw", copies=2), "fw-prev": View("fw", shift=-1),
+         "bw-next": View("bw", shift=1)}
+EMBEDS = {"fw": ("fw",), "bw": ("bw",), "fwbw": ("fw", "bw"), "echo": ("echo",),  # embed -> its views, in order
+          "around": ("fw-prev", "bw-next")}
+FILLER_TEXT = "\n"  # a query filler: one token of every tokenizer of the corpora, which separates their paragraphs
 POOLINGS = ("mean", "last")
 ENCODE_BATCH_TOKENS = 16384  # padded tokens per forward pass
 COMBINE_ROWS = 65536  # token vectors combined at once (bounds the fp32 copy)
@@ -149,6 +166,34 @@ def check_chunk_tokens(chunk_tokens: int | None, embed: str, config: TrainConfig
     return chunk_tokens
 
 
+def check_fillers(fillers: int, chunk_tokens: int) -> int:
+    """The number of query fillers; ValueError (one line) unless a chunk keeps at least 2 tokens of its own."""
+    if not 0 <= fillers <= chunk_tokens - 2:
+        raise ValueError(f"query fillers: expected 0..{chunk_tokens - 2} (chunks of {chunk_tokens} tokens keep at least "
+                         f"2 of the text's own), got {fillers}")
+    return fillers
+
+
+def check_pooling(pooling: str | None, embed: str, fillers: int = 0) -> None:
+    """ValueError (one line) for an unknown pooling, or one the embed or query fillers do not allow."""
+    if pooling is None:
+        return
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: expected one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if fillers:
+        raise ValueError("query fillers: late interaction only (a pooled text is one vector; its fillers would not add one)")
+    if pooling == "last" and any(VIEWS[view].shift for view in EMBEDS.get(embed, ())):
+        raise ValueError(f"pooling last: embed {embed}'s states never see a whole chunk; pool it by mean")
+
+
+def filler_id(tokenizer: Tokenizer) -> int:
+    """The query filler's token id; ValueError (one line) for a tokenizer that splits FILLER_TEXT."""
+    ids = tokenizer.encode(FILLER_TEXT)
+    if len(ids) != 1:
+        raise ValueError(f"query fillers: the run's tokenizer reads the filler {FILLER_TEXT!r} as {len(ids)} tokens, not one")
+    return ids[0]
+
+
 def text_tokens(tokenizer: Tokenizer, texts: Mapping[str, str]) -> list[list[int]]:
     """Each text's token ids, all of them."""
     tokens = tokenizer.encode_batch(list(texts.values()))
@@ -170,36 +215,47 @@ def text_chunks(ids: Sequence[int], chunk_tokens: int) -> list[list[int]]:
     return [list(ids[start : start + chunk_tokens]) for start in chunk_starts(len(ids), chunk_tokens)]
 
 
-def view_inputs(ids: Sequence[int], view: View, config: ModelConfig) -> tuple[list[int], int]:
-    """What one pass of `view` reads for a chunk, with training's task marker (fw's before the
-    copies, bw's after them), and where in it the embedded copy starts."""
-    copies = [*ids] * view.copies
+def view_inputs(ids: Sequence[int], view: View, config: ModelConfig, fillers: int = 0,
+                filler: int = PAD_ID) -> tuple[list[int], list[int]]:
+    """What one pass of `view` reads for a chunk: the copies, `fillers` filler tokens after them (fw)
+    or before them (bw), and training's task marker (fw's first, bw's last); and, for each vector
+    the chunk yields (its tokens in order, then its fillers nearest first), the position in that
+    sequence whose state it is, shifted by view.shift (-1: none, a zero vector)."""
+    length = len(ids)
     if view.direction == "bw":
-        return [*copies, *([config.bw_token_id] if config.task_tokens else [])], 0
-    marker = [config.fw_token_id] if config.task_tokens else []
-    return [*marker, *copies], len(marker) + len(ids) * (view.copies - 1)
+        sequence = [*[filler] * fillers, *ids, *([config.bw_token_id] if config.task_tokens else [])]
+        slots = [fillers + t for t in range(length)] + [fillers - 1 - i for i in range(fillers)]
+    else:
+        marker = [config.fw_token_id] if config.task_tokens else []
+        sequence = [*marker, *[*ids] * view.copies, *[filler] * fillers]
+        start = len(marker) + length * (view.copies - 1)
+        slots = list(range(start, start + length + fillers))
+    return sequence, [slot + view.shift if 0 <= slot + view.shift < len(sequence) else -1 for slot in slots]
 
 
-def token_states(model: HlbGpt, tokens: Sequence[Sequence[int]], view: str) -> tuple[torch.Tensor, torch.Tensor]:
+def token_states(model: HlbGpt, tokens: Sequence[Sequence[int]], view: str, fillers: int = 0,
+                 filler: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
     """One view's unit vectors [B, L, width] for chunks of token ids, row b position j holding
-    token j of chunk b (zero past its end), and the mask [B, L]; differentiable."""
+    vector j of chunk b (view_inputs' order; zero past its end or where there is no state), and the
+    mask [B, L] of the vectors each chunk has; differentiable."""
     direction = VIEWS[view].direction
-    inputs_of = [view_inputs(ids, VIEWS[view], model.config) for ids in tokens]
-    lengths = torch.tensor([len(ids) for ids in tokens])
+    inputs_of = [view_inputs(ids, VIEWS[view], model.config, fillers, filler) for ids in tokens]
     padded_length = max(len(sequence) for sequence, _ in inputs_of)
+    width = max(len(slots) for _, slots in inputs_of)
     inputs = torch.full((len(tokens), padded_length), PAD_ID)
-    starts = []  # where each chunk's embedded copy starts in its row
-    for row, (sequence, embedded) in enumerate(inputs_of):
+    index = torch.full((len(tokens), width), -1)  # each vector's position in its padded row, -1: none
+    mask = torch.zeros((len(tokens), width), dtype=torch.bool)
+    for row, (sequence, slots) in enumerate(inputs_of):
         first = 0 if direction == "fw" else padded_length - len(sequence)
         inputs[row, first : first + len(sequence)] = torch.tensor(sequence)
-        starts.append(first + embedded)
+        slots = torch.tensor(slots)
+        index[row, : len(slots)] = torch.where(slots >= 0, slots + first, -1)
+        mask[row, : len(slots)] = True
     device = next(model.parameters()).device
     hidden = model.hidden(inputs.to(device), direction).float()
-    positions = torch.arange(int(lengths.max()))
-    index = (torch.tensor(starts)[:, None] + positions).clamp(max=padded_length - 1).to(device)
-    states = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-    mask = (positions < lengths[:, None]).to(device)
-    return F.normalize(states, dim=-1).masked_fill(~mask[..., None], 0), mask
+    index, mask = index.to(device), mask.to(device)
+    states = hidden.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
+    return F.normalize(states, dim=-1).masked_fill((index < 0)[..., None], 0), mask
 
 
 def combine(states: Sequence[torch.Tensor], projection: nn.Linear | None = None) -> torch.Tensor:
@@ -264,26 +320,30 @@ class Encoder:
             states = [token_states(self.model, tokens, view) for view in self.views]
         return combine([vectors for vectors, _ in states], self.projection).float(), states[0][1]
 
-    def encode(self, texts: Mapping[str, str]) -> TokenEmbeddings:
-        """Every token's embedding, chunk after chunk, in fp16."""
-        return combine_views(self.view_embeddings(texts), self.projection, self.device)
+    def encode(self, texts: Mapping[str, str], fillers: int = 0) -> TokenEmbeddings:
+        """Every token's embedding (and each chunk's `fillers` query fillers'), chunk after chunk, in fp16."""
+        return combine_views(self.view_embeddings(texts, fillers), self.projection, self.device)
 
     def encode_pooled(self, texts: Mapping[str, str], pooling: str) -> TokenEmbeddings:
         """One embedding per text (each of length 1), pooled from its token states: see POOLINGS."""
+        check_pooling(pooling, self.embed)
         directions = [VIEWS[view].direction for view in self.views]
         return pool_views(self.view_embeddings(texts), directions, pooling, self.projection, self.device)
 
     @torch.no_grad()
-    def view_embeddings(self, texts: Mapping[str, str]) -> list[TokenEmbeddings]:
-        """Each view's unit token vectors of the texts, in self.views' order, before they are combined."""
+    def view_embeddings(self, texts: Mapping[str, str], fillers: int = 0) -> list[TokenEmbeddings]:
+        """Each view's unit token vectors of the texts (with `fillers` query fillers per chunk), in
+        self.views' order, before they are combined."""
         tokens = self.tokenize(texts)
-        ids, lengths = tuple(texts), torch.tensor([sum(map(len, text_chunks(t, self.chunk_tokens))) for t in tokens])
-        return [TokenEmbeddings(ids, self._cached_vectors(tokens, lengths, view), lengths) for view in self.views]
+        chunk_tokens = self.chunk_tokens - check_fillers(fillers, self.chunk_tokens)
+        lengths = torch.tensor([sum(len(chunk) + fillers for chunk in text_chunks(t, chunk_tokens)) for t in tokens])
+        return [TokenEmbeddings(tuple(texts), self._cached_vectors(tokens, lengths, view, fillers), lengths)
+                for view in self.views]
 
-    def _cached_vectors(self, tokens: list[list[int]], lengths: torch.Tensor, view: str) -> torch.Tensor:
+    def _cached_vectors(self, tokens: list[list[int]], lengths: torch.Tensor, view: str, fillers: int) -> torch.Tensor:
         if self.cache_dir is None:
-            return self._encode_direction(tokens, view)
-        path = self.cache_dir / f"{view}-blocks{self.blocks}-{self._cache_key(tokens, view)}.safetensors"
+            return self._encode_direction(tokens, view, fillers)
+        path = self.cache_dir / f"{view}-blocks{self.blocks}-{self._cache_key(tokens, view, fillers)}.safetensors"
         try:
             cached = load_file(str(path))
             if torch.equal(cached["lengths"], lengths):
@@ -291,30 +351,32 @@ class Encoder:
                 return cached["vectors"]
         except (OSError, SafetensorError, KeyError):
             pass  # not cached yet, or unreadable: encode again
-        vectors = self._encode_direction(tokens, view)
+        vectors = self._encode_direction(tokens, view, fillers)
         atomic_write(path, lambda tmp: save_file({"vectors": vectors, "lengths": lengths}, str(tmp)))
         return vectors
 
-    def _cache_key(self, tokens: list[list[int]], view: str) -> str:
+    def _cache_key(self, tokens: list[list[int]], view: str, fillers: int) -> str:
         token_digest = hashlib.sha256()
         for ids in tokens:
             token_digest.update(np.asarray([len(ids), *ids], dtype=np.int64).tobytes())
         key = [CACHE_FORMAT, self.weights_digest, self.blocks, view, self.chunk_tokens, token_digest.hexdigest()]
+        key += [fillers, FILLER_TEXT] if fillers else []  # keys without fillers as before they existed
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
     @torch.no_grad()
-    def _encode_direction(self, tokens: list[list[int]], view: str) -> torch.Tensor:
-        """Packed fp16 unit vectors [total tokens, width] of one view (a direction's, or echo's) of
-        the texts: each text's chunks in order, texts in their order."""
-        chunks = [chunk for ids in tokens for chunk in text_chunks(ids, self.chunk_tokens)]
+    def _encode_direction(self, tokens: list[list[int]], view: str, fillers: int) -> torch.Tensor:
+        """Packed fp16 unit vectors [total vectors, width] of one view of the texts: each text's
+        chunks in order (each chunk's tokens, then its fillers), texts in their order."""
+        chunks = [chunk for ids in tokens for chunk in text_chunks(ids, self.chunk_tokens - fillers)]
+        filler = filler_id(self.tokenizer) if fillers else PAD_ID
         per_chunk: list[torch.Tensor | None] = [None] * len(chunks)
         self.model.eval()
         with tqdm(total=len(chunks), desc=f"encode {view}", unit="chunk", disable=not self.progress) as bar:
-            for batch in length_blocks([len(ids) * VIEWS[view].copies for ids in chunks], ENCODE_BATCH_TOKENS):
+            for batch in length_blocks([len(ids) * VIEWS[view].copies + fillers for ids in chunks], ENCODE_BATCH_TOKENS):
                 with self.precision():
-                    states, _ = token_states(self.model, [chunks[i] for i in batch], view)
+                    states, _ = token_states(self.model, [chunks[i] for i in batch], view, fillers, filler)
                 for row, i in enumerate(batch):
-                    per_chunk[i] = states[row, : len(chunks[i])].half().cpu()
+                    per_chunk[i] = states[row, : len(chunks[i]) + fillers].half().cpu()
                 bar.update(len(batch))
         return torch.cat(per_chunk)
 

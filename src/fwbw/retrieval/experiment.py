@@ -2,9 +2,10 @@
 
 Systems (System.name):
   bm25                  fwbw.retrieval.bm25, Anserini's setting (k1 0.9, b 0.4)
-  late-interaction      a finished run's token embeddings (embed fw | bw | fwbw | echo, optionally
-                        after its first `blocks` blocks, a long text in overlapping chunks of
-                        chunk_tokens; fwbw.retrieval.encoder) scored by MaxSim
+  late-interaction      a finished run's token embeddings (embed fw | bw | fwbw | echo | around,
+                        optionally after its first `blocks` blocks, a long text in overlapping chunks
+                        of chunk_tokens, each query with query_fillers fillers (zero-shot only);
+                        fwbw.retrieval.encoder) scored by MaxSim
   single-vector-mean    one vector per text from the same states, mean-pooled or the last token's
   single-vector-last    (encoder.POOLINGS), scored by their cosine
   rerank-bm25           BM25's `rerank` best documents of each query ordered by the run's score of
@@ -25,14 +26,15 @@ training text may hold their queries.
 
 A result directory holds run_files' files (metrics.json written last: a finished result) and
   settings.json   what the result is of, written before any work: task, split, system, embed,
-                  blocks, chunk_tokens (the length used, the default's too), pooling,
+                  blocks, chunk_tokens (the length used, the default's too), query_fillers, pooling,
                   finetune_steps and settings, rerank, the fusion weight, maxsim_dtype, the run's
                   (and the partner's) weights' sha256 (and, not compared, the run's path)
   timings.json    seconds to load or fine-tune the encoder, to encode the corpus (corpus_encoded:
                   false when every view came from the token cache) and the queries, to search,
                   and per query (encoding the query and searching); BM25's: to index and search, and
                   that per query
-A directory whose metrics.json exists for the same settings is skipped; one that holds another
+A directory whose metrics.json exists for the same settings (a field added since it was written
+taken at its default: LATER_FIELDS) is skipped; one that holds another
 result (one from before chunking, which cut texts to the context and has no chunk_tokens, too), or
 other files and no settings.json, is refused.
 """
@@ -53,12 +55,13 @@ from fwbw.retrieval.benchmark import LM_CORPUS, TASKS, Benchmark, check_split
 from fwbw.retrieval.bm25 import bm25_run
 from fwbw.retrieval.encoder import (
     EMBEDS,
-    POOLINGS,
     Encoder,
     TokenEmbeddings,
     check_blocks,
     check_chunk_tokens,
     check_embed,
+    check_fillers,
+    check_pooling,
     load_encoder,
 )
 from fwbw.retrieval.ensemble import CONTROL_EMBED, load_paired_encoder
@@ -94,6 +97,7 @@ LATE_INTERACTION = "late-interaction"
 SINGLE_VECTOR = "single-vector"
 RERANK, FUSION = "rerank-bm25", "fusion-bm25"
 MAXSIM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LATER_FIELDS = {"query_fillers": 0}  # settings.json fields added later: what a result from before had
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class System:
     rerank: int | None = None  # rerank BM25's this many best documents of each query
     fuse_from: Path | None = None  # fuse with BM25, the weight tuned on this dev rerank result
     maxsim_dtype: str = "fp32"
+    query_fillers: int = 0  # filler tokens read with each query chunk (encoder: query fillers)
 
     @property
     def name(self) -> str:
@@ -165,14 +170,16 @@ def check_system(system: System, task: str) -> TrainConfig | None:
                                        ("hard negatives", system.hard_negatives)) if value]
     if tuning and not system.finetune_steps:
         raise ValueError(f"{tuning[0]}: a zero-shot system (finetune steps 0) is not fine-tuned")
-    if system.pooling is not None and system.pooling not in POOLINGS:
-        raise ValueError(f"pooling: expected one of {', '.join(POOLINGS)}, got {system.pooling!r}")
+    if system.query_fillers and system.finetune_steps:
+        raise ValueError("query fillers: zero-shot only (fine-tuning reads its queries without them)")
+    check_pooling(system.pooling, system.encoder_embed, system.query_fillers)
     if system.maxsim_dtype not in MAXSIM_DTYPES:
         raise ValueError(f"maxsim dtype: expected one of {', '.join(MAXSIM_DTYPES)}, got {system.maxsim_dtype!r}")
     check_hybrid(system)
     if system.run is None:
         given = [name for name in ("embed", "blocks", "pooling", "chunk_tokens", "partner", "rerank")
                  if getattr(system, name) is not None]
+        given += ["query fillers"] if system.query_fillers else []
         if given or system.finetune_steps:
             raise ValueError(f"bm25 takes no {', '.join(given) or 'fine-tuning'}: those choose a run's embeddings")
         return None
@@ -182,7 +189,7 @@ def check_system(system: System, task: str) -> TrainConfig | None:
     check_partner(system, task, config)
     check_embed(system.encoder_embed, config)
     check_blocks(system.blocks, config)
-    check_chunk_tokens(system.chunk_tokens, system.encoder_embed, config)
+    check_fillers(system.query_fillers, check_chunk_tokens(system.chunk_tokens, system.encoder_embed, config))
     check_training_data(task, config, system.run)
     return config
 
@@ -238,6 +245,7 @@ def identity(task: str, split: str, system: System, config: TrainConfig | None) 
         "embed": system.embed,
         "blocks": None if config is None else check_blocks(system.blocks, config),
         "chunk_tokens": None if config is None else check_chunk_tokens(system.chunk_tokens, system.encoder_embed, config),
+        "query_fillers": system.query_fillers,
         "pooling": system.pooling,
         "finetune_steps": system.finetune_steps,
         "finetune": dataclasses.asdict(system.finetune_settings()) if system.finetune_steps else None,
@@ -262,7 +270,7 @@ def fusion_weight(system: System, task: str, fused: Mapping[str, Any]) -> float:
     if not (source / METRICS_FILE).is_file() or not isinstance(settings, dict):
         raise ValueError(f"fuse from: {source} holds no finished retrieval result")
     wanted = {**fused, "split": TUNING_SPLIT, "system": RERANK, "fusion_weight": None}
-    shown = differences({key: settings.get(key) for key in wanted}, wanted, SHOWN_DIFFERENCES)
+    shown = differences(saved_fields(settings, wanted), wanted, SHOWN_DIFFERENCES)
     if shown:
         raise ValueError(f"fuse from: {source} is not this system's rerank on the dev queries ({shown})")
     weight, _ = tune_weight(read_candidates(source / CANDIDATES_FILE), load_task(task, TUNING_SPLIT).qrels,
@@ -282,11 +290,16 @@ def finished_with(out_dir: Path, wanted: Mapping[str, Any]) -> bool:
                              f"retrieval result ({SETTINGS_FILE}): give a new or empty folder")
         return False
     saved = read_json(path)
-    shown = differences({key: saved.get(key) for key in wanted} if isinstance(saved, dict) else {}, wanted,
-                        SHOWN_DIFFERENCES)
+    shown = differences(saved_fields(saved, wanted) if isinstance(saved, dict) else {}, wanted, SHOWN_DIFFERENCES)
     if shown:
         raise ValueError(f"out: {out_dir} holds the retrieval result of other settings ({shown}); give another --out")
     return (out_dir / METRICS_FILE).is_file()
+
+
+def saved_fields(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of `wanted` in a saved settings.json, a field added since it was written (LATER_FIELDS)
+    at its default."""
+    return {key: saved.get(key, LATER_FIELDS.get(key)) for key in wanted}
 
 
 def run_retrieval(
@@ -357,7 +370,7 @@ def _embedded(benchmark: Benchmark, system: System, finetune_dir: Path, cache_di
     documents = _encode(encoder, benchmark.corpus, system.pooling)
     corpus_encoded = cache_dir is None or _cache_files(cache_dir) != cached_before
     ticks.append(time.time())
-    queries = _encode(encoder, benchmark.queries, system.pooling)
+    queries = _encode(encoder, benchmark.queries, system.pooling, system.query_fillers)
     ticks.append(time.time())
     dtype, device = MAXSIM_DTYPES[system.maxsim_dtype], str(encoder.device)
     if system.rerank is None:
@@ -385,8 +398,8 @@ def _hybrid(benchmark: Benchmark, system: System, queries: TokenEmbeddings, docu
     return fuse(candidates, read_json(out_dir / SETTINGS_FILE)["fusion_weight"])
 
 
-def _encode(encoder: Encoder, texts: Mapping[str, str], pooling: str | None) -> TokenEmbeddings:
-    return encoder.encode(texts) if pooling is None else encoder.encode_pooled(texts, pooling)
+def _encode(encoder: Encoder, texts: Mapping[str, str], pooling: str | None, fillers: int = 0) -> TokenEmbeddings:
+    return encoder.encode(texts, fillers) if pooling is None else encoder.encode_pooled(texts, pooling)
 
 
 def _cache_files(cache_dir: Path | None) -> set[str]:
@@ -398,8 +411,8 @@ def read_experiment(out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     settings = read_json(out_dir / SETTINGS_FILE) if (out_dir / SETTINGS_FILE).is_file() else {}
     timings = read_json(out_dir / TIMINGS_FILE) if (out_dir / TIMINGS_FILE).is_file() else {}
-    shown = {key: settings.get(key) for key in ("split", "blocks", "chunk_tokens", "pooling", "rerank", "fusion_weight",
-                                                "maxsim_dtype")}
+    shown = {key: settings.get(key, LATER_FIELDS.get(key)) for key in ("split", "blocks", "chunk_tokens", "query_fillers",
+                                                                     "pooling", "rerank", "fusion_weight", "maxsim_dtype")}
     return {**shown, "variant": variant(settings), **timings, **read_json(out_dir / METRICS_FILE)}
 
 
@@ -410,6 +423,7 @@ def variant(settings: Mapping[str, Any]) -> str:
     finetune = settings.get("finetune") or {}
     parts = [
         f"chunks {settings['chunk_tokens']}" if settings.get("chunk_tokens") is not None else None,
+        f"{settings['query_fillers']} query fillers" if settings.get("query_fillers") else None,
         f"finetune seed {finetune['seed']}" if finetune.get("seed") else None,
         f"{finetune['hard_negatives']} negatives" if finetune.get("hard_negatives") else None,
         f"top {settings['rerank']}" if settings.get("rerank") is not None else None,
