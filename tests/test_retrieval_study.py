@@ -18,7 +18,7 @@ def rows(split: str, seed: int, values: dict) -> list[dict]:
     for (kind, option), value in values.items():
         row = {"task": "description", "split": split, "seed": seed, "system": "late-interaction", "embed": "fw",
                "depth": 2, "blocks": 2, "finetune_steps": 0, "variant": "chunks 128", "ndcg_at_10": value,
-               "chunk_tokens": study.CHUNK_TOKENS, "maxsim_dtype": "fp32", "pooling": None}
+               "chunk_tokens": study.CHUNK_TOKENS, "maxsim_dtype": "fp32", "pooling": None, "query_fillers": 0}
         if kind == "finetuned":
             row |= {"finetune_steps": study.FINETUNE_STEPS,
                     "variant": "chunks 128, bm25 negatives" if option else "chunks 128"}
@@ -46,6 +46,32 @@ def test_choices_follow_the_explored_seeds_dev_results_and_nothing_else():
     ties = dict.fromkeys(better_options, 0.5)
     assert study.choose(table(ties, better_options, better_options), explored=(200,)) == study.Choices(None, None)
     assert study.choose(table({}, better_options, better_options), explored=(200,)) == study.Choices(None, None)
+
+
+def test_dev_rows_with_query_fillers_enter_no_choice():
+    better_options = {("finetuned", True): 0.6, ("finetuned", False): 0.5, ("zero", True): 0.4, ("zero", False): 0.3}
+    worse_options = {key: 1.0 - value for key, value in better_options.items()}
+    filled = table(worse_options, {}, {}).assign(query_fillers=study.EXPLORED_FILLERS)
+    chosen = study.choose(pd.concat([table(better_options, {}, {}), filled]), explored=(200,))
+    assert chosen == study.choose(table(better_options, {}, {}), explored=(200,)) == study.Choices("bm25", 1)
+
+
+def test_query_fillers_and_the_around_embed_are_measured_on_the_explored_seeds_dev_queries_only(tmp_path, monkeypatch):
+    ran: list[Plan] = []
+    monkeypatch.setattr(study, "read_status", lambda run_dir: {"status": "done"})
+    prepare_sweep(build_sweep_spec(overrides={"depths": [1], "widths": [16], "p_bw": [0.0, 0.5], "seeds": 1}), tmp_path)
+    monkeypatch.setattr(study, "explored_seeds", lambda sweep: (200,))
+    monkeypatch.setattr(study, "retrieve_sweep", lambda sweep, plan, device, progress: (ran.append(plan) or {}, []))
+    monkeypatch.setattr(study, "build_retrieval_results", lambda sweep: pd.DataFrame(rows("dev", 200, {("zero", False): 0.3})))
+    study.run_study(tmp_path, report=lambda line: None)
+    filled = [plan for plan in ran if plan.query_fillers]
+    around = [plan for plan in ran if study.ALIGNMENT_EMBED in plan.embeds]
+    for explored in (filled, around):
+        assert [plan.task for plan in explored] == list(study.GOAL_TASKS)
+        assert all(plan.split == "dev" and plan.seeds == (200,) and not plan.finetune_steps for plan in explored)
+    assert {plan.query_fillers for plan in filled} == {study.EXPLORED_FILLERS}
+    assert all(plan.embeds == study.CANDIDATE_EMBEDS for plan in filled)
+    assert all(plan.embeds == (study.ALIGNMENT_EMBED,) and not plan.query_fillers for plan in around)
 
 
 def test_the_explored_seeds_are_each_setting_s_first(tmp_path):

@@ -13,7 +13,9 @@ finished: fwbw.study.retrieval_sweep).
      CANDIDATE_EMBEDS (cheap: each run's fusion weight is tuned on its own); on the explored seeds,
      what ColBERT practice might add, measured before it is used: fine-tuning of FINETUNED_EMBEDS
      with in-batch negatives only and with BM25 hard negatives, and the embeddings after the first
-     block instead of the last
+     block instead of the last; and, measured on dev alone (never chosen, never carried to test),
+     zero-shot with EXPLORED_FILLERS query fillers for each of CANDIDATE_EMBEDS and the
+     ALIGNMENT_EMBED (around: the two states that predict each token)
   4. choices (choose), from step 3's dev results alone: the hard negatives and the blocks whose mean
      dev nDCG@10 over those results is the higher (in-batch negatives and every block on a tie)
   5. test, every seed: the reranks and their fusions, fine-tuning with the chosen negatives,
@@ -49,6 +51,8 @@ FINETUNED_EMBEDS = ("fw", "fwbw", "echo")
 FINETUNE_STEPS = 300
 RERANK_DEPTH = 100
 EXPLORED_BLOCKS = 1  # the block sweep's other point: the states after the first block
+EXPLORED_FILLERS = 8  # query augmentation, measured on dev only
+ALIGNMENT_EMBED = "around"  # measured on dev only
 MEASURE = "ndcg_at_10"
 
 
@@ -83,6 +87,8 @@ def dev_plans(task: str, explored: tuple[int, ...], maxsim_dtype: str) -> list[P
         finetuned,
         dataclasses.replace(finetuned, hard_negatives="bm25"),
         dataclasses.replace(base, embeds=CANDIDATE_EMBEDS, blocks=EXPLORED_BLOCKS),
+        dataclasses.replace(base, embeds=CANDIDATE_EMBEDS, query_fillers=EXPLORED_FILLERS),
+        dataclasses.replace(base, embeds=(ALIGNMENT_EMBED,)),
     ]
 
 
@@ -104,9 +110,10 @@ def sanity_plan(explored: tuple[int, ...], maxsim_dtype: str) -> Plan:
 
 def choose(table: pd.DataFrame, explored: Iterable[int], maxsim_dtype: str = "fp32") -> Choices:
     """Step 3 (module docstring): read from the explored seeds' dev rows of the study's own settings
-    (its chunk length and similarity dtype, late interaction) only."""
+    (its chunk length and similarity dtype, late interaction, no query fillers) only."""
     dev = table[table.split.eq("dev") & table.seed.isin(list(explored)) & table.task.isin(GOAL_TASKS)
-                & table.chunk_tokens.eq(CHUNK_TOKENS) & table.maxsim_dtype.eq(maxsim_dtype) & table.pooling.isna()]
+                & table.chunk_tokens.eq(CHUNK_TOKENS) & table.maxsim_dtype.eq(maxsim_dtype) & table.pooling.isna()
+                & table.query_fillers.fillna(0).eq(0)]
     finetuned = dev[dev.finetune_steps.eq(FINETUNE_STEPS) & dev.system.eq(LATE_INTERACTION)]
     negatives = _better(finetuned, lambda rows: rows.variant.str.contains("bm25 negatives"), "bm25", None)
     zero_shot = dev[dev.finetune_steps.eq(0) & dev.system.eq(LATE_INTERACTION) & dev.embed.isin(CANDIDATE_EMBEDS)]
