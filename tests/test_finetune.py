@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -14,7 +15,7 @@ from conftest import sentence
 from test_retrieval_encoder import finished_runs
 
 from fwbw.retrieval import finetune as finetune_module
-from fwbw.retrieval.encoder import combine, load_encoder
+from fwbw.retrieval.encoder import MARKERS, combine, load_encoder
 from fwbw.retrieval.finetune import (
     FinetuneSettings,
     bm25_hard_negatives,
@@ -58,7 +59,7 @@ def test_a_few_steps_lower_the_loss_on_the_training_batch_and_leave_the_run_unto
         "finetune.json", "model.safetensors", "model_config.json", "projection.safetensors"]
     record = json.loads((tmp_path / "finetuned" / "finetune.json").read_text())
     assert record["settings"] == {"embed": "fwbw", "blocks": None, "steps": 4, "batch_size": 8, "lr": 1e-3,
-                                  "temperature": 0.05, "dim": 40, "seed": 3, "hard_negatives": None}
+                                  "temperature": 0.05, "dim": 40, "seed": 3, "hard_negatives": None, "markers": False}
     assert record["run"] == str(run.resolve()) and record["n_pairs"] == 8 and len(record["losses"]) == 4
     # every step's batch is all 8 pairs, so the first loss is the untrained model's on that batch
     queries, documents = zip(*pairs)
@@ -165,15 +166,44 @@ def test_bm25_hard_negatives_are_the_best_ranked_training_documents_that_are_no_
 def test_fine_tuning_with_hard_negatives_gives_each_batch_its_pairs_negatives(run, pairs, tmp_path, monkeypatch):
     seen = []
 
-    def spy(encoder, queries, documents, temperature, negatives=()):
+    def spy(encoder, queries, documents, temperature, negatives=(), markers=False):
         seen.append(list(negatives))
-        return infonce_loss(encoder, queries, documents, temperature, negatives)
+        return infonce_loss(encoder, queries, documents, temperature, negatives, markers)
 
     monkeypatch.setattr(finetune_module, "infonce_loss", spy)
     settings = FinetuneSettings(embed="fw", steps=1, batch_size=8, hard_negatives="bm25")
     finetune(run, pairs, tmp_path / "tuned", settings, progress=False)
     assert sorted(seen[0]) == sorted(bm25_hard_negatives(pairs))  # the one batch holds every pair
     assert json.loads((tmp_path / "tuned" / "finetune.json").read_text())["settings"]["hard_negatives"] == "bm25"
+
+
+def test_fine_tuning_with_markers_reads_each_text_after_its_role_s_marker(run, pairs, tmp_path, monkeypatch):
+    read = []
+    original = finetune_module.Encoder.embed_batch
+
+    def spy(encoder, texts, marker=None):
+        read.append((tuple(texts), marker))
+        return original(encoder, texts, marker)
+
+    monkeypatch.setattr(finetune_module.Encoder, "embed_batch", spy)
+    finetune(run, pairs, tmp_path / "tuned", FinetuneSettings(embed="fw", steps=1, batch_size=8, markers=True),
+             progress=False)
+    queries, documents = zip(*pairs)
+    assert [(sorted(texts), marker) for texts, marker in read] == [(sorted(queries), MARKERS["query"]),
+                                                                   (sorted(documents), MARKERS["document"])]
+    record = json.loads((tmp_path / "tuned" / "finetune.json").read_text())
+    assert record["settings"]["markers"] is True
+
+
+def test_a_fine_tuning_from_before_markers_existed_is_one_without_them(run, pairs, tmp_path, monkeypatch):
+    finetune(run, pairs, tmp_path / "tuned", FEW_STEPS, progress=False)
+    record = json.loads((tmp_path / "tuned" / "finetune.json").read_text())
+    del record["settings"]["markers"]
+    (tmp_path / "tuned" / "finetune.json").write_text(json.dumps(record))
+    monkeypatch.setattr(finetune_module, "_train", lambda *args: pytest.fail("trained again"))
+    finetune(run, pairs, tmp_path / "tuned", FEW_STEPS, progress=False)  # loaded: the same fine-tuning
+    with pytest.raises(ValueError, match="holds another fine-tuning \\(settings.markers: false -> true\\)"):
+        finetune(run, pairs, tmp_path / "tuned", dataclasses.replace(FEW_STEPS, markers=True), progress=False)
 
 
 def test_batches_are_epochs_of_a_seeded_shuffle():

@@ -16,10 +16,11 @@ from test_retrieval_encoder import finished_runs
 
 from fwbw import cli
 from fwbw.cli import main
+from fwbw.data.corpora import load_corpus_tokenizer
 from fwbw.retrieval import experiment
 from fwbw.retrieval.beir import read_beir, write_beir
 from fwbw.retrieval.benchmark import Benchmark
-from fwbw.retrieval.encoder import Encoder
+from fwbw.retrieval.encoder import MARKERS, Encoder
 from fwbw.retrieval.metrics import evaluate, mean_metrics
 from fwbw.retrieval.run_files import read_trec_qrels, read_trec_run
 from fwbw.study.results import RETRIEVAL_COLUMNS, RETRIEVAL_PHASE
@@ -140,6 +141,9 @@ def test_the_around_embed_and_query_fillers_end_to_end(run, beir, tmp_path):
     settings = json.loads((tmp_path / "filled" / "settings.json").read_text())
     assert (settings["query_fillers"], settings["embed"]) == (3, "fwbw")
     assert json.loads((tmp_path / "around" / "settings.json").read_text())["query_fillers"] == 0
+    assert main(["retrieval", str(run), "--embed", "fw", "--markers", "--out", str(tmp_path / "marked"), *base]) == 0
+    assert_metrics_reproduced(tmp_path / "marked")
+    assert json.loads((tmp_path / "marked" / "settings.json").read_text())["markers"] is True
 
 
 def test_a_result_of_other_settings_or_other_files_are_refused(run, beir, tmp_path, capsys):
@@ -308,6 +312,11 @@ def bad_beir(tmp_path: Path) -> Path:
         (["{beir_run}", "--task", "beir:{beir}", "--split", "test", "--query-fillers", "2", "--pooling", "mean",
           "--out", "{tmp}/r"], "query fillers: late interaction only (a pooled text is one vector; its fillers would "
          "not add one)"),
+        (["--bm25", "--task", "beir:{beir}", "--split", "test", "--markers", "--out", "{tmp}/r"],
+         "--bm25 takes no --markers: BM25 uses no run (a sweep's evaluation includes BM25)"),
+        (["{beir_run}", "--task", "beir:{beir}", "--split", "test", "--markers", "--chunk-tokens", "3", "--out", "{tmp}/r"],
+         "markers: a marker of {marker} tokens leaves chunks of 3 under 2 tokens of the text's own; give chunks of at "
+         "least {marker_plus_2}"),
         (["{beir_run}", "--task", "beir:{beir}", "--split", "test", "--embed", "around", "--pooling", "last",
           "--out", "{tmp}/r"], "pooling last: embed around's states never see a whole chunk; pool it by mean"),
         (["{beir_run}", "--task", "beir:{beir}", "--split", "test", "--blocks", "4", "--out", "{tmp}/r"],
@@ -326,8 +335,10 @@ def test_bad_input_is_one_line_and_writes_no_result(arguments, error, finished, 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     shutil.copy(finished.out / "sweep.json", sweep / "sweep.json")
-    values = dict(tmp=tmp_path, run=failed, sweep=sweep, beir=beir.resolve(), beir_run=run,
-                  data=TrainConfig.load(run / "config.json").data)
+    config = TrainConfig.load(run / "config.json")
+    marker = len(load_corpus_tokenizer(config.data, config.tokenizer, progress=False).encode(MARKERS["query"]))
+    values = dict(tmp=tmp_path, run=failed, sweep=sweep, beir=beir.resolve(), beir_run=run, data=config.data,
+                  marker=marker, marker_plus_2=marker + 2)
     assert main(["retrieval", *(argument.format(**values) for argument in arguments), "--no-progress"]) == 2
     assert capsys.readouterr().err == f"fwbw retrieval: error: {error.format(**values)}\n"
     assert not (tmp_path / "r").exists()

@@ -1,5 +1,5 @@
-"""The around embed (the fw state before each token and the bw state after it) and query fillers
-(fwbw.retrieval.encoder), in a result's settings and a sweep's folder names
+"""The around embed (the fw state before each token and the bw state after it), query fillers and
+markers (fwbw.retrieval.encoder), in a result's settings and a sweep's folder names
 (fwbw.retrieval.experiment, fwbw.study.retrieval_sweep)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from test_retrieval_encoder import PREFIX, SHARED_PREFIX, finished_runs, vectors_of
 
 from fwbw.files import atomic_write_json
-from fwbw.retrieval.encoder import FILLER_TEXT, check_fillers, filler_id, load_encoder
+from fwbw.retrieval.encoder import FILLER_TEXT, MARKERS, check_fillers, filler_id, load_encoder
 from fwbw.retrieval.experiment import System, check_system, finished_with, identity, variant
 from fwbw.study.retrieval_sweep import Plan, result_name
 
@@ -190,3 +190,59 @@ def test_a_sweep_names_a_result_with_fillers_apart():
     plan = Plan("description", "dev", query_fillers=4)
     assert result_name(plan, "fwbw") == "description-dev-fwbw-qf4-ft0"
     assert result_name(Plan("description", "dev"), "fwbw") == "description-dev-fwbw-ft0"
+
+
+@pytest.mark.parametrize("name", ["plain", "task_tokens"])
+def test_a_marker_is_read_first_by_either_pass_and_its_states_are_not_embedded(runs, name):
+    encoder = load_encoder(runs[name], "fwbw", progress=False)
+    ids = encoder.tokenize({"a": PREFIX})[0]
+    marker = encoder.tokenizer.encode(MARKERS["query"])
+    fw_marker, bw_marker = markers(encoder)
+    fw = states(encoder, [*fw_marker, *marker, *ids], "fw")[len(fw_marker) + len(marker) :]
+    bw = states(encoder, [*ids, *marker, *bw_marker], "bw")[: len(ids)]
+    embeddings = encoder.encode({"a": PREFIX}, marker=MARKERS["query"])
+    assert embeddings.lengths.tolist() == [len(ids)]
+    torch.testing.assert_close(vectors_of(embeddings, "a"), torch.cat([fw, bw], dim=1) / math.sqrt(2), atol=1e-3, rtol=0)
+    plain, document = (vectors_of(encoder.encode({"a": PREFIX}, marker=text), "a") for text in (None, MARKERS["document"]))
+    for other in (plain, document):  # each token's state knows which side of the search it is on
+        assert (vectors_of(embeddings, "a") - other).abs().amax(dim=1).min() > 0
+
+
+def test_a_marker_and_fillers_share_a_chunk_with_the_text(runs, tmp_path):
+    marker = len(load_encoder(runs["plain"], "fw", progress=False).tokenizer.encode(MARKERS["query"]))
+    chunk_tokens, room = marker + 2 + 4, 4  # 2 fillers, 4 of the text's own tokens
+    encoder = load_encoder(runs["plain"], "fw", chunk_tokens=chunk_tokens, cache_dir=tmp_path, progress=False)
+    ids = encoder.tokenize({"a": PREFIX})[0]
+    assert len(ids) > room
+    embeddings = encoder.encode({"a": PREFIX}, 2, MARKERS["query"])
+    starts = sorted({*range(0, len(ids) - room, room // 2), len(ids) - room})
+    assert embeddings.lengths.tolist() == [len(starts) * (room + 2)]
+    with pytest.raises(ValueError, match=f"^query fillers: expected 0..4 \\(chunks of {chunk_tokens} tokens keep at "
+                                         f"least 2 of the text's own beside a marker of {marker}\\), got 5$"):
+        encoder.encode({"a": PREFIX}, 5, MARKERS["query"])
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    encoder.encode({"a": PREFIX}, 2)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2  # without the marker: cached apart
+
+
+def test_fine_tuning_embeds_a_text_s_first_chunk_after_its_marker_as_the_search_does(runs):
+    marker = len(load_encoder(runs["plain"], "fw", progress=False).tokenizer.encode(MARKERS["document"]))
+    encoder = load_encoder(runs["plain"], "fwbw", chunk_tokens=marker + 5, progress=False)
+    vectors, mask = encoder.embed_batch([PREFIX], MARKERS["document"])
+    assert int(mask.sum()) == 5
+    first_chunk = encoder.encode({"a": encoder.tokenizer.decode(encoder.tokenize({"a": PREFIX})[0][:5])},
+                                 marker=MARKERS["document"])
+    torch.testing.assert_close(vectors[0].detach(), vectors_of(first_chunk, "a"), atol=1e-3, rtol=0)
+
+
+def test_markers_are_part_of_a_result_s_settings_and_a_sweep_s_folder_names(runs):
+    config = check_system(System(runs["plain"], "fw"), TASK)
+    marked = identity(TASK, "dev", System(runs["plain"], "fw", markers=True), config)
+    assert marked["markers"] is True and variant(marked) == "chunks 32, markers"
+    tuned = identity(TASK, "dev", System(runs["plain"], "fw", finetune_steps=3, markers=True), config)
+    assert tuned["finetune"]["markers"] is True
+    plan = Plan("description", "dev", markers=True, finetune_steps=3)
+    assert result_name(plan, "fw") == "description-dev-fw-mk-ft3"
+    assert result_name(plan, "fw", pooled=False) == "description-fw-mk-ft3"
+    with pytest.raises(ValueError, match="^bm25 takes no markers"):
+        check_system(System(markers=True), TASK)

@@ -304,14 +304,15 @@ def _retrieval_run(args: argparse.Namespace) -> int:
         raise ValueError("--fusion: a sweep's fusion; for one run give --fuse-from DEV_RERANK_RESULT")
     return _retrieval_one(args, System(args.target, embed, args.blocks, args.pooling, args.finetune_steps,
                                        args.finetune_seed, args.hard_negatives, args.chunk_tokens, args.partner,
-                                       args.rerank, args.fuse_from, args.dtype, args.query_fillers))
+                                       args.rerank, args.fuse_from, args.dtype, args.query_fillers,
+                                       args.markers))
 
 
 def _embedding_flags(args: argparse.Namespace) -> dict[str, object]:
     return {"--embed": args.embed, "--blocks": args.blocks, "--pooling": args.pooling,
             "--finetune-steps": args.finetune_steps, "--finetune-seed": args.finetune_seed,
             "--hard-negatives": args.hard_negatives, "--chunk-tokens": args.chunk_tokens, "--partner": args.partner,
-            "--query-fillers": args.query_fillers,
+            "--query-fillers": args.query_fillers, "--markers": args.markers,
             "--rerank": args.rerank, "--fuse-from": args.fuse_from, "--fusion": args.fusion}
 
 
@@ -343,7 +344,7 @@ def _retrieval_sweep(args: argparse.Namespace) -> int:
     check_results_writable(args.target)
     plan = Plan(args.task, args.split, tuple(args.embed or DEFAULT_EMBEDS), args.blocks, args.pooling,
                 args.finetune_steps, args.finetune_seed, args.hard_negatives, args.chunk_tokens, args.rerank, args.fusion,
-                args.dtype, args.cache_gb, query_fillers=args.query_fillers)
+                args.dtype, args.cache_gb, query_fillers=args.query_fillers, markers=args.markers)
     outcome, left_out = retrieve_sweep(args.target, plan, device=args.device, progress=not args.no_progress)
     for line in left_out:
         print(f"left out: {line}")
@@ -548,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--query-fillers", type=int, default=0, metavar="N",
                            help="query augmentation (zero-shot): read each query with N filler tokens, after it for fw and "
                            "before it for bw, and embed their states too (default 0)")
+    retrieval.add_argument("--markers", action="store_true",
+                           help="read each query after the marker 'query: ' and each document after 'passage: ' (E5's "
+                           "prefixes; ColBERT's [Q] and [D]), in fine-tuning too")
     retrieval.add_argument("--rerank", type=int, metavar="K",
                            help="rerank BM25's K best documents of each query by the run's score instead of searching all")
     retrieval.add_argument("--fuse-from", type=Path, metavar="DEV_RESULT",

@@ -31,7 +31,14 @@ with `fillers` N > 0 each chunk of a text (in practice a query) is read with N f
 each of which has read the whole chunk, are embedded after the chunk's own tokens; the fw view's
 filler i (the i-th after the chunk) is paired with the bw view's filler that has as many fillers
 between it and the chunk. A text then takes chunks of chunk_tokens - N tokens, so that chunk and
-fillers fit where a chunk did. `blocks` takes the states after the first n blocks
+fillers fit where a chunk did.
+
+Markers (ColBERT's [Q] and [D]; here E5's text prefixes, Wang et al. 2022, "Text embeddings by
+weakly-supervised contrastive pre-training"): with a `marker` text (MARKERS: one for queries, one
+for documents) every chunk is read with the marker's tokens first, by either pass (fw: before the
+chunk; bw: after it, in the text's own order), so that each token's state knows which side of the
+search it is on; their own states are not embedded, and a chunk keeps chunk_tokens less the marker's
+tokens. `blocks` takes the states after the first n blocks
 instead (model.truncated(n), its final norm applied). A fine-tuned encoder
 (fwbw.retrieval.finetune) then applies its learned projection and normalises; fine-tuning embeds
 each text's first chunk only (Encoder.embed_batch).
@@ -57,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -98,6 +106,7 @@ VIEWS = {"fw": View("fw"), "bw": View("bw"), "echo": View("fw", copies=2), "fw-p
          "bw-next": View("bw", shift=1)}
 EMBEDS = {"fw": ("fw",), "bw": ("bw",), "fwbw": ("fw", "bw"), "echo": ("echo",),  # embed -> its views, in order
           "around": ("fw-prev", "bw-next")}
+MARKERS = {"query": "query: ", "document": "passage: "}  # role -> its marker text
 FILLER_TEXT = "\n"  # a query filler: one token of every tokenizer of the corpora, which separates their paragraphs
 POOLINGS = ("mean", "last")
 ENCODE_BATCH_TOKENS = 16384  # padded tokens per forward pass
@@ -166,11 +175,31 @@ def check_chunk_tokens(chunk_tokens: int | None, embed: str, config: TrainConfig
     return chunk_tokens
 
 
-def check_fillers(fillers: int, chunk_tokens: int) -> int:
-    """The number of query fillers; ValueError (one line) unless a chunk keeps at least 2 tokens of its own."""
-    if not 0 <= fillers <= chunk_tokens - 2:
-        raise ValueError(f"query fillers: expected 0..{chunk_tokens - 2} (chunks of {chunk_tokens} tokens keep at least "
-                         f"2 of the text's own), got {fillers}")
+@dataclass(frozen=True)
+class Framing:
+    """What each pass reads around a chunk besides its tokens: query fillers (`fillers` of the
+    token `filler`) and a marker's tokens."""
+
+    fillers: int = 0
+    filler: int = PAD_ID
+    marker: tuple[int, ...] = ()
+
+    def room(self, chunk_tokens: int) -> int:
+        """The text's own tokens in a chunk of chunk_tokens."""
+        return chunk_tokens - self.fillers - len(self.marker)
+
+
+def check_fillers(fillers: int, chunk_tokens: int, marker_tokens: int = 0) -> int:
+    """The number of query fillers; ValueError (one line) unless a chunk keeps at least 2 tokens of its
+    own beside them and a marker of marker_tokens."""
+    most = chunk_tokens - marker_tokens - 2
+    if most < 0:
+        raise ValueError(f"markers: a marker of {marker_tokens} tokens leaves chunks of {chunk_tokens} under 2 tokens of "
+                         f"the text's own; give chunks of at least {marker_tokens + 2}")
+    if not 0 <= fillers <= most:
+        beside = f" beside a marker of {marker_tokens}" if marker_tokens else ""
+        raise ValueError(f"query fillers: expected 0..{most} (chunks of {chunk_tokens} tokens keep at least "
+                         f"2 of the text's own{beside}), got {fillers}")
     return fillers
 
 
@@ -215,31 +244,33 @@ def text_chunks(ids: Sequence[int], chunk_tokens: int) -> list[list[int]]:
     return [list(ids[start : start + chunk_tokens]) for start in chunk_starts(len(ids), chunk_tokens)]
 
 
-def view_inputs(ids: Sequence[int], view: View, config: ModelConfig, fillers: int = 0,
-                filler: int = PAD_ID) -> tuple[list[int], list[int]]:
-    """What one pass of `view` reads for a chunk: the copies, `fillers` filler tokens after them (fw)
-    or before them (bw), and training's task marker (fw's first, bw's last); and, for each vector
-    the chunk yields (its tokens in order, then its fillers nearest first), the position in that
-    sequence whose state it is, shifted by view.shift (-1: none, a zero vector)."""
-    length = len(ids)
+def view_inputs(ids: Sequence[int], view: View, config: ModelConfig,
+                framing: Framing = Framing()) -> tuple[list[int], list[int]]:
+    """What one pass of `view` reads for a chunk: the copies, the framing's fillers after them (fw)
+    or before them (bw), its marker read first (fw: before the copies; bw: after them) and
+    training's task marker (fw's first, bw's last); and, for each vector the chunk yields (its tokens
+    in order, then its fillers nearest first), the position in that sequence whose state it is,
+    shifted by view.shift (-1: none, a zero vector)."""
+    length, fillers = len(ids), framing.fillers
     if view.direction == "bw":
-        sequence = [*[filler] * fillers, *ids, *([config.bw_token_id] if config.task_tokens else [])]
+        task_marker = [config.bw_token_id] if config.task_tokens else []
+        sequence = [*[framing.filler] * fillers, *ids, *framing.marker, *task_marker]
         slots = [fillers + t for t in range(length)] + [fillers - 1 - i for i in range(fillers)]
     else:
-        marker = [config.fw_token_id] if config.task_tokens else []
-        sequence = [*marker, *[*ids] * view.copies, *[filler] * fillers]
-        start = len(marker) + length * (view.copies - 1)
+        first = [*([config.fw_token_id] if config.task_tokens else []), *framing.marker]
+        sequence = [*first, *[*ids] * view.copies, *[framing.filler] * fillers]
+        start = len(first) + length * (view.copies - 1)
         slots = list(range(start, start + length + fillers))
     return sequence, [slot + view.shift if 0 <= slot + view.shift < len(sequence) else -1 for slot in slots]
 
 
-def token_states(model: HlbGpt, tokens: Sequence[Sequence[int]], view: str, fillers: int = 0,
-                 filler: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+def token_states(model: HlbGpt, tokens: Sequence[Sequence[int]], view: str,
+                 framing: Framing = Framing()) -> tuple[torch.Tensor, torch.Tensor]:
     """One view's unit vectors [B, L, width] for chunks of token ids, row b position j holding
     vector j of chunk b (view_inputs' order; zero past its end or where there is no state), and the
     mask [B, L] of the vectors each chunk has; differentiable."""
     direction = VIEWS[view].direction
-    inputs_of = [view_inputs(ids, VIEWS[view], model.config, fillers, filler) for ids in tokens]
+    inputs_of = [view_inputs(ids, VIEWS[view], model.config, framing) for ids in tokens]
     padded_length = max(len(sequence) for sequence, _ in inputs_of)
     width = max(len(slots) for _, slots in inputs_of)
     inputs = torch.full((len(tokens), padded_length), PAD_ID)
@@ -312,38 +343,49 @@ class Encoder:
     def tokenize(self, texts: Mapping[str, str]) -> list[list[int]]:
         return text_tokens(self.tokenizer, texts)
 
-    def embed_batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings [B, L, dim] and mask [B, L] of a few texts, each cut to its first chunk,
-        differentiable and uncached (fine-tuning)."""
-        tokens = [ids[: self.chunk_tokens] for ids in self.tokenize({str(i): text for i, text in enumerate(texts)})]
+    def framing(self, fillers: int = 0, marker: str | None = None) -> Framing:
+        """The framing of `fillers` query fillers and the `marker` text (None: none) in this encoder's
+        chunks; ValueError (one line) where they leave a chunk under 2 tokens of its own."""
+        marker_ids = tuple(self.tokenizer.encode(marker)) if marker else ()
+        check_fillers(fillers, self.chunk_tokens, len(marker_ids))
+        return Framing(fillers, filler_id(self.tokenizer) if fillers else PAD_ID, marker_ids)
+
+    def embed_batch(self, texts: Sequence[str], marker: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [B, L, dim] and mask [B, L] of a few texts, each cut to its first chunk (read
+        after `marker`), differentiable and uncached (fine-tuning)."""
+        framing = self.framing(marker=marker)
+        room = framing.room(self.chunk_tokens)
+        tokens = [ids[:room] for ids in self.tokenize({str(i): text for i, text in enumerate(texts)})]
         with self.precision():
-            states = [token_states(self.model, tokens, view) for view in self.views]
+            states = [token_states(self.model, tokens, view, framing) for view in self.views]
         return combine([vectors for vectors, _ in states], self.projection).float(), states[0][1]
 
-    def encode(self, texts: Mapping[str, str], fillers: int = 0) -> TokenEmbeddings:
-        """Every token's embedding (and each chunk's `fillers` query fillers'), chunk after chunk, in fp16."""
-        return combine_views(self.view_embeddings(texts, fillers), self.projection, self.device)
+    def encode(self, texts: Mapping[str, str], fillers: int = 0, marker: str | None = None) -> TokenEmbeddings:
+        """Every token's embedding (and each chunk's `fillers` query fillers'; each chunk read after
+        `marker`), chunk after chunk, in fp16."""
+        return combine_views(self.view_embeddings(texts, fillers, marker), self.projection, self.device)
 
-    def encode_pooled(self, texts: Mapping[str, str], pooling: str) -> TokenEmbeddings:
+    def encode_pooled(self, texts: Mapping[str, str], pooling: str, marker: str | None = None) -> TokenEmbeddings:
         """One embedding per text (each of length 1), pooled from its token states: see POOLINGS."""
         check_pooling(pooling, self.embed)
         directions = [VIEWS[view].direction for view in self.views]
-        return pool_views(self.view_embeddings(texts), directions, pooling, self.projection, self.device)
+        return pool_views(self.view_embeddings(texts, marker=marker), directions, pooling, self.projection, self.device)
 
     @torch.no_grad()
-    def view_embeddings(self, texts: Mapping[str, str], fillers: int = 0) -> list[TokenEmbeddings]:
-        """Each view's unit token vectors of the texts (with `fillers` query fillers per chunk), in
-        self.views' order, before they are combined."""
+    def view_embeddings(self, texts: Mapping[str, str], fillers: int = 0, marker: str | None = None) -> list[TokenEmbeddings]:
+        """Each view's unit token vectors of the texts (with `fillers` query fillers per chunk, each
+        chunk read after `marker`), in self.views' order, before they are combined."""
         tokens = self.tokenize(texts)
-        chunk_tokens = self.chunk_tokens - check_fillers(fillers, self.chunk_tokens)
-        lengths = torch.tensor([sum(len(chunk) + fillers for chunk in text_chunks(t, chunk_tokens)) for t in tokens])
-        return [TokenEmbeddings(tuple(texts), self._cached_vectors(tokens, lengths, view, fillers), lengths)
+        framing = self.framing(fillers, marker)
+        room = framing.room(self.chunk_tokens)
+        lengths = torch.tensor([sum(len(chunk) + fillers for chunk in text_chunks(t, room)) for t in tokens])
+        return [TokenEmbeddings(tuple(texts), self._cached_vectors(tokens, lengths, view, framing), lengths)
                 for view in self.views]
 
-    def _cached_vectors(self, tokens: list[list[int]], lengths: torch.Tensor, view: str, fillers: int) -> torch.Tensor:
+    def _cached_vectors(self, tokens: list[list[int]], lengths: torch.Tensor, view: str, framing: Framing) -> torch.Tensor:
         if self.cache_dir is None:
-            return self._encode_direction(tokens, view, fillers)
-        path = self.cache_dir / f"{view}-blocks{self.blocks}-{self._cache_key(tokens, view, fillers)}.safetensors"
+            return self._encode_direction(tokens, view, framing)
+        path = self.cache_dir / f"{view}-blocks{self.blocks}-{self._cache_key(tokens, view, framing)}.safetensors"
         try:
             cached = load_file(str(path))
             if torch.equal(cached["lengths"], lengths):
@@ -351,32 +393,33 @@ class Encoder:
                 return cached["vectors"]
         except (OSError, SafetensorError, KeyError):
             pass  # not cached yet, or unreadable: encode again
-        vectors = self._encode_direction(tokens, view, fillers)
+        vectors = self._encode_direction(tokens, view, framing)
         atomic_write(path, lambda tmp: save_file({"vectors": vectors, "lengths": lengths}, str(tmp)))
         return vectors
 
-    def _cache_key(self, tokens: list[list[int]], view: str, fillers: int) -> str:
+    def _cache_key(self, tokens: list[list[int]], view: str, framing: Framing) -> str:
         token_digest = hashlib.sha256()
         for ids in tokens:
             token_digest.update(np.asarray([len(ids), *ids], dtype=np.int64).tobytes())
         key = [CACHE_FORMAT, self.weights_digest, self.blocks, view, self.chunk_tokens, token_digest.hexdigest()]
-        key += [fillers, FILLER_TEXT] if fillers else []  # keys without fillers as before they existed
+        if framing != Framing():  # a key without one as before framings existed
+            key.append(dataclasses.asdict(framing))
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
     @torch.no_grad()
-    def _encode_direction(self, tokens: list[list[int]], view: str, fillers: int) -> torch.Tensor:
+    def _encode_direction(self, tokens: list[list[int]], view: str, framing: Framing) -> torch.Tensor:
         """Packed fp16 unit vectors [total vectors, width] of one view of the texts: each text's
         chunks in order (each chunk's tokens, then its fillers), texts in their order."""
-        chunks = [chunk for ids in tokens for chunk in text_chunks(ids, self.chunk_tokens - fillers)]
-        filler = filler_id(self.tokenizer) if fillers else PAD_ID
+        chunks = [chunk for ids in tokens for chunk in text_chunks(ids, framing.room(self.chunk_tokens))]
         per_chunk: list[torch.Tensor | None] = [None] * len(chunks)
         self.model.eval()
+        extra = framing.fillers + len(framing.marker)
         with tqdm(total=len(chunks), desc=f"encode {view}", unit="chunk", disable=not self.progress) as bar:
-            for batch in length_blocks([len(ids) * VIEWS[view].copies + fillers for ids in chunks], ENCODE_BATCH_TOKENS):
+            for batch in length_blocks([len(ids) * VIEWS[view].copies + extra for ids in chunks], ENCODE_BATCH_TOKENS):
                 with self.precision():
-                    states, _ = token_states(self.model, [chunks[i] for i in batch], view, fillers, filler)
+                    states, _ = token_states(self.model, [chunks[i] for i in batch], view, framing)
                 for row, i in enumerate(batch):
-                    per_chunk[i] = states[row, : len(chunks[i]) + fillers].half().cpu()
+                    per_chunk[i] = states[row, : len(chunks[i]) + framing.fillers].half().cpu()
                 bar.update(len(batch))
         return torch.cat(per_chunk)
 

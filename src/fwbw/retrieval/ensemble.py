@@ -34,14 +34,14 @@ class PairedEncoder:
         self.first, self.second = first, second
         self.device = first.device
 
-    def encode(self, texts: Mapping[str, str], fillers: int = 0) -> TokenEmbeddings:
-        return combine_views(self._views(texts, fillers), None, self.device)
+    def encode(self, texts: Mapping[str, str], fillers: int = 0, marker: str | None = None) -> TokenEmbeddings:
+        return combine_views(self._views(texts, fillers, marker), None, self.device)
 
-    def encode_pooled(self, texts: Mapping[str, str], pooling: str) -> TokenEmbeddings:
-        return pool_views(self._views(texts), ("fw", "fw"), pooling, None, self.device)
+    def encode_pooled(self, texts: Mapping[str, str], pooling: str, marker: str | None = None) -> TokenEmbeddings:
+        return pool_views(self._views(texts, marker=marker), ("fw", "fw"), pooling, None, self.device)
 
-    def _views(self, texts: Mapping[str, str], fillers: int = 0) -> list[TokenEmbeddings]:
-        return [*self.first.view_embeddings(texts, fillers), *self.second.view_embeddings(texts, fillers)]
+    def _views(self, texts: Mapping[str, str], fillers: int = 0, marker: str | None = None) -> list[TokenEmbeddings]:
+        return [*self.first.view_embeddings(texts, fillers, marker), *self.second.view_embeddings(texts, fillers, marker)]
 
 
 def load_paired_encoder(run_dir: Path, partner: Path, blocks: int | None = None, cache_dir: Path | None = None,

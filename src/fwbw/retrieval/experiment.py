@@ -4,7 +4,8 @@ Systems (System.name):
   bm25                  fwbw.retrieval.bm25, Anserini's setting (k1 0.9, b 0.4)
   late-interaction      a finished run's token embeddings (embed fw | bw | fwbw | echo | around,
                         optionally after its first `blocks` blocks, a long text in overlapping chunks
-                        of chunk_tokens, each query with query_fillers fillers (zero-shot only);
+                        of chunk_tokens, each query with query_fillers fillers (zero-shot only),
+                        with markers each query and document read after its role's marker;
                         fwbw.retrieval.encoder) scored by MaxSim
   single-vector-mean    one vector per text from the same states, mean-pooled or the last token's
   single-vector-last    (encoder.POOLINGS), scored by their cosine
@@ -26,7 +27,7 @@ training text may hold their queries.
 
 A result directory holds run_files' files (metrics.json written last: a finished result) and
   settings.json   what the result is of, written before any work: task, split, system, embed,
-                  blocks, chunk_tokens (the length used, the default's too), query_fillers, pooling,
+                  blocks, chunk_tokens (the length used, the default's too), query_fillers, markers, pooling,
                   finetune_steps and settings, rerank, the fusion weight, maxsim_dtype, the run's
                   (and the partner's) weights' sha256 (and, not compared, the run's path)
   timings.json    seconds to load or fine-tune the encoder, to encode the corpus (corpus_encoded:
@@ -50,11 +51,13 @@ from typing import Any
 
 import torch
 
+from fwbw.data.corpora import load_corpus_tokenizer
 from fwbw.files import atomic_write_json, read_json, sha256_of
 from fwbw.retrieval.benchmark import LM_CORPUS, TASKS, Benchmark, check_split
 from fwbw.retrieval.bm25 import bm25_run
 from fwbw.retrieval.encoder import (
     EMBEDS,
+    MARKERS,
     Encoder,
     TokenEmbeddings,
     check_blocks,
@@ -65,6 +68,7 @@ from fwbw.retrieval.encoder import (
     load_encoder,
 )
 from fwbw.retrieval.ensemble import CONTROL_EMBED, load_paired_encoder
+from fwbw.retrieval.finetune import LATER_FIELDS as FINETUNE_LATER_FIELDS
 from fwbw.retrieval.finetune import FinetuneSettings, finetune
 from fwbw.retrieval.fusion import (
     CANDIDATES_FILE,
@@ -97,7 +101,7 @@ LATE_INTERACTION = "late-interaction"
 SINGLE_VECTOR = "single-vector"
 RERANK, FUSION = "rerank-bm25", "fusion-bm25"
 MAXSIM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LATER_FIELDS = {"query_fillers": 0}  # settings.json fields added later: what a result from before had
+LATER_FIELDS = {"query_fillers": 0, "markers": False}  # settings.json fields added later: what a result from before had
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ class System:
     fuse_from: Path | None = None  # fuse with BM25, the weight tuned on this dev rerank result
     maxsim_dtype: str = "fp32"
     query_fillers: int = 0  # filler tokens read with each query chunk (encoder: query fillers)
+    markers: bool = False  # each query and document read after its role's marker (encoder.MARKERS)
 
     @property
     def name(self) -> str:
@@ -133,7 +138,11 @@ class System:
 
     def finetune_settings(self) -> FinetuneSettings:
         return FinetuneSettings(embed=self.embed, blocks=self.blocks, steps=self.finetune_steps, seed=self.finetune_seed,
-                                hard_negatives=self.hard_negatives)
+                                hard_negatives=self.hard_negatives, markers=self.markers)
+
+    def marker(self, role: str) -> str | None:
+        """The marker text a text of `role` (query, document) is read after; None without markers."""
+        return MARKERS[role] if self.markers else None
 
 
 @dataclass(frozen=True)
@@ -179,7 +188,7 @@ def check_system(system: System, task: str) -> TrainConfig | None:
     if system.run is None:
         given = [name for name in ("embed", "blocks", "pooling", "chunk_tokens", "partner", "rerank")
                  if getattr(system, name) is not None]
-        given += ["query fillers"] if system.query_fillers else []
+        given += [name for name, value in (("query fillers", system.query_fillers), ("markers", system.markers)) if value]
         if given or system.finetune_steps:
             raise ValueError(f"bm25 takes no {', '.join(given) or 'fine-tuning'}: those choose a run's embeddings")
         return None
@@ -189,9 +198,18 @@ def check_system(system: System, task: str) -> TrainConfig | None:
     check_partner(system, task, config)
     check_embed(system.encoder_embed, config)
     check_blocks(system.blocks, config)
-    check_fillers(system.query_fillers, check_chunk_tokens(system.chunk_tokens, system.encoder_embed, config))
+    check_framing(system, check_chunk_tokens(system.chunk_tokens, system.encoder_embed, config), config)
     check_training_data(task, config, system.run)
     return config
+
+
+def check_framing(system: System, chunk_tokens: int, config: TrainConfig) -> None:
+    """ValueError (one line) where the query fillers and the markers leave a chunk under 2 tokens."""
+    tokenizer = load_corpus_tokenizer(config.data, config.tokenizer, progress=False) if system.markers else None
+    for role in ("query", "document"):
+        marker = system.marker(role)
+        fillers = system.query_fillers if role == "query" else 0
+        check_fillers(fillers, chunk_tokens, len(tokenizer.encode(marker)) if marker else 0)
 
 
 def check_partner(system: System, task: str, config: TrainConfig) -> None:
@@ -246,6 +264,7 @@ def identity(task: str, split: str, system: System, config: TrainConfig | None) 
         "blocks": None if config is None else check_blocks(system.blocks, config),
         "chunk_tokens": None if config is None else check_chunk_tokens(system.chunk_tokens, system.encoder_embed, config),
         "query_fillers": system.query_fillers,
+        "markers": system.markers,
         "pooling": system.pooling,
         "finetune_steps": system.finetune_steps,
         "finetune": dataclasses.asdict(system.finetune_settings()) if system.finetune_steps else None,
@@ -297,9 +316,12 @@ def finished_with(out_dir: Path, wanted: Mapping[str, Any]) -> bool:
 
 
 def saved_fields(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields of `wanted` in a saved settings.json, a field added since it was written (LATER_FIELDS)
-    at its default."""
-    return {key: saved.get(key, LATER_FIELDS.get(key)) for key in wanted}
+    """The fields of `wanted` in a saved settings.json, a field added since it was written (LATER_FIELDS,
+    and finetune.LATER_FIELDS within its fine-tuning's) at its default."""
+    fields = {key: saved.get(key, LATER_FIELDS.get(key)) for key in wanted}
+    if isinstance(fields.get("finetune"), dict):
+        fields["finetune"] = {**FINETUNE_LATER_FIELDS, **fields["finetune"]}
+    return fields
 
 
 def run_retrieval(
@@ -367,10 +389,10 @@ def _embedded(benchmark: Benchmark, system: System, finetune_dir: Path, cache_di
         encoder = load_encoder(system.run, system.embed, system.blocks, cache_dir, device, progress, system.chunk_tokens)
     ticks.append(time.time())
     cached_before = _cache_files(cache_dir)
-    documents = _encode(encoder, benchmark.corpus, system.pooling)
+    documents = _encode(encoder, benchmark.corpus, system.pooling, marker=system.marker("document"))
     corpus_encoded = cache_dir is None or _cache_files(cache_dir) != cached_before
     ticks.append(time.time())
-    queries = _encode(encoder, benchmark.queries, system.pooling, system.query_fillers)
+    queries = _encode(encoder, benchmark.queries, system.pooling, system.query_fillers, system.marker("query"))
     ticks.append(time.time())
     dtype, device = MAXSIM_DTYPES[system.maxsim_dtype], str(encoder.device)
     if system.rerank is None:
@@ -398,8 +420,9 @@ def _hybrid(benchmark: Benchmark, system: System, queries: TokenEmbeddings, docu
     return fuse(candidates, read_json(out_dir / SETTINGS_FILE)["fusion_weight"])
 
 
-def _encode(encoder: Encoder, texts: Mapping[str, str], pooling: str | None, fillers: int = 0) -> TokenEmbeddings:
-    return encoder.encode(texts, fillers) if pooling is None else encoder.encode_pooled(texts, pooling)
+def _encode(encoder: Encoder, texts: Mapping[str, str], pooling: str | None, fillers: int = 0,
+            marker: str | None = None) -> TokenEmbeddings:
+    return encoder.encode(texts, fillers, marker) if pooling is None else encoder.encode_pooled(texts, pooling, marker)
 
 
 def _cache_files(cache_dir: Path | None) -> set[str]:
@@ -412,7 +435,8 @@ def read_experiment(out_dir: Path) -> dict[str, Any]:
     settings = read_json(out_dir / SETTINGS_FILE) if (out_dir / SETTINGS_FILE).is_file() else {}
     timings = read_json(out_dir / TIMINGS_FILE) if (out_dir / TIMINGS_FILE).is_file() else {}
     shown = {key: settings.get(key, LATER_FIELDS.get(key)) for key in ("split", "blocks", "chunk_tokens", "query_fillers",
-                                                                     "pooling", "rerank", "fusion_weight", "maxsim_dtype")}
+                                                                     "markers", "pooling", "rerank", "fusion_weight",
+                                                                     "maxsim_dtype")}
     return {**shown, "variant": variant(settings), **timings, **read_json(out_dir / METRICS_FILE)}
 
 
@@ -424,6 +448,7 @@ def variant(settings: Mapping[str, Any]) -> str:
     parts = [
         f"chunks {settings['chunk_tokens']}" if settings.get("chunk_tokens") is not None else None,
         f"{settings['query_fillers']} query fillers" if settings.get("query_fillers") else None,
+        "markers" if settings.get("markers") else None,
         f"finetune seed {finetune['seed']}" if finetune.get("seed") else None,
         f"{finetune['hard_negatives']} negatives" if finetune.get("hard_negatives") else None,
         f"top {settings['rerank']}" if settings.get("rerank") is not None else None,

@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from fwbw.files import atomic_write, atomic_write_json, read_json, sha256_of
 from fwbw.retrieval.bm25 import bm25_run
-from fwbw.retrieval.encoder import EMBEDS, Encoder, check_blocks, check_embed
+from fwbw.retrieval.encoder import EMBEDS, MARKERS, Encoder, check_blocks, check_embed
 from fwbw.retrieval.maxsim import maxsim_matrix, repeat_last_token
 from fwbw.retrieval.metrics import ranking
 from fwbw.schema import check_fields, differences, from_mapping, require
@@ -76,6 +76,7 @@ SETTINGS_FILE = "finetune.json"
 PROJECTION_FILE = "projection.safetensors"
 WEIGHT_DECAY = 0.01  # AdamW's default
 HARD_NEGATIVES = (None, "bm25")
+LATER_FIELDS = {"markers": False}  # settings added later: what a fine-tuning from before had
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class FinetuneSettings:
     dim: int | None = None  # None: the embed's own dimensions
     seed: int = 0
     hard_negatives: str | None = None  # None, or "bm25" (bm25_hard_negatives)
+    markers: bool = False  # each query and document read after its role's marker (encoder.MARKERS)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -103,12 +105,14 @@ class FinetuneSettings:
 
 
 def infonce_loss(
-    encoder: Encoder, queries: Sequence[str], documents: Sequence[str], temperature: float, negatives: Sequence[str] = ()
+    encoder: Encoder, queries: Sequence[str], documents: Sequence[str], temperature: float, negatives: Sequence[str] = (),
+    markers: bool = False,
 ) -> torch.Tensor:
-    """The InfoNCE loss of pairs (queries[i], documents[i]), differentiable (module docstring)."""
+    """The InfoNCE loss of pairs (queries[i], documents[i]), differentiable (module docstring); with
+    markers each text read after its role's marker."""
     candidates = [*documents, *negatives]
-    query_vectors, query_mask = encoder.embed_batch(queries)
-    document_vectors, document_mask = encoder.embed_batch(candidates)
+    query_vectors, query_mask = encoder.embed_batch(queries, MARKERS["query"] if markers else None)
+    document_vectors, document_mask = encoder.embed_batch(candidates, MARKERS["document"] if markers else None)
     scores = maxsim_matrix(query_vectors, repeat_last_token(document_vectors, document_mask.sum(dim=1)))
     logits = scores / query_mask.sum(dim=1, keepdim=True) / temperature
     logits = logits.masked_fill(false_negatives(queries, documents, candidates).to(logits.device), float("-inf"))
@@ -222,6 +226,8 @@ def _finished_with(out_dir: Path, identity: dict) -> bool:
         return False
     record = read_json(out_dir / SETTINGS_FILE)
     saved = {key: record.get(key) for key in identity} if isinstance(record, dict) else {}
+    if isinstance(saved.get("settings"), dict):
+        saved["settings"] = {**LATER_FIELDS, **saved["settings"]}
     shown = differences(saved, identity, SHOWN_DIFFERENCES)
     if shown:
         raise ValueError(f"finetune out: {out_dir} holds another fine-tuning ({shown}); give another folder")
@@ -241,7 +247,7 @@ def _train(
         for batch in bar:
             loss = infonce_loss(
                 encoder, [pairs[i][0] for i in batch], [pairs[i][1] for i in batch], settings.temperature,
-                [negatives[i] for i in batch] if negatives is not None else (),
+                [negatives[i] for i in batch] if negatives is not None else (), settings.markers,
             )
             if not math.isfinite(loss.item()):
                 raise RuntimeError(f"fine-tuning diverged at step {len(losses) + 1} (loss {loss.item()}); try a lower lr")

@@ -61,7 +61,7 @@ RETRIEVAL_PHASE = "retrieval"
 # measures and timings (fwbw.retrieval.experiment), and its folder relative to the sweep's
 RETRIEVAL_COLUMNS = [
     "run_id", *CONFIG_COLUMNS, "recipe_id", "phase", "task", "split", "system", "embed", "blocks", "chunk_tokens",
-    "query_fillers", "pooling", "finetune_steps", "rerank", "fusion_weight", "maxsim_dtype", "variant", "n_queries", "n_docs", *RETRIEVAL_METRICS, "seconds", "encode_corpus_seconds", "corpus_encoded",
+    "query_fillers", "markers", "pooling", "finetune_steps", "rerank", "fusion_weight", "maxsim_dtype", "variant", "n_queries", "n_docs", *RETRIEVAL_METRICS, "seconds", "encode_corpus_seconds", "corpus_encoded",
     "seconds_per_query", "result",
 ]
 
@@ -224,7 +224,7 @@ def build_retrieval_results(sweep_dir: Path) -> pd.DataFrame:
                 "query_fillers", "finetune_steps", "rerank", "n_queries", "n_docs"]
     floats = ["p_bw", "model_scale", "epochs", "eval_every_epochs", "fusion_weight"]
     return table.astype({**dict.fromkeys(integers, "Int64"), **dict.fromkeys(floats, float),
-                         **dict.fromkeys(["adaptive_p_bw", "task_tokens", "corpus_encoded"], "boolean")})
+                         **dict.fromkeys(["adaptive_p_bw", "task_tokens", "corpus_encoded", "markers"], "boolean")})
 
 
 def write_results(sweep_dir: Path) -> pd.DataFrame:

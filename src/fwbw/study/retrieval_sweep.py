@@ -3,15 +3,16 @@ sweep's retrieval/ folder, resumable like the sweep (a finished result is skippe
 only what is missing), then the sweep's tables rebuilt (fwbw.study.results).
 
   retrieval/bm25/<task>-<split>/                                                BM25, once per task and split
-  retrieval/<run_id>/<task>-<split>-<embed>[-b<blocks>][-c<C>][-qf<Q>][-<pooling>]-ft<N>[-s<S>][-bm25neg][-rr<K>|-fu<K>][-bf16]/
+  retrieval/<run_id>/<task>-<split>-<embed>[-b<blocks>][-mk][-c<C>][-qf<Q>][-<pooling>]-ft<N>[-s<S>][-bm25neg][-rr<K>|-fu<K>][-bf16]/
                                                                                 a run's system
-  retrieval/<run_id>/finetuned/<task>-<embed>[-b<blocks>]-ft<N>[-s<S>][-bm25neg]/  its fine-tuning, shared
+  retrieval/<run_id>/finetuned/<task>-<embed>[-b<blocks>][-mk]-ft<N>[-s<S>][-bm25neg]/  its fine-tuning, shared
                                                                                 by the poolings, splits and chunk lengths
   retrieval/cache/                                                     the fp16 token cache every result shares
 
 <task> is the task's name; a BEIR folder's is beir-<folder name>; <split> dev or test; -c<C> a
 chunk length given (none: the embed's default, fwbw.retrieval.encoder.check_chunk_tokens); -qf<Q> Q
-fillers read with each query (fwbw.retrieval.encoder's query fillers); -s<S> a
+fillers read with each query (fwbw.retrieval.encoder's query fillers); -mk markers (queries and
+documents read after their role's marker, in fine-tuning too); -s<S> a
 fine-tuning seed other than 0; -bm25neg fine-tuning with BM25 hard negatives; -rr<K> a rerank of
 BM25's K best documents, -fu<K> their fusion, its weight tuned on the run's -rr<K> result on the dev
 queries (which must have finished first); -bf16 similarities in bf16. The embed fwfw (the control
@@ -70,6 +71,7 @@ class Plan:
     cache_gb: float = DEFAULT_CACHE_GB  # the token cache is trimmed to this size after each result
     seeds: tuple[int, ...] | None = None  # only the runs of these seeds (None: every finished run)
     query_fillers: int = 0  # fillers read with each query chunk (fwbw.retrieval.encoder)
+    markers: bool = False  # each query and document read after its role's marker, fine-tuning too
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def task_label(task: str) -> str:
 def result_name(plan: Plan, embed: str, pooled: bool = True) -> str:
     """A run's result folder (pooled=False: its fine-tuning's, the same for every pooling, split and
     chunk length)."""
-    blocks = "" if plan.blocks is None else f"-b{plan.blocks}"
+    blocks = ("" if plan.blocks is None else f"-b{plan.blocks}") + ("-mk" if plan.markers else "")
     chunks = f"-c{plan.chunk_tokens}" if pooled and plan.chunk_tokens is not None else ""
     chunks += f"-qf{plan.query_fillers}" if pooled and plan.query_fillers else ""
     split, pooling = (f"-{plan.split}", f"-{plan.pooling}" if plan.pooling else "") if pooled else ("", "")
@@ -141,7 +143,8 @@ def plan_jobs(sweep_dir: Path, plan: Plan) -> tuple[list[Job], list[str]]:
         for embed in plan.embeds:
             system = System(run_dir, embed, plan.blocks, plan.pooling, plan.finetune_steps, plan.finetune_seed,
                             plan.hard_negatives, plan.chunk_tokens, paired.get(run_id) if embed == CONTROL_EMBED else None,
-                            plan.rerank, _tuned_on(root / run_id, plan, embed), plan.maxsim_dtype, plan.query_fillers)
+                            plan.rerank, _tuned_on(root / run_id, plan, embed), plan.maxsim_dtype, plan.query_fillers,
+                            plan.markers)
             reason = (_unpaired(run_id, paired) if embed == CONTROL_EMBED else None) or _not_applicable(system, plan.task)
             if reason:
                 left_out.append(f"{run_id}: no {embed} embed: {reason}")
