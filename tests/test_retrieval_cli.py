@@ -54,16 +54,26 @@ def run(finished) -> Path:
 
 @pytest.fixture
 def encoded(monkeypatch) -> list[tuple[str, int]]:
-    """(direction, number of texts) of every encoding the encoder computes (not read from its cache)."""
-    calls = []
+    """(direction, number of texts) of every encoding the encoder computes (not read from its cache);
+    their framings in encoded.framings."""
+    calls = Encodings()
     original = Encoder._encode_direction
 
-    def counting(self, tokens, direction, fillers):
+    def counting(self, tokens, direction, framing):
         calls.append((direction, len(tokens)))
-        return original(self, tokens, direction, fillers)
+        calls.framings.append(framing)
+        return original(self, tokens, direction, framing)
 
     monkeypatch.setattr(Encoder, "_encode_direction", counting)
     return calls
+
+
+class Encodings(list):
+    framings: list
+
+    def __init__(self):
+        super().__init__()
+        self.framings = []
 
 
 def recomputed(result: Path) -> dict[str, float]:
@@ -130,13 +140,17 @@ def test_a_second_call_encodes_nothing_and_a_shared_cache_encodes_each_direction
     assert (tmp_path / "fw" / "run.trec").read_text() == first
 
 
-def test_the_around_embed_and_query_fillers_end_to_end(run, beir, tmp_path):
+def test_the_around_embed_and_query_fillers_end_to_end(run, beir, tmp_path, encoded):
     base = ["--task", f"beir:{beir}", "--split", "test", "--no-progress"]
     assert main(["retrieval", str(run), "--embed", "around", "--out", str(tmp_path / "around"), *base]) == 0
     assert_metrics_reproduced(tmp_path / "around")
     assert main(["retrieval", str(run), "--embed", "fwbw", "--query-fillers", "3", "--out", str(tmp_path / "filled"),
                  *base]) == 0
     metrics = assert_metrics_reproduced(tmp_path / "filled")
+    corpus, queries = 24, 6
+    filled = [(call, framing) for call, framing in zip(encoded, encoded.framings) if framing.fillers or call[1] == corpus]
+    assert {(call, framing.fillers) for call, framing in filled[-4:]} == {
+        (("fw", corpus), 0), (("bw", corpus), 0), (("fw", queries), 3), (("bw", queries), 3)}
     assert (metrics["embed"], metrics["n_queries"]) == ("fwbw", 6)
     settings = json.loads((tmp_path / "filled" / "settings.json").read_text())
     assert (settings["query_fillers"], settings["embed"]) == (3, "fwbw")
@@ -144,6 +158,10 @@ def test_the_around_embed_and_query_fillers_end_to_end(run, beir, tmp_path):
     assert main(["retrieval", str(run), "--embed", "fw", "--markers", "--out", str(tmp_path / "marked"), *base]) == 0
     assert_metrics_reproduced(tmp_path / "marked")
     assert json.loads((tmp_path / "marked" / "settings.json").read_text())["markers"] is True
+    marked = encoded.framings[-2:]  # the corpus, then the queries, each after its marker
+    tokenizer = experiment.load_corpus_tokenizer(TrainConfig.load(run / "config.json").data,
+                                                 TrainConfig.load(run / "config.json").tokenizer, progress=False)
+    assert [framing.marker for framing in marked] == [tuple(tokenizer.encode(MARKERS[role])) for role in ("document", "query")]
 
 
 def test_a_result_of_other_settings_or_other_files_are_refused(run, beir, tmp_path, capsys):
@@ -312,6 +330,10 @@ def bad_beir(tmp_path: Path) -> Path:
         (["{beir_run}", "--task", "beir:{beir}", "--split", "test", "--query-fillers", "2", "--pooling", "mean",
           "--out", "{tmp}/r"], "query fillers: late interaction only (a pooled text is one vector; its fillers would "
          "not add one)"),
+        (["{sweep}", "--task", "description", "--query-fillers", "2", "--finetune-steps", "3"],
+         "query fillers: zero-shot only (fine-tuning reads its queries without them)"),
+        (["{beir_run}", "--task", "beir:{beir}", "--split", "test", "--query-fillers", "-1", "--out", "{tmp}/r"],
+         "query fillers: expected 0 or more, got -1"),
         (["--bm25", "--task", "beir:{beir}", "--split", "test", "--markers", "--out", "{tmp}/r"],
          "--bm25 takes no --markers: BM25 uses no run (a sweep's evaluation includes BM25)"),
         (["{beir_run}", "--task", "beir:{beir}", "--split", "test", "--markers", "--chunk-tokens", "3", "--out", "{tmp}/r"],

@@ -108,6 +108,9 @@ def test_every_dev_evaluation_runs_before_any_test_one(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "build_retrieval_results", lambda sweep: pd.DataFrame(rows("dev", 200, {("zero", False): 0.3})))
     choices = study.run_study(tmp_path, report=lambda line: None)
     assert choices == study.Choices(None, None)
+    exploration = [plan for task in study.GOAL_TASKS for plan in study.exploration_plans(task, (200,), "fp32")]
+    assert ran[-len(exploration) :] == exploration  # last: nothing depends on it
+    ran = ran[: -len(exploration)]
     last_dev = max(index for index, plan in enumerate(ran) if plan.split == "dev")
     early_tests = [plan for plan in ran[:last_dev] if plan.split == "test"]
     # before the last dev evaluation, only what no choice enters: zero-shot at every block, on both goal tasks

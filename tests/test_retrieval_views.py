@@ -165,8 +165,13 @@ def test_bm25_takes_no_query_fillers():
 
 
 def test_the_around_embed_pools_by_mean(runs):
-    pooled = load_encoder(runs["plain"], "around", progress=False).encode_pooled(QUERIES, "mean")
+    encoder = load_encoder(runs["plain"], "around", progress=False)
+    pooled = encoder.encode_pooled(QUERIES, "mean")
     assert pooled.lengths.tolist() == [1, 1]
+    views = encoder.view_embeddings(QUERIES)
+    for text_id in QUERIES:  # each view's token vectors averaged and normalised, then combined
+        means = [F.normalize(vectors_of(view, text_id).mean(dim=0), dim=0) for view in views]
+        torch.testing.assert_close(vectors_of(pooled, text_id)[0], torch.cat(means) / math.sqrt(2), atol=1e-3, rtol=0)
     with pytest.raises(ValueError, match="^pooling last: embed around's"):
         load_encoder(runs["plain"], "around", progress=False).encode_pooled(QUERIES, "last")
 
@@ -246,3 +251,19 @@ def test_markers_are_part_of_a_result_s_settings_and_a_sweep_s_folder_names(runs
     assert result_name(plan, "fw", pooled=False) == "description-fw-mk-ft3"
     with pytest.raises(ValueError, match="^bm25 takes no markers"):
         check_system(System(markers=True), TASK)
+
+
+@pytest.mark.parametrize("name", ["plain", "task_tokens"])
+@pytest.mark.parametrize("embed, fillers, marker", [("around", 0, None), ("fwbw", 3, None), ("around", 2, "query"),
+                                                    ("echo", 2, "document"), ("bw", 0, "query")])
+def test_texts_of_different_lengths_in_one_batch_embed_as_each_alone(runs, name, embed, fillers, marker):
+    """Padding (fw rows on the right, bw rows on the left) never reaches a vector, a shifted state
+    at a chunk's edge included."""
+    encoder = load_encoder(runs[name], embed, progress=False)
+    texts = {"short": "The miller", **QUERIES, "mid": "Then the harbour master said"}
+    marker = MARKERS[marker] if marker else None
+    together = encoder.encode(texts, fillers, marker)
+    for text_id, text in texts.items():
+        alone = encoder.encode({text_id: text}, fillers, marker)
+        torch.testing.assert_close(vectors_of(together, text_id), vectors_of(alone, text_id), atol=1e-3, rtol=0)
+    assert len({len(ids) for ids in encoder.tokenize(texts)}) >= 3  # padded in the batch

@@ -14,7 +14,7 @@ from fwbw.retrieval.beir import write_beir
 from fwbw.retrieval.benchmark import SPLITS as QUERY_SPLITS
 from fwbw.retrieval.encoder import EMBEDS, POOLINGS
 from fwbw.retrieval.ensemble import CONTROL_EMBED
-from fwbw.retrieval.experiment import MAXSIM_DTYPES, System, run_retrieval
+from fwbw.retrieval.experiment import MAXSIM_DTYPES, System, check_query_fillers, run_retrieval
 from fwbw.retrieval.metrics import METRICS as RETRIEVAL_METRICS
 from fwbw.retrieval.tasks import load_task, task_splits
 from fwbw.study.children import terminate_on_sigterm
@@ -341,6 +341,8 @@ def _retrieval_sweep(args: argparse.Namespace) -> int:
         raise ValueError("--fusion: fuses each run's rerank with BM25; give --rerank K too")
     if not 0 < args.cache_gb < math.inf:
         raise ValueError(f"--cache-gb: expected a size in GB above 0, got {args.cache_gb}")
+    for embed in args.embed or DEFAULT_EMBEDS:
+        check_query_fillers(args.query_fillers, args.finetune_steps, args.pooling, embed)
     check_results_writable(args.target)
     plan = Plan(args.task, args.split, tuple(args.embed or DEFAULT_EMBEDS), args.blocks, args.pooling,
                 args.finetune_steps, args.finetune_seed, args.hard_negatives, args.chunk_tokens, args.rerank, args.fusion,

@@ -55,7 +55,7 @@ positions and lets every position see the whole text, so runs trained with it em
 only.
 
 Each view's token vectors are cached in fp16 under cache_dir, one safetensors file per (model
-weights, blocks, view, chunk length, token ids of the texts), and reused by every embed, pooling
+weights, blocks, view, chunk length, token ids of the texts, framing: fillers and marker), and reused by every embed, pooling
 and system that needs them; encodings are rounded to fp16 whether cached or not, so both give
 equal scores.
 """
@@ -181,8 +181,12 @@ class Framing:
     token `filler`) and a marker's tokens."""
 
     fillers: int = 0
-    filler: int = PAD_ID
+    filler: int | None = None  # filler_id's, given with any fillers
     marker: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.fillers and self.filler is None:
+            raise ValueError("query fillers: give the filler's token id (filler_id)")
 
     def room(self, chunk_tokens: int) -> int:
         """The text's own tokens in a chunk of chunk_tokens."""
@@ -348,7 +352,7 @@ class Encoder:
         chunks; ValueError (one line) where they leave a chunk under 2 tokens of its own."""
         marker_ids = tuple(self.tokenizer.encode(marker)) if marker else ()
         check_fillers(fillers, self.chunk_tokens, len(marker_ids))
-        return Framing(fillers, filler_id(self.tokenizer) if fillers else PAD_ID, marker_ids)
+        return Framing(fillers, filler_id(self.tokenizer) if fillers else None, marker_ids)
 
     def embed_batch(self, texts: Sequence[str], marker: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings [B, L, dim] and mask [B, L] of a few texts, each cut to its first chunk (read

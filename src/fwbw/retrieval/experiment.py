@@ -179,9 +179,7 @@ def check_system(system: System, task: str) -> TrainConfig | None:
                                        ("hard negatives", system.hard_negatives)) if value]
     if tuning and not system.finetune_steps:
         raise ValueError(f"{tuning[0]}: a zero-shot system (finetune steps 0) is not fine-tuned")
-    if system.query_fillers and system.finetune_steps:
-        raise ValueError("query fillers: zero-shot only (fine-tuning reads its queries without them)")
-    check_pooling(system.pooling, system.encoder_embed, system.query_fillers)
+    check_query_fillers(system.query_fillers, system.finetune_steps, system.pooling, system.encoder_embed)
     if system.maxsim_dtype not in MAXSIM_DTYPES:
         raise ValueError(f"maxsim dtype: expected one of {', '.join(MAXSIM_DTYPES)}, got {system.maxsim_dtype!r}")
     check_hybrid(system)
@@ -201,6 +199,16 @@ def check_system(system: System, task: str) -> TrainConfig | None:
     check_framing(system, check_chunk_tokens(system.chunk_tokens, system.encoder_embed, config), config)
     check_training_data(task, config, system.run)
     return config
+
+
+def check_query_fillers(fillers: int, finetune_steps: int, pooling: str | None, embed: str | None) -> None:
+    """ValueError (one line) for a negative number of query fillers, fillers with fine-tuning or
+    pooling, or a pooling the embed does not allow."""
+    if fillers < 0:
+        raise ValueError(f"query fillers: expected 0 or more, got {fillers}")
+    if fillers and finetune_steps:
+        raise ValueError("query fillers: zero-shot only (fine-tuning reads its queries without them)")
+    check_pooling(pooling, embed, fillers)
 
 
 def check_framing(system: System, chunk_tokens: int, config: TrainConfig) -> None:

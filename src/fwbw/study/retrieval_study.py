@@ -13,15 +13,16 @@ finished: fwbw.study.retrieval_sweep).
      CANDIDATE_EMBEDS (cheap: each run's fusion weight is tuned on its own); on the explored seeds,
      what ColBERT practice might add, measured before it is used: fine-tuning of FINETUNED_EMBEDS
      with in-batch negatives only and with BM25 hard negatives, and the embeddings after the first
-     block instead of the last; and, measured on dev alone (never chosen, never carried to test),
-     zero-shot with EXPLORED_FILLERS query fillers for each of CANDIDATE_EMBEDS and the
-     ALIGNMENT_EMBED (around: the two states that predict each token)
+     block instead of the last
   4. choices (choose), from step 3's dev results alone: the hard negatives and the blocks whose mean
      dev nDCG@10 over those results is the higher (in-batch negatives and every block on a tie)
   5. test, every seed: the reranks and their fusions, fine-tuning with the chosen negatives,
      and zero-shot at the chosen blocks too where a block less was chosen
-Steps 1-3 and 5 each go over both GOAL_TASKS. The sanity task (SANITY_TASK) gets the fw and fwbw
-zero-shot embeds on test, on the explored seeds only. Every run's texts are read in chunks of
+  6. dev, the explored seeds, last since nothing depends on it (exploration_plans): zero-shot with
+     EXPLORED_FILLERS query fillers for each of CANDIDATE_EMBEDS, and the ALIGNMENT_EMBED (around:
+     the two states that predict each token); never chosen, never carried to test
+Steps 1-3, 5 and 6 each go over both GOAL_TASKS. The sanity task (SANITY_TASK) gets the fw and fwbw
+zero-shot embeds on test, on the explored seeds only, after step 5. Every run's texts are read in chunks of
 CHUNK_TOKENS, half the preset's context, so that echo, which reads a chunk twice, sees what every
 other system sees.
 """
@@ -87,9 +88,14 @@ def dev_plans(task: str, explored: tuple[int, ...], maxsim_dtype: str) -> list[P
         finetuned,
         dataclasses.replace(finetuned, hard_negatives="bm25"),
         dataclasses.replace(base, embeds=CANDIDATE_EMBEDS, blocks=EXPLORED_BLOCKS),
-        dataclasses.replace(base, embeds=CANDIDATE_EMBEDS, query_fillers=EXPLORED_FILLERS),
-        dataclasses.replace(base, embeds=(ALIGNMENT_EMBED,)),
     ]
+
+
+def exploration_plans(task: str, explored: tuple[int, ...], maxsim_dtype: str) -> list[Plan]:
+    """Step 6 (module docstring)."""
+    base = zero_shot_plan(task, "dev", maxsim_dtype, explored)
+    return [dataclasses.replace(base, embeds=CANDIDATE_EMBEDS, query_fillers=EXPLORED_FILLERS),
+            dataclasses.replace(base, embeds=(ALIGNMENT_EMBED,))]
 
 
 def test_plans(task: str, choices: Choices, maxsim_dtype: str) -> list[Plan]:
@@ -154,7 +160,8 @@ def run_study(sweep_dir: Path, maxsim_dtype: str = "fp32", device: str = "auto",
     choices = choose(build_retrieval_results(sweep_dir), explored, maxsim_dtype)
     report(f"chosen on dev: hard negatives {choices.hard_negatives or 'none'}, blocks {choices.blocks or 'all'}")
     for plan in [*(plan for task in GOAL_TASKS for plan in test_plans(task, choices, maxsim_dtype)),
-                 sanity_plan(explored, maxsim_dtype)]:
+                 sanity_plan(explored, maxsim_dtype),
+                 *(plan for task in GOAL_TASKS for plan in exploration_plans(task, explored, maxsim_dtype))]:
         _run(sweep_dir, plan, device, progress, report)
     if unfinished:
         report(f"{len(unfinished)} runs were not finished when the study started ({unfinished[0]}, ...): run the "
