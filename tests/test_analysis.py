@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from fwbw.analysis.sections import layer_cut
 from fwbw.analysis.stats import RATIO1_CURVE_COLUMNS, RATIO_COLUMNS, mean_ci, select
 from fwbw.analysis.sweep_analysis import analyse
 
@@ -241,6 +242,20 @@ def test_layer_cut(ratios):
     assert one(r2, blocks_remaining=1, averaging="ratio_then_mean").value == pytest.approx(
         gmean([(fw_ + 0.3) / (bw_ + 0.3) for fw_, bw_ in A0.values()]))
     assert not len(pick(ratios, phase="cut", ratio="ratio1", metric="loss"))
+
+
+def test_layer_cut_statements_tell_apart_settings_of_one_size_and_arm():
+    """Two contexts (here two evaluation budgets) of the same sizes and arms: a statement for each, naming the
+    context, where one per size and arm would mix their rows."""
+    first = build_results()
+    second = first.assign(run_id=first.run_id + "-more", eval_tokens=first.eval_tokens * 2,
+                          loss=first.loss + np.where(first.phase.eq("cut"), 0.5, 0.0))
+    said = layer_cut.statements(analyse(pd.concat([first, second], ignore_index=True)))
+    alone = layer_cut.statements(analyse(first))
+    assert len(said) == 2 * len(alone) > 0
+    for budget in {int(v) for v in first.eval_tokens} | {2 * int(v) for v in first.eval_tokens}:
+        assert sum(f"eval_tokens {budget}," in line for line in said) == len(alone)
+    assert len(set(said)) == len(said)
 
 
 def test_mean_ci_matches_scipy():
