@@ -94,8 +94,9 @@ def test_ctrl_c_mid_run_is_one_line_exit_130_and_the_rerun_resumes_exactly(train
 
 def interrupt_once_checkpointed(command: list[str], run: Path, log: Path, timeout: float = 120.0) -> bool:
     """Start `fwbw train` and send it SIGINT once it has written a checkpoint; False when it
-    finished before that, or when that checkpoint was its last (it finished training before the
-    signal could stop it: a loaded machine)."""
+    finished anyway (before the signal reached it: on a loaded machine a short run may end between
+    its checkpoint and the signal; a run that ignored the signal ends so at every length, and the
+    caller fails)."""
     process = start(command, log)
     deadline = time.monotonic() + timeout
     try:
@@ -105,14 +106,13 @@ def interrupt_once_checkpointed(command: list[str], run: Path, log: Path, timeou
             time.sleep(0.005)
         if process.poll() is not None:
             return False
-        seen = max(int(path.name.removeprefix("step_")) for path in (run / CHECKPOINTS).glob("step_*"))
         process.send_signal(signal.SIGINT)
         process.wait(timeout=timeout)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    if process.returncode == 0 and json.loads((run / "summary.json").read_text())["steps"] == seen:
+    if process.returncode == 0:
         return False
     assert process.returncode == 130, log.read_text()
     return True
