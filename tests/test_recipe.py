@@ -78,6 +78,10 @@ def test_schedules(step):
     assert factors["output"] == pytest.approx((step + 1) ** -0.2)
 
 
+def test_dynamic_weight_decay_of_a_diverged_loss_is_its_limit_0():
+    assert dynamic_weight_decay(1e6, 10_000, RECIPE) == 0.0  # B ** loss overflows a float
+
+
 def test_dynamic_weight_decay_formula_and_group():
     n = 2_500_000
     b = 0.007 * (0.01 * math.log(n)) ** -4

@@ -138,9 +138,13 @@ def build_optimizer(
 
 
 def dynamic_weight_decay(loss: float, num_params: int, recipe: RecipeConfig) -> float:
-    """weight_decay / B ** loss with B = 0.007 * (0.01 * ln(n_params)) ** -4."""
+    """weight_decay / B ** loss with B = 0.007 * (0.01 * ln(n_params)) ** -4; 0 where B ** loss
+    overflows a float (a diverged run's loss: the limit)."""
     base = recipe.weight_decay_base * (0.01 * math.log(num_params)) ** -4
-    return recipe.weight_decay / base**loss
+    try:
+        return recipe.weight_decay / base**loss
+    except OverflowError:
+        return 0.0
 
 
 def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
