@@ -28,7 +28,7 @@ ARTICLES = {  # by wiki-sample-v2's split: see test_the_fixture_splits_as_intend
     "Article 9": {"extract": "Sparrows are small. They live in towns. Many nest in roofs.", "description": "Family of birds"},
     "Article 19": {"extract": "Rome was founded long ago.", "description": "Ancient city"},
 }
-ORDER = ["Article_1", "Article_19", "Article_2", "Article_22", "Article_3", "Article_4", "Article_44", "Article_9"]
+HELD_OUT = ["Article 19", "Article 2", "Article 22", "Article 44", "Article 9"]  # the corpus, in title order
 SPLITS = {"Article 2": "valid", "Article 22": "valid", "Article 44": "valid", "Article 9": "test", "Article 19": "test"}
 
 
@@ -43,12 +43,12 @@ def test_the_fixture_splits_as_intended():
 def test_description_asks_each_shared_description_once_and_marks_all_its_articles_relevant():
     dev, test = (build_benchmark("description", ARTICLES, split) for split in ("dev", "test"))
     assert dev.name == "description"
-    assert list(dev.corpus) == ORDER
-    assert dev.corpus == test.corpus == {title.replace(" ", "_"): full_text(title) for title in ARTICLES}
-    assert dev.titles == {title.replace(" ", "_"): title for title in ARTICLES}
+    assert list(dev.corpus) == [title.replace(" ", "_") for title in HELD_OUT]  # no training article
+    assert dev.corpus == test.corpus == {title.replace(" ", "_"): full_text(title) for title in HELD_OUT}
+    assert dev.titles == {title.replace(" ", "_"): title for title in HELD_OUT}
     assert dev.queries == {"q-Article_2": "family of birds", "q-Article_44": "Programming language"}
-    assert dev.qrels == {  # case-insensitive; training and test articles too
-        "q-Article_2": {"Article_1": 1, "Article_2": 1, "Article_22": 1, "Article_9": 1},
+    assert dev.qrels == {  # case-insensitive; test articles too, training ones (Article 1) not in the corpus
+        "q-Article_2": {"Article_2": 1, "Article_22": 1, "Article_9": 1},
         "q-Article_44": {"Article_44": 1},
     }
     # Article 9's description is asked on dev already: one test query
@@ -67,7 +67,7 @@ def test_ict_removes_the_query_sentence_from_its_document_only_and_every_title()
     assert dev.corpus["Article_44"] == "It was made by Guido. It is popular!"
     assert dev.corpus["Article_9"] == "Sparrows are small. Many nest in roofs."
     assert dev.corpus["Article_22"] == ARTICLES["Article 22"]["extract"]  # one sentence: no query, whole extract
-    assert dev.corpus["Article_1"] == ARTICLES["Article 1"]["extract"]  # training articles keep their sentences
+    assert "Article_1" not in dev.corpus  # training articles give training pairs only
     assert dev.titles == {}
     queries, positives = zip(*dev.train_pairs)
     assert queries == ("Another follows.", "It is large.")  # Articles 1 and 3; Article 4 has 2 sentences
@@ -79,7 +79,7 @@ def test_title_queries_every_validation_or_test_article_against_extracts_alone()
     dev, test = (build_benchmark("title", ARTICLES, split) for split in ("dev", "test"))
     assert dev.queries == {"q-Article_2": "Article 2", "q-Article_22": "Article 22", "q-Article_44": "Article 44"}
     assert test.queries == {"q-Article_19": "Article 19", "q-Article_9": "Article 9"}
-    assert dev.corpus == {title.replace(" ", "_"): ARTICLES[title]["extract"] for title in ARTICLES}
+    assert dev.corpus == {title.replace(" ", "_"): ARTICLES[title]["extract"] for title in HELD_OUT}
     assert dev.train_pairs == tuple((t, ARTICLES[t]["extract"]) for t in ("Article 1", "Article 3", "Article 4"))
 
 
@@ -103,7 +103,8 @@ def test_the_wiki_sample_tasks_keep_dev_test_and_training_apart():
     titles = {title.replace(" ", "_"): title for title in articles}
     for task, n_dev, n_test, n_pairs in [("description", 985, 956, 7517), ("ict", 746, 741, 5882)]:
         dev, test = (build_benchmark(task, articles, split) for split in ("dev", "test"))
-        assert (len(dev.corpus), len(dev.queries), len(test.queries), len(dev.train_pairs)) == (10033, n_dev, n_test, n_pairs)
+        assert (len(dev.corpus), len(dev.queries), len(test.queries), len(dev.train_pairs)) == (2031, n_dev, n_test, n_pairs)
+        assert {lm_split(titles[docid]) for docid in dev.corpus} == {"valid", "test"}  # held-out articles alone
         assert (dev.corpus, dev.train_pairs) == (test.corpus, test.train_pairs)
         assert {lm_split(titles[qid.removeprefix("q-")]) for qid in dev.queries} == {"valid"}
         assert {lm_split(titles[qid.removeprefix("q-")]) for qid in test.queries} == {"test"}
@@ -132,14 +133,14 @@ def test_a_benchmark_written_as_beir_reads_back_without_its_training_pairs(tmp_p
     splits = {split: build_benchmark("description", ARTICLES, split) for split in ("dev", "test")}
     write_beir(splits, tmp_path / "out")
     header = "query-id\tcorpus-id\tscore"
-    assert (tmp_path / "out/qrels/dev.tsv").read_text().splitlines()[:2] == [header, "q-Article_2\tArticle_1\t1"]
+    assert (tmp_path / "out/qrels/dev.tsv").read_text().splitlines()[:2] == [header, "q-Article_2\tArticle_2\t1"]
     assert (tmp_path / "out/qrels/test.tsv").read_text().splitlines() == [header, "q-Article_19\tArticle_19\t1"]
     first = json.loads((tmp_path / "out/corpus.jsonl").read_text().splitlines()[0])
-    assert first == {"_id": "Article_1", "title": "Article 1", "text": ARTICLES["Article 1"]["extract"]}
+    assert first == {"_id": "Article_19", "title": "Article 19", "text": ARTICLES["Article 19"]["extract"]}
     for split, bench in splits.items():
         back = read_beir(tmp_path / "out", split, name="description")
         assert back == Benchmark(bench.name, bench.corpus, bench.queries, bench.qrels, (), bench.titles)
-        assert list(back.corpus) == ORDER
+        assert list(back.corpus) == [title.replace(" ", "_") for title in HELD_OUT]
 
 
 def beir_evaluated(run: dict) -> dict:

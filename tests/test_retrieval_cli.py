@@ -255,6 +255,16 @@ def test_a_wiki_task_leaves_out_every_run_trained_on_another_corpus(finished):
     assert all(line.endswith("the wiki-sample tasks take runs trained on wiki-sample-v2") for line in left_out)
 
 
+def test_a_plan_evaluates_only_the_runs_of_its_seeds_and_p_bws(finished, beir):
+    configs = {name: TrainConfig.load(path / "config.json") for name, path in run_dirs(finished.out).items()}
+    for seeds, p_bws in [(None, None), ((101,), None), (None, (0.0,)), ((101,), (0.5,))]:
+        jobs, _ = plan_jobs(finished.out, Plan(f"beir:{beir}", "test", ("fw",), seeds=seeds, p_bws=p_bws))
+        planned = sorted(job.out_dir.parent.name for job in jobs[1:])  # after BM25
+        assert planned == sorted(name for name, config in configs.items()
+                                 if (seeds is None or config.seed in seeds) and (p_bws is None or config.p_bw in p_bws))
+        assert planned and (seeds is None and p_bws is None or len(planned) < len(configs))
+
+
 def test_a_sweeps_result_folders_name_the_split_and_the_fine_tuning():
     plan = Plan("ict", "test", finetune_steps=300, finetune_seed=2, pooling="mean", hard_negatives="bm25")
     assert result_name(plan, "fw") == "ict-test-fw-mean-ft300-s2-bm25neg"

@@ -583,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.set_defaults(handler=cmd_retrieval)
 
     study = commands.add_parser(
-        "retrieval-study", help="the retrieval study over a sweep of the retrieval preset: choices on dev, then test "
+        "retrieval-study", help="the retrieval study over a sweep of the retrieval preset: dev before test "
         "(docs/retrieval-plan.md; resumable)")
     study.add_argument("sweep", type=Path, help="a sweep of --preset retrieval (its finished runs are evaluated)")
     study.add_argument("--dtype", choices=list(MAXSIM_DTYPES), default="fp32", help="MaxSim's similarities (as retrieval)")

@@ -5,13 +5,16 @@ as in a Wikipedia address ("2001:_A_Space_Odyssey"). The tasks follow the LM's s
 wiki-sample-v2 (fwbw.data.corpora.wiki_sample_split): queries come only from its validation
 articles (split "dev") or its test articles (split "test"), training pairs (query, positive
 document) only from its training articles, so contrastive fine-tuning never sees an evaluated
-query or its document, and a choice made on dev never sees a test query. A query's qid is "q-" and
-the docid of the article it comes from, so no qid is a docid (BEIR's evaluator drops a retrieved
-document whose id is the query's). The corpus and the training pairs are the same for both splits.
+query or its document, and a choice made on dev never sees a test query. The corpus is the
+held-out articles alone (validation and test: 2,031 of wiki-sample-v2's 10,033), so every
+document, like every relevant one, is text no run trained on: a model cannot find the relevant
+document by its being unfamiliar. A query's qid is "q-" and the docid of the article it comes from,
+so no qid is a docid (BEIR's evaluator drops a retrieved document whose id is the query's). The
+corpus and the training pairs are the same for both splits.
 
 Tasks:
-  description  query = the article's short description ("Family of birds"); every article with the
-               same description (compared case-insensitively) is relevant, and one query is asked
+  description  query = the article's short description ("Family of birds"); every held-out article
+               with the same description (compared case-insensitively) is relevant, and one query is asked
                per distinct description, by the first validation or test article that has it (in
                title order), in that article's split. Articles without a description give no query;
                training articles whose description is asked give no training pair. Documents are
@@ -98,7 +101,7 @@ def lm_split(title: str) -> str:
 
 
 def load_wiki_task(task: str, split: str) -> Benchmark:
-    """The task's queries of one split (dev or test) over the whole wiki-sample corpus."""
+    """The task's queries of one split (dev or test) over wiki-sample's held-out articles."""
     return build_benchmark(task, read_json(wiki_sample_file()), split)
 
 
@@ -119,11 +122,12 @@ def build_benchmark(task: str, articles: Mapping[str, Mapping[str, str]], split:
         if example is not None and lm_split(title) != "train":
             asked.setdefault(spec.group(records[title]), title)
     askers = set(asked.values())
+    held_out = [title for title in records if lm_split(title) != "train"]
     corpus = {
-        article_docid(title): examples[title].document if title in askers else spec.document(record)
-        for title, record in records.items()
+        article_docid(title): examples[title].document if title in askers else spec.document(records[title])
+        for title in held_out
     }
-    if len(corpus) < len(records):
+    if len(corpus) < len(held_out):
         raise ValueError(f"task {task}: two titles give the same docid")
     train_pairs = tuple(
         (example.query, example.document)
@@ -135,9 +139,10 @@ def build_benchmark(task: str, articles: Mapping[str, Mapping[str, str]], split:
         name=task,
         corpus=corpus,
         queries={query_id(title): examples[title].query for title in chosen.values()},
-        qrels={query_id(title): dict.fromkeys(map(article_docid, groups[g]), 1) for g, title in chosen.items()},
+        qrels={query_id(title): {docid: 1 for docid in map(article_docid, groups[g]) if docid in corpus}
+               for g, title in chosen.items()},
         train_pairs=train_pairs,
-        titles={article_docid(title): title for title in records} if spec.titled else {},
+        titles={article_docid(title): title for title in held_out} if spec.titled else {},
     )
 
 

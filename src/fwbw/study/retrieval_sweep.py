@@ -70,6 +70,7 @@ class Plan:
     maxsim_dtype: str = "fp32"
     cache_gb: float = DEFAULT_CACHE_GB  # the token cache is trimmed to this size after each result
     seeds: tuple[int, ...] | None = None  # only the runs of these seeds (None: every finished run)
+    p_bws: tuple[float, ...] | None = None  # only the runs of these p_bw (None: every finished run)
     query_fillers: int = 0  # fillers read with each query chunk (fwbw.retrieval.encoder)
     markers: bool = False  # each query and document read after its role's marker, fine-tuning too
 
@@ -138,7 +139,7 @@ def plan_jobs(sweep_dir: Path, plan: Plan) -> tuple[list[Job], list[str]]:
             left_out.append(f"{run_id}: not finished (status {status})")
     paired = partners(sweep_dir)
     configs = read_sweep(sweep_dir)["runs"]
-    for run_id in (r for r in finished if plan.seeds is None or configs[r]["seed"] in plan.seeds):
+    for run_id in (r for r in finished if _planned(plan, configs[r])):
         run_dir = sweep_dir / RUNS / run_id
         for embed in plan.embeds:
             system = System(run_dir, embed, plan.blocks, plan.pooling, plan.finetune_steps, plan.finetune_seed,
@@ -153,6 +154,12 @@ def plan_jobs(sweep_dir: Path, plan: Plan) -> tuple[list[Job], list[str]]:
             jobs.append(Job(f"{run_id} {system.name} {embed}", root / run_id / result_name(plan, embed), system,
                             finetune_dir))
     return jobs, left_out
+
+
+def _planned(plan: Plan, config: dict) -> bool:
+    """Whether the plan evaluates the run of this config (its seeds and p_bws, where given)."""
+    return ((plan.seeds is None or config["seed"] in plan.seeds)
+            and (plan.p_bws is None or config["p_bw"] in plan.p_bws))
 
 
 def _unpaired(run_id: str, paired: dict[str, Path]) -> str | None:
