@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -536,6 +537,7 @@ def test_submitits_requeue_of_a_preempted_job_still_happens(saved_signal_handler
     assert requeued == [signal.SIGUSR2]
 
 
+@pytest.mark.usefixtures("srun_on_path")
 def test_a_pull_worker_job_is_checkpointable_so_submitit_requeues_it_at_the_time_limit(tmp_path):
     """submitit requeues a timed-out job only if its function has `checkpoint`: the job to requeue
     is the same pull-worker on the same assignment (the runs' checkpoints hold their state)."""
@@ -549,6 +551,7 @@ def test_a_pull_worker_job_is_checkpointable_so_submitit_requeues_it_at_the_time
     assert executor._executor.max_num_timeout == slurm.SLURM_REQUEUES
 
 
+@pytest.mark.usefixtures("srun_on_path")
 def test_slurm_jobs_ask_for_gpus_only_when_told_or_on_cuda(tmp_path, corpus):
     def gpus(options: Launch, device: str, nproc: int = 1):
         executor = slurm.slurm_executor(tmp_path, options, [base_config(corpus, device=device)], 1, ranks=Ranks(nproc))
@@ -562,6 +565,7 @@ def test_slurm_jobs_ask_for_gpus_only_when_told_or_on_cuda(tmp_path, corpus):
     assert gpus(Launch("slurm", gpus_per_run=0), "cuda") is None
 
 
+@pytest.mark.usefixtures("srun_on_path")
 def test_a_slurm_job_of_a_run_on_several_nodes_holds_them_all_and_starts_one_pull_worker(tmp_path, corpus):
     """--nodes-per-run 4 --nproc-per-run 2 on cuda: sbatch asks for 4 nodes with 2 GPUs and 2 CPUs on
     each, the job's srun starts the pull-worker alone (it starts the run's processes: torchrun), and
@@ -615,6 +619,14 @@ def test_a_slurm_table_that_is_no_table_of_options_is_refused_naming_the_file(tm
 
 
 # --- slurm without SLURM, and a missing extra ----------------------------------------------------
+
+
+@pytest.fixture
+def srun_on_path(tmp_path, monkeypatch) -> None:
+    """A stand-in srun on PATH where SLURM is not installed: submitit's executor looks for one when built."""
+    if shutil.which("srun") is None:
+        fake_command(tmp_path / "srun-bin", "srun", "exit 1")
+        monkeypatch.setenv("PATH", f"{tmp_path / 'srun-bin'}{os.pathsep}{os.environ['PATH']}")
 
 
 def fake_command(folder: Path, name: str, script: str) -> None:
