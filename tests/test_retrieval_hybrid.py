@@ -217,3 +217,12 @@ def test_bad_sweep_retrieval_flags_are_one_line_before_any_work(finished, flags,
 
     assert main(["retrieval", str(finished.out), "--task", "description", *flags, "--no-progress"]) == 2
     assert capsys.readouterr().err == f"fwbw retrieval: error: {message}\n"
+
+
+@pytest.mark.parametrize("size", ["0", "inf"])
+def test_a_bad_retrieval_study_cache_size_is_one_line_before_any_work(tmp_path, size, capsys):
+    from fwbw.cli import main
+
+    assert main(["retrieval-study", str(tmp_path / "sweep"), "--cache-gb", size, "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"fwbw retrieval-study: error: --cache-gb: expected a size in GB above 0, got {float(size)}\n"
+    assert not (tmp_path / "sweep").exists()

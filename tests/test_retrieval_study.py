@@ -9,7 +9,7 @@ import pytest
 
 from fwbw.study import retrieval_study as study
 from fwbw.study.configure import build_sweep_spec
-from fwbw.study.retrieval_sweep import Plan
+from fwbw.study.retrieval_sweep import DEFAULT_CACHE_GB, Plan
 from fwbw.study.sweep import prepare_sweep
 
 
@@ -37,14 +37,16 @@ def test_the_study_waits_for_the_explored_seeds_runs_and_leaves_out_the_others_s
 
 
 def run_with_every_run_done(tmp_path, monkeypatch, seeds: int = 1) -> list[Plan]:
-    """The plans run_study runs over a sweep of two settings whose runs are all finished."""
+    """The plans run_study runs over a sweep of two settings whose runs are all finished (with the
+    default cache size: each plan's trimmed to the size run_study is given, here 12 GB)."""
     ran: list[Plan] = []
     monkeypatch.setattr(study, "read_status", lambda run_dir: {"status": "done"})
     spec = build_sweep_spec(overrides={"depths": [1], "widths": [16], "p_bw": [0.0, 0.5], "seeds": seeds})
     prepare_sweep(spec, tmp_path)
     monkeypatch.setattr(study, "retrieve_sweep", lambda sweep, plan, device, progress: (ran.append(plan) or {}, []))
-    study.run_study(tmp_path, maxsim_dtype="bf16", report=lambda line: None)
-    return ran
+    study.run_study(tmp_path, maxsim_dtype="bf16", report=lambda line: None, cache_gb=12.0)
+    assert {plan.cache_gb for plan in ran} == {12.0}
+    return [dataclasses.replace(plan, cache_gb=DEFAULT_CACHE_GB) for plan in ran]
 
 
 def test_the_zero_shot_systems_run_first_on_dev_then_on_test_every_seed(tmp_path, monkeypatch):

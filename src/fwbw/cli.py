@@ -339,8 +339,7 @@ def _retrieval_sweep(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag}: a sweep chooses it for each run (the next seed; the dev rerank), so give no {flag}")
     if args.fusion and args.rerank is None:
         raise ValueError("--fusion: fuses each run's rerank with BM25; give --rerank K too")
-    if not 0 < args.cache_gb < math.inf:
-        raise ValueError(f"--cache-gb: expected a size in GB above 0, got {args.cache_gb}")
+    check_cache_gb(args.cache_gb)
     for embed in args.embed or DEFAULT_EMBEDS:
         check_query_fillers(args.query_fillers, args.finetune_steps, args.pooling, embed)
     check_results_writable(args.target)
@@ -357,10 +356,16 @@ def _retrieval_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_cache_gb(cache_gb: float) -> None:
+    if not 0 < cache_gb < math.inf:
+        raise ValueError(f"--cache-gb: expected a size in GB above 0, got {cache_gb}")
+
+
 def cmd_retrieval_study(args: argparse.Namespace) -> int:
     """docs/retrieval-plan.md's evaluations over a finished sweep of the retrieval preset."""
+    check_cache_gb(args.cache_gb)
     check_results_writable(args.sweep)
-    run_study(args.sweep, args.dtype, args.device, progress=not args.no_progress)
+    run_study(args.sweep, args.dtype, args.device, progress=not args.no_progress, cache_gb=args.cache_gb)
     print(f"retrieval study {args.sweep}: done; `fwbw report {args.sweep}` shows it")
     return 0
 
@@ -587,6 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/retrieval-plan.md; resumable)")
     study.add_argument("sweep", type=Path, help="a sweep of --preset retrieval (its finished runs are evaluated)")
     study.add_argument("--dtype", choices=list(MAXSIM_DTYPES), default="fp32", help="MaxSim's similarities (as retrieval)")
+    study.add_argument("--cache-gb", type=float, default=DEFAULT_CACHE_GB,
+                       help=f"trim the sweep's token cache to this size after each result (default {DEFAULT_CACHE_GB:g}; "
+                       "a cache that holds every run's corpus saves encoding it again for the reranks)")
     study.add_argument("--device", choices=DEVICES, default="auto")
     study.add_argument("--no-progress", action="store_true")
     study.set_defaults(handler=cmd_retrieval_study)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fwbw.retrieval.ensemble import CONTROL_EMBED
-from fwbw.study.retrieval_sweep import Plan, retrieve_sweep, runs_by_setting
+from fwbw.study.retrieval_sweep import DEFAULT_CACHE_GB, Plan, retrieve_sweep, runs_by_setting
 from fwbw.study.sweep_dir import RUNS, read_sweep
 from fwbw.training.run_dir import read_status
 
@@ -95,8 +95,9 @@ def study_plans(explored: tuple[int, ...], maxsim_dtype: str) -> list[Plan]:
 
 
 def run_study(sweep_dir: Path, maxsim_dtype: str = "fp32", device: str = "auto", progress: bool = True,
-              report: Callable[[str], None] = print) -> None:
-    """Every step of the module docstring over the sweep's finished runs. ValueError (one line)
+              report: Callable[[str], None] = print, cache_gb: float = DEFAULT_CACHE_GB) -> None:
+    """Every step of the module docstring over the sweep's finished runs, the token cache trimmed to
+    cache_gb after each result. ValueError (one line)
     while the run of an explored seed is unfinished: the dev results the analysis chooses on are
     theirs. Runs unfinished when it starts are left out (said at the end): the study run again
     once they are done evaluates them and skips every result already had."""
@@ -106,7 +107,7 @@ def run_study(sweep_dir: Path, maxsim_dtype: str = "fp32", device: str = "auto",
         raise ValueError(f"{sweep_dir}: {len(waiting)} runs of the first seed of a setting are not finished "
                          f"({', '.join(waiting)}): every choice is made on their dev results, so finish them first")
     for plan in study_plans(explored_seeds(sweep_dir), maxsim_dtype):
-        _run(sweep_dir, plan, device, progress, report)
+        _run(sweep_dir, dataclasses.replace(plan, cache_gb=cache_gb), device, progress, report)
     if unfinished:
         report(f"{len(unfinished)} runs were not finished when the study started ({unfinished[0]}, ...): run the "
                "study again once the sweep is done, to evaluate them too")
