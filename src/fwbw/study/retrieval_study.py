@@ -15,8 +15,9 @@ fwbw.study.retrieval_sweep).
   5. the explored seeds: fine-tuning of FINETUNED_EMBEDS (FINETUNE_STEPS steps, in-batch
      negatives), on dev (what the best dense system is chosen among), then on test
   6. the sanity task (SANITY_TASK): the fw and fwbw zero-shot embeds on test, on the explored seeds
-Steps 1-5 each go over both GOAL_TASKS, one task after the other. Every run's texts are read in chunks of CHUNK_TOKENS, half
-the preset's context, so that echo, which reads a chunk twice, sees what every other system sees.
+Steps 1-5 each go over both GOAL_TASKS, one task after the other. Every run's texts are read in
+chunks of CHUNK_TOKENS, half the preset's context, so that echo, which reads a chunk twice, sees
+what every other system sees.
 The study chooses nothing itself: each fusion's weight is tuned on its own run's dev rerank, and
 the analysis (fwbw.analysis.retrieval_stats) reads dev rows alone to choose.
 """

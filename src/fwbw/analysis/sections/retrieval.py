@@ -148,15 +148,16 @@ def section(inputs: Inputs) -> tuple[str, list[tuple]] | None:
         *(("p", sentence) for sentence in retrieval_statements(retrieval)),
         ("p", "retrieval_comparisons: nDCG@10 of a − b, paired by seed and query (fwbw.analysis.retrieval_stats). "
               "Within each model, per task, split, system, blocks and fine-tuning: bw − fw, fwbw − fw and fwbw − "
-              "fwfw (the matched control: this run's fw beside a second seed's fw) and, where echo ran, echo − fw (the "
-              "text read twice), at every p_bw (at p_bw = 0, whose bw view was never trained, as references that never answer). Between "
+              "fwfw (the matched control: this run's fw beside a second seed's fw) and, where echo ran, echo − fw "
+              "(the text read twice), at every p_bw (at p_bw = 0, whose bw view was never trained, as references "
+              "that never answer). Between "
               f"models: p_bw > 0 − p_bw = 0 with fw embeddings, {BW_TRAINING} (the control's difference less the "
               "fw-only model's), and each at its best embed and blocks. Against BM25: each model's best dense system, rerank-bm25 and fusion-bm25. "
               "Best: the highest mean nDCG@10 over the seeds on the dev split, then compared on every split. ci_low, "
               "ci_high: the two-level bootstrap 95% interval (seeds and queries resampled independently); p_value: its "
               "two-sided p; goal rows (best dense − BM25 on test, description and ict): p_holm, Holm-adjusted over "
-              "every goal row (each model on each of its two tasks). seed_ci: the t interval over seeds; query_ci, query_boot: the paired t and "
-              "bootstrap intervals over queries of the values averaged over seeds."),
+              "every goal row (each model on each of its two tasks). seed_ci: the t interval over seeds; query_ci, "
+              "query_boot: the paired t and bootstrap intervals over queries of the values averaged over seeds."),
         ("table", "retrieval_comparisons", retrieval.comparisons),
         ("p", "retrieval_systems: every system's metrics, the mean over its results (one per seed), with nDCG@10's "
               "95% t interval over seeds, the seconds to encode the corpus (small where the token cache held it) "
