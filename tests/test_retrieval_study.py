@@ -68,8 +68,8 @@ def test_the_zero_shot_systems_run_first_on_dev_then_on_test_every_seed(tmp_path
     assert len(ran) == len(set(ran))
 
 
-def test_each_test_system_runs_after_its_dev_counterpart_and_fusions_after_every_seed_s_dev_rerank(tmp_path, monkeypatch):
-    ran = run_with_every_run_done(tmp_path, monkeypatch)
+def test_each_test_system_runs_after_its_dev_counterpart_and_fusions_after_their_runs_dev_rerank(tmp_path, monkeypatch):
+    ran = run_with_every_run_done(tmp_path, monkeypatch, seeds=2)
     for index, plan in enumerate(ran):
         if plan.split == "test" and plan.task in study.GOAL_TASKS and plan.embeds != ("fwfw",):  # the control: test only
             dev = dataclasses.replace(plan, split="dev", fusion=False)
@@ -78,16 +78,18 @@ def test_each_test_system_runs_after_its_dev_counterpart_and_fusions_after_every
     fusions = [plan for plan in ran if plan.fusion]
     assert [(plan.task, plan.embeds) for plan in fusions] == [
         (task, embeds) for task in study.GOAL_TASKS for embeds in (study.MODEL_EMBEDS, ("echo",))]
-    for fusion in fusions:  # the rerank each run's fusion weight is tuned on: every seed's, on dev
+    for fusion in fusions:  # the rerank each run's fusion weight is tuned on: the run's own, on dev
         assert ran.index(dataclasses.replace(fusion, split="dev", fusion=False)) < ran.index(fusion)
-        assert fusion.seeds is None and fusion.rerank == study.RERANK_DEPTH
+        assert fusion.seeds == (100,) and fusion.rerank == study.RERANK_DEPTH
 
 
-def test_fine_tuning_runs_on_the_explored_seeds_only_with_in_batch_negatives_and_the_sanity_task_last(tmp_path, monkeypatch):
+def test_fine_tuning_runs_last_on_the_explored_seeds_only_with_in_batch_negatives(tmp_path, monkeypatch):
     ran = run_with_every_run_done(tmp_path, monkeypatch, seeds=2)
     finetuned = [plan for plan in ran if plan.finetune_steps]
     assert [(plan.task, plan.split) for plan in finetuned] == [(task, split) for task in study.GOAL_TASKS for split in ("dev", "test")]
     assert all(plan.seeds == (100,) and plan.embeds == study.FINETUNED_EMBEDS and plan.hard_negatives is None
                and plan.finetune_steps == study.FINETUNE_STEPS for plan in finetuned)
-    assert ran[-1] == study.sanity_plan((100,), "bf16")
+    assert ran[-len(finetuned):] == finetuned  # the costliest step last
+    assert ran[-len(finetuned) - 1] == study.sanity_plan((100,), "bf16")
     assert {plan.task for plan in ran} == {*study.GOAL_TASKS, study.SANITY_TASK}
+    assert {plan.seeds for plan in ran if plan.rerank} == {(100,)}  # reranks and fusions: the explored seeds

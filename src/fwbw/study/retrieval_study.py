@@ -9,13 +9,14 @@ fwbw.study.retrieval_sweep).
      fw-only models: ECHO_P_BWS), what the analysis chooses each model's best embed among
   2. test, every seed, the same and the control CONTROL_EMBED: the primary endpoint (fwbw - fwfw)
      and the contrasts between embeds, which no choice enters
-  3. dev, every seed: a rerank of BM25's RERANK_DEPTH best documents with each model's embeds, on
-     which each run's fusion weight is tuned (fwbw.retrieval.fusion)
-  4. test, every seed: those reranks and their fusions
-  5. the explored seeds: fine-tuning of FINETUNED_EMBEDS (FINETUNE_STEPS steps, in-batch
-     negatives), on dev (what the best dense system is chosen among), then on test
-  6. the sanity task (SANITY_TASK): the fw and fwbw zero-shot embeds on test, on the explored seeds
-Steps 1-5 each go over both GOAL_TASKS, one task after the other. Every run's texts are read in
+  3. dev, the explored seeds: a rerank of BM25's RERANK_DEPTH best documents with each model's
+     embeds, on which each run's fusion weight is tuned (fwbw.retrieval.fusion)
+  4. test, the explored seeds: those reranks and their fusions
+  5. the sanity task (SANITY_TASK): the fw and fwbw zero-shot embeds on test, on the explored seeds
+  6. the explored seeds: fine-tuning of FINETUNED_EMBEDS (FINETUNE_STEPS steps, in-batch
+     negatives), on dev (what the best dense system is chosen among), then on test, the goal
+     tasks one after the other (the costliest step, last)
+Steps 1-4 and 6 each go over both GOAL_TASKS, one task after the other. Every run's texts are read in
 chunks of CHUNK_TOKENS, half the preset's context, so that echo, which reads a chunk twice, sees
 what every other system sees.
 The study chooses nothing itself: each fusion's weight is tuned on its own run's dev rerank, and
@@ -68,15 +69,15 @@ def zero_shot_plans(task: str, split: str, maxsim_dtype: str, explored: tuple[in
     return [*candidate_plans(base), *control]
 
 
-def rerank_plans(task: str, maxsim_dtype: str) -> list[Plan]:
+def rerank_plans(task: str, explored: tuple[int, ...], maxsim_dtype: str) -> list[Plan]:
     """Steps 3 and 4 (module docstring): the dev reranks, then the test reranks and fusions."""
-    dev = Plan(task, "dev", chunk_tokens=CHUNK_TOKENS, maxsim_dtype=maxsim_dtype, rerank=RERANK_DEPTH)
+    dev = Plan(task, "dev", chunk_tokens=CHUNK_TOKENS, maxsim_dtype=maxsim_dtype, seeds=explored, rerank=RERANK_DEPTH)
     test = dataclasses.replace(dev, split="test")
     return [*candidate_plans(dev), *candidate_plans(test), *candidate_plans(dataclasses.replace(test, fusion=True))]
 
 
 def finetune_plans(task: str, explored: tuple[int, ...], maxsim_dtype: str) -> list[Plan]:
-    """Step 5 (module docstring): one fine-tuning per run and embed, evaluated on dev, then on test."""
+    """Step 6 (module docstring): one fine-tuning per run and embed, evaluated on dev, then on test."""
     dev = Plan(task, "dev", FINETUNED_EMBEDS, chunk_tokens=CHUNK_TOKENS, maxsim_dtype=maxsim_dtype, seeds=explored,
                finetune_steps=FINETUNE_STEPS)
     return [dev, dataclasses.replace(dev, split="test")]
@@ -90,9 +91,9 @@ def study_plans(explored: tuple[int, ...], maxsim_dtype: str) -> list[Plan]:
     """Every step of the module docstring, in order."""
     return [*(plan for task in GOAL_TASKS for plan in zero_shot_plans(task, "dev", maxsim_dtype, explored)),
             *(plan for task in GOAL_TASKS for plan in zero_shot_plans(task, "test", maxsim_dtype, explored)),
-            *(plan for task in GOAL_TASKS for plan in rerank_plans(task, maxsim_dtype)),
-            *(plan for task in GOAL_TASKS for plan in finetune_plans(task, explored, maxsim_dtype)),
-            sanity_plan(explored, maxsim_dtype)]
+            *(plan for task in GOAL_TASKS for plan in rerank_plans(task, explored, maxsim_dtype)),
+            sanity_plan(explored, maxsim_dtype),
+            *(plan for task in GOAL_TASKS for plan in finetune_plans(task, explored, maxsim_dtype))]
 
 
 def run_study(sweep_dir: Path, maxsim_dtype: str = "fp32", device: str = "auto", progress: bool = True,
