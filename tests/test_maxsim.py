@@ -116,3 +116,20 @@ def test_tied_scores_are_cut_as_the_metrics_rank_them(monkeypatch, block_element
     queries = TokenEmbeddings(("q",), vector, torch.tensor([1]))
     everything = maxsim_search(queries, documents, k=len(ids))["q"]
     assert list(maxsim_search(queries, documents, k=3)["q"]) == ranking(everything)[:3] == ["d9", "d8", "d7"]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
+def test_candidate_scores_equal_the_search_s_own(embeddings, dtype, tolerance):
+    """A rerank's scores: each query against its candidates alone (some the longest documents, in any
+    order, one query with none) are the scores the full search gives them, in bf16 too (the same
+    rounded similarities, summed in fp32)."""
+    queries, documents = embeddings
+    longest = sorted(documents.ids, key=lambda docid: -int(documents.lengths[documents.ids.index(docid)]))
+    candidates = {"q0": longest[:5], "q1": ["d9", "d3", "d31"], "q2": [], "q3": list(reversed(documents.ids))}
+    full = maxsim_search(queries, documents, len(documents.ids), dtype=dtype)
+    scores = maxsim.maxsim_candidates(queries, documents, candidates, dtype=dtype)
+    assert {qid: list(found) for qid, found in scores.items()} == candidates
+    for qid, found in scores.items():
+        for docid, score in found.items():
+            assert score == pytest.approx(full[qid][docid], rel=tolerance, abs=1e-5 if tolerance else 1e-6)
+    assert scores["q1"]["d3"] == pytest.approx(naive_scores(queries, documents)["q1"]["d3"], rel=1e-2 if tolerance == 0 else 1e-5)

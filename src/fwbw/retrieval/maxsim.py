@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from fwbw.retrieval.encoder import TokenEmbeddings, length_blocks
 from fwbw.retrieval.metrics import Run
@@ -86,15 +87,29 @@ def _blocks(lengths: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
 @torch.no_grad()
 def maxsim_candidates(queries: TokenEmbeddings, documents: TokenEmbeddings, candidates: Mapping[str, Sequence[str]],
                       device: str = "cpu", dtype: torch.dtype = torch.float32) -> Run:
-    """{qid: {docid: MaxSim score}} for each query's given candidate documents only (a rerank's)."""
+    """{qid: {docid: MaxSim score}} for each query's given candidate documents only (a rerank's): the
+    query's tokens against its candidates' tokens, unpadded, each maximum taken over one document's."""
     query_index = {qid: i for i, qid in enumerate(queries.ids)}
     document_index = {docid: i for i, docid in enumerate(documents.ids)}
+    query_offsets, document_offsets = queries.offsets, documents.offsets
     scores: Run = {}
     for qid, docids in candidates.items():
         if not docids:
             scores[qid] = {}
             continue
-        query = queries.padded(torch.tensor([query_index[qid]])).to(device, dtype)
-        chosen = documents.padded(torch.tensor([document_index[d] for d in docids]), repeat_last=True).to(device, dtype)
-        scores[qid] = dict(zip(docids, maxsim_matrix(query, chosen)[0].tolist()))
+        i = query_index[qid]
+        query = queries.vectors[query_offsets[i] : query_offsets[i + 1]].to(device, dtype)
+        chosen = torch.tensor([document_index[d] for d in docids])
+        rows, owner = _token_rows(document_offsets[chosen], documents.lengths[chosen])
+        similarities = (query @ documents.vectors[rows].to(device, dtype).T).float()  # [query tokens, candidate tokens]
+        best = torch.full((len(query), len(docids)), float("-inf"), device=device)
+        best = best.scatter_reduce(1, owner.to(device).expand(len(query), -1), similarities, "amax")
+        scores[qid] = dict(zip(docids, best.sum(dim=0).tolist()))
     return scores
+
+
+def _token_rows(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed rows of texts starting at `starts` with `lengths` tokens, and the text (0, 1, ...) each row belongs to."""
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    first_of_owner = F.pad(lengths.cumsum(0), (1, 0))[:-1]
+    return starts[owner] + torch.arange(len(owner)) - first_of_owner[owner], owner
