@@ -103,7 +103,7 @@ def maxsim_candidates(queries: TokenEmbeddings, documents: TokenEmbeddings, cand
         rows, owner = _token_rows(document_offsets[chosen], documents.lengths[chosen])
         similarities = (query @ documents.vectors[rows].to(device, dtype).T).float()  # [query tokens, candidate tokens]
         best = torch.full((len(query), len(docids)), float("-inf"), device=device)
-        best = best.scatter_reduce(1, owner.to(device).expand(len(query), -1), similarities, "amax")
+        best.scatter_reduce_(1, owner.to(device).expand(len(query), -1), similarities, "amax")
         scores[qid] = dict(zip(docids, best.sum(dim=0).tolist()))
     return scores
 

@@ -99,10 +99,10 @@ def study_plans(explored: tuple[int, ...], maxsim_dtype: str) -> list[Plan]:
 def run_study(sweep_dir: Path, maxsim_dtype: str = "fp32", device: str = "auto", progress: bool = True,
               report: Callable[[str], None] = print, cache_gb: float = DEFAULT_CACHE_GB) -> None:
     """Every step of the module docstring over the sweep's finished runs, the token cache trimmed to
-    cache_gb after each result. ValueError (one line)
-    while the run of an explored seed is unfinished: the dev results the analysis chooses on are
-    theirs. Runs unfinished when it starts are left out (said at the end): the study run again
-    once they are done evaluates them and skips every result already had."""
+    cache_gb after each result. ValueError (one line) while the run of an explored seed is
+    unfinished: the dev results the analysis chooses on are theirs. Runs unfinished when it starts
+    are left out (said at the end): the study run again once they are done evaluates them and
+    skips every result already had."""
     unfinished = [run_id for run_id in read_sweep(sweep_dir)["runs"] if read_status(Path(sweep_dir) / RUNS / run_id)["status"] != "done"]
     waiting = [run_id for run_id in explored_runs(sweep_dir) if run_id in unfinished]
     if waiting:
